@@ -1,0 +1,5 @@
+//! One module per subcommand.
+
+pub mod bench_gates;
+pub mod dataset;
+pub mod validate;

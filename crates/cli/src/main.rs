@@ -1,0 +1,84 @@
+//! `qatflow`: keep a fine-tuned LLM's behaviour through NVFP4 quantization.
+//!
+//! This binary only parses arguments, sets up telemetry and renders results; every
+//! command's work is done by a library crate.
+
+mod cmd;
+mod output;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// qatflow keeps a fine-tuned LLM's manners (tool-call JSON, no markdown, no thinking
+/// leaks, short spoken answers) through NVFP4 quantization: it checks teacher-written
+/// datasets against behaviour gates, stores them, and (in later stages) trains with NVFP4
+/// fake quantization and exports checkpoints vLLM serves with `--quantization modelopt_fp4`.
+#[derive(Parser)]
+#[command(name = "qatflow", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    /// Log level or tracing directive for stderr logs (overridden by QATFLOW_LOG / RUST_LOG).
+    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
+    log_level: String,
+
+    /// Export traces over OTLP/gRPC to this endpoint (Jaeger: http://127.0.0.1:4317).
+    #[arg(
+        long,
+        global = true,
+        env = "OTEL_EXPORTER_OTLP_ENDPOINT",
+        value_name = "URL"
+    )]
+    otlp_endpoint: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a JSONL dataset against a gate profile and show why it passes or fails.
+    ///
+    /// Prints each dataset gate (value, threshold, pass/fail), how many conversations each
+    /// check flagged, and the worst offenders by line number. Exit status: 0 when every
+    /// gate passes, 1 when a gate fails, 2 when the input is unusable (missing or empty
+    /// file, a directory, a bad profile).
+    Validate(cmd::validate::Args),
+
+    /// Import, inspect and export the sled dataset store.
+    #[command(subcommand)]
+    Dataset(cmd::dataset::DatasetCommand),
+
+    /// Measure validation throughput (conversations/s on one core) and write JSON.
+    ///
+    /// Builds a file of N lines by cycling through an input dataset (each copy made
+    /// distinct), validates it several times in this process on one thread, and reports
+    /// the median; the file is written to a temporary directory first so disk reads are
+    /// warm.
+    BenchGates(cmd::bench_gates::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut telemetry = qatflow_telemetry::TelemetryConfig::new("qatflow-cli");
+    telemetry.log_level = cli.log_level.clone();
+    telemetry.otlp_endpoint = cli.otlp_endpoint.clone().filter(|s| !s.is_empty());
+    let _guard = match qatflow_telemetry::init(&telemetry) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("qatflow: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Validate(args) => cmd::validate::run(args),
+        Command::Dataset(c) => cmd::dataset::run(c),
+        Command::BenchGates(args) => cmd::bench_gates::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("qatflow: error: {}", output::error_chain(&e));
+            ExitCode::from(2)
+        }
+    }
+}

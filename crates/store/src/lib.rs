@@ -1,0 +1,593 @@
+//! qatflow-store: the sled database that holds datasets.
+//!
+//! Trees (all keys big-endian so that sled's byte order is numeric order):
+//! - `conversations`: content hash (32 bytes) → [`Record`] as JSON;
+//! - `by_seq`: import sequence number (u64) → content hash, so exports keep import order;
+//! - `idx_category`: `category \0 seq` → content hash;
+//! - `idx_flag`: `flag \0 seq` → content hash, one entry per distinct gate flag;
+//! - `meta`: `schema_version` (u32) and `next_seq` (u64).
+//!
+//! A conversation is inserted in one sled transaction over all trees, keyed by its content
+//! hash, so re-importing the same line is a no-op. [`Store::insert_batch`] flushes before it
+//! returns: a caller that is told a write succeeded can rely on it (sled is only durable
+//! after `flush`). The schema version is checked at open; a database written by a newer
+//! qatflow is refused.
+
+use qatflow_core::{Conversation, ConversationId};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Default database directory, relative to the working directory.
+pub const DEFAULT_DB_PATH: &str = "qatflow-data/db";
+
+/// Errors of the dataset store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (I/O, corruption, a lock held by another process).
+    #[error("{path}: database error: {source}; is another qatflow process using it?")]
+    Sled {
+        /// The database directory.
+        path: PathBuf,
+        /// The sled error.
+        source: sled::Error,
+    },
+    /// The database was written by a newer qatflow.
+    #[error("{path}: database schema version {found} is newer than this qatflow understands ({supported}); upgrade qatflow or use another --db")]
+    NewerSchema {
+        /// The database directory.
+        path: PathBuf,
+        /// Version found in the database.
+        found: u32,
+        /// Version this build supports.
+        supported: u32,
+    },
+    /// A stored record does not decode.
+    #[error("{path}: record {id} is corrupt: {message}; re-import the dataset into a fresh --db")]
+    Corrupt {
+        /// The database directory.
+        path: PathBuf,
+        /// The record's id.
+        id: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A category or flag name contains a NUL byte, which index keys use as separator.
+    #[error("invalid {what} name {name:?}: NUL bytes are not allowed")]
+    InvalidName {
+        /// `category` or `flag`.
+        what: &'static str,
+        /// The offending name.
+        name: String,
+    },
+}
+
+/// What is stored per conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Import sequence number (import order).
+    pub seq: u64,
+    /// Category (`topic_switch`, …), if known.
+    pub category: Option<String>,
+    /// Where it came from (a teacher backend, an imported file).
+    pub source: Option<String>,
+    /// Distinct gate flags (check names); empty for a clean conversation.
+    pub flags: Vec<String>,
+    /// Seconds since the Unix epoch at import.
+    pub imported_at: u64,
+    /// The conversation as one JSON line, unknown fields included.
+    pub conversation: String,
+}
+
+/// A stored conversation with its id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredConversation {
+    /// Content hash.
+    pub id: ConversationId,
+    /// The stored record.
+    pub record: Record,
+}
+
+impl StoredConversation {
+    /// Parses the stored conversation.
+    pub fn conversation(&self) -> Result<Conversation, serde_json::Error> {
+        Conversation::from_json(&self.record.conversation)
+    }
+}
+
+/// A conversation to insert.
+#[derive(Debug, Clone, Copy)]
+pub struct NewConversation<'a> {
+    /// The conversation.
+    pub conversation: &'a Conversation,
+    /// Its category.
+    pub category: Option<&'a str>,
+    /// Its source.
+    pub source: Option<&'a str>,
+    /// Its gate flags (check names).
+    pub flags: &'a [String],
+}
+
+/// What an insert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// A new conversation was stored.
+    Inserted(ConversationId),
+    /// The same content was already stored; nothing changed.
+    Duplicate(ConversationId),
+}
+
+/// Which stored conversations to read.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only this category.
+    pub category: Option<String>,
+    /// Only conversations with no flag.
+    pub clean_only: bool,
+    /// Only conversations with this flag.
+    pub flag: Option<String>,
+}
+
+/// Counts per category and flag.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StoreStats {
+    /// Stored conversations.
+    pub conversations: u64,
+    /// Of those, without any flag.
+    pub clean: u64,
+    /// Per category (`(none)` for uncategorised): (total, clean).
+    pub by_category: BTreeMap<String, CategoryCount>,
+    /// Conversations per flag.
+    pub by_flag: BTreeMap<String, u64>,
+}
+
+/// Totals of one category.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct CategoryCount {
+    /// Stored conversations.
+    pub total: u64,
+    /// Of those, without any flag.
+    pub clean: u64,
+}
+
+/// The dataset store; see the module docs.
+#[derive(Clone)]
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    conversations: sled::Tree,
+    by_seq: sled::Tree,
+    idx_category: sled::Tree,
+    idx_flag: sled::Tree,
+    meta: sled::Tree,
+}
+
+const KEY_SCHEMA: &[u8] = b"schema_version";
+const KEY_NEXT_SEQ: &[u8] = b"next_seq";
+
+fn index_key(name: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 9);
+    k.extend_from_slice(name.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn index_prefix(name: &str) -> Vec<u8> {
+    let mut k = name.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn check_name(what: &'static str, name: &str) -> Result<(), StoreError> {
+    if name.contains('\0') {
+        return Err(StoreError::InvalidName {
+            what,
+            name: name.to_string(),
+        });
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let err = |source| StoreError::Sled {
+            path: path.clone(),
+            source,
+        };
+        let db = sled::Config::new().path(&path).open().map_err(err)?;
+        let store = Store {
+            conversations: db.open_tree("conversations").map_err(err)?,
+            by_seq: db.open_tree("by_seq").map_err(err)?,
+            idx_category: db.open_tree("idx_category").map_err(err)?,
+            idx_flag: db.open_tree("idx_flag").map_err(err)?,
+            meta: db.open_tree("meta").map_err(err)?,
+            db,
+            path: path.clone(),
+        };
+        match store.meta.get(KEY_SCHEMA).map_err(|e| store.sled_err(e))? {
+            Some(v) => {
+                let found =
+                    u32::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                        path: store.path.clone(),
+                        id: "meta/schema_version".into(),
+                        message: format!("{} bytes, expected 4", v.len()),
+                    })?);
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::NewerSchema {
+                        path: store.path.clone(),
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+            }
+            None => {
+                store
+                    .meta
+                    .insert(KEY_SCHEMA, &SCHEMA_VERSION.to_be_bytes())
+                    .map_err(|e| store.sled_err(e))?;
+                store.flush()?;
+            }
+        }
+        Ok(store)
+    }
+
+    /// The database directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn sled_err(&self, source: sled::Error) -> StoreError {
+        StoreError::Sled {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(|e| self.sled_err(e))
+    }
+
+    /// Inserts one conversation without flushing; see [`Store::insert_batch`].
+    pub fn insert(&self, new: NewConversation<'_>) -> Result<InsertOutcome, StoreError> {
+        if let Some(c) = new.category {
+            check_name("category", c)?;
+        }
+        for f in new.flags {
+            check_name("flag", f)?;
+        }
+        let id = ConversationId::of(new.conversation);
+        let mut flags: Vec<String> = new.flags.to_vec();
+        flags.sort();
+        flags.dedup();
+        let imported_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let conversation = new.conversation.to_json();
+        let trees = (
+            &self.conversations,
+            &self.by_seq,
+            &self.idx_category,
+            &self.idx_flag,
+            &self.meta,
+        );
+        let result = trees.transaction(
+            |(convs, by_seq, idx_cat, idx_flag, meta): &(
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+                TransactionalTree,
+            )| {
+                if convs.get(id.0)?.is_some() {
+                    return Ok(InsertOutcome::Duplicate(id));
+                }
+                let seq = meta
+                    .get(KEY_NEXT_SEQ)?
+                    .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+                    .unwrap_or(0);
+                meta.insert(KEY_NEXT_SEQ, &(seq + 1).to_be_bytes())?;
+                let record = Record {
+                    seq,
+                    category: new.category.map(str::to_string),
+                    source: new.source.map(str::to_string),
+                    flags: flags.clone(),
+                    imported_at,
+                    conversation: conversation.clone(),
+                };
+                let bytes = serde_json::to_vec(&record)
+                    .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                convs.insert(&id.0, bytes)?;
+                by_seq.insert(&seq.to_be_bytes(), &id.0)?;
+                if let Some(cat) = new.category {
+                    idx_cat.insert(index_key(cat, seq), &id.0)?;
+                }
+                for f in &flags {
+                    idx_flag.insert(index_key(f, seq), &id.0)?;
+                }
+                Ok(InsertOutcome::Inserted(id))
+            },
+        );
+        match result {
+            Ok(outcome) => Ok(outcome),
+            Err(TransactionError::Storage(e)) => Err(self.sled_err(e)),
+            Err(TransactionError::Abort(message)) => Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                id: id.to_hex(),
+                message,
+            }),
+        }
+    }
+
+    /// Inserts conversations in order and flushes once at the end: when this returns `Ok`,
+    /// every insert is durable.
+    pub fn insert_batch<'a>(
+        &self,
+        items: impl IntoIterator<Item = NewConversation<'a>>,
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        let outcomes = items
+            .into_iter()
+            .map(|item| self.insert(item))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.flush()?;
+        Ok(outcomes)
+    }
+
+    /// The stored conversation with this id.
+    pub fn get(&self, id: &ConversationId) -> Result<Option<StoredConversation>, StoreError> {
+        match self.conversations.get(id.0).map_err(|e| self.sled_err(e))? {
+            Some(bytes) => Ok(Some(self.decode(*id, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Number of stored conversations.
+    pub fn len(&self) -> usize {
+        self.conversations.len()
+    }
+
+    /// True when nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.conversations.is_empty()
+    }
+
+    fn decode(&self, id: ConversationId, bytes: &[u8]) -> Result<StoredConversation, StoreError> {
+        let record = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            path: self.path.clone(),
+            id: id.to_hex(),
+            message: e.to_string(),
+        })?;
+        Ok(StoredConversation { id, record })
+    }
+
+    fn id_from(&self, bytes: &[u8]) -> Result<ConversationId, StoreError> {
+        bytes
+            .try_into()
+            .map(ConversationId)
+            .map_err(|_| StoreError::Corrupt {
+                path: self.path.clone(),
+                id: hex::encode(bytes),
+                message: "index entry is not a 32-byte id".into(),
+            })
+    }
+
+    /// Stored conversations matching `filter`, in import order.
+    pub fn iter(
+        &self,
+        filter: &Filter,
+    ) -> impl Iterator<Item = Result<StoredConversation, StoreError>> + '_ {
+        let ids: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+            match (&filter.category, &filter.flag) {
+                (Some(cat), _) => Box::new(self.idx_category.scan_prefix(index_prefix(cat))),
+                (None, Some(flag)) => Box::new(self.idx_flag.scan_prefix(index_prefix(flag))),
+                (None, None) => Box::new(self.by_seq.iter()),
+            };
+        let filter = filter.clone();
+        ids.filter_map(move |entry| {
+            let result = (|| {
+                let (_, id_bytes) = entry.map_err(|e| self.sled_err(e))?;
+                let id = self.id_from(&id_bytes)?;
+                let bytes = self
+                    .conversations
+                    .get(id.0)
+                    .map_err(|e| self.sled_err(e))?
+                    .ok_or_else(|| StoreError::Corrupt {
+                        path: self.path.clone(),
+                        id: id.to_hex(),
+                        message: "indexed but not stored".into(),
+                    })?;
+                self.decode(id, &bytes)
+            })();
+            match result {
+                Ok(s) => {
+                    let keep = (!filter.clean_only || s.record.flags.is_empty())
+                        && filter
+                            .flag
+                            .as_ref()
+                            .is_none_or(|f| s.record.flags.iter().any(|g| g == f))
+                        && filter
+                            .category
+                            .as_ref()
+                            .is_none_or(|c| s.record.category.as_deref() == Some(c.as_str()));
+                    keep.then_some(Ok(s))
+                }
+                Err(e) => Some(Err(e)),
+            }
+        })
+    }
+
+    /// Counts per category and flag.
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let mut stats = StoreStats::default();
+        for item in self.iter(&Filter::default()) {
+            let s = item?;
+            let clean = s.record.flags.is_empty();
+            stats.conversations += 1;
+            stats.clean += u64::from(clean);
+            let cat = s.record.category.clone().unwrap_or_else(|| "(none)".into());
+            let entry = stats.by_category.entry(cat).or_default();
+            entry.total += 1;
+            entry.clean += u64::from(clean);
+            for f in &s.record.flags {
+                *stats.by_flag.entry(f.clone()).or_default() += 1;
+            }
+        }
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv(text: &str) -> Conversation {
+        Conversation::from_json(&format!(
+            r#"{{"messages":[{{"role":"user","content":{text:?}}},{{"role":"assistant","content":"ok"}}],"x_extra":[1,2]}}"#
+        ))
+        .unwrap()
+    }
+
+    fn new<'a>(c: &'a Conversation, cat: &'a str, flags: &'a [String]) -> NewConversation<'a> {
+        NewConversation {
+            conversation: c,
+            category: Some(cat),
+            source: Some("test"),
+            flags,
+        }
+    }
+
+    #[test]
+    fn reimport_is_a_noop_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = conv("a");
+        let b = conv("b");
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let out = store
+                .insert_batch([new(&a, "x", &[]), new(&b, "y", &[])])
+                .unwrap();
+            assert!(matches!(out[0], InsertOutcome::Inserted(_)));
+            let again = store.insert_batch([new(&a, "x", &[])]).unwrap();
+            assert_eq!(again[0], InsertOutcome::Duplicate(ConversationId::of(&a)));
+            assert_eq!(store.len(), 2);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.len(), 2);
+        // Same content, different key order and whitespace: still a duplicate.
+        let a2 = Conversation::from_json(
+            r#"{"x_extra": [1, 2], "messages": [{"content": "a", "role": "user"}, {"role": "assistant", "content": "ok"}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            store.insert(new(&a2, "x", &[])).unwrap(),
+            InsertOutcome::Duplicate(_)
+        ));
+        let got = store.get(&ConversationId::of(&a)).unwrap().unwrap();
+        assert_eq!(got.conversation().unwrap(), a);
+        assert_eq!(got.record.seq, 0);
+        assert_eq!(got.record.source.as_deref(), Some("test"));
+    }
+
+    #[test]
+    fn filters_and_stats_follow_the_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let md = ["markdown".to_string(), "verbose".to_string()];
+        let convs: Vec<Conversation> = (0..6).map(|i| conv(&format!("m{i}"))).collect();
+        let items = convs.iter().enumerate().map(|(i, c)| {
+            new(
+                c,
+                if i % 2 == 0 { "even" } else { "odd" },
+                if i % 3 == 0 { &md[..] } else { &[] },
+            )
+        });
+        store.insert_batch(items).unwrap();
+        let texts = |f: Filter| -> Vec<String> {
+            store
+                .iter(&f)
+                .map(|s| {
+                    s.unwrap().conversation().unwrap().messages[0]
+                        .content_str()
+                        .unwrap()
+                        .to_string()
+                })
+                .collect()
+        };
+        assert_eq!(
+            texts(Filter::default()),
+            ["m0", "m1", "m2", "m3", "m4", "m5"]
+        );
+        assert_eq!(
+            texts(Filter {
+                category: Some("even".into()),
+                ..Default::default()
+            }),
+            ["m0", "m2", "m4"]
+        );
+        assert_eq!(
+            texts(Filter {
+                category: Some("even".into()),
+                clean_only: true,
+                ..Default::default()
+            }),
+            ["m2", "m4"]
+        );
+        assert_eq!(
+            texts(Filter {
+                flag: Some("verbose".into()),
+                ..Default::default()
+            }),
+            ["m0", "m3"]
+        );
+        assert_eq!(
+            texts(Filter {
+                category: Some("ev".into()),
+                ..Default::default()
+            }),
+            Vec::<String>::new()
+        );
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.conversations, 6);
+        assert_eq!(stats.clean, 4);
+        assert_eq!(
+            stats.by_category["even"],
+            CategoryCount { total: 3, clean: 2 }
+        );
+        assert_eq!(stats.by_flag["markdown"], 2);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .meta
+                .insert(KEY_SCHEMA, &(SCHEMA_VERSION + 1).to_be_bytes())
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let err = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("schema version 2 is newer"), "{err}");
+    }
+
+    #[test]
+    fn nul_in_names_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let c = conv("z");
+        assert!(matches!(
+            store.insert(new(&c, "a\0b", &[])),
+            Err(StoreError::InvalidName { .. })
+        ));
+    }
+}
