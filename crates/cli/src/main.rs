@@ -44,9 +44,23 @@ enum Command {
     /// file, a directory, a bad profile).
     Validate(cmd::validate::Args),
 
+    /// Generate teacher conversations by category, check each on arrival, store them.
+    ///
+    /// Categories, tools and prompts come from config/teacher/ (categories.toml,
+    /// tools.toml, generation.toml, system_prompt.txt). Every conversation is checked
+    /// against the gate profile and stored (flagged ones as rejected, with their flags);
+    /// a ledger of finished batches makes --resume after a crash or Ctrl-C generate
+    /// exactly the missing batches. Exit status 0 when every batch is stored and every
+    /// dataset gate passes, 1 otherwise, 2 on unusable input.
+    Generate(cmd::generate::Args),
+
     /// Import, inspect and export the sled dataset store.
     #[command(subcommand)]
     Dataset(cmd::dataset::DatasetCommand),
+
+    /// Import a GGUF or fetch a known model as a Hugging Face directory.
+    #[command(subcommand)]
+    Model(cmd::model::ModelCommand),
 
     /// Measure validation throughput (conversations/s on one core) and write JSON.
     ///
@@ -72,7 +86,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate(args) => cmd::validate::run(args),
         Command::Dataset(c) => cmd::dataset::run(c),
+        Command::Generate(args) => cmd::generate::run(args),
         Command::BenchGates(args) => cmd::bench_gates::run(args),
+        Command::Model(c) => cmd::model::run(c),
     };
     match result {
         Ok(code) => code,

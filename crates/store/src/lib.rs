@@ -240,6 +240,11 @@ impl Store {
         Ok(store)
     }
 
+    /// The underlying sled database, for crates that keep their own trees beside the store's.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     /// The database directory.
     pub fn path(&self) -> &Path {
         &self.path

@@ -2,4 +2,6 @@
 
 pub mod bench_gates;
 pub mod dataset;
+pub mod generate;
+pub mod model;
 pub mod validate;

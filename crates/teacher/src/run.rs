@@ -1,0 +1,790 @@
+//! A generation run: plan the missing batches, generate them concurrently with retries,
+//! parse, inject the production prompt, check every conversation against the gate
+//! profile, store accepted and rejected conversations with the batch ledger, and report.
+//!
+//! The CLI's `qatflow generate` maps its flags onto [`GenerateOptions`]:
+//!
+//! | flag | field |
+//! |---|---|
+//! | `--backend claude-cli\|openai\|anthropic\|offline` | [`GenerateOptions::backend`] (a [`BackendConfig`] variant) |
+//! | `--model M` | `ClaudeCliConfig::with_model(M)`, `OpenAiConfig::model`, `AnthropicConfig::model` |
+//! | `--teacher-command "..."` | `ClaudeCliConfig::from_command_line(..)` |
+//! | `--base-url U`, `--api-key-env V`, `--temperature T`, `--max-tokens N` | the HTTP configs' fields |
+//! | `--seed S`, `--offline-delay-ms D` | `OfflineConfig { seed, delay }` |
+//! | `--teacher-dir DIR` | [`GenerateOptions::teacher_dir`] (default: `config/teacher`, else built in) |
+//! | `--profile v4` | [`GenerateOptions::profile`] (`GateProfile::resolve`) |
+//! | `--category C` | [`GenerateOptions::category`] |
+//! | `--count N` | [`GenerateOptions::count`] |
+//! | `--per-batch N` (25) | [`GenerateOptions::per_batch`] |
+//! | `--concurrency N` (4) | [`GenerateOptions::concurrency`] |
+//! | `--retries N` (3) | [`GenerateOptions::max_retries`] |
+//! | `--max-cost-usd X` | [`GenerateOptions::max_cost_usd`] |
+//! | `--timeout SECS` (600) | [`GenerateOptions::timeout`] |
+//! | `--resume` | [`GenerateOptions::resume`] |
+//! | `--validate-only` | [`GenerateOptions::validate_only`] |
+//!
+//! Ctrl-C maps onto the [`CancellationToken`]: batches in flight are abandoned (a child
+//! process is killed), stored batches stay stored, and `--resume` generates the rest.
+
+use crate::backend::{Backend, BackendConfig, BatchRequest, Usage};
+use crate::config::{Category, TeacherConfig};
+use crate::error::{BackendError, TeacherError};
+use crate::ledger::{Ledger, LedgerEntry, PendingBatch, PendingItem};
+use crate::parse::{parse_output, prepare, OutputProblem, ParsedOutput};
+use qatflow_core::Progress;
+use qatflow_gates::{Checker, DatasetStats, GateProfile, GateResult};
+use qatflow_store::{Filter, Store};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+pub use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Receives [`GenerationEvent`]s as they happen.
+pub type EventSink = Arc<dyn Fn(&GenerationEvent) + Send + Sync>;
+
+/// Something that happened during a run, for actors and live displays.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum GenerationEvent {
+    /// A batch cut off by a crash was finished from its write-ahead record.
+    Recovered {
+        /// Category.
+        category: String,
+        /// Batch index.
+        index: u64,
+    },
+    /// A batch was stored and recorded in the ledger.
+    BatchStored {
+        /// Category.
+        category: String,
+        /// Batch index.
+        index: u64,
+        /// Its counts.
+        entry: LedgerEntry,
+    },
+    /// An attempt failed and will be retried.
+    Retry(RetryRecord),
+    /// A batch failed after all its attempts.
+    BatchFailed(FailedBatch),
+}
+
+/// Options of a run; see the module docs for the CLI flags.
+#[derive(Clone)]
+pub struct GenerateOptions {
+    /// The teacher backend.
+    pub backend: BackendConfig,
+    /// Directory with categories.toml, tools.toml, generation.toml, system_prompt.txt.
+    pub teacher_dir: Option<PathBuf>,
+    /// The gate profile conversations are checked against.
+    pub profile: GateProfile,
+    /// Only this category.
+    pub category: Option<String>,
+    /// Conversations per category, instead of each category's `count`.
+    pub count: Option<u64>,
+    /// Conversations asked for per batch.
+    pub per_batch: usize,
+    /// Batches in flight at once.
+    pub concurrency: usize,
+    /// Retries per batch after the first attempt.
+    pub max_retries: u32,
+    /// Delay before the first retry; doubled for each further one.
+    pub backoff: Duration,
+    /// Limit of one attempt (the child process is killed, the request dropped).
+    pub timeout: Duration,
+    /// Continue a run: generate only batches missing from the ledger.
+    pub resume: bool,
+    /// Only validate what is stored against the profile.
+    pub validate_only: bool,
+    /// Start no new batch once the reported cost reaches this many US dollars.
+    pub max_cost_usd: Option<f64>,
+    /// Live events, if wanted.
+    pub events: Option<EventSink>,
+}
+
+impl std::fmt::Debug for GenerateOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerateOptions")
+            .field("backend", &self.backend)
+            .field("teacher_dir", &self.teacher_dir)
+            .field("profile", &self.profile.name)
+            .field("category", &self.category)
+            .field("count", &self.count)
+            .field("per_batch", &self.per_batch)
+            .field("concurrency", &self.concurrency)
+            .field("max_retries", &self.max_retries)
+            .field("backoff", &self.backoff)
+            .field("timeout", &self.timeout)
+            .field("resume", &self.resume)
+            .field("validate_only", &self.validate_only)
+            .field("max_cost_usd", &self.max_cost_usd)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GenerateOptions {
+    /// The defaults of the seeds' v4 script: 25 per batch, 4 in flight, 3 retries from
+    /// 3 s, 600 s per attempt.
+    pub fn new(backend: BackendConfig, profile: GateProfile) -> GenerateOptions {
+        GenerateOptions {
+            backend,
+            teacher_dir: None,
+            profile,
+            category: None,
+            count: None,
+            per_batch: 25,
+            concurrency: 4,
+            max_retries: 3,
+            backoff: Duration::from_secs(3),
+            timeout: Duration::from_secs(600),
+            resume: false,
+            validate_only: false,
+            max_cost_usd: None,
+            events: None,
+        }
+    }
+}
+
+/// One failed attempt that was retried.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RetryRecord {
+    /// Category.
+    pub category: String,
+    /// Batch index.
+    pub index: u64,
+    /// The failed attempt, 1-based.
+    pub attempt: u32,
+    /// Short kind: `empty`, `planning_mode`, `no_conversations`, `http_429`, `timeout`, …
+    pub kind: String,
+    /// What happened.
+    pub reason: String,
+}
+
+/// A batch that failed after all attempts (generated again by `--resume`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FailedBatch {
+    /// Category.
+    pub category: String,
+    /// Batch index.
+    pub index: u64,
+    /// The last attempt's problem.
+    pub reason: String,
+}
+
+/// Per-category results of a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CategoryReport {
+    /// Batches the category has in all.
+    pub planned_batches: u64,
+    /// Of those, finished before this run.
+    pub already_done: u64,
+    /// Batches stored by this run.
+    pub batches: u64,
+    /// Conversations stored without flags.
+    pub accepted: u64,
+    /// Conversations stored with flags (rejected).
+    pub rejected: u64,
+    /// Conversations already stored with the same content.
+    pub duplicates: u64,
+    /// Output lines that did not parse.
+    pub unparsed_lines: u64,
+    /// Conversations asked for but not in the answers (a teacher writing fewer lines).
+    pub missing: u64,
+    /// Retried attempts.
+    pub retries: u64,
+    /// Batches that failed after all attempts.
+    pub failed_batches: u64,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationReport {
+    /// Backend name.
+    pub backend: String,
+    /// True for `--validate-only`.
+    pub validate_only: bool,
+    /// Per category, by name.
+    pub categories: BTreeMap<String, CategoryReport>,
+    /// Tokens and cost the backend reported.
+    pub usage: Usage,
+    /// Every retried attempt.
+    pub retries: Vec<RetryRecord>,
+    /// Batches that failed after all attempts.
+    pub failed_batches: Vec<FailedBatch>,
+    /// Batches finished from write-ahead records of an interrupted run.
+    pub recovered_batches: u64,
+    /// True when the run was cancelled before every batch was done.
+    pub cancelled: bool,
+    /// True when the run stopped starting batches at `max_cost_usd`.
+    pub cost_cap_reached: bool,
+    /// Wall time in seconds.
+    pub elapsed_s: f64,
+    /// Gate profile name.
+    pub profile: String,
+    /// Counts over every stored conversation (all categories, accepted and rejected).
+    pub dataset: DatasetStats,
+    /// The profile's dataset gates on those counts.
+    pub gates: Vec<GateResult>,
+}
+
+impl GenerationReport {
+    /// True when every dataset gate passed.
+    pub fn gates_passed(&self) -> bool {
+        self.gates.iter().all(|g| g.passed)
+    }
+
+    /// True when every planned batch is stored (nothing failed, nothing cancelled).
+    pub fn complete(&self) -> bool {
+        !self.cancelled && !self.cost_cap_reached && self.failed_batches.is_empty()
+    }
+
+    /// Total retried attempts.
+    pub fn total_retries(&self) -> u64 {
+        self.retries.len() as u64
+    }
+
+    /// A plain-text table of categories and gates, for the CLI.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if !self.validate_only {
+            let _ = writeln!(
+                s,
+                "{:<24} {:>7} {:>8} {:>8} {:>5} {:>5} {:>7} {:>7} {:>6}",
+                "category",
+                "batches",
+                "accepted",
+                "rejected",
+                "dups",
+                "bad",
+                "missing",
+                "retries",
+                "failed"
+            );
+            for (name, c) in &self.categories {
+                let _ = writeln!(
+                    s,
+                    "{:<24} {:>3}/{:<3} {:>8} {:>8} {:>5} {:>5} {:>7} {:>7} {:>6}",
+                    name,
+                    c.already_done + c.batches,
+                    c.planned_batches,
+                    c.accepted,
+                    c.rejected,
+                    c.duplicates,
+                    c.unparsed_lines,
+                    c.missing,
+                    c.retries,
+                    c.failed_batches
+                );
+            }
+            let cost = self
+                .usage
+                .cost_usd
+                .map_or("n/a".to_string(), |c| format!("${c:.4}"));
+            let _ = writeln!(
+                s,
+                "backend {}: {} requests, {} input tokens, {} output tokens, cost {}, {:.1} s{}",
+                self.backend,
+                self.usage.requests,
+                self.usage.input_tokens,
+                self.usage.output_tokens,
+                cost,
+                self.elapsed_s,
+                if self.cancelled {
+                    " (cancelled)"
+                } else if self.cost_cap_reached {
+                    " (stopped at the cost cap)"
+                } else {
+                    ""
+                }
+            );
+        }
+        let _ = writeln!(
+            s,
+            "dataset gates ({}, {} stored conversations):",
+            self.profile, self.dataset.lines
+        );
+        for g in &self.gates {
+            let _ = writeln!(
+                s,
+                "  {:<26} {:>10} {} {:<10} {}",
+                g.name,
+                g.format_value(g.value),
+                g.op.symbol(),
+                g.format_value(g.threshold),
+                if g.passed { "PASS" } else { "FAIL" }
+            );
+        }
+        s
+    }
+}
+
+/// Counts and gates over the stored conversations (one category, or all).
+pub fn validate_store(
+    store: &Store,
+    profile: &GateProfile,
+    category: Option<&str>,
+) -> Result<(DatasetStats, Vec<GateResult>), TeacherError> {
+    let checker = Checker::new(profile);
+    let mut stats = DatasetStats::default();
+    let filter = Filter {
+        category: category.map(str::to_string),
+        ..Filter::default()
+    };
+    for item in store.iter(&filter) {
+        let stored = item?;
+        let (_, report) = checker.check_line(&stored.record.conversation);
+        stats.add(&report);
+    }
+    let gates = stats.evaluate(profile);
+    Ok((stats, gates))
+}
+
+/// Runs [`generate`] on a new multi-threaded runtime. Call it from synchronous code (the
+/// CLI); async callers (actors) call [`generate`] directly, since a runtime cannot be
+/// started inside another.
+pub fn run_generation(
+    opts: &GenerateOptions,
+    store: &Store,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<GenerationReport, TeacherError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(TeacherError::Runtime)?;
+    runtime.block_on(generate(opts, store, progress, cancel))
+}
+
+struct BatchResult {
+    category: String,
+    index: u64,
+    size: usize,
+    attempts: u32,
+    usage: Usage,
+    retries: Vec<RetryRecord>,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    Parsed(ParsedOutput),
+    Failed(String),
+    Fatal(BackendError),
+    Cancelled,
+}
+
+fn retry_kind(e: &BackendError) -> String {
+    match e {
+        BackendError::Http { status, .. } => format!("http_{status}"),
+        BackendError::Timeout(_) => "timeout".into(),
+        BackendError::Transport(_) => "transport".into(),
+        BackendError::BadResponse(_) => "bad_response".into(),
+        BackendError::Process { .. } => "process".into(),
+        BackendError::Fatal(_) => "fatal".into(),
+    }
+}
+
+fn problem_kind(p: &OutputProblem) -> &'static str {
+    match p {
+        OutputProblem::Empty => "empty",
+        OutputProblem::PlanningMode(_) => "planning_mode",
+        OutputProblem::NoConversations => "no_conversations",
+    }
+}
+
+struct RetryPolicy {
+    max_retries: u32,
+    backoff: Duration,
+    timeout: Duration,
+}
+
+async fn run_batch(
+    backend: Arc<dyn Backend>,
+    mut request: BatchRequest,
+    policy: Arc<RetryPolicy>,
+    markers: Arc<Vec<String>>,
+    cancel: CancellationToken,
+    events: Option<EventSink>,
+) -> BatchResult {
+    let mut result = BatchResult {
+        category: request.category.clone(),
+        index: request.index,
+        size: request.size,
+        attempts: 0,
+        usage: Usage::default(),
+        retries: Vec::new(),
+        outcome: Outcome::Cancelled,
+    };
+    for attempt in 0..=policy.max_retries {
+        request.attempt = attempt;
+        result.attempts = attempt + 1;
+        let call = tokio::time::timeout(policy.timeout, backend.generate(&request));
+        let answer = tokio::select! {
+            _ = cancel.cancelled() => return result,
+            a = call => a,
+        };
+        let (kind, reason) = match answer {
+            Err(_) => {
+                let e = BackendError::Timeout(policy.timeout);
+                (retry_kind(&e), e.to_string())
+            }
+            Ok(Err(e)) if !e.is_retryable() => {
+                result.outcome = Outcome::Fatal(e);
+                return result;
+            }
+            Ok(Err(e)) => (retry_kind(&e), e.to_string()),
+            Ok(Ok(out)) => {
+                result.usage.add(&out.usage);
+                match parse_output(&out.text, &markers) {
+                    Ok(parsed) => {
+                        result.outcome = Outcome::Parsed(parsed);
+                        return result;
+                    }
+                    Err(p) => (problem_kind(&p).to_string(), p.to_string()),
+                }
+            }
+        };
+        if attempt == policy.max_retries {
+            result.outcome = Outcome::Failed(format!(
+                "{reason} (after {} attempts)",
+                policy.max_retries + 1
+            ));
+            return result;
+        }
+        let delay = policy
+            .backoff
+            .saturating_mul(1 << attempt.min(16))
+            .min(Duration::from_secs(300));
+        warn!(
+            category = %request.category,
+            batch = request.index,
+            attempt = attempt + 1,
+            kind = %kind,
+            "teacher batch attempt failed: {reason}; retrying in {delay:?}"
+        );
+        let record = RetryRecord {
+            category: request.category.clone(),
+            index: request.index,
+            attempt: attempt + 1,
+            kind,
+            reason,
+        };
+        if let Some(sink) = &events {
+            sink(&GenerationEvent::Retry(record.clone()));
+        }
+        result.retries.push(record);
+        tokio::select! {
+            _ = cancel.cancelled() => return result,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    result
+}
+
+fn selected_categories(
+    teacher: &TeacherConfig,
+    opts: &GenerateOptions,
+) -> Result<Vec<Category>, TeacherError> {
+    let mut cats: Vec<Category> = match &opts.category {
+        Some(name) => vec![teacher.category(name)?.clone()],
+        None => teacher.categories.clone(),
+    };
+    if let Some(n) = opts.count {
+        for c in &mut cats {
+            c.count = n;
+        }
+    }
+    Ok(cats)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TeacherError> + Send + 'static,
+) -> Result<T, TeacherError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TeacherError::Task(format!("a store task failed: {e}")))?
+}
+
+/// Runs generation (or validation) as the module docs describe.
+pub async fn generate(
+    opts: &GenerateOptions,
+    store: &Store,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<GenerationReport, TeacherError> {
+    let started = Instant::now();
+    if opts.per_batch == 0 || opts.concurrency == 0 {
+        return Err(TeacherError::Options(
+            "--per-batch and --concurrency must be at least 1".into(),
+        ));
+    }
+    let teacher = TeacherConfig::resolve(opts.teacher_dir.as_deref())?;
+    let categories = selected_categories(&teacher, opts)?;
+    let mut report = GenerationReport {
+        backend: opts.backend.name().to_string(),
+        validate_only: opts.validate_only,
+        categories: BTreeMap::new(),
+        usage: Usage::default(),
+        retries: Vec::new(),
+        failed_batches: Vec::new(),
+        recovered_batches: 0,
+        cancelled: false,
+        cost_cap_reached: false,
+        elapsed_s: 0.0,
+        profile: opts.profile.name.clone(),
+        dataset: DatasetStats::default(),
+        gates: Vec::new(),
+    };
+    if !opts.validate_only {
+        generate_batches(
+            opts,
+            store,
+            progress,
+            cancel,
+            &teacher,
+            &categories,
+            &mut report,
+        )
+        .await?;
+    }
+    let (s, p) = (store.clone(), opts.profile.clone());
+    let only = if opts.validate_only {
+        opts.category.clone()
+    } else {
+        None
+    };
+    let (dataset, gates) = blocking(move || validate_store(&s, &p, only.as_deref())).await?;
+    report.dataset = dataset;
+    report.gates = gates;
+    report.elapsed_s = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+async fn generate_batches(
+    opts: &GenerateOptions,
+    store: &Store,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+    teacher: &TeacherConfig,
+    categories: &[Category],
+    report: &mut GenerationReport,
+) -> Result<(), TeacherError> {
+    let ledger = Ledger::open(store)?;
+    let (l, s) = (ledger.clone(), store.clone());
+    let recovered = blocking(move || l.recover(&s)).await?;
+    for (category, index) in &recovered {
+        info!(category = %category, batch = index, "finished a batch cut off by an earlier run");
+        if let Some(sink) = &opts.events {
+            sink(&GenerationEvent::Recovered {
+                category: category.clone(),
+                index: *index,
+            });
+        }
+    }
+    report.recovered_batches = recovered.len() as u64;
+
+    let per_batch = opts.per_batch as u64;
+    let mut jobs = Vec::new();
+    for cat in categories {
+        let finished = ledger.finished(&cat.name)?;
+        match ledger.plan(&cat.name)? {
+            Some(p) if p != per_batch && !finished.is_empty() => {
+                return Err(TeacherError::PlanMismatch {
+                    category: cat.name.clone(),
+                    ledger: p,
+                    asked: per_batch,
+                })
+            }
+            _ => {}
+        }
+        if !opts.resume && !finished.is_empty() {
+            return Err(TeacherError::NotResuming {
+                category: cat.name.clone(),
+                batches: finished.len() as u64,
+            });
+        }
+        ledger.set_plan(&cat.name, per_batch)?;
+        let batches = cat.count.div_ceil(per_batch);
+        let entry = report.categories.entry(cat.name.clone()).or_default();
+        entry.planned_batches = batches;
+        for index in 0..batches {
+            if finished.binary_search(&index).is_ok() {
+                entry.already_done += 1;
+                continue;
+            }
+            let first_item = index * per_batch;
+            let size = per_batch.min(cat.count - first_item) as usize;
+            let batch_name = format!("{}/{index}", cat.name);
+            jobs.push(BatchRequest {
+                category: cat.name.clone(),
+                index,
+                first_item,
+                size,
+                generator_system_prompt: teacher.generation.generator_system_prompt.clone(),
+                prompt: teacher.batch_prompt(cat, size, &batch_name),
+                attempt: 0,
+            });
+        }
+    }
+    progress.set_total(jobs.iter().map(|j| j.size as u64).sum());
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let backend = opts.backend.build(teacher, opts.timeout)?;
+    let backend_name = backend.name().to_string();
+    let policy = Arc::new(RetryPolicy {
+        max_retries: opts.max_retries,
+        backoff: opts.backoff,
+        timeout: opts.timeout,
+    });
+    let markers = Arc::new(teacher.generation.planning_markers.clone());
+    let checker = Checker::new(&opts.profile);
+    let mut queue = jobs.into_iter();
+    let mut set: JoinSet<BatchResult> = JoinSet::new();
+    loop {
+        while set.len() < opts.concurrency && !cancel.is_cancelled() && !report.cost_cap_reached {
+            let Some(request) = queue.next() else { break };
+            set.spawn(run_batch(
+                backend.clone(),
+                request,
+                policy.clone(),
+                markers.clone(),
+                cancel.clone(),
+                opts.events.clone(),
+            ));
+        }
+        let joined = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => None,
+            j = set.join_next() => j,
+        };
+        let Some(joined) = joined else {
+            if cancel.is_cancelled() {
+                report.cancelled = true;
+                set.abort_all();
+                while set.join_next().await.is_some() {}
+            }
+            break;
+        };
+        let result = joined.map_err(|e| TeacherError::Task(format!("a batch task failed: {e}")))?;
+        report
+            .categories
+            .entry(result.category.clone())
+            .or_default()
+            .retries += result.retries.len() as u64;
+        report.usage.add(&result.usage);
+        if let (Some(cap), Some(cost)) = (opts.max_cost_usd, report.usage.cost_usd) {
+            if cost >= cap && !report.cost_cap_reached {
+                warn!(
+                    "reported cost ${cost:.4} reached the cap of ${cap:.4}: starting no new batch"
+                );
+                report.cost_cap_reached = true;
+            }
+        }
+        report.retries.extend(result.retries);
+        match result.outcome {
+            Outcome::Parsed(parsed) => {
+                let source = format!("{backend_name}:{}/{}", result.category, result.index);
+                let mut batch = PendingBatch {
+                    category: result.category.clone(),
+                    entry: LedgerEntry {
+                        unparsed_lines: parsed.bad_lines.len() as u64,
+                        attempts: result.attempts,
+                        source,
+                        ..LedgerEntry::default()
+                    },
+                    items: Vec::new(),
+                };
+                let short = result.size.saturating_sub(parsed.conversations.len()) as u64;
+                if short > 0 {
+                    warn!(category = %result.category, batch = result.index,
+                        "the teacher wrote {} of {} conversations", parsed.conversations.len(), result.size);
+                }
+                for bad in &parsed.bad_lines {
+                    warn!(category = %result.category, batch = result.index, line = bad.line,
+                        "teacher output line does not parse: {}", bad.error);
+                }
+                for c in parsed.conversations {
+                    let c = prepare(
+                        c,
+                        &teacher.production_prompt,
+                        &result.category,
+                        &backend_name,
+                    );
+                    let flags: Vec<String> = checker
+                        .check(&c)
+                        .flags()
+                        .into_iter()
+                        .map(|f| f.name().to_string())
+                        .collect();
+                    if flags.is_empty() {
+                        batch.entry.accepted += 1;
+                    } else {
+                        batch.entry.rejected += 1;
+                    }
+                    batch.items.push(PendingItem {
+                        conversation: c.to_json(),
+                        flags,
+                    });
+                }
+                let (l, s, index) = (ledger.clone(), store.clone(), result.index);
+                let entry = blocking(move || l.commit(&s, index, batch)).await?;
+                let cat = report
+                    .categories
+                    .entry(result.category.clone())
+                    .or_default();
+                cat.batches += 1;
+                cat.accepted += entry.accepted;
+                cat.rejected += entry.rejected;
+                cat.duplicates += entry.duplicates;
+                cat.unparsed_lines += entry.unparsed_lines;
+                cat.missing += short;
+                progress.advance(result.size as u64);
+                progress.message(&format!(
+                    "{}: {} accepted, {} rejected",
+                    result.category, cat.accepted, cat.rejected
+                ));
+                if let Some(sink) = &opts.events {
+                    sink(&GenerationEvent::BatchStored {
+                        category: result.category.clone(),
+                        index: result.index,
+                        entry,
+                    });
+                }
+            }
+            Outcome::Failed(reason) => {
+                warn!(category = %result.category, batch = result.index, "teacher batch failed: {reason}");
+                report
+                    .categories
+                    .entry(result.category.clone())
+                    .or_default()
+                    .failed_batches += 1;
+                let failed = FailedBatch {
+                    category: result.category,
+                    index: result.index,
+                    reason,
+                };
+                if let Some(sink) = &opts.events {
+                    sink(&GenerationEvent::BatchFailed(failed.clone()));
+                }
+                report.failed_batches.push(failed);
+            }
+            Outcome::Fatal(e) => {
+                set.abort_all();
+                while set.join_next().await.is_some() {}
+                return Err(TeacherError::Backend {
+                    backend: backend_name,
+                    message: format!(
+                        "{e} (batch {}/{}; batches stored so far stay stored, fix the problem and rerun with --resume)",
+                        result.category, result.index
+                    ),
+                });
+            }
+            Outcome::Cancelled => report.cancelled = true,
+        }
+    }
+    Ok(())
+}
