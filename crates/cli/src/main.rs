@@ -62,6 +62,9 @@ enum Command {
     #[command(subcommand)]
     Model(cmd::model::ModelCommand),
 
+    /// Show what NVFP4 costs each weight of a safetensors checkpoint (relative error, SQNR).
+    QuantCheck(cmd::quant_check::Args),
+
     /// Measure validation throughput (conversations/s on one core) and write JSON.
     ///
     /// Builds a file of N lines by cycling through an input dataset (each copy made
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => cmd::generate::run(args),
         Command::BenchGates(args) => cmd::bench_gates::run(args),
         Command::Model(c) => cmd::model::run(c),
+        Command::QuantCheck(args) => cmd::quant_check::run(args),
     };
     match result {
         Ok(code) => code,

@@ -4,4 +4,5 @@ pub mod bench_gates;
 pub mod dataset;
 pub mod generate;
 pub mod model;
+pub mod quant_check;
 pub mod validate;

@@ -1,0 +1,458 @@
+//! GPU check and benchmark of the NVFP4 kernels (see `kernels/GPU.md` for how to run it).
+//!
+//! 1. Bit-exactness on CUDA: the CubeCL kernels and burn's fake quantization on the `cuda`
+//!    backend against the reference codec and the ModelOpt 0.47 fixtures (`nvfp4_vectors`,
+//!    every quantized linear of the tiny Qwen3 and Qwen3.5 exports), plus the STE gradient.
+//! 2. Benchmarks (median of several runs): weight quantization throughput of an 8192×8192 BF16
+//!    tensor against the device's copy bandwidth, and fwd+bwd time of a 4096×4096 linear layer
+//!    with and without W4A4 fake quantization.
+//!
+//! Prints one JSON object on stdout and exits non-zero if any check fails.
+//! Usage: `gpu_check [FIXTURE_DIR] [--device N] [--skip-bench]`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::backend::{Autodiff, Cuda};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use cubecl::cuda::{CudaDevice, CudaRuntime};
+use cubecl::prelude::*;
+use half::bf16;
+use qatflow_kernels::{launch_copy, launch_fake_quantize, launch_quantize, QuantDevice, Quantizer};
+use qatflow_nvfp4::codec;
+use qatflow_nvfp4::fake_quant::{self, LinearAmax};
+use qatflow_nvfp4::groups::shared_input_group;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::{json, Value};
+
+type Gpu = Cuda<f32, i32>;
+type GpuBf16 = Cuda<bf16, i32>;
+
+type Failures = Vec<String>;
+
+fn main() {
+    let mut fixtures = PathBuf::from("tests/fixtures/modelopt-0.47.0");
+    let mut device = 0usize;
+    let mut bench = true;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--device" => {
+                device = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage("--device needs an index"));
+            }
+            "--skip-bench" => bench = false,
+            "-h" | "--help" => usage(""),
+            other => fixtures = PathBuf::from(other),
+        }
+    }
+    let mut failures = Failures::new();
+    let gpu = Quantizer::new(QuantDevice::Cuda(device));
+    let mut report = serde_json::Map::new();
+    report.insert("device".into(), json!(format!("CUDA device {device}")));
+    report.insert(
+        "checks".into(),
+        checks(&gpu, &fixtures, device, &mut failures),
+    );
+    if bench {
+        report.insert("bench".into(), benchmarks(device));
+    }
+    report.insert("failures".into(), json!(failures));
+    report.insert("ok".into(), json!(failures.is_empty()));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&Value::Object(report)).expect("JSON")
+    );
+    if !failures.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+fn usage(problem: &str) -> ! {
+    eprintln!("{problem}\nusage: gpu_check [FIXTURE_DIR] [--device N] [--skip-bench]");
+    std::process::exit(2)
+}
+
+/// Tensors of a safetensors file as (dtype, shape, bytes).
+fn load(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path)
+        .unwrap_or_else(|e| usage(&format!("cannot read {}: {e}", path.display())));
+    let st = SafeTensors::deserialize(&bytes)
+        .unwrap_or_else(|e| usage(&format!("{}: {e}", path.display())));
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect()
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn bf16s(b: &[u8]) -> Vec<bf16> {
+    b.chunks_exact(2)
+        .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+        .collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn check(failures: &mut Failures, ok: bool, what: impl FnOnce() -> String) -> bool {
+    if !ok {
+        failures.push(what());
+    }
+    ok
+}
+
+fn checks(gpu: &Quantizer, dir: &Path, device: usize, failures: &mut Failures) -> Value {
+    let mut counts = serde_json::Map::new();
+
+    // nvfp4_vectors: kernels and burn on CUDA against ModelOpt's bytes and dequantized values.
+    let t = load(&dir.join("nvfp4_vectors.safetensors"));
+    let mut vector_sets = 0;
+    for set in t
+        .keys()
+        .filter_map(|k| k.strip_suffix(".input"))
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
+    {
+        let (dtype, shape, raw) = &t[&format!("{set}.input")];
+        let x: Vec<f32> = match dtype {
+            Dtype::F32 => f32s(raw),
+            _ => bf16s(raw).iter().map(|v| v.to_f32()).collect(),
+        };
+        let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let q = match dtype {
+            Dtype::F32 => gpu.quantize(&set, &x, shape, amax),
+            _ => gpu.quantize(&set, &bf16s(raw), shape, amax),
+        };
+        let q = match q {
+            Ok(q) => q,
+            Err(e) => {
+                failures.push(format!("{set}: {e}"));
+                continue;
+            }
+        };
+        check(failures, q.packed == t[&format!("{set}.packed")].2, || {
+            format!("{set}: packed codes differ on GPU")
+        });
+        check(
+            failures,
+            q.weight_scale == t[&format!("{set}.weight_scale")].2,
+            || format!("{set}: weight_scale differs on GPU"),
+        );
+        let ws2 = f32s(&t[&format!("{set}.weight_scale_2")].2)[0];
+        check(
+            failures,
+            q.weight_scale_2.to_bits() == ws2.to_bits(),
+            || format!("{set}: weight_scale_2 differs"),
+        );
+        let want = bits(&f32s(&t[&format!("{set}.dequant")].2));
+        match gpu.fake_quantize(&set, &x, shape, amax) {
+            Ok(fq) => check(failures, bits(&fq) == want, || {
+                format!("{set}: fake-quant kernel differs from ModelOpt dequant")
+            }),
+            Err(e) => check(failures, false, || format!("{set}: {e}")),
+        };
+        let burn_fq = burn_fake_quant::<Gpu>(&x, shape, amax, device);
+        check(failures, bits(&burn_fq) == want, || {
+            format!("{set}: burn cuda fake quant differs from ModelOpt dequant")
+        });
+        vector_sets += 1;
+    }
+    counts.insert("nvfp4_vectors_sets".into(), json!(vector_sets));
+
+    // Every quantized linear of the export fixtures, with the shared-input group rule.
+    for (source, export) in [
+        (
+            "qwen3_tiny_bf16.safetensors",
+            "qwen3_tiny_nvfp4.safetensors",
+        ),
+        (
+            "qwen35_tiny_bf16.safetensors",
+            "qwen35_tiny_nvfp4.safetensors",
+        ),
+    ] {
+        let src = load(&dir.join(source));
+        let exp = load(&dir.join(export));
+        let mut modules = 0;
+        for module in exp.keys().filter_map(|k| k.strip_suffix(".weight_scale_2")) {
+            let amax = shared_input_group(module)
+                .iter()
+                .map(|m| {
+                    bf16s(&src[&format!("{m}.weight")].2)
+                        .iter()
+                        .fold(0.0f32, |a, v| a.max(v.to_f32().abs()))
+                })
+                .fold(0.0f32, f32::max);
+            let (_, shape, raw) = &src[&format!("{module}.weight")];
+            let w = bf16s(raw);
+            match gpu.quantize(module, &w, shape, amax) {
+                Ok(q) => {
+                    check(
+                        failures,
+                        q.packed == exp[&format!("{module}.weight")].2,
+                        || format!("{module}: packed weight differs on GPU"),
+                    );
+                    check(
+                        failures,
+                        q.weight_scale == exp[&format!("{module}.weight_scale")].2,
+                        || format!("{module}: weight_scale differs on GPU"),
+                    );
+                    let ws2 = f32s(&exp[&format!("{module}.weight_scale_2")].2)[0];
+                    check(
+                        failures,
+                        q.weight_scale_2.to_bits() == ws2.to_bits(),
+                        || format!("{module}: weight_scale_2 differs"),
+                    );
+                }
+                Err(e) => failures.push(format!("{module}: {e}")),
+            }
+            modules += 1;
+        }
+        counts.insert(export.into(), json!(modules));
+    }
+
+    // A large random tensor with outliers, zero blocks and ties: GPU == CPU codec, bf16 and f32.
+    let (rows, cols) = (512usize, 4096usize);
+    let w = sample(rows * cols, 99);
+    let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+    let cpu = Quantizer::new(QuantDevice::Cpu);
+    for grow in [1.0f32, 0.25, 3.0] {
+        let amax = codec::amax("w", &wb).expect("finite") * grow;
+        let same = gpu.quantize("random", &wb, &[rows, cols], amax).ok()
+            == cpu.quantize("random", &wb, &[rows, cols], amax).ok();
+        check(failures, same, || {
+            format!("random bf16 {rows}x{cols}, amax x{grow}: GPU quantize differs from CPU")
+        });
+        let g = gpu.fake_quantize("random", &wb, &[rows, cols], amax).ok();
+        let c = cpu.fake_quantize("random", &wb, &[rows, cols], amax).ok();
+        check(failures, g.is_some() && g == c, || {
+            format!("random bf16, amax x{grow}: GPU fake quant differs from CPU")
+        });
+        let g = gpu
+            .fake_quantize("random", &w, &[rows, cols], amax)
+            .ok()
+            .map(|v| bits(&v));
+        let c = cpu
+            .fake_quantize("random", &w, &[rows, cols], amax)
+            .ok()
+            .map(|v| bits(&v));
+        check(failures, g.is_some() && g == c, || {
+            format!("random f32, amax x{grow}: GPU fake quant differs from CPU")
+        });
+        let b = burn_fake_quant::<Gpu>(&w, &[rows, cols], amax, device);
+        check(failures, c.as_ref() == Some(&bits(&b)), || {
+            format!("random f32, amax x{grow}: burn cuda fake quant differs from CPU")
+        });
+    }
+
+    // STE on CUDA: the gradient of a loss linear in W equals the unquantized one.
+    let ste_ok = ste_gradient_matches(device);
+    check(failures, ste_ok, || {
+        "STE gradient on CUDA differs from the unquantized gradient".into()
+    });
+    counts.insert("ste_gradient_equal".into(), json!(ste_ok));
+    Value::Object(counts)
+}
+
+/// Deterministic values with outliers, zero blocks and exact E2M1 ties.
+fn sample(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed | 1;
+    (0..n)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            match i % 97 {
+                0 => u * 300.0,
+                1..=16 if (i / 97) % 3 == 0 => 0.0,
+                20 => 0.75 * (state % 7) as f32,
+                _ => u * 2.0,
+            }
+        })
+        .collect()
+}
+
+fn burn_device(index: usize) -> burn::backend::cuda::CudaDevice {
+    burn::backend::cuda::CudaDevice::new(index)
+}
+
+/// burn's fake quantization (the training path) on the CUDA backend, in f32.
+fn burn_fake_quant<B: Backend<Device = burn::backend::cuda::CudaDevice>>(
+    x: &[f32],
+    shape: &[usize],
+    amax: f32,
+    device: usize,
+) -> Vec<f32> {
+    let t = Tensor::<Autodiff<B>, 2>::from_data(
+        TensorData::new(x.to_vec(), [shape[0], shape[1]]),
+        &burn_device(device),
+    );
+    fake_quant::fake_quantize("x", t, amax)
+        .map(|y| y.into_data().to_vec::<f32>().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+fn ste_gradient_matches(device: usize) -> bool {
+    let (batch, inp, out) = (64usize, 256usize, 96usize);
+    let w = sample(out * inp, 5);
+    let x = sample(batch * inp, 6);
+    let g = sample(batch * out, 7);
+    let amax = w.iter().fold(0.0f32, |m, v| m.max(v.abs())) * 0.5;
+    let dev = burn_device(device);
+    let run = |quantized: bool| -> Option<Vec<f32>> {
+        let wt =
+            Tensor::<Autodiff<Gpu>, 2>::from_data(TensorData::new(w.clone(), [out, inp]), &dev)
+                .require_grad();
+        let xt =
+            Tensor::<Autodiff<Gpu>, 2>::from_data(TensorData::new(x.clone(), [batch, inp]), &dev);
+        let gt =
+            Tensor::<Autodiff<Gpu>, 2>::from_data(TensorData::new(g.clone(), [batch, out]), &dev);
+        let wq = if quantized {
+            fake_quant::fake_quantize("w", wt.clone(), amax).ok()?
+        } else {
+            wt.clone()
+        };
+        let grads = (xt.matmul(wq.transpose()) * gt).sum().backward();
+        wt.grad(&grads)?.into_data().to_vec::<f32>().ok()
+    };
+    let (a, b) = (run(true), run(false));
+    a.is_some() && a == b
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds of `runs` timed calls of `f` (after `warmup` untimed ones); `f` must sync.
+fn time(warmup: usize, runs: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn benchmarks(device: usize) -> Value {
+    let client = CudaRuntime::client(&CudaDevice { index: device });
+    let sync = |c: &ComputeClient<CudaRuntime>| {
+        let _ = cubecl::future::block_on(c.sync());
+    };
+    let (rows, cols) = (8192usize, 8192usize);
+    let n = rows * cols;
+    let w: Vec<bf16> = sample(n, 42).iter().map(|v| bf16::from_f32(*v)).collect();
+    let amax = codec::amax("w", &w).expect("finite");
+    let scale_2 = codec::weight_scale_2("w", amax).expect("positive");
+    let input = client.create_from_slice(bf16::as_bytes(&w));
+    let bytes_in = (n * 2) as f64;
+    let (warmup, runs) = (3, 20);
+
+    // Copy of the same number of bytes: the bandwidth reference.
+    let copy_out = client.empty(n * 2);
+    let copy_s = time(warmup, runs, || {
+        launch_copy(&client, input.clone(), copy_out.clone(), n * 2);
+        sync(&client);
+    });
+    let packed = client.empty(n / 2);
+    let scales = client.empty(n / 16);
+    let quant_s = time(warmup, runs, || {
+        launch_quantize::<bf16>(
+            &client,
+            input.clone(),
+            packed.clone(),
+            scales.clone(),
+            n,
+            scale_2,
+        );
+        sync(&client);
+    });
+    let fq_out = client.empty(n * 2);
+    let fq_s = time(warmup, runs, || {
+        launch_fake_quantize::<bf16>(&client, input.clone(), fq_out.clone(), n, scale_2);
+        sync(&client);
+    });
+    let gbs = |s: f64| bytes_in / s / 1e9;
+    let copy_gbs = gbs(copy_s);
+
+    // fwd+bwd of a 4096x4096 linear layer on 4096 tokens, BF16, with and without fake quant.
+    let (tokens, dim) = (4096usize, 4096usize);
+    let dev = burn_device(device);
+    let xs = sample(tokens * dim, 1);
+    let ws = sample(dim * dim, 2);
+    let amaxes = LinearAmax {
+        weight: ws.iter().fold(0.0f32, |m, v| m.max(v.abs())),
+        input: xs.iter().fold(0.0f32, |m, v| m.max(v.abs())),
+    };
+    type B = Autodiff<GpuBf16>;
+    let x0 = Tensor::<B, 2>::from_data(TensorData::new(xs, [tokens, dim]), &dev).cast(DType::BF16);
+    let w0 = Tensor::<B, 2>::from_data(TensorData::new(ws, [dim, dim]), &dev).cast(DType::BF16);
+    let step = |quantized: bool| {
+        let x = x0.clone().detach().require_grad();
+        let w = w0.clone().detach().require_grad();
+        let y = if quantized {
+            fake_quant::linear("bench", x.clone(), w.clone(), None, amaxes).expect("aligned")
+        } else {
+            x.clone().matmul(w.clone().transpose())
+        };
+        let grads = y.sum().backward();
+        let gx = x.grad(&grads).expect("input gradient");
+        let gw = w.grad(&grads).expect("weight gradient");
+        let _ = (gx.sum().into_scalar(), gw.sum().into_scalar());
+        let _ = GpuBf16::sync(&dev);
+    };
+    let (lw, lr) = (3, 10);
+    let plain_s = time(lw, lr, || step(false));
+    let fq_linear_s = time(lw, lr, || step(true));
+    // The fake-quant forward alone on the weight (no autodiff), for attribution.
+    let w_plain: Tensor<GpuBf16, 2> = w0.clone().inner();
+    let fq_forward_s = time(lw, lr, || {
+        let y =
+            fake_quant::fake_quantize_value("w", w_plain.clone(), amaxes.weight).expect("aligned");
+        let _ = y.sum().into_scalar();
+        let _ = GpuBf16::sync(&dev);
+    });
+
+    json!({
+        "weight_quant": {
+            "shape": [rows, cols],
+            "dtype": "bf16",
+            "runs": runs,
+            "copy_gb_per_s": copy_gbs,
+            "quantize_export_gb_per_s": gbs(quant_s),
+            "quantize_export_fraction_of_copy": gbs(quant_s) / copy_gbs,
+            "fake_quant_gb_per_s": gbs(fq_s),
+            "fake_quant_fraction_of_copy": gbs(fq_s) / copy_gbs,
+            "goal_fraction": 0.6,
+        },
+        "linear_fwd_bwd": {
+            "tokens": tokens,
+            "in_features": dim,
+            "out_features": dim,
+            "dtype": "bf16",
+            "runs": lr,
+            "plain_ms": plain_s * 1e3,
+            "w4a4_fake_quant_ms": fq_linear_s * 1e3,
+            "overhead_fraction": fq_linear_s / plain_s - 1.0,
+            "weight_fake_quant_forward_ms": fq_forward_s * 1e3,
+            "goal_overhead": 0.10,
+        }
+    })
+}

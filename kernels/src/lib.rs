@@ -1,0 +1,302 @@
+//! GPU kernels of qatflow, with the reference codec as the CPU path.
+//!
+//! - [`kernel`]: CubeCL kernels for NVFP4 weight fake quantization and export quantization.
+//! - [`Quantizer`]: picks the path by device — the CubeCL kernels on a CUDA device, the
+//!   reference codec (`qatflow_nvfp4::codec`) on the CPU — with bit-identical results.
+
+pub mod kernel;
+
+use cubecl::cuda::{CudaDevice, CudaRuntime};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use half::bf16;
+use qatflow_nvfp4::codec::{self, Element, BLOCK_SIZE};
+use qatflow_nvfp4::Nvfp4Tensor;
+
+/// Errors of the kernel front end.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The input was refused by the NVFP4 rules (shape, non-finite values, amax).
+    #[error(transparent)]
+    Nvfp4(#[from] qatflow_nvfp4::Error),
+    /// The GPU could not run the kernel or return its result.
+    #[error("NVFP4 kernel `{kernel}` on {device} failed for tensor `{name}`: {message}; check the CUDA driver and free device memory")]
+    Device {
+        /// Kernel name.
+        kernel: &'static str,
+        /// Device description.
+        device: String,
+        /// Tensor name.
+        name: String,
+        /// Runtime message.
+        message: String,
+    },
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where quantization runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuantDevice {
+    /// The reference codec on the CPU.
+    Cpu,
+    /// The CubeCL kernels on CUDA device `index`.
+    Cuda(usize),
+}
+
+/// An element type both paths accept: `f32` or `bf16`.
+pub trait KernelElement: Element + CubeElement + Float {
+    /// Rounds an f32 to this type (nearest even).
+    fn from_f32_value(v: f32) -> Self;
+}
+
+impl KernelElement for f32 {
+    fn from_f32_value(v: f32) -> Self {
+        v
+    }
+}
+
+impl KernelElement for bf16 {
+    fn from_f32_value(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// NVFP4 weight quantization on one device.
+#[derive(Clone)]
+pub enum Quantizer {
+    /// The reference codec.
+    Cpu,
+    /// The CubeCL kernels on a CUDA device.
+    Cuda {
+        /// Device index.
+        index: usize,
+        /// The device's compute client.
+        client: ComputeClient<CudaRuntime>,
+    },
+}
+
+impl std::fmt::Debug for Quantizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Quantizer({:?})", self.device())
+    }
+}
+
+/// Units per cube of the block kernels.
+const CUBE_SIZE: u32 = 256;
+
+impl Quantizer {
+    /// A quantizer for `device` (opens the CUDA context on first use of the device).
+    pub fn new(device: QuantDevice) -> Self {
+        match device {
+            QuantDevice::Cpu => Self::Cpu,
+            QuantDevice::Cuda(index) => Self::Cuda {
+                index,
+                client: CudaRuntime::client(&CudaDevice { index }),
+            },
+        }
+    }
+
+    /// The device this quantizer runs on.
+    pub fn device(&self) -> QuantDevice {
+        match self {
+            Self::Cpu => QuantDevice::Cpu,
+            Self::Cuda { index, .. } => QuantDevice::Cuda(*index),
+        }
+    }
+
+    /// `dequantize(quantize(data))` with the calibrated `amax`, as f32 (same contract as
+    /// [`qatflow_nvfp4::codec::fake_quantize`]; the GPU path checks shape and amax, not finiteness).
+    pub fn fake_quantize<T: KernelElement>(
+        &self,
+        name: &str,
+        data: &[T],
+        shape: &[usize],
+        amax: f32,
+    ) -> Result<Vec<T>> {
+        match self {
+            Self::Cpu => Ok(codec::fake_quantize(name, data, shape, amax)?
+                .into_iter()
+                .map(T::from_f32_value)
+                .collect()),
+            Self::Cuda { index, client } => {
+                let (n, scale_2) = prepare(name, data.len(), shape, amax)?;
+                let input = client.create_from_slice(T::as_bytes(data));
+                let output = client.empty(n * size_of::<T>());
+                launch_fake_quantize::<T>(client, input, output.clone(), n, scale_2);
+                let bytes = client
+                    .read_one(output)
+                    .map_err(|e| device_error("fake_quantize_kernel", *index, name, e))?;
+                Ok(T::from_bytes(&bytes).to_vec())
+            }
+        }
+    }
+
+    /// Quantizes a weight for export: packed codes, FP8 block scales and `weight_scale_2`,
+    /// byte-identical to [`qatflow_nvfp4::codec::quantize`].
+    pub fn quantize<T: KernelElement>(
+        &self,
+        name: &str,
+        data: &[T],
+        shape: &[usize],
+        amax: f32,
+    ) -> Result<Nvfp4Tensor> {
+        match self {
+            Self::Cpu => Ok(codec::quantize(name, data, shape, amax)?),
+            Self::Cuda { index, client } => {
+                let (n, scale_2) = prepare(name, data.len(), shape, amax)?;
+                let input = client.create_from_slice(T::as_bytes(data));
+                let packed = client.empty(n / 2);
+                let scales = client.empty(n / BLOCK_SIZE);
+                launch_quantize::<T>(client, input, packed.clone(), scales.clone(), n, scale_2);
+                let err = |e| device_error("quantize_kernel", *index, name, e);
+                let packed = client.read_one(packed).map_err(err)?.to_vec();
+                let scales = client.read_one(scales).map_err(err)?.to_vec();
+                Ok(Nvfp4Tensor::from_parts(
+                    name,
+                    shape.to_vec(),
+                    packed,
+                    scales,
+                    scale_2,
+                )?)
+            }
+        }
+    }
+}
+
+/// Launches [`kernel::fake_quantize_kernel`] on device buffers: `input` and `output` hold `n`
+/// elements of `T` (`n % 16 == 0`); `scale_2` is `weight_scale_2` from the calibrated amax.
+pub fn launch_fake_quantize<T: KernelElement>(
+    client: &ComputeClient<CudaRuntime>,
+    input: Handle,
+    output: Handle,
+    n: usize,
+    scale_2: f32,
+) {
+    let blocks = n / BLOCK_SIZE;
+    // SAFETY: both buffers hold n elements (n / 8 vectors of 8) and the kernel touches only
+    // vectors 2b and 2b + 1 of blocks b < n / 16.
+    unsafe {
+        kernel::fake_quantize_kernel::launch_unchecked::<T, CudaRuntime>(
+            client,
+            cube_count(blocks),
+            CubeDim::new_1d(CUBE_SIZE),
+            ArrayArg::from_raw_parts(input, n / 8),
+            ArrayArg::from_raw_parts(output, n / 8),
+            scale_2,
+            blocks as u32,
+        );
+    }
+}
+
+/// Launches [`kernel::quantize_kernel`] on device buffers: `input` holds `n` elements of `T`,
+/// `packed` `n / 2` bytes and `scales` `n / 16` bytes.
+pub fn launch_quantize<T: KernelElement>(
+    client: &ComputeClient<CudaRuntime>,
+    input: Handle,
+    packed: Handle,
+    scales: Handle,
+    n: usize,
+    scale_2: f32,
+) {
+    let blocks = n / BLOCK_SIZE;
+    // SAFETY: the buffers hold n elements, n / 8 words and n / 16 bytes; block b < n / 16
+    // touches input vectors 2b, 2b + 1, packed words 2b, 2b + 1 and scale byte b.
+    unsafe {
+        kernel::quantize_kernel::launch_unchecked::<T, CudaRuntime>(
+            client,
+            cube_count(blocks),
+            CubeDim::new_1d(CUBE_SIZE),
+            ArrayArg::from_raw_parts(input, n / 8),
+            ArrayArg::from_raw_parts(packed, n / 8),
+            ArrayArg::from_raw_parts(scales, blocks),
+            scale_2,
+            blocks as u32,
+        );
+    }
+}
+
+/// Launches [`kernel::copy_kernel`]: copies `bytes` bytes (a multiple of 16) from `input` to
+/// `output`, the memory-bandwidth reference of the benchmark.
+pub fn launch_copy(
+    client: &ComputeClient<CudaRuntime>,
+    input: Handle,
+    output: Handle,
+    bytes: usize,
+) {
+    let vectors = bytes / 16;
+    // SAFETY: both buffers hold `bytes` bytes, i.e. `vectors` vectors of 4 words.
+    unsafe {
+        kernel::copy_kernel::launch_unchecked::<CudaRuntime>(
+            client,
+            cube_count(vectors),
+            CubeDim::new_1d(CUBE_SIZE),
+            ArrayArg::from_raw_parts(input, vectors),
+            ArrayArg::from_raw_parts(output, vectors),
+            vectors as u32,
+        );
+    }
+}
+
+/// Validates shape and amax like the codec; returns the element count and `weight_scale_2`.
+fn prepare(name: &str, len: usize, shape: &[usize], amax: f32) -> Result<(usize, f32)> {
+    let n = codec::check_shape(name, shape, len)?;
+    Ok((n, codec::weight_scale_2(name, amax)?))
+}
+
+/// Cubes of [`CUBE_SIZE`] units covering `units` units.
+pub fn cube_count(units: usize) -> CubeCount {
+    CubeCount::Static((units as u32).div_ceil(CUBE_SIZE), 1, 1)
+}
+
+fn device_error(
+    kernel: &'static str,
+    index: usize,
+    name: &str,
+    e: impl std::fmt::Display,
+) -> Error {
+    Error::Device {
+        kernel,
+        device: format!("CUDA device {index}"),
+        name: name.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_path_is_the_codec() {
+        let data: Vec<bf16> = (0..64)
+            .map(|i| bf16::from_f32((i as f32 - 31.5) / 9.0))
+            .collect();
+        let amax = codec::amax("w", &data).expect("finite");
+        let q = Quantizer::new(QuantDevice::Cpu);
+        assert_eq!(q.device(), QuantDevice::Cpu);
+        let got = q.quantize("w", &data, &[2, 32], amax).expect("quantizable");
+        assert_eq!(
+            got,
+            codec::quantize("w", &data, &[2, 32], amax).expect("quantizable")
+        );
+        let fq = q
+            .fake_quantize("w", &data, &[2, 32], amax)
+            .expect("quantizable");
+        let want = codec::fake_quantize("w", &data, &[2, 32], amax).expect("quantizable");
+        assert_eq!(fq, want.into_iter().map(bf16::from_f32).collect::<Vec<_>>());
+        let err = q.quantize("w", &data, &[4, 16], 0.0).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Nvfp4(qatflow_nvfp4::Error::InvalidAmax { .. })
+        ));
+    }
+
+    #[test]
+    fn cube_count_covers_all_blocks() {
+        assert!(matches!(cube_count(1), CubeCount::Static(1, 1, 1)));
+        assert!(matches!(cube_count(256), CubeCount::Static(1, 1, 1)));
+        assert!(matches!(cube_count(257), CubeCount::Static(2, 1, 1)));
+    }
+}
