@@ -62,6 +62,13 @@ enum Command {
     #[command(subcommand)]
     Model(cmd::model::ModelCommand),
 
+    /// Chat with a model directory (Hugging Face or NVFP4 export): prints the reply.
+    Chat(cmd::infer::ChatArgs),
+
+    /// Measure what quantization costs a model: NLL/perplexity, or KL divergence.
+    #[command(subcommand)]
+    Eval(cmd::infer::EvalCommand),
+
     /// Show what NVFP4 costs each weight of a safetensors checkpoint (relative error, SQNR).
     QuantCheck(cmd::quant_check::Args),
 
@@ -93,6 +100,8 @@ fn main() -> ExitCode {
         Command::BenchGates(args) => cmd::bench_gates::run(args),
         Command::Model(c) => cmd::model::run(c),
         Command::QuantCheck(args) => cmd::quant_check::run(args),
+        Command::Chat(args) => cmd::infer::chat(args),
+        Command::Eval(c) => cmd::infer::eval(c),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,275 @@
+//! `qatflow chat` and `qatflow eval nll | kld`: run a model directory (Hugging Face, or an
+//! NVFP4 export) on the CPU (`flex`) or a CUDA GPU.
+
+use anyhow::{bail, Context};
+use burn::tensor::backend::Backend;
+use qatflow_core::JsonlReader;
+use qatflow_model::{
+    eval_kld, eval_nll, generate, load_with_tokenizer, GenerateOptions, LoadOptions, Precision,
+    Tokenizer,
+};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Where a model runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Device {
+    /// burn's `flex` CPU backend.
+    Cpu,
+    /// burn's CUDA backend on this GPU index.
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("`{s}`: use cpu, cuda or cuda:N")),
+    }
+}
+
+/// Model loading options shared by chat and eval.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+    /// Parameter precision: f32 or bf16 (default: f32 on cpu, bf16 on cuda).
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    pub precision: Option<String>,
+    /// For NVFP4 exports: weight-only (W4A16) instead of the default W4A4 emulation.
+    #[arg(long)]
+    pub weight_only: bool,
+}
+
+impl ModelArgs {
+    fn options(&self) -> LoadOptions {
+        let precision = match (self.precision.as_deref(), self.device) {
+            (Some("bf16"), _) | (None, Device::Cuda(_)) => Precision::Bf16,
+            _ => Precision::F32,
+        };
+        LoadOptions {
+            precision,
+            emulate_nvfp4_activations: !self.weight_only,
+        }
+    }
+}
+
+/// Arguments of `qatflow chat`.
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json).
+    pub model_dir: PathBuf,
+    /// The user message.
+    pub message: String,
+    /// A system prompt (text, or @FILE to read it from a file).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Pass enable_thinking to templates that have the switch (Qwen3).
+    #[arg(long)]
+    pub enable_thinking: Option<bool>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// The `eval` subcommands.
+#[derive(clap::Subcommand)]
+pub enum EvalCommand {
+    /// Mean negative log-likelihood and perplexity of a model on token sequences.
+    ///
+    /// Prints {"mean_nll", "perplexity", "sequences": [{"tokens", "mean_nll"}, ...]}: each
+    /// sequence's mean NLL over its predicted positions 1..n, in input order.
+    Nll {
+        /// Model directory.
+        model_dir: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// KL divergence of `other`'s next-token distributions from `base`'s (mean, p99) and
+    /// top-1 agreement: what quantization did to a model.
+    Kld {
+        /// The reference model directory.
+        #[arg(long)]
+        base: PathBuf,
+        /// The model compared with it (for example its NVFP4 export).
+        #[arg(long)]
+        other: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+}
+
+/// Evaluation data: conversations or token ids.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct DataArgs {
+    /// Chat JSONL; each conversation is rendered with the model's chat template.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// A JSON array of token-id arrays.
+    #[arg(long)]
+    pub token_ids: Option<PathBuf>,
+}
+
+fn read_sequences(data: &DataArgs, tokenizer: &Tokenizer) -> anyhow::Result<Vec<Vec<u32>>> {
+    if let Some(path) = &data.token_ids {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let seqs: Vec<Vec<u32>> = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: expected a JSON array of token-id arrays",
+                path.display()
+            )
+        })?;
+        return Ok(seqs);
+    }
+    let path = data
+        .data
+        .as_ref()
+        .expect("clap requires --data or --token-ids");
+    let mut seqs = Vec::new();
+    for line in JsonlReader::open(path)? {
+        let line = line?;
+        let text = line
+            .text
+            .map_err(|p| anyhow::anyhow!("{}:{}: {p}", path.display(), line.number))?;
+        let value: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}:{}: invalid JSON", path.display(), line.number))?;
+        let messages = value["messages"].as_array().cloned().ok_or_else(|| {
+            anyhow::anyhow!("{}:{}: no \"messages\" array", path.display(), line.number)
+        })?;
+        let enc = tokenizer
+            .encode_conversation(&messages, None, None)
+            .with_context(|| format!("{}:{}", path.display(), line.number))?;
+        seqs.push(enc.ids);
+    }
+    if seqs.is_empty() {
+        bail!("{}: no conversations", path.display());
+    }
+    Ok(seqs)
+}
+
+fn chat_on<B: Backend>(a: &ChatArgs, device: B::Device) -> anyhow::Result<String> {
+    let (model, tokenizer) = load_with_tokenizer::<B>(&a.model_dir, a.model.options(), &device)?;
+    let mut messages = Vec::new();
+    if let Some(system) = &a.system {
+        let text = match system.strip_prefix('@') {
+            Some(file) => std::fs::read_to_string(file)
+                .with_context(|| format!("--system @{file}: cannot read"))?,
+            None => system.clone(),
+        };
+        messages.push(json!({"role": "system", "content": text}));
+    }
+    messages.push(json!({"role": "user", "content": a.message}));
+    let options = GenerateOptions {
+        max_new_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        enable_thinking: a.enable_thinking,
+        ..Default::default()
+    };
+    Ok(generate(&model, &tokenizer, &messages, &options)?.text)
+}
+
+/// Runs `qatflow chat`.
+pub fn chat(a: ChatArgs) -> anyhow::Result<ExitCode> {
+    let _span = tracing::info_span!("chat", model = %a.model_dir.display()).entered();
+    let reply = match a.model.device {
+        Device::Cpu => chat_on::<burn::backend::Flex>(&a, Default::default())?,
+        Device::Cuda(i) => {
+            chat_on::<burn::backend::Cuda>(&a, burn::backend::cuda::CudaDevice::new(i))?
+        }
+    };
+    println!("{reply}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn nll_on<B: Backend>(
+    dir: &Path,
+    data: &DataArgs,
+    m: &ModelArgs,
+    device: B::Device,
+) -> anyhow::Result<Value> {
+    let (model, tokenizer) = load_with_tokenizer::<B>(dir, m.options(), &device)?;
+    let seqs = read_sequences(data, &tokenizer)?;
+    Ok(serde_json::to_value(eval_nll(&model, seqs)?)?)
+}
+
+fn kld_on<B: Backend>(
+    base: &Path,
+    other: &Path,
+    data: &DataArgs,
+    m: &ModelArgs,
+    device: B::Device,
+) -> anyhow::Result<Value> {
+    let (base_model, tokenizer) = load_with_tokenizer::<B>(base, m.options(), &device)?;
+    let (other_model, _) = load_with_tokenizer::<B>(other, m.options(), &device)?;
+    let seqs = read_sequences(data, &tokenizer)?;
+    Ok(serde_json::to_value(eval_kld(
+        &base_model,
+        &other_model,
+        seqs,
+    )?)?)
+}
+
+/// Runs an `eval` subcommand and prints its JSON.
+pub fn eval(cmd: EvalCommand) -> anyhow::Result<ExitCode> {
+    let out = match &cmd {
+        EvalCommand::Nll {
+            model_dir,
+            data,
+            model,
+        } => match model.device {
+            Device::Cpu => {
+                nll_on::<burn::backend::Flex>(model_dir, data, model, Default::default())?
+            }
+            Device::Cuda(i) => nll_on::<burn::backend::Cuda>(
+                model_dir,
+                data,
+                model,
+                burn::backend::cuda::CudaDevice::new(i),
+            )?,
+        },
+        EvalCommand::Kld {
+            base,
+            other,
+            data,
+            model,
+        } => match model.device {
+            Device::Cpu => {
+                kld_on::<burn::backend::Flex>(base, other, data, model, Default::default())?
+            }
+            Device::Cuda(i) => kld_on::<burn::backend::Cuda>(
+                base,
+                other,
+                data,
+                model,
+                burn::backend::cuda::CudaDevice::new(i),
+            )?,
+        },
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,286 @@
+//! Evaluation: mean negative log-likelihood / perplexity of token sequences, and the KL
+//! divergence between two models' next-token distributions. Log-softmax is computed in
+//! float32 on chunks of positions, so no `[tokens, vocab]` float32 tensor is built for
+//! more than a chunk (about 16M logits) at a time.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+
+use crate::layers::to_dtype;
+use crate::model::CausalLm;
+
+/// Errors of evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// No sequences were given.
+    #[error("no sequences to evaluate")]
+    Empty,
+    /// A sequence is too short to predict anything.
+    #[error("sequence {index} has {len} token(s); at least {min} are needed")]
+    TooShort {
+        /// Index of the sequence in the input.
+        index: usize,
+        /// Its length.
+        len: usize,
+        /// The minimum.
+        min: usize,
+    },
+    /// A token id is outside the model's vocabulary.
+    #[error("sequence {index} holds token {token}, outside the model's vocabulary of {vocab_size}; tokenize with the model's own tokenizer")]
+    TokenOutOfRange {
+        /// Index of the sequence.
+        index: usize,
+        /// The token id.
+        token: u32,
+        /// The vocabulary size.
+        vocab_size: usize,
+    },
+    /// The two models of a KL comparison have different vocabularies.
+    #[error("the models have vocabularies of {base} and {other} tokens; KL divergence needs the same vocabulary")]
+    VocabMismatch {
+        /// Base model's vocabulary.
+        base: usize,
+        /// Other model's vocabulary.
+        other: usize,
+    },
+}
+
+/// Batching of an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvalOptions {
+    /// Sequences per forward pass (padded to the longest of the batch).
+    pub batch_size: usize,
+    /// Largest number of logits (positions × vocabulary) computed at once.
+    pub max_chunk_logits: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            batch_size: 8,
+            max_chunk_logits: 1 << 24,
+        }
+    }
+}
+
+/// Mean NLL of one sequence.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SequenceNll {
+    /// Length of the sequence (the first token is context only).
+    pub tokens: usize,
+    /// Mean NLL (nats) over its predicted positions `1..tokens`.
+    pub mean_nll: f64,
+}
+
+/// Result of [`eval_nll`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NllReport {
+    /// Mean NLL (nats) over all predicted tokens of all sequences.
+    pub mean_nll: f64,
+    /// `exp(mean_nll)`.
+    pub perplexity: f64,
+    /// Number of predicted tokens.
+    pub predicted_tokens: usize,
+    /// Per sequence, in input order.
+    pub sequences: Vec<SequenceNll>,
+}
+
+/// Result of [`eval_kld`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KldReport {
+    /// Mean over positions of KL(base ‖ other) in nats.
+    pub mean_kld: f64,
+    /// 99th percentile (nearest rank) of the per-position KL.
+    pub p99_kld: f64,
+    /// Fraction of positions where both models' most likely next token agree.
+    pub top1_agreement: f64,
+    /// Number of positions compared.
+    pub positions: usize,
+}
+
+fn check(sequences: &[Vec<u32>], vocab_size: usize, min: usize) -> Result<(), EvalError> {
+    if sequences.is_empty() {
+        return Err(EvalError::Empty);
+    }
+    for (index, s) in sequences.iter().enumerate() {
+        if s.len() < min {
+            return Err(EvalError::TooShort {
+                index,
+                len: s.len(),
+                min,
+            });
+        }
+        if let Some(&token) = s.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(EvalError::TokenOutOfRange {
+                index,
+                token,
+                vocab_size,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Hidden states `[rows, hidden]` of a padded batch, flattened over (sequence, position).
+fn batch_hidden<B: Backend>(model: &CausalLm<B>, batch: &[Vec<u32>]) -> (Tensor<B, 2>, usize) {
+    let width = batch.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = vec![0i32; batch.len() * width];
+    for (b, s) in batch.iter().enumerate() {
+        for (p, &t) in s.iter().enumerate() {
+            ids[b * width + p] = t as i32;
+        }
+    }
+    let lengths: Vec<usize> = batch.iter().map(Vec::len).collect();
+    let input =
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch.len(), width]), &model.device());
+    let hidden = model.forward_hidden(input, Some(&lengths), None);
+    let h = hidden.dims()[2];
+    (hidden.reshape([batch.len() * width, h]), width)
+}
+
+/// Float32 log-probabilities `[rows, vocab]` of the given hidden rows.
+fn log_probs<B: Backend>(model: &CausalLm<B>, rows: Tensor<B, 2>) -> Tensor<B, 2> {
+    let logits = to_dtype(model.logits(rows), DType::F32);
+    let max = logits.clone().max_dim(1);
+    let shifted = logits - max;
+    let lse = shifted.clone().exp().sum_dim(1).log();
+    shifted - lse
+}
+
+fn chunk_rows(vocab: usize, options: &EvalOptions) -> usize {
+    (options.max_chunk_logits / vocab.max(1)).max(1)
+}
+
+fn index_tensor<B: Backend>(values: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let data: Vec<i32> = values.iter().map(|&v| v as i32).collect();
+    Tensor::from_data(TensorData::new(data, [values.len()]), device)
+}
+
+fn to_f64<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    to_dtype(t, DType::F32)
+        .into_data()
+        .iter::<f32>()
+        .map(f64::from)
+        .collect()
+}
+
+/// Mean NLL and perplexity of `sequences` (each at least 2 tokens): every position
+/// `1..n` of a sequence is predicted from the ones before it.
+pub fn eval_nll<B: Backend>(
+    model: &CausalLm<B>,
+    sequences: Vec<Vec<u32>>,
+) -> Result<NllReport, EvalError> {
+    eval_nll_with(model, sequences, &EvalOptions::default())
+}
+
+/// [`eval_nll`] with explicit batching.
+pub fn eval_nll_with<B: Backend>(
+    model: &CausalLm<B>,
+    sequences: Vec<Vec<u32>>,
+    options: &EvalOptions,
+) -> Result<NllReport, EvalError> {
+    let vocab = model.config().vocab_size;
+    check(&sequences, vocab, 2)?;
+    let device = model.device();
+    let chunk = chunk_rows(vocab, options);
+    let mut per_seq = Vec::with_capacity(sequences.len());
+    let (mut total, mut count) = (0f64, 0usize);
+    for batch in sequences.chunks(options.batch_size.max(1)) {
+        let (hidden, width) = batch_hidden(model, batch);
+        // (row of the predicting position, target token, sequence in batch)
+        let mut rows = Vec::new();
+        for (b, s) in batch.iter().enumerate() {
+            for p in 0..s.len() - 1 {
+                rows.push((b * width + p, s[p + 1] as usize, b));
+            }
+        }
+        let mut sums = vec![0f64; batch.len()];
+        for part in rows.chunks(chunk) {
+            let idx: Vec<usize> = part.iter().map(|r| r.0).collect();
+            let targets: Vec<usize> = part.iter().map(|r| r.1).collect();
+            let lp = log_probs(model, hidden.clone().select(0, index_tensor(&idx, &device)));
+            let picked = lp.gather(1, index_tensor(&targets, &device).unsqueeze_dim(1));
+            for (r, v) in part.iter().zip(to_f64(picked)) {
+                sums[r.2] -= v;
+            }
+        }
+        for (s, sum) in batch.iter().zip(sums) {
+            let n = s.len() - 1;
+            total += sum;
+            count += n;
+            per_seq.push(SequenceNll {
+                tokens: s.len(),
+                mean_nll: sum / n as f64,
+            });
+        }
+    }
+    let mean_nll = total / count as f64;
+    Ok(NllReport {
+        mean_nll,
+        perplexity: mean_nll.exp(),
+        predicted_tokens: count,
+        sequences: per_seq,
+    })
+}
+
+/// KL(base ‖ other) of the next-token distributions at every position of `sequences`
+/// (each at least 1 token), with top-1 agreement.
+pub fn eval_kld<B: Backend>(
+    base: &CausalLm<B>,
+    other: &CausalLm<B>,
+    sequences: Vec<Vec<u32>>,
+) -> Result<KldReport, EvalError> {
+    eval_kld_with(base, other, sequences, &EvalOptions::default())
+}
+
+/// [`eval_kld`] with explicit batching.
+pub fn eval_kld_with<B: Backend>(
+    base: &CausalLm<B>,
+    other: &CausalLm<B>,
+    sequences: Vec<Vec<u32>>,
+    options: &EvalOptions,
+) -> Result<KldReport, EvalError> {
+    let vocab = base.config().vocab_size;
+    if other.config().vocab_size != vocab {
+        return Err(EvalError::VocabMismatch {
+            base: vocab,
+            other: other.config().vocab_size,
+        });
+    }
+    check(&sequences, vocab, 1)?;
+    let device = base.device();
+    let chunk = chunk_rows(vocab, options);
+    let mut klds = Vec::new();
+    let mut agree = 0usize;
+    for batch in sequences.chunks(options.batch_size.max(1)) {
+        let (hb, width) = batch_hidden(base, batch);
+        let (ho, _) = batch_hidden(other, batch);
+        let rows: Vec<usize> = batch
+            .iter()
+            .enumerate()
+            .flat_map(|(b, s)| (0..s.len()).map(move |p| b * width + p))
+            .collect();
+        for part in rows.chunks(chunk) {
+            let idx = index_tensor::<B>(part, &device);
+            let lb = log_probs(base, hb.clone().select(0, idx.clone()));
+            let lo = log_probs(other, ho.clone().select(0, idx));
+            let top_b = lb.clone().argmax(1);
+            let top_o = lo.clone().argmax(1);
+            let kl = (lb.clone().exp() * (lb - lo)).sum_dim(1);
+            klds.extend(to_f64(kl));
+            let same = top_b.equal(top_o).int().sum();
+            agree += same.into_data().iter::<i64>().next().unwrap_or(0) as usize;
+        }
+    }
+    let n = klds.len();
+    let mean_kld = klds.iter().sum::<f64>() / n as f64;
+    let mut sorted = klds;
+    sorted.sort_unstable_by(f64::total_cmp);
+    let rank = ((0.99 * n as f64).ceil() as usize).clamp(1, n);
+    Ok(KldReport {
+        mean_kld,
+        p99_kld: sorted[rank - 1],
+        top1_agreement: agree as f64 / n as f64,
+        positions: n,
+    })
+}

@@ -1,0 +1,192 @@
+//! [`QLinear`]: the one linear layer type of every projection NVFP4 quantizes (attention
+//! q/k/v/o and MLP gate/up/down; never the LM head). It holds the optional fake
+//! quantizers of `qatflow_nvfp4::fake_quant` (weight amax and input amax, both off by
+//! default) and is the single place where a faster GEMM path plugs in.
+
+use burn::module::{Module, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use qatflow_nvfp4::fake_quant;
+
+/// Errors of configuring a layer's fake quantizers.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantConfigError {
+    /// The layer cannot be NVFP4-quantized (input width not a multiple of 16, or an amax
+    /// without a usable global scale).
+    #[error("layer `{layer}`: {source}")]
+    Nvfp4 {
+        /// The layer's Hugging Face module name.
+        layer: String,
+        /// The codec's error.
+        source: qatflow_nvfp4::Error,
+    },
+}
+
+/// Calibrated global amaxes of a layer's NVFP4 fake quantizers; `None` leaves that side
+/// unquantized (weight-only W4A16 sets only `weight`; an imported NVFP4 export whose
+/// weights are already dequantized sets only `input`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FakeQuant {
+    /// Weight quantizer amax (frozen during QAT; the group's largest under the group rule).
+    pub weight: Option<f32>,
+    /// Input-activation quantizer amax.
+    pub input: Option<f32>,
+}
+
+impl FakeQuant {
+    /// True when neither side is quantized.
+    pub fn is_off(&self) -> bool {
+        self.weight.is_none() && self.input.is_none()
+    }
+}
+
+/// A bias-free linear layer `y = x · Wᵀ` with `W` in Hugging Face layout `[out, in]`.
+#[derive(Module, Debug)]
+pub struct QLinear<B: Backend> {
+    /// The weight `[out_features, in_features]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// Hugging Face module name (e.g. `model.layers.0.self_attn.q_proj`), for messages.
+    pub name: String,
+    /// The fake quantizers (off by default).
+    pub quant: FakeQuant,
+}
+
+impl<B: Backend> QLinear<B> {
+    /// A layer with the given weight and no quantization.
+    pub fn new(name: impl Into<String>, weight: Tensor<B, 2>) -> Self {
+        QLinear {
+            weight: Param::from_tensor(weight),
+            name: name.into(),
+            quant: FakeQuant::default(),
+        }
+    }
+
+    /// `[out_features, in_features]`.
+    pub fn dims(&self) -> [usize; 2] {
+        self.weight.dims()
+    }
+
+    /// Turns the fake quantizers on (or off with `FakeQuant::default()`), checking that the
+    /// layer's shape and the amaxes are quantizable so that [`QLinear::forward`] cannot fail.
+    pub fn set_fake_quant(&mut self, quant: FakeQuant) -> Result<(), QuantConfigError> {
+        let err = |source| QuantConfigError::Nvfp4 {
+            layer: self.name.clone(),
+            source,
+        };
+        let [out, inp] = self.dims();
+        for (side, amax) in [("weight", quant.weight), ("input", quant.input)] {
+            if let Some(amax) = amax {
+                qatflow_nvfp4::codec::check_shape(
+                    &format!("{}.{side}_quantizer", self.name),
+                    &[out, inp],
+                    out * inp,
+                )
+                .map_err(err)?;
+                qatflow_nvfp4::codec::global_scale(&self.name, amax).map_err(err)?;
+            }
+        }
+        self.quant = quant;
+        Ok(())
+    }
+
+    /// Applies the layer to `[.., in_features]`, fake-quantizing the input and/or weight
+    /// (straight-through gradients) when configured.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let mut w = self.weight.val();
+        let mut x = x;
+        if let Some(amax) = self.quant.weight {
+            w = fake_quant::fake_quantize(&self.name, w, amax)
+                .expect("weight shape and amax were checked by set_fake_quant");
+        }
+        if let Some(amax) = self.quant.input {
+            x = fake_quant::fake_quantize(&self.name, x, amax)
+                .expect("input width and amax were checked by set_fake_quant");
+        }
+        matmul_wt(x, w)
+    }
+}
+
+/// `x · wᵀ` for `x` `[.., in]` and `w` `[out, in]`: the GEMM every [`QLinear`] runs.
+///
+/// The leading dimensions are flattened into one 2-D GEMM against the transposed view of
+/// `w` (a broadcast batched matmul makes CPU backends copy the whole weight every call).
+pub fn matmul_wt<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
+    let mut dims = x.dims();
+    let inp = dims[D - 1];
+    let rows = dims[..D - 1].iter().product();
+    dims[D - 1] = w.dims()[0];
+    x.reshape([rows, inp]).matmul(w.transpose()).reshape(dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::TensorData;
+
+    type B = Flex;
+
+    fn layer(out: usize, inp: usize) -> QLinear<B> {
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 7) % 13) as f32 - 6.0)
+            .collect();
+        QLinear::new(
+            "l",
+            Tensor::from_data(TensorData::new(w, [out, inp]), &Default::default()),
+        )
+    }
+
+    #[test]
+    fn forward_is_x_times_w_transposed() {
+        let l = layer(2, 3);
+        let x = Tensor::<B, 2>::from_data(
+            TensorData::new(vec![1.0f32, 0.0, 0.0, 0.0, 0.0, 1.0], [2, 3]),
+            &Default::default(),
+        );
+        let y = l.forward(x).into_data().to_vec::<f32>().unwrap();
+        let w = l.weight.val().into_data().to_vec::<f32>().unwrap();
+        assert_eq!(y, vec![w[0], w[3], w[2], w[5]]);
+    }
+
+    #[test]
+    fn fake_quant_matches_nvfp4_linear() {
+        let mut l = layer(4, 32);
+        let x_data: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x = Tensor::<B, 2>::from_data(TensorData::new(x_data, [2, 32]), &Default::default());
+        let amax = fake_quant::LinearAmax {
+            weight: 6.0,
+            input: 0.9,
+        };
+        l.set_fake_quant(FakeQuant {
+            weight: Some(amax.weight),
+            input: Some(amax.input),
+        })
+        .unwrap();
+        let want = fake_quant::linear("l", x.clone(), l.weight.val(), None, amax).unwrap();
+        let got = l.forward(x).into_data().to_vec::<f32>().unwrap();
+        // Same quantized operands; the GEMMs may sum in another order.
+        for (g, w) in got.iter().zip(want.into_data().to_vec::<f32>().unwrap()) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn unquantizable_layers_are_refused() {
+        let mut l = layer(4, 24);
+        let err = l
+            .set_fake_quant(FakeQuant {
+                weight: Some(1.0),
+                input: None,
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("multiple of 16"), "{err}");
+        let mut l = layer(4, 32);
+        assert!(l
+            .set_fake_quant(FakeQuant {
+                weight: None,
+                input: Some(0.0),
+            })
+            .is_err());
+        assert!(l.quant.is_off());
+    }
+}

@@ -1,0 +1,180 @@
+//! [`CausalLm`]: the architectures behind one type, loaded from a Hugging Face directory
+//! (BF16/F32 safetensors or a ModelOpt NVFP4 export) in a precision chosen at load time.
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor};
+
+use crate::config::{Architecture, ModelConfig};
+use crate::layers::KvCache;
+use crate::linear::{matmul_wt, QLinear};
+use crate::llama::Llama;
+use crate::qwen3::Qwen3;
+use crate::tokenizer::{ModelFamily, Tokenizer};
+use crate::weights::{Checkpoint, LoadError, Precision, Weights};
+
+/// How to load a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Parameter (and activation) precision.
+    pub precision: Precision,
+    /// For NVFP4 exports: also fake-quantize each linear's input with its exported
+    /// `input_scale` (W4A4, what Blackwell serves); `false` gives weight-only W4A16.
+    pub emulate_nvfp4_activations: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            precision: Precision::F32,
+            emulate_nvfp4_activations: true,
+        }
+    }
+}
+
+/// A decoder-only causal language model of any supported architecture.
+#[derive(Module, Debug)]
+pub enum CausalLm<B: Backend> {
+    /// Llama / SmolLM2.
+    Llama(Llama<B>),
+    /// Dense Qwen3.
+    Qwen3(Qwen3<B>),
+}
+
+impl<B: Backend> CausalLm<B> {
+    /// Loads `dir/config.json` and the directory's safetensors.
+    pub fn load(dir: &Path, options: LoadOptions, device: &B::Device) -> Result<Self, LoadError> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::from_checkpoint(&config, &ckpt, options, device)
+    }
+
+    /// Builds a model of `config` from an opened checkpoint, after checking every tensor.
+    pub fn from_checkpoint(
+        config: &ModelConfig,
+        ckpt: &Checkpoint,
+        options: LoadOptions,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        ckpt.check(config)?;
+        let w = Weights::new(
+            ckpt,
+            options.precision,
+            options.emulate_nvfp4_activations,
+            device,
+        );
+        Ok(match config.architecture {
+            Architecture::Llama => CausalLm::Llama(Llama::load(config, &w)?),
+            Architecture::Qwen3 => CausalLm::Qwen3(Qwen3::load(config, &w)?),
+        })
+    }
+
+    /// Hyperparameters.
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            CausalLm::Llama(m) => &m.config,
+            CausalLm::Qwen3(m) => &m.config,
+        }
+    }
+
+    /// The embedding matrix `[vocab, hidden]`.
+    pub fn embed_weight(&self) -> Tensor<B, 2> {
+        match self {
+            CausalLm::Llama(m) => m.embed_tokens.val(),
+            CausalLm::Qwen3(m) => m.embed_tokens.val(),
+        }
+    }
+
+    /// The LM head `[vocab, hidden]` (the embedding when tied).
+    pub fn lm_head_weight(&self) -> Tensor<B, 2> {
+        let head = match self {
+            CausalLm::Llama(m) => m.lm_head.as_ref(),
+            CausalLm::Qwen3(m) => m.lm_head.as_ref(),
+        };
+        head.map_or_else(|| self.embed_weight(), |p| p.val())
+    }
+
+    /// Parameter dtype.
+    pub fn dtype(&self) -> DType {
+        self.embed_weight().dtype()
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> B::Device {
+        self.embed_weight().device()
+    }
+
+    /// An empty key/value cache for [`CausalLm::forward_hidden`].
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.config().num_layers)
+    }
+
+    /// Final hidden states `[batch, len, hidden]` of `ids` `[batch, len]`: the training
+    /// forward with `lengths` (per-sequence unpadded lengths, right padding, causal mask)
+    /// and no cache, or the inference forward with a `cache` (positions continue after
+    /// the cached ones).
+    pub fn forward_hidden(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        lengths: Option<&[usize]>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        match self {
+            CausalLm::Llama(m) => m.forward_hidden(ids, lengths, cache),
+            CausalLm::Qwen3(m) => m.forward_hidden(ids, lengths, cache),
+        }
+    }
+
+    /// Logits of hidden states `[.., hidden]` → `[.., vocab]`, in the parameter dtype.
+    pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        matmul_wt(hidden, self.lm_head_weight())
+    }
+
+    /// Logits `[batch, len, vocab]` of a padded batch (avoid for big vocabularies and long
+    /// inputs: evaluation and training compute logits in chunks from
+    /// [`CausalLm::forward_hidden`]).
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, lengths: Option<&[usize]>) -> Tensor<B, 3> {
+        self.logits(self.forward_hidden(ids, lengths, None))
+    }
+
+    /// Every NVFP4-quantizable linear (q, k, v, o, gate, up, down of each layer).
+    pub fn linears_mut(&mut self) -> Vec<&mut QLinear<B>> {
+        let mut out = Vec::new();
+        macro_rules! collect {
+            ($layers:expr) => {
+                for l in $layers.iter_mut() {
+                    let a = &mut l.self_attn;
+                    out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+                    let m = &mut l.mlp;
+                    out.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+                }
+            };
+        }
+        match self {
+            CausalLm::Llama(m) => collect!(m.layers),
+            CausalLm::Qwen3(m) => collect!(m.layers),
+        }
+        out
+    }
+}
+
+/// Loads the tokenizer and the model of a directory, checking the tokenizer against the
+/// model (vocabulary size, and the special-token ids of a recognized family) first.
+pub fn load_with_tokenizer<B: Backend>(
+    dir: &Path,
+    options: LoadOptions,
+    device: &B::Device,
+) -> Result<(CausalLm<B>, Tokenizer), LoadError> {
+    let config_path = dir.join("config.json");
+    let config = ModelConfig::from_file(&config_path)?;
+    let raw: serde_json::Value = std::fs::read_to_string(&config_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let tokenizer = Tokenizer::from_dir(dir, ModelFamily::detect(&raw))?;
+    let ckpt = Checkpoint::open(dir)?;
+    let model = CausalLm::from_checkpoint(&config, &ckpt, options, device)?;
+    Ok((model, tokenizer))
+}
