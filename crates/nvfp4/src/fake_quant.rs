@@ -165,15 +165,18 @@ impl AmaxCalibrator {
         x: &Tensor<B, D>,
     ) -> Result<()> {
         let x = x.clone().detach();
-        let finite = x
+        // Counted as integers: boolean tensors read back in a backend-specific element type
+        // (CUDA stores them as integers), so `to_vec::<bool>` is not portable.
+        let non_finite: i64 = x
             .clone()
             .is_finite()
-            .all()
-            .into_data()
-            .to_vec::<bool>()
-            .unwrap_or_default();
+            .bool_not()
+            .int()
+            .sum()
+            .into_scalar()
+            .elem();
         let m: f32 = x.clone().abs().max().into_scalar().elem();
-        if finite != [true] || !m.is_finite() {
+        if non_finite != 0 || !m.is_finite() {
             return Err(Error::Tensor {
                 name: name.to_owned(),
                 message: format!(

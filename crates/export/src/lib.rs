@@ -1,0 +1,31 @@
+//! qatflow-export: turns a QAT checkpoint, or (for the PTQ baseline) a plain Hugging Face
+//! model, into a directory that vLLM serves with `--quantization modelopt_fp4`, in exactly
+//! the format NVIDIA ModelOpt 0.47 writes (see DESIGN.md, "The NVFP4 format").
+//!
+//! - [`checkpoint`]: export of a verified checkpoint with its quantizer state;
+//! - [`ptq`]: max calibration of a Hugging Face model on the CPU, then the same export;
+//! - [`writer`]: the streaming pipeline (one source tensor in memory at a time), the
+//!   temporary sibling directory, read-back verification and the final rename;
+//! - [`modelopt`]: which tensors are quantized and the config blocks ModelOpt writes;
+//! - [`source`]: memory-mapped reading of source weights;
+//! - [`report`]: the `export_report.json` it writes;
+//! - [`bench`]: random-init checkpoints for benchmarking.
+//!
+//! The codec itself is `qatflow-nvfp4`'s; nothing here re-implements NVFP4.
+
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod checkpoint;
+pub mod error;
+pub mod modelopt;
+pub mod ptq;
+pub mod report;
+pub mod source;
+pub mod writer;
+
+pub use checkpoint::{export_checkpoint, export_verified, latest_valid_checkpoint};
+pub use error::ExportError;
+pub use ptq::{quantize_hf, read_conversations, read_token_ids};
+pub use report::ExportReport;
+pub use writer::{ExportOptions, LinearAmax, PAUSE_ENV};

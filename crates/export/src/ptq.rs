@@ -1,0 +1,168 @@
+//! Post-training quantization (the PTQ baseline): ModelOpt's "max" calibration of a Hugging
+//! Face model on the CPU (f32), then the same export as for checkpoints. Weight amax is
+//! `max|W|` of each exported weight, input amax the calibrated `max|x|`, both under the
+//! shared-input group rule.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::backend::Flex;
+use qatflow_checkpoint::{sha256_file, FileEntry};
+use qatflow_core::Progress;
+use qatflow_model::{
+    apply_group_rule, calibrate_inputs, weight_amax, CausalLm, LoadOptions, ModelFamily, Precision,
+    Tokenizer,
+};
+use serde_json::Value;
+
+use crate::error::ExportError;
+use crate::report::{ExportReport, SourceDescription};
+use crate::source::{weight_files, SourceTensors};
+use crate::writer::{quantized_modules, write_export, ExportOptions, LinearAmax};
+
+/// Calibrated amaxes of a model directory: loads it in f32 on the CPU, runs
+/// [`calibrate_inputs`] over `calib`, takes `max|W|` per linear, applies the group rule.
+pub fn calibrate_dir(
+    hf_dir: &Path,
+    calib: &[Vec<u32>],
+    progress: &dyn Progress,
+) -> Result<BTreeMap<String, LinearAmax>, ExportError> {
+    let options = LoadOptions {
+        precision: Precision::F32,
+        emulate_nvfp4_activations: false,
+    };
+    let model = CausalLm::<Flex>::load(hf_dir, options, &Default::default())?;
+    let input = apply_group_rule(&calibrate_inputs(&model, calib, progress)?);
+    let weight = apply_group_rule(&weight_amax(&model));
+    drop(model);
+    weight
+        .into_iter()
+        .map(|(m, w)| {
+            let i = *input.get(&m).ok_or_else(|| ExportError::Calibration {
+                path: hf_dir.to_path_buf(),
+                problem: format!("calibration never reached linear `{m}`"),
+            })?;
+            Ok((
+                m,
+                LinearAmax {
+                    weight: w,
+                    input: i,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// PTQ of the Hugging Face directory `hf_dir` into `out` with calibration token sequences.
+pub fn quantize_hf(
+    hf_dir: &Path,
+    calib: &[Vec<u32>],
+    out: &Path,
+    options: &ExportOptions,
+    progress: &dyn Progress,
+) -> Result<ExportReport, ExportError> {
+    let amax = calibrate_dir(hf_dir, calib, progress)?;
+    let tensors = SourceTensors::open_dir(hf_dir)?;
+    let modules = quantized_modules(&tensors);
+    if let Some(m) = modules.iter().find(|m| !amax.contains_key(*m)) {
+        return Err(ExportError::Calibration {
+            path: hf_dir.to_path_buf(),
+            problem: format!("the model has no linear `{m}` although its weights do"),
+        });
+    }
+    let mut files = Vec::new();
+    let mut paths = weight_files(hf_dir)?;
+    paths.push(hf_dir.join("config.json"));
+    for p in paths {
+        let (sha256, size) = sha256_file(&p)?;
+        files.push(FileEntry {
+            name: p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            size,
+            sha256,
+        });
+    }
+    let source = SourceDescription {
+        kind: "hf".into(),
+        dir: hf_dir.to_path_buf(),
+        step: None,
+        config_hash: None,
+        calib_sequences: Some(calib.len()),
+        files,
+    };
+    write_export(
+        hf_dir,
+        &tensors,
+        &amax,
+        &hf_dir.join("config.json"),
+        source,
+        out,
+        options,
+        progress,
+    )
+}
+
+fn calib_err(path: &Path, problem: String) -> ExportError {
+    ExportError::Calibration {
+        path: path.to_path_buf(),
+        problem,
+    }
+}
+
+/// Reads `--calib-token-ids`: a JSON array of token-id arrays; at most `limit` sequences.
+pub fn read_token_ids(path: &Path, limit: usize) -> Result<Vec<Vec<u32>>, ExportError> {
+    let text = std::fs::read(path).map_err(|e| ExportError::io(path, e))?;
+    let mut ids: Vec<Vec<u32>> = serde_json::from_slice(&text).map_err(|e| {
+        calib_err(
+            path,
+            format!("expected a JSON array of arrays of token ids: {e}"),
+        )
+    })?;
+    ids.truncate(limit);
+    if ids.iter().all(Vec::is_empty) {
+        return Err(calib_err(path, "no token ids".into()));
+    }
+    Ok(ids)
+}
+
+/// Reads `--calib`: OpenAI chat JSONL, each conversation rendered with the model's chat
+/// template (with its `tools`, if any) and tokenized; at most `limit` conversations.
+pub fn read_conversations(
+    hf_dir: &Path,
+    path: &Path,
+    limit: usize,
+) -> Result<Vec<Vec<u32>>, ExportError> {
+    let config: Value = std::fs::read(hf_dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let tokenizer = Tokenizer::from_dir(hf_dir, ModelFamily::detect(&config))
+        .map_err(|e| calib_err(hf_dir, format!("cannot load the tokenizer: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| ExportError::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if out.len() >= limit {
+            break;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |problem: String| calib_err(path, format!("line {}: {problem}", i + 1));
+        let v: Value = serde_json::from_str(line).map_err(|e| at(format!("not JSON: {e}")))?;
+        let messages = v
+            .get("messages")
+            .and_then(Value::as_array)
+            .ok_or_else(|| at("no `messages` array".into()))?;
+        let tools = v.get("tools").and_then(Value::as_array).map(Vec::as_slice);
+        let enc = tokenizer
+            .encode_conversation(messages, tools, None)
+            .map_err(|e| at(e.to_string()))?;
+        out.push(enc.ids);
+    }
+    if out.is_empty() {
+        return Err(calib_err(path, "no conversations".into()));
+    }
+    Ok(out)
+}

@@ -1,0 +1,220 @@
+//! Read-only, memory-mapped access to the tensors of a Hugging Face or checkpoint directory
+//! (`model.safetensors` or shards listed in `model.safetensors.index.json`), one tensor at a
+//! time: after a tensor is used its pages are handed back to the kernel, so reading a whole
+//! model keeps only about one tensor resident.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::ExportError;
+
+struct Mapped {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+}
+
+/// Dtype, shape and place of one stored tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceInfo {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    file: usize,
+    start: usize,
+    end: usize,
+}
+
+impl SourceInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Size in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.end - self.start
+    }
+}
+
+/// The memory-mapped safetensors files of one model; see the module docs.
+pub struct SourceTensors {
+    files: Vec<Mapped>,
+    tensors: BTreeMap<String, SourceInfo>,
+}
+
+impl std::fmt::Debug for SourceTensors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceTensors")
+            .field(
+                "files",
+                &self.files.iter().map(|m| &m.path).collect::<Vec<_>>(),
+            )
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+/// The weight files of a model directory: `model.safetensors`, or the shards named by
+/// `model.safetensors.index.json` (sorted, each once).
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ExportError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(ExportError::NoWeights {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let bad = |problem: String| ExportError::BadInput {
+        path: index.clone(),
+        problem,
+    };
+    let text = std::fs::read(&index).map_err(|e| ExportError::io(&index, e))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut shards: Vec<String> = Vec::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map[{name:?}] is not a file name")))?;
+        if !shards.iter().any(|s| s == file) {
+            shards.push(file.to_owned());
+        }
+    }
+    shards.sort();
+    Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+}
+
+impl SourceTensors {
+    /// Maps the weight files of a model directory ([`weight_files`]).
+    pub fn open_dir(dir: &Path) -> Result<Self, ExportError> {
+        Self::open_files(&weight_files(dir)?)
+    }
+
+    /// Maps the given safetensors files; a tensor name in two files is an error.
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self, ExportError> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut tensors = BTreeMap::new();
+        for path in paths {
+            let file = File::open(path).map_err(|e| ExportError::io(path, e))?;
+            // SAFETY: a read-only map; the exporter runs on committed checkpoints, which no
+            // writer modifies (they are written once into a temporary directory and renamed).
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ExportError::io(path, e))?;
+            let (header_len, meta) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| ExportError::BadInput {
+                    path: path.clone(),
+                    problem: format!(
+                        "not a complete safetensors file ({e}); it may be truncated: use another checkpoint"
+                    ),
+                })?;
+            let data_start = 8 + header_len;
+            let index = files.len();
+            for (name, info) in meta.tensors() {
+                let (start, end) = info.data_offsets;
+                let entry = SourceInfo {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    file: index,
+                    start: data_start + start,
+                    end: data_start + end,
+                };
+                if tensors.insert(name.clone(), entry).is_some() {
+                    return Err(ExportError::BadInput {
+                        path: path.clone(),
+                        problem: format!("tensor `{name}` is also in another weight file"),
+                    });
+                }
+            }
+            files.push(Mapped {
+                path: path.clone(),
+                mmap,
+                data_start,
+            });
+        }
+        Ok(Self { files, tensors })
+    }
+
+    /// Every tensor, by name.
+    pub fn tensors(&self) -> &BTreeMap<String, SourceInfo> {
+        &self.tensors
+    }
+
+    /// One tensor's info.
+    pub fn info(&self, name: &str) -> Option<&SourceInfo> {
+        self.tensors.get(name)
+    }
+
+    /// The file a tensor is stored in.
+    pub fn path_of(&self, info: &SourceInfo) -> &Path {
+        &self.files[info.file].path
+    }
+
+    /// The raw little-endian bytes of a tensor.
+    pub fn bytes(&self, info: &SourceInfo) -> &[u8] {
+        let m = &self.files[info.file];
+        debug_assert!(info.start >= m.data_start);
+        &m.mmap[info.start..info.end]
+    }
+
+    /// Elements `range` of a float tensor (F32, BF16 or F16) as f32.
+    pub fn read_f32(
+        &self,
+        name: &str,
+        info: &SourceInfo,
+        range: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>, ExportError> {
+        let bytes = self.bytes(info);
+        let width = info.dtype.bitsize() / 8;
+        let part = &bytes[range.start * width..range.end * width];
+        Ok(match info.dtype {
+            Dtype::F32 => part
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => part
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => part
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(ExportError::BadInput {
+                    path: self.path_of(info).to_path_buf(),
+                    problem: format!(
+                        "tensor `{name}` is {other:?}; the exporter reads F32, BF16 or F16 weights"
+                    ),
+                })
+            }
+        })
+    }
+
+    /// Hands a tensor's pages back to the kernel once it has been used, so that a pass over
+    /// the whole model does not keep the model resident.
+    pub fn release(&self, info: &SourceInfo) {
+        let m = &self.files[info.file];
+        let page = 4096;
+        let start = info.start / page * page;
+        let len = info.end - start;
+        // SAFETY: the map is a read-only shared file mapping, for which MADV_DONTNEED only
+        // drops cached pages (they are read again from the file on the next access); no
+        // slice into it outlives this call's callers' use of the tensor.
+        let _ = unsafe {
+            m.mmap
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, start, len)
+        };
+    }
+}

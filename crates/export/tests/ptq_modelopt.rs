@@ -1,0 +1,91 @@
+//! `quantize` (PTQ) of the tiny Qwen3 with ModelOpt's calibration ids against ModelOpt
+//! 0.47's own export of it: packed weights and scales byte-identical, input scales within
+//! 2 %, same names/dtypes/shapes, configs equal apart from the producer version.
+
+mod common;
+
+use common::*;
+use qatflow_core::NoProgress;
+use qatflow_export::{quantize_hf, ExportOptions};
+use serde_json::Value;
+
+fn without_version(mut v: Value) -> Value {
+    if let Some(p) = v.pointer_mut("/producer/version") {
+        *p = Value::Null;
+    }
+    if let Some(p) = v.pointer_mut("/quantization_config/producer/version") {
+        *p = Value::Null;
+    }
+    v
+}
+
+fn json(path: &std::path::Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn ptq_of_qwen3_tiny_matches_modelopt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tiny_hf_dir(tmp.path());
+    let out = tmp.path().join("nvfp4");
+    let report = quantize_hf(
+        &hf,
+        &calib_ids(),
+        &out,
+        &ExportOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert_eq!(report.totals.quantized_linears, 14);
+
+    let ours = tensors(&out.join("model.safetensors"));
+    let want = tensors(&fixture("qwen3_tiny_nvfp4.safetensors"));
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "tensor names"
+    );
+    let mut worst_input = 0f64;
+    for (name, (dtype, shape, bytes)) in &want {
+        let (d, s, b) = &ours[name];
+        assert_eq!((d, s), (dtype, shape), "{name}: dtype/shape");
+        if name.ends_with(".input_scale") {
+            let a = f32::from_le_bytes(b[..4].try_into().unwrap()) as f64;
+            let w = f32::from_le_bytes(bytes[..4].try_into().unwrap()) as f64;
+            let rel = (a - w).abs() / w;
+            worst_input = worst_input.max(rel);
+            assert!(rel <= 0.02, "{name}: input_scale {a} vs ModelOpt's {w}");
+        } else {
+            // Packed weights, weight_scale, weight_scale_2 and the BF16 tensors.
+            assert!(b == bytes, "{name}: bytes differ from ModelOpt's export");
+        }
+    }
+    println!("largest input_scale deviation from ModelOpt: {worst_input:.4}");
+
+    let m = meta();
+    assert_eq!(
+        without_version(json(&out.join("config.json"))),
+        without_version(m["export/config.json"].clone())
+    );
+    assert_eq!(
+        without_version(json(&out.join("hf_quant_config.json"))),
+        without_version(m["export/hf_quant_config.json"].clone())
+    );
+    assert_eq!(
+        json(&out.join("generation_config.json")),
+        m["export/generation_config.json"]
+    );
+    // The tensor layout (header order) is the one ModelOpt's file has.
+    let order = |p: &std::path::Path| {
+        let bytes = std::fs::read(p).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        meta.offset_keys()
+    };
+    assert_eq!(
+        order(&out.join("model.safetensors")),
+        order(&fixture("qwen3_tiny_nvfp4.safetensors"))
+    );
+    let r = json(&out.join("export_report.json"));
+    assert_eq!(r["source"]["kind"], "hf");
+    assert_eq!(r["tensors"].as_array().unwrap().len(), 25);
+}

@@ -1,0 +1,188 @@
+//! Parameters by Hugging Face name: reading every parameter of a [`CausalLm`] under the
+//! name its checkpoint tensor has (`model.layers.0.self_attn.q_proj.weight`, ...) and
+//! replacing parameter values by name. Trainers and checkpoint writers use these; burn's
+//! own module paths (`Llama.layers.0...`) never leave this module.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+use crate::model::CausalLm;
+
+/// The Hugging Face tensor name of a burn module path (`["Llama", "layers", "0",
+/// "self_attn", "q_proj", "weight"]` → `model.layers.0.self_attn.q_proj.weight`).
+pub fn hf_name(path: &[String]) -> String {
+    let rest: Vec<&str> = path
+        .iter()
+        .map(String::as_str)
+        .skip_while(|p| matches!(*p, "Llama" | "Qwen3"))
+        .collect();
+    let joined = rest.join(".");
+    if rest.first() == Some(&"lm_head") {
+        "lm_head.weight".to_string()
+    } else if rest.first() == Some(&"embed_tokens") {
+        "model.embed_tokens.weight".to_string()
+    } else {
+        format!("model.{joined}")
+    }
+}
+
+/// One parameter, flattened: its Hugging Face name, burn id, shape and values.
+#[derive(Debug, Clone)]
+pub struct NamedParam<B: Backend> {
+    /// Hugging Face tensor name.
+    pub name: String,
+    /// burn's parameter id (stable for the life of the module).
+    pub id: ParamId,
+    /// The parameter's shape.
+    pub shape: Vec<usize>,
+    /// The values, flattened to one dimension.
+    pub flat: Tensor<B, 1>,
+}
+
+struct Collect<B: Backend> {
+    path: Vec<String>,
+    out: Vec<NamedParam<B>>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Collect<B> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let tensor = param.val();
+        let shape = tensor.dims().to_vec();
+        let n: usize = shape.iter().product();
+        self.out.push(NamedParam {
+            name: hf_name(&self.path),
+            id: param.id,
+            shape,
+            flat: tensor.reshape([n]),
+        });
+    }
+}
+
+/// Every float parameter of `model` in module order (deterministic), by Hugging Face name.
+pub fn named_params<B: Backend>(model: &CausalLm<B>) -> Vec<NamedParam<B>> {
+    let mut v = Collect {
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+struct Replace<'a, B: Backend, F: FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>> {
+    path: Vec<String>,
+    f: &'a mut F,
+    _backend: std::marker::PhantomData<B>,
+}
+
+impl<B: Backend, F: FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>> ModuleMapper<B>
+    for Replace<'_, B, F>
+{
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let tracked = tensor.is_require_grad();
+        let dims = tensor.dims();
+        let n: usize = dims.iter().product();
+        // The mapper is entered for the parameter's own field name too (e.g. `weight`).
+        let name = hf_name(&self.path);
+        let mapped = (self.f)(&name, tensor.reshape([n]));
+        assert_eq!(
+            mapped.dims()[0],
+            n,
+            "replacement for `{name}` has the wrong number of elements"
+        );
+        // A reshape of a tracked tensor is an interior node of the autodiff graph; the
+        // parameter must be a leaf again to receive gradients.
+        let value = mapped.reshape(dims).detach().set_require_grad(tracked);
+        Param::from_mapped_value(id, value, mapper)
+    }
+}
+
+/// Replaces every float parameter by `f(hf_name, flat_values)` (same element count; the
+/// result is reshaped back). Parameter ids are kept, and a parameter that required
+/// gradients is a fresh autodiff leaf that still requires them.
+pub fn map_params<B: Backend, F>(model: CausalLm<B>, mut f: F) -> CausalLm<B>
+where
+    F: FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>,
+{
+    let mut mapper = Replace {
+        path: Vec::new(),
+        f: &mut f,
+        _backend: std::marker::PhantomData,
+    };
+    model.map(&mut mapper)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::{random_init, tiny_config};
+    use crate::weights::expected_tensors;
+    use crate::Architecture;
+    use burn::backend::Flex;
+
+    #[test]
+    fn names_are_the_checkpoint_names_for_both_architectures() {
+        for arch in [Architecture::Llama, Architecture::Qwen3] {
+            for tied in [true, false] {
+                let mut config = tiny_config(arch, 64);
+                config.tie_word_embeddings = tied;
+                let model = random_init::<Flex>(&config, 7, &Default::default());
+                let mut got: Vec<(String, Vec<usize>)> = named_params(&model)
+                    .into_iter()
+                    .map(|p| (p.name, p.shape))
+                    .collect();
+                let mut want: Vec<(String, Vec<usize>)> = expected_tensors(&config)
+                    .into_iter()
+                    .map(|(n, s, linear)| {
+                        if linear {
+                            (format!("{n}.weight"), s)
+                        } else {
+                            (n, s)
+                        }
+                    })
+                    .collect();
+                got.sort();
+                want.sort();
+                assert_eq!(got, want, "{arch:?} tied={tied}");
+            }
+        }
+    }
+
+    #[test]
+    fn map_params_replaces_by_name() {
+        let config = tiny_config(Architecture::Qwen3, 64);
+        let model = random_init::<Flex>(&config, 1, &Default::default());
+        let mut seen = Vec::new();
+        let model = map_params(model, |name, t| {
+            seen.push(name.to_string());
+            t.zeros_like()
+        });
+        let after = named_params(&model);
+        assert_eq!(
+            seen,
+            after.iter().map(|p| p.name.clone()).collect::<Vec<_>>()
+        );
+        for p in after {
+            let sum: f32 = p.flat.abs().sum().into_scalar();
+            assert_eq!(sum, 0.0, "{}", p.name);
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! TeacherActor: runs teacher generation (always resuming from the store's batch ledger),
+//! nudging the shipper after every stored batch and the validator at the end.
+
+use super::blocking;
+use super::shipper::{Kick, ShardShipper};
+use super::validator::{Validate, ValidatorActor};
+use crate::config::TeacherSection;
+use crate::status::{Field, StatusBoard};
+use crate::trace::actor_span;
+use crate::NodeError;
+use actix::prelude::*;
+use qatflow_gates::GateProfile;
+use qatflow_store::Store;
+use qatflow_teacher::{
+    AnthropicConfig, BackendConfig, CancellationToken, ClaudeCliConfig, GenerateOptions,
+    GenerationEvent, OfflineConfig, OpenAiConfig,
+};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::Instrument;
+
+/// Builds the generation options of a `[teacher]` section (resume always on).
+pub fn generate_options(t: &TeacherSection) -> Result<GenerateOptions, NodeError> {
+    let backend = match t.backend.as_str() {
+        "offline" => BackendConfig::Offline(OfflineConfig {
+            seed: t.seed,
+            delay: Duration::from_millis(t.delay_ms),
+        }),
+        "claude-cli" => BackendConfig::ClaudeCli(match &t.model {
+            Some(m) => ClaudeCliConfig::with_model(m),
+            None => ClaudeCliConfig::default(),
+        }),
+        "openai" => {
+            let mut c = OpenAiConfig::default();
+            if let Some(v) = &t.base_url {
+                c.base_url = v.clone();
+            }
+            if let Some(v) = &t.model {
+                c.model = v.clone();
+            }
+            if let Some(v) = &t.api_key_env {
+                c.api_key_env = Some(v.clone());
+            }
+            BackendConfig::OpenAi(c)
+        }
+        "anthropic" => {
+            let mut c = AnthropicConfig::default();
+            if let Some(v) = &t.base_url {
+                c.base_url = v.clone();
+            }
+            if let Some(v) = &t.model {
+                c.model = v.clone();
+            }
+            if let Some(v) = &t.api_key_env {
+                c.api_key_env = v.clone();
+            }
+            BackendConfig::Anthropic(c)
+        }
+        other => {
+            return Err(NodeError::Teacher(format!(
+                "unknown teacher.backend {other:?}; use offline, claude-cli, openai or anthropic"
+            )))
+        }
+    };
+    let profile = GateProfile::resolve(&t.profile)
+        .map_err(|e| NodeError::Teacher(format!("teacher.profile: {e}")))?;
+    let mut opts = GenerateOptions::new(backend, profile);
+    opts.teacher_dir = t.teacher_dir.clone();
+    opts.category = t.category.clone();
+    opts.count = t.count;
+    opts.per_batch = t.per_batch;
+    opts.concurrency = t.concurrency;
+    opts.resume = true;
+    Ok(opts)
+}
+
+/// Generates conversations into the workstation's store.
+pub struct TeacherActor {
+    store: Store,
+    options: GenerateOptions,
+    shipper: Addr<ShardShipper>,
+    validator: Addr<ValidatorActor>,
+    board: StatusBoard,
+    cancel: CancellationToken,
+}
+
+impl TeacherActor {
+    /// A teacher writing into `store`.
+    pub fn new(
+        store: Store,
+        options: GenerateOptions,
+        shipper: Addr<ShardShipper>,
+        validator: Addr<ValidatorActor>,
+        board: StatusBoard,
+        cancel: CancellationToken,
+    ) -> TeacherActor {
+        TeacherActor {
+            store,
+            options,
+            shipper,
+            validator,
+            board,
+            cancel,
+        }
+    }
+}
+
+impl Actor for TeacherActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.notify(Generate);
+    }
+}
+
+impl Supervised for TeacherActor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        self.board.restarted();
+    }
+}
+
+/// Generate whatever the ledger lacks.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Generate;
+
+impl Handler<Generate> for TeacherActor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _msg: Generate, _ctx: &mut Context<Self>) -> Self::Result {
+        let span = actor_span(self.board.name(), "TeacherActor", "Generate");
+        self.board.set(Field::Teacher, "generating");
+        let mut options = self.options.clone();
+        let batches = Arc::new(AtomicU64::new(0));
+        let (shipper, board, seen) = (self.shipper.clone(), self.board.clone(), batches.clone());
+        options.events = Some(Arc::new(move |e: &GenerationEvent| {
+            if let GenerationEvent::BatchStored { .. } = e {
+                let n = seen.fetch_add(1, Ordering::Relaxed) + 1;
+                board.set(Field::Teacher, format!("generating: {n} batches stored"));
+                shipper.do_send(Kick { flush: false });
+            }
+        }));
+        let (store, cancel) = (self.store.clone(), self.cancel.clone());
+        let work = blocking(move || {
+            qatflow_teacher::run_generation(&options, &store, &qatflow_core::NoProgress, &cancel)
+        })
+        .instrument(span);
+        Box::pin(work.into_actor(self).map(|result, act, ctx| {
+            match result {
+                Ok(Ok(report)) => {
+                    let (accepted, rejected) = report
+                        .categories
+                        .values()
+                        .fold((0, 0), |(a, r), c| (a + c.accepted, r + c.rejected));
+                    let state = if report.cancelled {
+                        "cancelled"
+                    } else if report.complete() {
+                        "finished"
+                    } else {
+                        "incomplete"
+                    };
+                    act.board.set(
+                        Field::Teacher,
+                        format!(
+                            "{state}: {accepted} accepted, {rejected} rejected this run, {} failed batches",
+                            report.failed_batches.len()
+                        ),
+                    );
+                    act.validator.do_send(Validate);
+                    act.shipper.do_send(Kick { flush: true });
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(actor = "TeacherActor", "generation failed: {e}");
+                    act.board.set(Field::Teacher, format!("failed: {e}"));
+                    act.shipper.do_send(Kick { flush: true });
+                }
+                Err(panic) => {
+                    tracing::error!(actor = "TeacherActor", "generation {panic}; restarting");
+                    ctx.stop();
+                }
+            }
+        }))
+    }
+}

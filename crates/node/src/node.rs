@@ -1,0 +1,268 @@
+//! Starting a node: stores, actors and the gRPC server of the configured roles, inside an
+//! actix System that runs on a multi-thread tokio runtime.
+
+use crate::actors::exporter::{ExportPlan, ExporterActor};
+use crate::actors::jobs::JobHub;
+use crate::actors::receiver::ShardReceiver;
+use crate::actors::serving::ServingSupervisor;
+use crate::actors::shipper::{ShardShipper, ShipperParts};
+use crate::actors::teacher::{generate_options, TeacherActor};
+use crate::actors::trainer::TrainerActor;
+use crate::actors::validator::ValidatorActor;
+use crate::config::{check_bind, NodeConfig};
+use crate::server::{Services, SparkView, WorkstationView};
+use crate::status::StatusBoard;
+use crate::{client, NodeError};
+use actix::Supervisor;
+use qatflow_shards::{Inbox, InboxLimits, Outbox, SealLimits};
+use qatflow_store::Store;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A started node.
+pub struct RunningNode {
+    /// The address the gRPC server listens on (the configured one, with the real port when
+    /// it was 0).
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningNode {
+    /// Stops generation and the server and waits for the server to finish.
+    pub async fn stop(self) -> Result<(), NodeError> {
+        self.shutdown.cancel();
+        self.server
+            .await
+            .map_err(|e| NodeError::Runtime(format!("server task: {e}")))?
+            .map_err(|e| NodeError::Runtime(format!("server: {e}")))
+    }
+
+    /// Waits until the server stops on its own (it does not, short of an error).
+    pub async fn wait(&mut self) -> Result<(), NodeError> {
+        (&mut self.server)
+            .await
+            .map_err(|e| NodeError::Runtime(format!("server task: {e}")))?
+            .map_err(|e| NodeError::Runtime(format!("server: {e}")))
+    }
+}
+
+/// Starts the roles of `config`. Call it inside an actix System on a multi-thread tokio
+/// runtime (as [`run`] does).
+pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
+    let token = config.token()?;
+    check_bind(config.server.listen, token.as_deref())?;
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| NodeError::Bind {
+            listen: config.server.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| NodeError::Bind {
+        listen: config.server.listen,
+        source,
+    })?;
+    let shutdown = CancellationToken::new();
+    let role = config.role;
+    let mut services = Services {
+        name: config.name.clone(),
+        role: role.as_str().into(),
+        workstation: None,
+        spark: None,
+        peer: None,
+    };
+
+    if role.receives() {
+        let dir = config.data_dir.join("spark");
+        let store = Store::open(dir.join("db"))?;
+        let limits = InboxLimits {
+            max_shard_bytes: config.receiver.max_shard_bytes,
+            ..InboxLimits::default()
+        };
+        let inbox = Inbox::open(&store, &dir.join("inbox"), limits)?;
+        let board = StatusBoard::new(&config.name, "spark");
+        let jobs = JobHub::default();
+        let receiver = {
+            let (inbox, store, board) = (inbox.clone(), store.clone(), board.clone());
+            Supervisor::start(move |_| ShardReceiver::new(inbox, store, board))
+        };
+        let serving = {
+            let (command, jobs, board) =
+                (config.serving.command.clone(), jobs.clone(), board.clone());
+            Supervisor::start(move |_| ServingSupervisor::new(command, jobs, board))
+        };
+        let mut train_run_dir = None;
+        let trainer = match &config.trainer {
+            Some(t) => {
+                let train_config =
+                    qatflow_train::TrainConfig::from_file(&t.config).map_err(|e| {
+                        NodeError::Config {
+                            path: t.config.clone(),
+                            message: format!("trainer.config: {e}"),
+                        }
+                    })?;
+                train_run_dir = Some(train_config.run.output_dir.clone());
+                let follow = qatflow_train::Follow {
+                    min_conversations: t.min_conversations,
+                    poll: Duration::from_millis(t.poll_ms.max(10)),
+                };
+                let (store, jobs, board, auto) =
+                    (store.clone(), jobs.clone(), board.clone(), t.auto_start);
+                Some(Supervisor::start(move |_| {
+                    TrainerActor::new(store, train_config, follow, auto, jobs, board)
+                }))
+            }
+            None => None,
+        };
+        let exporter = match &config.exporter {
+            Some(e) => {
+                let run_dir =
+                    e.run_dir
+                        .clone()
+                        .or(train_run_dir)
+                        .ok_or_else(|| NodeError::Config {
+                            path: config.data_dir.clone(),
+                            message: "exporter.run_dir is required without a [trainer] section"
+                                .into(),
+                        })?;
+                let program = match &e.program {
+                    Some(p) => p.clone(),
+                    None => std::env::current_exe().map_err(|e| {
+                        NodeError::Runtime(format!("cannot find the qatflow executable: {e}"))
+                    })?,
+                };
+                let plan = ExportPlan {
+                    program,
+                    run_dir,
+                    out: e.out.clone(),
+                };
+                let (store, jobs, board) = (store.clone(), jobs.clone(), board.clone());
+                Some(Supervisor::start(move |_| {
+                    ExporterActor::new(plan, store, jobs, board)
+                }))
+            }
+            None => None,
+        };
+        services.spark = Some(SparkView {
+            store,
+            inbox,
+            board,
+            receiver,
+            serving,
+            trainer,
+            exporter,
+            jobs,
+        });
+    }
+
+    if role.generates() {
+        let dir = config.data_dir.join("workstation");
+        let store = Store::open(dir.join("db"))?;
+        let outbox = Outbox::open(&store, &dir.join("outbox"))?;
+        let board = StatusBoard::new(&config.name, "workstation");
+        let peer_url = match role {
+            crate::Role::All => format!("http://{addr}"),
+            _ => config.peer_url(),
+        };
+        let parts = Arc::new(ShipperParts {
+            store: store.clone(),
+            outbox: outbox.clone(),
+            limits: SealLimits {
+                max_conversations: config.shipper.max_conversations,
+                max_bytes: config.shipper.max_bytes,
+            },
+            client: client::shards(&peer_url, token.as_deref())?,
+            poll: Duration::from_millis(config.shipper.poll_ms.max(10)),
+        });
+        let shipper = {
+            let board = board.clone();
+            Supervisor::start(move |_| ShardShipper::new(parts.clone(), board.clone()))
+        };
+        let options = generate_options(&config.teacher)?;
+        let validator = {
+            let (store, profile, board) = (store.clone(), options.profile.clone(), board.clone());
+            Supervisor::start(move |_| {
+                ValidatorActor::new(store.clone(), profile.clone(), board.clone())
+            })
+        };
+        if config.teacher.enabled {
+            let (store, shipper, board, cancel) = (
+                store.clone(),
+                shipper.clone(),
+                board.clone(),
+                shutdown.clone(),
+            );
+            Supervisor::start(move |_| {
+                TeacherActor::new(
+                    store.clone(),
+                    options.clone(),
+                    shipper.clone(),
+                    validator.clone(),
+                    board.clone(),
+                    cancel.clone(),
+                )
+            });
+        } else {
+            board.set(crate::status::Field::Teacher, "disabled");
+        }
+        if role == crate::Role::Workstation {
+            services.peer = Some(client::node(&peer_url, token.as_deref())?);
+        }
+        services.workstation = Some(WorkstationView {
+            store,
+            outbox,
+            board,
+        });
+    }
+
+    let router = services.router(token.as_deref());
+    let stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                stop.cancelled_owned(),
+            )
+            .await
+    });
+    tracing::info!(node = %config.name, role = role.as_str(), %addr, "node serving");
+    Ok(RunningNode {
+        addr,
+        shutdown,
+        server,
+    })
+}
+
+/// Runs a node until Ctrl-C or SIGTERM: an actix System on a multi-thread tokio runtime
+/// (never a single-threaded one: the OTLP exporter and blocking library calls need real
+/// threads).
+pub fn run(config: NodeConfig) -> Result<(), NodeError> {
+    let system = actix::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("qatflow-node")
+            .build()
+            .expect("a tokio runtime starts")
+    });
+    system.block_on(async move {
+        let mut node = start(&config).await?;
+        eprintln!(
+            "qatflow node {} ({}) listening on {}",
+            config.name,
+            config.role.as_str(),
+            node.addr
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| NodeError::Runtime(format!("cannot watch SIGTERM: {e}")))?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            r = node.wait() => return r,
+        }
+        tracing::info!("shutting down");
+        node.stop().await
+    })
+}

