@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::layers::{to_dtype, KvCache};
 use crate::model::CausalLm;
+use crate::rng::SplitMix64;
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// Errors of generation.
@@ -89,18 +90,13 @@ pub struct Reply {
     pub finish_reason: FinishReason,
 }
 
-/// splitmix64: a small, seedable generator (enough for sampling).
+/// Uniform draws in `[0, 1)` for sampling.
 #[derive(Debug, Clone)]
-struct Rng(u64);
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        (self.0.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
@@ -119,7 +115,7 @@ impl Sampler {
         Sampler {
             temperature: options.temperature,
             top_p: options.top_p,
-            rng: Rng(options.seed),
+            rng: Rng(SplitMix64::new(options.seed)),
         }
     }
 

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use crate::config::{Architecture, ModelConfig};
 use crate::model::{CausalLm, LoadOptions};
+use crate::rng::SplitMix64;
 use crate::weights::{expected_tensors, LoadError, Precision};
 
 /// Errors of writing a random model.
@@ -91,25 +92,20 @@ pub fn tiny_config(arch: Architecture, vocab: usize) -> ModelConfig {
 /// A deterministic stream of normal samples (SplitMix64 + Box-Muller): the same seed gives
 /// the same model on every machine.
 struct Normal {
-    state: u64,
+    rng: SplitMix64,
     spare: Option<f64>,
 }
 
 impl Normal {
     fn new(seed: u64) -> Self {
         Normal {
-            state: seed ^ 0x9E37_79B9_7F4A_7C15,
+            rng: SplitMix64::new(seed ^ 0x9E37_79B9_7F4A_7C15),
             spare: None,
         }
     }
 
     fn uniform(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        ((self.rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
     fn sample(&mut self) -> f64 {
@@ -206,6 +202,40 @@ pub fn write_random_model(
         .and_then(|f| f.sync_all())
         .map_err(io(&path))?;
     Ok(config)
+}
+
+/// Files a model directory's tokenizer consists of (those present are copied).
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
+/// Copies the [`TOKENIZER_FILES`] of model directory `src` into `dst`, so a random model can
+/// train on conversations; fails when `src` has no `tokenizer.json`.
+pub fn copy_tokenizer_files(src: &Path, dst: &Path) -> Result<usize, InitError> {
+    if !src.join("tokenizer.json").exists() {
+        return Err(InitError::Io {
+            path: src.join("tokenizer.json"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no tokenizer.json; point at a Hugging Face model directory",
+            ),
+        });
+    }
+    let mut copied = 0;
+    for f in TOKENIZER_FILES {
+        if src.join(f).exists() {
+            std::fs::copy(src.join(f), dst.join(f)).map_err(|source| InitError::Io {
+                path: dst.join(f),
+                source,
+            })?;
+            copied += 1;
+        }
+    }
+    Ok(copied)
 }
 
 /// A randomly initialized model of `config` held in memory (written to a temporary

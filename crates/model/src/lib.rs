@@ -20,6 +20,7 @@ pub mod model;
 pub mod params;
 pub mod pyjson;
 pub mod qwen3;
+pub mod rng;
 pub mod rope;
 pub mod template;
 pub mod tokenizer;

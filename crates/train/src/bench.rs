@@ -11,10 +11,11 @@ use qatflow_model::{CausalLm, LoadOptions, Precision};
 use serde::Serialize;
 
 use crate::config::{OptimPrecision, OptimSection};
-use crate::data::{Example, SplitMix};
+use crate::data::Example;
 use crate::optim::AdamW;
 use crate::run::{optimizer_step, StepOutcome};
 use crate::{CancellationToken, TrainError};
+use qatflow_model::rng::SplitMix64;
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -62,19 +63,6 @@ pub struct BenchReport {
     pub peak_rss_bytes: u64,
 }
 
-fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<u64>().ok())
-            })
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 /// Runs the benchmark on backend `B`.
 pub fn bench_train_on<B: AutodiffBackend>(
     options: &BenchOptions,
@@ -109,7 +97,7 @@ pub fn bench_train_on<B: AutodiffBackend>(
         .iter()
         .map(|p| p.shape.iter().product::<usize>())
         .sum();
-    let mut rng = SplitMix::new(7);
+    let mut rng = SplitMix64::new(7);
     let ids: Vec<u32> = (0..options.seq_len)
         .map(|_| (rng.next_u64() % config.vocab_size as u64) as u32)
         .collect();
@@ -174,7 +162,7 @@ pub fn bench_train_on<B: AutodiffBackend>(
         tokens_per_s: options.seq_len as f64 / median,
         median_forward_backward_s: median_of(&fb),
         median_optimizer_s: median_of(&opt),
-        peak_rss_bytes: peak_rss(),
+        peak_rss_bytes: crate::run::proc_memory_bytes("VmHWM:"),
     })
 }
 

@@ -135,11 +135,13 @@ fn calibrate<B: Backend>(
         .collect())
 }
 
-fn rss_bytes() -> u64 {
+/// A memory figure of this process from `/proc/self/status` (`VmRSS:` resident now,
+/// `VmHWM:` peak), in bytes; 0 where unavailable.
+pub(crate) fn proc_memory_bytes(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+            s.lines().find(|l| l.starts_with(key)).and_then(|l| {
                 l.split_whitespace()
                     .nth(1)
                     .and_then(|v| v.parse::<u64>().ok())
@@ -269,7 +271,8 @@ pub fn optimizer_step<B: AutodiffBackend>(
 /// Seed of stochastic rounding at `step` (any fixed function of the run seed and step, so
 /// a resumed run draws the same numbers).
 fn sr_seed(seed: u64, step: u64) -> u64 {
-    let mut rng = crate::data::SplitMix::new(seed ^ step.wrapping_mul(0xA24B_AED4_963E_E407));
+    let mut rng =
+        qatflow_model::rng::SplitMix64::new(seed ^ step.wrapping_mul(0xA24B_AED4_963E_E407));
     rng.next_u64()
 }
 
@@ -566,7 +569,7 @@ pub fn train_on<B: AutodiffBackend>(
                 lr,
                 grad_norm: stats.grad_norm,
                 tokens_per_s: m.tokens_per_s,
-                rss_bytes: rss_bytes(),
+                rss_bytes: proc_memory_bytes("VmRSS:"),
             });
             let last = st.step >= stop_at;
             if st.step_in_epoch == epoch_steps && !last {

@@ -17,15 +17,7 @@ fn tiny_model(dir: &Path) -> PathBuf {
     let model = dir.join("tiny-llama");
     let json = qatflow_model::init::named_config("tiny-llama").unwrap();
     qatflow_model::init::write_random_model(&json, 11, safetensors::Dtype::F32, &model).unwrap();
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-    ] {
-        if smol.join(f).exists() {
-            std::fs::copy(smol.join(f), model.join(f)).unwrap();
-        }
-    }
+    qatflow_model::init::copy_tokenizer_files(&smol, &model).unwrap();
     model
 }
 

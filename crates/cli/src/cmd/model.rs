@@ -72,26 +72,8 @@ fn init(
     };
     let cfg = qatflow_model::init::write_random_model(&json, seed, dtype, out)?;
     if let Some(src) = tokenizer_from {
-        let mut copied = 0;
-        for f in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "generation_config.json",
-            "special_tokens_map.json",
-            "chat_template.jinja",
-        ] {
-            if src.join(f).exists() {
-                std::fs::copy(src.join(f), out.join(f)).with_context(|| {
-                    format!("copying {} to {}", src.join(f).display(), out.display())
-                })?;
-                copied += 1;
-            }
-        }
-        anyhow::ensure!(
-            copied > 0 && out.join("tokenizer.json").exists(),
-            "{} has no tokenizer.json; point --tokenizer-from at a Hugging Face model directory",
-            src.display()
-        );
+        qatflow_model::init::copy_tokenizer_files(src, out)
+            .context("--tokenizer-from needs a Hugging Face model directory")?;
     }
     println!(
         "wrote {} ({:?}, {} layers, hidden {}, vocab {})",
