@@ -162,10 +162,12 @@ fn checks(gpu: &Quantizer, dir: &Path, device: usize, failures: &mut Failures) -
             }),
             Err(e) => check(failures, false, || format!("{set}: {e}")),
         };
-        let burn_fq = burn_fake_quant::<Gpu>(&x, shape, amax, device);
-        check(failures, bits(&burn_fq) == want, || {
-            format!("{set}: burn cuda fake quant differs from ModelOpt dequant")
-        });
+        for kernel_path in [false, true] {
+            let burn_fq = burn_fake_quant::<Gpu>(&x, shape, amax, device, kernel_path);
+            check(failures, bits(&burn_fq) == want, || {
+                format!("{set}: burn cuda fake quant (kernel path {kernel_path}) differs from ModelOpt dequant")
+            });
+        }
         vector_sets += 1;
     }
     counts.insert("nvfp4_vectors_sets".into(), json!(vector_sets));
@@ -249,18 +251,24 @@ fn checks(gpu: &Quantizer, dir: &Path, device: usize, failures: &mut Failures) -
         check(failures, g.is_some() && g == c, || {
             format!("random f32, amax x{grow}: GPU fake quant differs from CPU")
         });
-        let b = burn_fake_quant::<Gpu>(&w, &[rows, cols], amax, device);
-        check(failures, c.as_ref() == Some(&bits(&b)), || {
-            format!("random f32, amax x{grow}: burn cuda fake quant differs from CPU")
-        });
+        for kernel_path in [false, true] {
+            let b = burn_fake_quant::<Gpu>(&w, &[rows, cols], amax, device, kernel_path);
+            check(failures, c.as_ref() == Some(&bits(&b)), || {
+                format!("random f32, amax x{grow}: burn cuda fake quant (kernel path {kernel_path}) differs from CPU")
+            });
+        }
     }
 
     // STE on CUDA: the gradient of a loss linear in W equals the unquantized one.
-    let ste_ok = ste_gradient_matches(device);
-    check(failures, ste_ok, || {
-        "STE gradient on CUDA differs from the unquantized gradient".into()
-    });
-    counts.insert("ste_gradient_equal".into(), json!(ste_ok));
+    let mut ste_all = true;
+    for kernel_path in [false, true] {
+        let ste_ok = ste_gradient_matches(device, kernel_path);
+        ste_all &= ste_ok;
+        check(failures, ste_ok, || {
+            format!("STE gradient on CUDA (kernel path {kernel_path}) differs from the unquantized gradient")
+        });
+    }
+    counts.insert("ste_gradient_equal".into(), json!(ste_all));
     Value::Object(counts)
 }
 
@@ -287,23 +295,29 @@ fn burn_device(index: usize) -> burn::backend::cuda::CudaDevice {
     burn::backend::cuda::CudaDevice::new(index)
 }
 
-/// burn's fake quantization (the training path) on the CUDA backend, in f32.
+/// Fake quantization of a burn tensor on the CUDA backend under autodiff, in f32: as burn
+/// tensor operations, or (`kernel_path`) through the kernel path the model's layers use.
 fn burn_fake_quant<B: Backend<Device = burn::backend::cuda::CudaDevice>>(
     x: &[f32],
     shape: &[usize],
     amax: f32,
     device: usize,
+    kernel_path: bool,
 ) -> Vec<f32> {
     let t = Tensor::<Autodiff<B>, 2>::from_data(
         TensorData::new(x.to_vec(), [shape[0], shape[1]]),
         &burn_device(device),
     );
-    fake_quant::fake_quantize("x", t, amax)
-        .map(|y| y.into_data().to_vec::<f32>().unwrap_or_default())
+    let y = if kernel_path {
+        qatflow_kernels::fake_quant::fake_quantize("x", t, amax).ok()
+    } else {
+        fake_quant::fake_quantize("x", t, amax).ok()
+    };
+    y.and_then(|y| y.into_data().to_vec::<f32>().ok())
         .unwrap_or_default()
 }
 
-fn ste_gradient_matches(device: usize) -> bool {
+fn ste_gradient_matches(device: usize, kernel_path: bool) -> bool {
     let (batch, inp, out) = (64usize, 256usize, 96usize);
     let w = sample(out * inp, 5);
     let x = sample(batch * inp, 6);
@@ -318,7 +332,9 @@ fn ste_gradient_matches(device: usize) -> bool {
             Tensor::<Autodiff<Gpu>, 2>::from_data(TensorData::new(x.clone(), [batch, inp]), &dev);
         let gt =
             Tensor::<Autodiff<Gpu>, 2>::from_data(TensorData::new(g.clone(), [batch, out]), &dev);
-        let wq = if quantized {
+        let wq = if quantized && kernel_path {
+            qatflow_kernels::fake_quant::fake_quantize("w", wt.clone(), amax).ok()?
+        } else if quantized {
             fake_quant::fake_quantize("w", wt.clone(), amax).ok()?
         } else {
             wt.clone()
@@ -404,13 +420,21 @@ fn benchmarks(device: usize) -> Value {
     type B = Autodiff<GpuBf16>;
     let x0 = Tensor::<B, 2>::from_data(TensorData::new(xs, [tokens, dim]), &dev).cast(DType::BF16);
     let w0 = Tensor::<B, 2>::from_data(TensorData::new(ws, [dim, dim]), &dev).cast(DType::BF16);
-    let step = |quantized: bool| {
+    // 0: plain; 1: fake quantization as burn tensor operations; 2: the CubeCL kernel path
+    // the model's linear layers use (`qatflow_kernels::fake_quant`).
+    let step = |mode: u8| {
         let x = x0.clone().detach().require_grad();
         let w = w0.clone().detach().require_grad();
-        let y = if quantized {
-            fake_quant::linear("bench", x.clone(), w.clone(), None, amaxes).expect("aligned")
-        } else {
-            x.clone().matmul(w.clone().transpose())
+        let y = match mode {
+            0 => x.clone().matmul(w.clone().transpose()),
+            1 => fake_quant::linear("bench", x.clone(), w.clone(), None, amaxes).expect("aligned"),
+            _ => {
+                let xq = qatflow_kernels::fake_quant::fake_quantize("x", x.clone(), amaxes.input)
+                    .expect("aligned");
+                let wq = qatflow_kernels::fake_quant::fake_quantize("w", w.clone(), amaxes.weight)
+                    .expect("aligned");
+                xq.matmul(wq.transpose())
+            }
         };
         let grads = y.sum().backward();
         let gx = x.grad(&grads).expect("input gradient");
@@ -419,8 +443,9 @@ fn benchmarks(device: usize) -> Value {
         let _ = GpuBf16::sync(&dev);
     };
     let (lw, lr) = (3, 10);
-    let plain_s = time(lw, lr, || step(false));
-    let fq_linear_s = time(lw, lr, || step(true));
+    let plain_s = time(lw, lr, || step(0));
+    let fq_linear_s = time(lw, lr, || step(1));
+    let fq_kernel_linear_s = time(lw, lr, || step(2));
     // The fake-quant forward alone on the weight (no autodiff), for attribution.
     let w_plain: Tensor<GpuBf16, 2> = w0.clone().inner();
     let fq_forward_s = time(lw, lr, || {
@@ -451,6 +476,8 @@ fn benchmarks(device: usize) -> Value {
             "plain_ms": plain_s * 1e3,
             "w4a4_fake_quant_ms": fq_linear_s * 1e3,
             "overhead_fraction": fq_linear_s / plain_s - 1.0,
+            "w4a4_fake_quant_kernel_ms": fq_kernel_linear_s * 1e3,
+            "kernel_overhead_fraction": fq_kernel_linear_s / plain_s - 1.0,
             "weight_fake_quant_forward_ms": fq_forward_s * 1e3,
             "goal_overhead": 0.10,
         }

@@ -1,9 +1,12 @@
 //! GPU kernels of qatflow, with the reference codec as the CPU path.
 //!
 //! - [`kernel`]: CubeCL kernels for NVFP4 weight fake quantization and export quantization.
+//! - [`fake_quant`]: fake quantization of burn tensors, the kernel on CUDA and tensor
+//!   operations elsewhere (what the model's linear layers call).
 //! - [`Quantizer`]: picks the path by device — the CubeCL kernels on a CUDA device, the
 //!   reference codec (`qatflow_nvfp4::codec`) on the CPU — with bit-identical results.
 
+pub mod fake_quant;
 pub mod kernel;
 
 use cubecl::cuda::{CudaDevice, CudaRuntime};

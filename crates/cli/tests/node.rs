@@ -559,3 +559,162 @@ fn one_trace_covers_both_nodes() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The spark node's serving state, once it answers.
+fn serving_state(rt: &tokio::runtime::Runtime, port: u16) -> Option<String> {
+    let url = format!("http://127.0.0.1:{port}");
+    rt.block_on(async {
+        let mut c = qatflow_node::client::node(&url, Some(TOKEN)).ok()?;
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.status(StatusRequest {
+                include_peer: false,
+            }),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        Some(r.into_inner().nodes.first()?.serving.clone())
+    })
+}
+
+/// Polls the spark node until its serving state starts with `prefix`.
+fn wait_serving(rt: &tokio::runtime::Runtime, port: u16, prefix: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = serving_state(rt, port);
+        if last.as_deref().is_some_and(|s| s.starts_with(prefix)) {
+            return last.unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("serving never became {prefix:?}; last: {last:?}");
+}
+
+/// The pid in a serving state `running (pid N, …)`.
+fn serving_pid(state: &str) -> u32 {
+    state
+        .strip_prefix("running (pid ")
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {state:?}"))
+}
+
+#[test]
+fn a_serving_process_outlives_kill_nine_and_is_readopted() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let serving = "[serving]\ncommand = [\"sleep\", \"120\"]\n";
+    let mut cluster = Cluster::with_trainer(dir.path(), 1, 0, None, serving);
+    cluster.start_spark();
+    wait_serving(&rt, cluster.spark_port, "stopped");
+    let job = cluster.start_job(&rt, JobKind::Serve);
+    let pid = serving_pid(&wait_serving(&rt, cluster.spark_port, "running"));
+    // Alive and not a zombie (an orphan's reaper may be slow to reap it in a container).
+    let alive = || qatflow_node::actors::serving::process_start_time(pid).is_some();
+
+    Cluster::kill(&mut cluster.spark);
+    assert!(alive(), "the serving process outlives kill -9 of its node");
+    cluster.start_spark();
+    let state = wait_serving(&rt, cluster.spark_port, "running");
+    assert_eq!(serving_pid(&state), pid, "{state}");
+    assert!(state.contains("adopted"), "{state}");
+
+    let adopted_job = state
+        .rsplit("job ")
+        .next()
+        .unwrap()
+        .trim_end_matches(')')
+        .to_string();
+    let url = format!("http://127.0.0.1:{}", cluster.spark_port);
+    let cancelled = rt.block_on(async {
+        qatflow_node::client::jobs(&url, Some(TOKEN))
+            .unwrap()
+            .cancel_job(qatflow_proto::v1::CancelJobRequest {
+                job_id: adopted_job.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .cancelled
+    });
+    assert!(cancelled, "{job} re-adopted as {adopted_job}");
+    wait_serving(&rt, cluster.spark_port, "stopped");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(), "the adopted process is stopped on cancel");
+    Cluster::terminate(&mut cluster.spark);
+}
+
+/// A CA certificate and a leaf certificate + key for `names`, as PEM files in `dir`.
+fn certificates(dir: &Path, names: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let cert = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("leaf.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("leaf.key"), key.serialize_pem()).unwrap();
+    (
+        dir.join("ca.pem"),
+        dir.join("leaf.pem"),
+        dir.join("leaf.key"),
+    )
+}
+
+#[test]
+fn status_talks_mutual_tls_to_a_node_that_requires_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(dir.path(), &["localhost", "127.0.0.1"]);
+    let tls = format!(
+        "[tls]\nserver_cert = {:?}\nserver_key = {:?}\nclient_ca = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string(),
+        ca.display().to_string()
+    );
+    let mut cluster = Cluster::with_trainer(dir.path(), 1, 0, None, &tls);
+    cluster.start_spark();
+    let url = format!("https://127.0.0.1:{}", cluster.spark_port);
+    let status = |with_cert: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_qatflow"));
+        c.args(["status", "--json", "--node", &url, "--tls-ca"])
+            .arg(&ca)
+            .env("QATFLOW_TOKEN", TOKEN);
+        if with_cert {
+            c.arg("--tls-cert").arg(&cert).arg("--tls-key").arg(&key);
+        }
+        c.output().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let out = status(true);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nodes: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(nodes[0]["name"], "spark", "{stdout}");
+
+    let refused = status(false);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--tls-cert"), "{stderr}");
+    Cluster::terminate(&mut cluster.spark);
+}

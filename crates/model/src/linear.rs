@@ -1,12 +1,13 @@
 //! [`QLinear`]: the one linear layer type of every projection NVFP4 quantizes (attention
 //! q/k/v/o and MLP gate/up/down; never the LM head). It holds the optional fake
 //! quantizers of `qatflow_nvfp4::fake_quant` (weight amax and input amax, both off by
-//! default) and is the single place where a faster GEMM path plugs in.
+//! default) and is the single place where a faster GEMM path plugs in. Fake quantization
+//! goes through `qatflow_kernels::fake_quant`: the one-pass CubeCL kernel on CUDA, burn
+//! tensor operations elsewhere, bit-identical values.
 
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
-use qatflow_nvfp4::fake_quant;
 
 /// Errors of configuring a layer's fake quantizers.
 #[derive(Debug, thiserror::Error)]
@@ -96,11 +97,11 @@ impl<B: Backend> QLinear<B> {
         let mut w = self.weight.val();
         let mut x = x;
         if let Some(amax) = self.quant.weight {
-            w = fake_quant::fake_quantize(&self.name, w, amax)
+            w = qatflow_kernels::fake_quant::fake_quantize(&self.name, w, amax)
                 .expect("weight shape and amax were checked by set_fake_quant");
         }
         if let Some(amax) = self.quant.input {
-            x = fake_quant::fake_quantize(&self.name, x, amax)
+            x = qatflow_kernels::fake_quant::fake_quantize(&self.name, x, amax)
                 .expect("input width and amax were checked by set_fake_quant");
         }
         matmul_wt(x, w)
@@ -124,6 +125,7 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
     use burn::tensor::TensorData;
+    use qatflow_nvfp4::fake_quant;
 
     type B = Flex;
 

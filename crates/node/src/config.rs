@@ -56,6 +56,9 @@ pub struct NodeConfig {
     /// The bearer token.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Optional (mutual) TLS of the server and of the client towards the peer.
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// Teacher generation (workstation).
     #[serde(default)]
     pub teacher: TeacherSection,
@@ -140,6 +143,69 @@ pub struct AuthConfig {
     pub token_env: Option<String>,
 }
 
+/// `[tls]`: optional mutual TLS (PEM files). The server side is on when `server_cert` and
+/// `server_key` are set, and requires client certificates when `client_ca` is set too; the
+/// client side (towards `shipper.peer`, which then is `https://`) is on when `server_ca` is
+/// set, and presents `client_cert`/`client_key` when they are set. The bearer token is
+/// still required on top.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain.
+    pub server_cert: Option<PathBuf>,
+    /// The server's private key.
+    pub server_key: Option<PathBuf>,
+    /// CA that client certificates must be signed by; clients without one are refused.
+    pub client_ca: Option<PathBuf>,
+    /// The client's certificate chain, presented to the peer.
+    pub client_cert: Option<PathBuf>,
+    /// The client's private key.
+    pub client_key: Option<PathBuf>,
+    /// CA that the peer's server certificate must be signed by.
+    pub server_ca: Option<PathBuf>,
+    /// Name the peer's certificate must carry (default: the host of the peer URL).
+    pub server_name: Option<String>,
+}
+
+impl TlsConfig {
+    fn check(&self, role: Role) -> Result<(), String> {
+        let pair = |a: &Option<PathBuf>, b: &Option<PathBuf>, what: &str| {
+            if a.is_some() != b.is_some() {
+                Err(format!("{what} must be set together"))
+            } else {
+                Ok(())
+            }
+        };
+        pair(
+            &self.server_cert,
+            &self.server_key,
+            "tls.server_cert and tls.server_key",
+        )?;
+        pair(
+            &self.client_cert,
+            &self.client_key,
+            "tls.client_cert and tls.client_key",
+        )?;
+        if self.client_ca.is_some() && self.server_cert.is_none() {
+            return Err("tls.client_ca needs tls.server_cert and tls.server_key".into());
+        }
+        if self.client_cert.is_some() && self.server_ca.is_none() {
+            return Err(
+                "tls.client_cert needs tls.server_ca (the CA of the peer's certificate)".into(),
+            );
+        }
+        if role == Role::All && self.server_cert.is_some() {
+            if self.server_ca.is_none() {
+                return Err("role all ships to its own TLS server: set tls.server_ca too".into());
+            }
+            if self.client_ca.is_some() && self.client_cert.is_none() {
+                return Err("role all ships to its own server, which requires client certificates: set tls.client_cert and tls.client_key too".into());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `[teacher]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -205,6 +271,9 @@ pub struct ShipperConfig {
     pub max_bytes: usize,
     /// How often the shipper looks for work, in milliseconds.
     pub poll_ms: u64,
+    /// A shipping round that makes no progress (no chunk sent, no answer) for this many
+    /// milliseconds is aborted and the shipper restarts.
+    pub stall_timeout_ms: u64,
 }
 
 impl Default for ShipperConfig {
@@ -214,6 +283,7 @@ impl Default for ShipperConfig {
             max_conversations: 200,
             max_bytes: 8 << 20,
             poll_ms: 500,
+            stall_timeout_ms: 120_000,
         }
     }
 }
@@ -263,6 +333,20 @@ impl NodeConfig {
         if let Some(p) = config.auth.token_file.as_mut() {
             rebase(p);
         }
+        let tls = &mut config.tls;
+        for p in [
+            &mut tls.server_cert,
+            &mut tls.server_key,
+            &mut tls.client_ca,
+            &mut tls.client_cert,
+            &mut tls.client_key,
+            &mut tls.server_ca,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            rebase(p);
+        }
         if let Some(p) = config.teacher.teacher_dir.as_mut() {
             rebase(p);
         }
@@ -286,11 +370,23 @@ impl NodeConfig {
                 "shipper.max_conversations and shipper.max_bytes must be at least 1".into(),
             );
         }
+        if config.shipper.stall_timeout_ms == 0 {
+            return Err("shipper.stall_timeout_ms must be at least 1".into());
+        }
         if config.teacher.per_batch == 0 || config.teacher.concurrency == 0 {
             return Err("teacher.per_batch and teacher.concurrency must be at least 1".into());
         }
         if config.role == Role::Workstation && config.shipper.peer.is_none() {
             return Err("shipper.peer is required for role workstation (the GPU node's URL, e.g. http://127.0.0.1:7441)".into());
+        }
+        config.tls.check(config.role)?;
+        if let Some(peer) = &config.shipper.peer {
+            let https = peer.starts_with("https://");
+            if https != config.tls.server_ca.is_some() {
+                return Err(format!(
+                    "shipper.peer is {peer}: use https:// with tls.server_ca and http:// without it"
+                ));
+            }
         }
         Ok(config)
     }
@@ -327,7 +423,16 @@ impl NodeConfig {
         self.shipper
             .peer
             .clone()
-            .unwrap_or_else(|| format!("http://{}", self.server.listen))
+            .unwrap_or_else(|| format!("{}://{}", self.scheme(), self.server.listen))
+    }
+
+    /// `https` when the server has TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.server_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 }
 
@@ -369,6 +474,22 @@ mod tests {
         let err = NodeConfig::from_toml("name = \"n\"\nrole = \"workstation\"\ndata_dir = \"d\"\n")
             .unwrap_err();
         assert!(err.contains("shipper.peer"), "{err}");
+    }
+
+    #[test]
+    fn tls_fields_are_checked_together() {
+        let with = |tls: &str| NodeConfig::from_toml(&format!("{MINIMAL}[tls]\n{tls}"));
+        let err = with("server_cert = \"c.pem\"\n").unwrap_err();
+        assert!(err.contains("tls.server_key"), "{err}");
+        let err = with("server_cert = \"c\"\nserver_key = \"k\"\n").unwrap_err();
+        assert!(err.contains("tls.server_ca"), "{err}");
+        let c = with("server_cert = \"c\"\nserver_key = \"k\"\nserver_ca = \"ca\"\n").unwrap();
+        assert_eq!(c.peer_url(), "https://127.0.0.1:7440");
+        let err = NodeConfig::from_toml(
+            "name = \"n\"\nrole = \"workstation\"\ndata_dir = \"d\"\n[shipper]\npeer = \"http://h:1\"\n[tls]\nserver_ca = \"ca\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("https://"), "{err}");
     }
 
     #[test]

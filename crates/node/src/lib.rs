@@ -3,10 +3,12 @@
 //! - [`config`]: the node's TOML config and its checks (loopback bind without a token);
 //! - [`auth`]: the bearer-token interceptor of the server and the client's token and
 //!   `traceparent` injection;
+//! - [`tls`]: optional mutual TLS of the server and the client from the `[tls]` section;
 //! - [`trace`]: W3C trace context in gRPC metadata and a span per RPC;
 //! - [`status`]: the status board the actors write and the `Status` RPC reads;
 //! - [`actors`]: Teacher, Validator, ShardShipper (workstation); ShardReceiver,
 //!   ServingSupervisor (spark);
+//! - [`watchdog`]: heartbeats of long actor work and the restart of an actor that stalls;
 //! - [`server`]: the `Node`, `Shards` and `Jobs` services;
 //! - [`client`]: connecting to a node;
 //! - [`bench`]: shard streaming throughput on loopback against a plain file copy;
@@ -26,7 +28,9 @@ pub mod config;
 pub mod node;
 pub mod server;
 pub mod status;
+pub mod tls;
 pub mod trace;
+pub mod watchdog;
 
 pub use config::{NodeConfig, Role};
 pub use node::{run, start, RunningNode};

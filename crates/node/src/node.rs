@@ -55,6 +55,24 @@ impl RunningNode {
 pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
     let token = config.token()?;
     check_bind(config.server.listen, token.as_deref())?;
+    let server_tls = crate::tls::server(&config.tls)?;
+    let client_tls = crate::tls::client(&config.tls)?;
+    let tls_error = |e: tonic::transport::Error| {
+        let cause = std::error::Error::source(&e).map_or(e.to_string(), |c| c.to_string());
+        NodeError::Config {
+            path: config.tls.server_cert.clone().unwrap_or_default(),
+            message: format!(
+                "tls.server_cert/tls.server_key/tls.client_ca: TLS setup failed ({cause}); \
+                 does tls.server_key belong to the certificate?"
+            ),
+        }
+    };
+    // Checked before anything starts, so a bad pair never leaves actors running.
+    if let Some(tls) = &server_tls {
+        tonic::transport::Server::builder()
+            .tls_config(tls.clone())
+            .map_err(tls_error)?;
+    }
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| NodeError::Bind {
@@ -90,9 +108,14 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
             Supervisor::start(move |_| ShardReceiver::new(inbox, store, board))
         };
         let serving = {
-            let (command, jobs, board) =
-                (config.serving.command.clone(), jobs.clone(), board.clone());
-            Supervisor::start(move |_| ServingSupervisor::new(command, jobs, board))
+            let (command, store, log, jobs, board) = (
+                config.serving.command.clone(),
+                store.clone(),
+                dir.join("serving.log"),
+                jobs.clone(),
+                board.clone(),
+            );
+            Supervisor::start(move |_| ServingSupervisor::new(command, store, log, jobs, board))
         };
         let mut train_run_dir = None;
         let trainer = match &config.trainer {
@@ -164,7 +187,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
         let outbox = Outbox::open(&store, &dir.join("outbox"))?;
         let board = StatusBoard::new(&config.name, "workstation");
         let peer_url = match role {
-            crate::Role::All => format!("http://{addr}"),
+            crate::Role::All => format!("{}://{addr}", config.scheme()),
             _ => config.peer_url(),
         };
         let parts = Arc::new(ShipperParts {
@@ -174,8 +197,13 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
                 max_conversations: config.shipper.max_conversations,
                 max_bytes: config.shipper.max_bytes,
             },
-            client: client::shards(&peer_url, token.as_deref())?,
+            client: client::ShardsClient::new(client::secure_channel(
+                &peer_url,
+                token.as_deref(),
+                client_tls.clone(),
+            )?),
             poll: Duration::from_millis(config.shipper.poll_ms.max(10)),
+            stall_timeout: Duration::from_millis(config.shipper.stall_timeout_ms),
         });
         let shipper = {
             let board = board.clone();
@@ -209,7 +237,11 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
             board.set(crate::status::Field::Teacher, "disabled");
         }
         if role == crate::Role::Workstation {
-            services.peer = Some(client::node(&peer_url, token.as_deref())?);
+            services.peer = Some(client::NodeClient::new(client::secure_channel(
+                &peer_url,
+                token.as_deref(),
+                client_tls,
+            )?));
         }
         services.workstation = Some(WorkstationView {
             store,
@@ -218,7 +250,9 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
         });
     }
 
-    let router = services.router(token.as_deref());
+    let router = services
+        .router(token.as_deref(), server_tls)
+        .map_err(tls_error)?;
     let stop = shutdown.clone();
     let server = tokio::spawn(async move {
         router

@@ -26,6 +26,7 @@ use std::pin::Pin;
 use tokio_stream::{Stream, StreamExt};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::Router;
+use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
@@ -163,10 +164,19 @@ impl Services {
         Ok(out)
     }
 
-    /// The router with the three services behind the token check and the size limits.
-    pub fn router(self, token: Option<&str>) -> Router {
+    /// The router with the three services behind the token check and the size limits,
+    /// serving TLS when `tls` is given.
+    pub fn router(
+        self,
+        token: Option<&str>,
+        tls: Option<ServerTlsConfig>,
+    ) -> Result<Router, tonic::transport::Error> {
         let auth = ServerAuth::new(token);
-        tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls)?;
+        }
+        Ok(server
             .add_service(InterceptedService::new(
                 NodeServer::new(self.clone()),
                 auth.clone(),
@@ -175,7 +185,7 @@ impl Services {
                 ShardsServer::new(self.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
                 auth.clone(),
             ))
-            .add_service(InterceptedService::new(JobsServer::new(self), auth))
+            .add_service(InterceptedService::new(JobsServer::new(self), auth)))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Jobs on a spark node in this process: a serve job runs the configured command, streams
 //! its output and state, and stops when cancelled; training and export jobs are refused
-//! with a clear status when the node has no `[trainer]` / `[exporter]` section.
+//! with a clear status when the node has no `[trainer]` / `[exporter]` section. Serving
+//! after a node restart: [`serving`].
 
 use qatflow_node::client;
 use qatflow_node::NodeConfig;
@@ -8,6 +9,9 @@ use qatflow_proto::v1::{
     job_event, CancelJobRequest, JobKind, JobState, StartJobRequest, WatchJobRequest,
 };
 use tokio_stream::StreamExt;
+
+#[path = "jobs/serving.rs"]
+mod serving;
 
 #[test]
 fn a_serve_job_streams_output_and_stops_on_cancel() {

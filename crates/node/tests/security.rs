@@ -1,6 +1,6 @@
 //! A spark node in this process, called with no token, a wrong token, an oversized chunk and
 //! a path-like shard id: each is refused with the right gRPC status and nothing is written.
-//! A well-formed upload with the token is accepted and imported.
+//! A well-formed upload with the token is accepted and imported. Mutual TLS: [`tls`].
 
 use qatflow_node::client;
 use qatflow_node::NodeConfig;
@@ -8,6 +8,10 @@ use qatflow_proto::v1::{CommitShardRequest, QueryShardRequest, ShardChunk};
 use qatflow_shards::{ShardId, ShardLine};
 use std::path::Path;
 use tonic::Code;
+
+mod common;
+#[path = "security/tls.rs"]
+mod tls;
 
 const TOKEN: &str = "test-token-123";
 

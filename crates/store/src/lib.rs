@@ -7,8 +7,8 @@
 //! - `idx_flag`: `flag \0 seq` → content hash, one entry per distinct gate flag;
 //! - `meta`: `schema_version` (u32) and `next_seq` (u64).
 //!
-//! A conversation is inserted in one sled transaction over all trees, keyed by its content
-//! hash, so re-importing the same line is a no-op. [`Store::insert_batch`] flushes before it
+//! Conversations are inserted in sled transactions over all trees ([`BATCH`] at a time),
+//! keyed by their content hash, so re-importing the same line is a no-op. [`Store::insert_batch`] flushes before it
 //! returns: a caller that is told a write succeeded can rely on it (sled is only durable
 //! after `flush`). The schema version is checked at open; a database written by a newer
 //! qatflow is refused.
@@ -181,6 +181,40 @@ fn index_key(name: &str, seq: u64) -> Vec<u8> {
     k
 }
 
+/// Conversations per sled transaction in [`Store::insert_batch`]: one transaction per
+/// conversation made imports of shards the bottleneck of shipping.
+pub const BATCH: usize = 512;
+
+/// A conversation checked and serialized for insertion.
+struct Prepared {
+    id: ConversationId,
+    category: Option<String>,
+    source: Option<String>,
+    flags: Vec<String>,
+    conversation: String,
+}
+
+impl Prepared {
+    fn new(new: NewConversation<'_>) -> Result<Prepared, StoreError> {
+        if let Some(c) = new.category {
+            check_name("category", c)?;
+        }
+        for f in new.flags {
+            check_name("flag", f)?;
+        }
+        let mut flags: Vec<String> = new.flags.to_vec();
+        flags.sort();
+        flags.dedup();
+        Ok(Prepared {
+            id: ConversationId::of(new.conversation),
+            category: new.category.map(str::to_string),
+            source: new.source.map(str::to_string),
+            flags,
+            conversation: new.conversation.to_json(),
+        })
+    }
+}
+
 fn index_prefix(name: &str) -> Vec<u8> {
     let mut k = name.as_bytes().to_vec();
     k.push(0);
@@ -266,20 +300,39 @@ impl Store {
 
     /// Inserts one conversation without flushing; see [`Store::insert_batch`].
     pub fn insert(&self, new: NewConversation<'_>) -> Result<InsertOutcome, StoreError> {
-        if let Some(c) = new.category {
-            check_name("category", c)?;
+        let item = Prepared::new(new)?;
+        Ok(self.insert_prepared(std::slice::from_ref(&item))?[0])
+    }
+
+    /// Inserts conversations in order, up to [`BATCH`] per sled transaction, and flushes
+    /// once at the end: when this returns `Ok`, every insert is durable. Each transaction
+    /// is atomic and an insert of a stored conversation is a no-op, so a batch cut off by
+    /// a crash can simply be inserted again.
+    pub fn insert_batch<'a>(
+        &self,
+        items: impl IntoIterator<Item = NewConversation<'a>>,
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        let mut outcomes = Vec::new();
+        let mut chunk = Vec::with_capacity(BATCH);
+        for item in items {
+            chunk.push(Prepared::new(item)?);
+            if chunk.len() == BATCH {
+                outcomes.extend(self.insert_prepared(&chunk)?);
+                chunk.clear();
+            }
         }
-        for f in new.flags {
-            check_name("flag", f)?;
+        if !chunk.is_empty() {
+            outcomes.extend(self.insert_prepared(&chunk)?);
         }
-        let id = ConversationId::of(new.conversation);
-        let mut flags: Vec<String> = new.flags.to_vec();
-        flags.sort();
-        flags.dedup();
+        self.flush()?;
+        Ok(outcomes)
+    }
+
+    /// Inserts `items` in one transaction over all trees.
+    fn insert_prepared(&self, items: &[Prepared]) -> Result<Vec<InsertOutcome>, StoreError> {
         let imported_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let conversation = new.conversation.to_json();
         let trees = (
             &self.conversations,
             &self.by_seq,
@@ -295,58 +348,56 @@ impl Store {
                 TransactionalTree,
                 TransactionalTree,
             )| {
-                if convs.get(id.0)?.is_some() {
-                    return Ok(InsertOutcome::Duplicate(id));
-                }
-                let seq = meta
+                let first = meta
                     .get(KEY_NEXT_SEQ)?
                     .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
                     .unwrap_or(0);
-                meta.insert(KEY_NEXT_SEQ, &(seq + 1).to_be_bytes())?;
-                let record = Record {
-                    seq,
-                    category: new.category.map(str::to_string),
-                    source: new.source.map(str::to_string),
-                    flags: flags.clone(),
-                    imported_at,
-                    conversation: conversation.clone(),
-                };
-                let bytes = serde_json::to_vec(&record)
-                    .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                convs.insert(&id.0, bytes)?;
-                by_seq.insert(&seq.to_be_bytes(), &id.0)?;
-                if let Some(cat) = new.category {
-                    idx_cat.insert(index_key(cat, seq), &id.0)?;
+                let mut seq = first;
+                let mut outcomes = Vec::with_capacity(items.len());
+                for item in items {
+                    // Reads see this transaction's own writes: a repeat within the batch is
+                    // a duplicate too.
+                    if convs.get(item.id.0)?.is_some() {
+                        outcomes.push(InsertOutcome::Duplicate(item.id));
+                        continue;
+                    }
+                    let record = Record {
+                        seq,
+                        category: item.category.clone(),
+                        source: item.source.clone(),
+                        flags: item.flags.clone(),
+                        imported_at,
+                        conversation: item.conversation.clone(),
+                    };
+                    let bytes = serde_json::to_vec(&record).map_err(|e| {
+                        ConflictableTransactionError::Abort((item.id, e.to_string()))
+                    })?;
+                    convs.insert(&item.id.0, bytes)?;
+                    by_seq.insert(&seq.to_be_bytes(), &item.id.0)?;
+                    if let Some(cat) = &item.category {
+                        idx_cat.insert(index_key(cat, seq), &item.id.0)?;
+                    }
+                    for f in &item.flags {
+                        idx_flag.insert(index_key(f, seq), &item.id.0)?;
+                    }
+                    outcomes.push(InsertOutcome::Inserted(item.id));
+                    seq += 1;
                 }
-                for f in &flags {
-                    idx_flag.insert(index_key(f, seq), &id.0)?;
+                if seq != first {
+                    meta.insert(KEY_NEXT_SEQ, &seq.to_be_bytes())?;
                 }
-                Ok(InsertOutcome::Inserted(id))
+                Ok(outcomes)
             },
         );
         match result {
-            Ok(outcome) => Ok(outcome),
+            Ok(outcomes) => Ok(outcomes),
             Err(TransactionError::Storage(e)) => Err(self.sled_err(e)),
-            Err(TransactionError::Abort(message)) => Err(StoreError::Corrupt {
+            Err(TransactionError::Abort((id, message))) => Err(StoreError::Corrupt {
                 path: self.path.clone(),
                 id: id.to_hex(),
                 message,
             }),
         }
-    }
-
-    /// Inserts conversations in order and flushes once at the end: when this returns `Ok`,
-    /// every insert is durable.
-    pub fn insert_batch<'a>(
-        &self,
-        items: impl IntoIterator<Item = NewConversation<'a>>,
-    ) -> Result<Vec<InsertOutcome>, StoreError> {
-        let outcomes = items
-            .into_iter()
-            .map(|item| self.insert(item))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.flush()?;
-        Ok(outcomes)
     }
 
     /// The stored conversation with this id.
@@ -502,6 +553,52 @@ mod tests {
         assert_eq!(got.conversation().unwrap(), a);
         assert_eq!(got.record.seq, 0);
         assert_eq!(got.record.source.as_deref(), Some("test"));
+    }
+
+    #[test]
+    fn batches_span_transactions_and_repeats_within_one_are_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let n = BATCH + BATCH / 2;
+        let convs: Vec<Conversation> = (0..n).map(|i| conv(&format!("c{i}"))).collect();
+        let flagged = vec!["markdown".to_string()];
+        // Every conversation twice, the repeat right after the first: within one
+        // transaction, and across a transaction boundary at BATCH.
+        let items = convs
+            .iter()
+            .flat_map(|c| [new(c, "x", &flagged), new(c, "x", &flagged)]);
+        let out = store.insert_batch(items).unwrap();
+        assert_eq!(out.len(), 2 * n);
+        for (i, pair) in out.chunks(2).enumerate() {
+            let id = ConversationId::of(&convs[i]);
+            assert_eq!(
+                pair,
+                [InsertOutcome::Inserted(id), InsertOutcome::Duplicate(id)]
+            );
+        }
+        assert_eq!(store.len(), n);
+        // Sequence numbers are dense and in input order across transactions.
+        for (i, c) in convs.iter().enumerate() {
+            let got = store.get(&ConversationId::of(c)).unwrap().unwrap();
+            assert_eq!(got.record.seq, i as u64);
+        }
+        let stats = store.stats().unwrap();
+        assert_eq!(stats.conversations, n as u64);
+        // The whole batch again is a no-op.
+        let again = store
+            .insert_batch(convs.iter().map(|c| new(c, "x", &[])))
+            .unwrap();
+        assert!(again
+            .iter()
+            .all(|o| matches!(o, InsertOutcome::Duplicate(_))));
+        assert_eq!(store.len(), n);
+        let d = conv("after");
+        store.insert(new(&d, "x", &[])).unwrap();
+        let got = store.get(&ConversationId::of(&d)).unwrap().unwrap();
+        assert_eq!(
+            got.record.seq, n as u64,
+            "next_seq continues after the batches"
+        );
     }
 
     #[test]

@@ -218,10 +218,13 @@ pub fn optimizer_step<B: AutodiffBackend>(
             acc.insert(name, merged);
         }
     }
-    let mut sq = 0.0f64;
-    for g in acc.values() {
-        sq += f64::from(g.clone().powi_scalar(2).sum().into_scalar().elem::<f32>());
-    }
+    // One read-back for the whole norm: a read per parameter would stall the GPU queue
+    // hundreds of times a step.
+    let sq = acc
+        .values()
+        .map(|g| g.clone().powi_scalar(2).sum())
+        .reduce(|a, b| a + b)
+        .map_or(0.0, |t| f64::from(t.into_scalar().elem::<f32>()));
     let grad_norm = sq.sqrt();
     let forward_backward_s = started.elapsed().as_secs_f64();
     let update_started = Instant::now();

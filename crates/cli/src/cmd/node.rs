@@ -32,6 +32,15 @@ pub struct StatusArgs {
     /// File holding the bearer token (used when the variable is unset).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// CA of the nodes' server certificates (PEM): talk TLS to `https://` nodes.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for nodes that require one; needs --tls-ca and --tls-key.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Print the status as JSON.
     #[arg(long)]
     pub json: bool,
@@ -65,14 +74,26 @@ fn token(a: &StatusArgs) -> anyhow::Result<Option<String>> {
 /// Runs `qatflow status`; exit 1 when a node does not answer.
 pub fn run_status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let token = token(&a)?;
+    // Checked like a node config's [tls] section: errors name the file and the field.
+    let tls = qatflow_node::tls::client(&qatflow_node::config::TlsConfig {
+        server_ca: a.tls_ca.clone(),
+        client_cert: a.tls_cert.clone(),
+        client_key: a.tls_key.clone(),
+        ..Default::default()
+    })
+    .context("--tls-ca/--tls-cert/--tls-key")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start a tokio runtime")?;
+    // The channels spawn their workers on creation: inside the runtime.
+    let _runtime = runtime.enter();
     let mut all = Vec::new();
     let mut failed = false;
     for url in &a.nodes {
-        let mut client = qatflow_node::client::node(url, token.as_deref())?;
+        let mut client = qatflow_node::client::NodeClient::new(
+            qatflow_node::client::secure_channel(url, token.as_deref(), tls.clone())?,
+        );
         let reply = runtime.block_on(async {
             tokio::time::timeout(
                 std::time::Duration::from_secs(10),
@@ -84,7 +105,23 @@ pub fn run_status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             Ok(Ok(r)) => all.push(r.into_inner()),
             Ok(Err(s)) => {
                 failed = true;
-                eprintln!("{url}: {}: {}", s.code(), s.message());
+                // A TLS refusal is only "transport error" at the top: show the causes.
+                let mut text = format!("{url}: {}: {}", s.code(), s.message());
+                let mut cause = std::error::Error::source(&s);
+                while let Some(c) = cause {
+                    text.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                if std::error::Error::source(&s).is_some()
+                    && a.tls_ca.is_some()
+                    && a.tls_cert.is_none()
+                {
+                    text.push_str(
+                        " (a node that requires client certificates closes the connection: \
+                         pass --tls-cert and --tls-key)",
+                    );
+                }
+                eprintln!("{text}");
             }
             Err(_) => {
                 failed = true;

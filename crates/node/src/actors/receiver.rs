@@ -45,15 +45,21 @@ impl ShardReceiver {
     ) -> ResponseActFuture<Self, Result<T, ReceiveError>> {
         let span = actor_span_in(parent, self.board.name(), "ShardReceiver", message);
         let (inbox, store) = (self.inbox.clone(), self.store.clone());
-        let work = blocking(move || f(inbox, store)).instrument(span);
-        Box::pin(work.into_actor(self).map(|result, _act, ctx| match result {
-            Ok(r) => r.map_err(ReceiveError::from),
-            Err(panic) => {
-                tracing::error!(actor = "ShardReceiver", "{panic}; restarting");
-                ctx.stop();
-                Err(ReceiveError::Panicked(panic))
-            }
-        }))
+        let work = blocking(move || f(inbox, store)).instrument(span.clone());
+        Box::pin(
+            work.into_actor(self)
+                .map(move |result, _act, ctx| match result {
+                    Ok(r) => r.map_err(ReceiveError::from),
+                    Err(panic) => {
+                        // Logged inside the message's span, so the trace records the failure too.
+                        span.in_scope(|| {
+                            tracing::error!(actor = "ShardReceiver", "{panic}; restarting")
+                        });
+                        ctx.stop();
+                        Err(ReceiveError::Panicked(panic))
+                    }
+                }),
+        )
     }
 }
 
@@ -113,6 +119,29 @@ pub struct Commit {
     pub size: u64,
     /// The sender's span.
     pub parent: tracing::Span,
+}
+
+/// Test hook (debug builds only): panics inside the receiver's blocking work, as a bug in
+/// the shard library would, so tests can watch the failure being logged in the actor's
+/// span and the supervisor restarting the actor.
+#[cfg(debug_assertions)]
+#[derive(Message)]
+#[rtype(result = "Result<(), ReceiveError>")]
+pub struct InjectPanic {
+    /// The sender's span.
+    pub parent: tracing::Span,
+}
+
+#[cfg(debug_assertions)]
+impl Handler<InjectPanic> for ShardReceiver {
+    type Result = ResponseActFuture<Self, Result<(), ReceiveError>>;
+    fn handle(&mut self, msg: InjectPanic, _ctx: &mut Context<Self>) -> Self::Result {
+        self.run(
+            &msg.parent,
+            "InjectPanic",
+            |_, _| -> Result<(), ShardError> { panic!("injected panic (test hook)") },
+        )
+    }
 }
 
 impl Handler<Query> for ShardReceiver {

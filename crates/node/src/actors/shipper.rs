@@ -2,14 +2,20 @@
 //! receiver has not committed, resuming at the receiver's committed offset.
 //!
 //! One round at a time: a kick that arrives during a round schedules one more. Rounds also
-//! run on a timer, so a peer that was down is retried. The outbox marks a shard shipped
-//! only after the receiver answered its commit; a crash before that re-sends from the
-//! receiver's offset and the commit is idempotent, so nothing is lost or duplicated.
+//! run on a timer, so a peer that was down is retried. A round beats a [`Heartbeat`] as it
+//! seals, queries, sends each chunk and commits; one that stops progressing for
+//! `shipper.stall_timeout_ms` (a peer that stopped answering mid-stream) is aborted by the
+//! watchdog and the shipper restarts; the next round resumes at the receiver's offset.
+//!
+//! The outbox marks a shard shipped only after the receiver answered its commit; a crash
+//! before that re-sends from the receiver's offset and the commit is idempotent, so nothing
+//! is lost or duplicated.
 
 use super::blocking;
 use crate::client::{AuthChannel, ShardsClient};
 use crate::status::{Field, StatusBoard};
 use crate::trace::actor_span;
+use crate::watchdog::{self, Heartbeat};
 use actix::prelude::*;
 use qatflow_proto::v1::{CommitShardRequest, QueryShardRequest, ShardChunk};
 use qatflow_proto::MAX_CHUNK_BYTES;
@@ -17,12 +23,8 @@ use qatflow_shards::{Outbox, SealLimits, ShardMeta};
 use qatflow_store::Store;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_stream::StreamExt;
 use tracing::Instrument;
-
-/// A round that takes longer than this is taken for hung (a peer that stopped answering
-/// mid-stream): it is abandoned and the shipper restarts; the next round resumes at the
-/// receiver's committed offset.
-const ROUND_LIMIT: Duration = Duration::from_secs(600);
 
 /// What a shipper works with.
 pub struct ShipperParts {
@@ -36,6 +38,8 @@ pub struct ShipperParts {
     pub client: ShardsClient<AuthChannel>,
     /// How often to look for work.
     pub poll: Duration,
+    /// A round that makes no progress for this long is aborted and the shipper restarts.
+    pub stall_timeout: Duration,
 }
 
 /// Ships shards; see the module docs.
@@ -45,6 +49,7 @@ pub struct ShardShipper {
     busy: bool,
     again: Option<bool>,
     idle_len: usize,
+    heartbeat: Heartbeat,
 }
 
 impl ShardShipper {
@@ -56,6 +61,7 @@ impl ShardShipper {
             busy: false,
             again: None,
             idle_len: usize::MAX,
+            heartbeat: Heartbeat::default(),
         }
     }
 }
@@ -66,6 +72,13 @@ impl Actor for ShardShipper {
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.busy = false;
         self.board.set(Field::Shipper, "idle");
+        watchdog::watch(
+            ctx,
+            self.board.name(),
+            "ShardShipper",
+            self.heartbeat.clone(),
+            self.parts.stall_timeout,
+        );
         ctx.run_interval(self.parts.poll, |act, ctx| {
             // A store that did not grow since the last tick is idle: seal what is left.
             let len = act.parts.store.len();
@@ -101,25 +114,27 @@ impl Handler<Kick> for ShardShipper {
         }
         self.busy = true;
         let span = actor_span(self.board.name(), "ShardShipper", "Kick");
-        let work = round(self.parts.clone(), self.board.clone(), msg.flush).instrument(span);
-        let round = tokio::spawn(async move {
-            tokio::time::timeout(ROUND_LIMIT, work)
-                .await
-                .map_err(|_| format!("a round took over {ROUND_LIMIT:?}"))
-        });
+        let hb = self.heartbeat.clone();
+        let work = round(
+            self.parts.clone(),
+            self.board.clone(),
+            msg.flush,
+            hb.clone(),
+        )
+        .instrument(span);
+        let round = tokio::spawn(work);
+        hb.start(round.abort_handle());
         ctx.spawn(round.into_actor(self).map(|result, act, ctx| {
             act.busy = false;
+            act.heartbeat.finish();
             match result {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
                     tracing::warn!(actor = "ShardShipper", "{e}; retrying");
                     act.board.set(Field::Shipper, format!("retrying: {e}"));
                 }
-                Ok(Err(hung)) => {
-                    tracing::error!(actor = "ShardShipper", "{hung}; restarting");
-                    ctx.stop();
-                    return;
-                }
+                // Aborted by the watchdog, which already stopped the actor.
+                Err(e) if e.is_cancelled() => return,
                 Err(e) => {
                     tracing::error!(actor = "ShardShipper", "round failed: {e}; restarting");
                     ctx.stop();
@@ -134,26 +149,33 @@ impl Handler<Kick> for ShardShipper {
 }
 
 /// One round: seal, then ship every pending shard in order.
-async fn round(parts: Arc<ShipperParts>, board: StatusBoard, flush: bool) -> Result<(), String> {
+async fn round(
+    parts: Arc<ShipperParts>,
+    board: StatusBoard,
+    flush: bool,
+    hb: Heartbeat,
+) -> Result<(), String> {
     let p = parts.clone();
     blocking(move || p.outbox.seal(&p.store, &p.limits, flush))
         .await?
         .map_err(|e| e.to_string())?;
+    hb.beat();
     let p = parts.clone();
     let pending = blocking(move || p.outbox.pending())
         .await?
         .map_err(|e| e.to_string())?;
     for meta in pending {
+        hb.beat();
         board.set(Field::Shipper, format!("shipping {}", meta.id));
         let span = tracing::info_span!("ship_shard", shard.id = %meta.id, shard.size = meta.size);
-        ship(&parts, &meta).instrument(span).await?;
+        ship(&parts, &meta, &hb).instrument(span).await?;
     }
     board.set(Field::Shipper, "idle");
     Ok(())
 }
 
 /// Ships one shard: query the committed offset, upload the rest, commit, record.
-async fn ship(parts: &Arc<ShipperParts>, meta: &ShardMeta) -> Result<(), String> {
+async fn ship(parts: &Arc<ShipperParts>, meta: &ShardMeta, hb: &Heartbeat) -> Result<(), String> {
     let mut client = parts.client.clone();
     let id = meta.id.to_string();
     let rpc = |what: &str, s: tonic::Status| format!("{what} of shard {id}: {}", s.message());
@@ -164,6 +186,7 @@ async fn ship(parts: &Arc<ShipperParts>, meta: &ShardMeta) -> Result<(), String>
         .await
         .map_err(|s| rpc("query", s))?
         .into_inner();
+    hb.beat();
     if !q.committed {
         if q.committed_offset < meta.size {
             let (p, m) = (parts.clone(), meta.clone());
@@ -181,8 +204,14 @@ async fn ship(parts: &Arc<ShipperParts>, meta: &ShardMeta) -> Result<(), String>
                     total_size: meta.size,
                 })
                 .collect();
+            // Each chunk tonic takes from the stream is progress.
+            let beat = hb.clone();
+            let chunks = tokio_stream::iter(chunks).map(move |c| {
+                beat.beat();
+                c
+            });
             client
-                .upload_shard(tokio_stream::iter(chunks))
+                .upload_shard(chunks)
                 .await
                 .map_err(|s| rpc("upload", s))?;
         }
@@ -193,6 +222,7 @@ async fn ship(parts: &Arc<ShipperParts>, meta: &ShardMeta) -> Result<(), String>
             })
             .await
             .map_err(|s| rpc("commit", s))?;
+        hb.beat();
     }
     let (p, shard) = (parts.clone(), meta.id.clone());
     blocking(move || p.outbox.mark_shipped(&shard))

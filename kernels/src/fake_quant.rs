@@ -1,0 +1,263 @@
+//! NVFP4 fake quantization of burn tensors, through the one-pass CubeCL kernel
+//! ([`crate::kernel::fake_quantize_kernel`]) when the tensor lives on CUDA and through
+//! `qatflow_nvfp4::fake_quant`'s tensor operations everywhere else. Both give bit-identical
+//! values (`examples/gpu_check.rs` checks it on a GPU).
+//!
+//! The model code is generic over burn backends, so the CUDA path is found at run time: the
+//! tensor's primitive is matched against the CUDA primitives qatflow runs on (`CubeBackend`,
+//! `Fusion<CubeBackend>`, and both under `Autodiff`). Under fusion the kernel is registered
+//! as a custom operation of the fusion stream, so it runs in stream order and needs no sync.
+//! The straight-through estimator is the same as `qatflow_nvfp4::fake_quant::fake_quantize`'s
+//! (`fq(x.detach()) + (x - x.detach())`): the kernel only ever sees detached values.
+
+use std::any::{Any, TypeId};
+
+use burn::backend::autodiff::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn_cubecl::fusion::FusionCubeRuntime;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeBackend;
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+use cubecl::cuda::CudaRuntime;
+use half::bf16;
+use qatflow_nvfp4::fake_quant::fake_quantize_value as tensor_ops_fake_quantize;
+
+use crate::{launch_fake_quantize, Result};
+
+/// The CUDA backend without fusion.
+type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
+/// The CUDA backend with BF16 as its default float type.
+type CubeBf16 = CubeBackend<CudaRuntime, bf16, i32, u8>;
+/// Fusion's handle type for CUDA.
+type FusedRuntime = FusionCubeRuntime<CudaRuntime>;
+
+/// NVFP4 fake quantization with the straight-through estimator: the same contract as
+/// `qatflow_nvfp4::fake_quant::fake_quantize` (shape `[.., K]` with `K % 16 == 0`, the
+/// calibrated global `amax`, identity gradient), with the CubeCL kernel on CUDA.
+pub fn fake_quantize<B: Backend, const D: usize>(
+    name: &str,
+    x: Tensor<B, D>,
+    amax: f32,
+) -> Result<Tensor<B, D>> {
+    let q = fake_quantize_value(name, x.clone().detach(), amax)?;
+    Ok(q + (x.clone() - x.detach()))
+}
+
+/// The forward value of [`fake_quantize`] (no gradient path).
+pub fn fake_quantize_value<B: Backend, const D: usize>(
+    name: &str,
+    x: Tensor<B, D>,
+    amax: f32,
+) -> Result<Tensor<B, D>> {
+    let dims = x.dims();
+    let n: usize = dims.iter().product();
+    qatflow_nvfp4::codec::check_shape(name, &dims, n)?;
+    let scale_2 = qatflow_nvfp4::codec::global_scale(name, amax)?;
+    if !matches!(x.dtype(), DType::F32 | DType::BF16) {
+        return Ok(tensor_ops_fake_quantize(name, x, amax)?);
+    }
+    let primitive = x.into_primitive().tensor();
+    match on_cuda::<B>(primitive, scale_2) {
+        Ok(out) => Ok(Tensor::from_primitive(TensorPrimitive::Float(out))),
+        Err(primitive) => {
+            let x = Tensor::from_primitive(TensorPrimitive::Float(primitive));
+            Ok(tensor_ops_fake_quantize(name, x, amax)?)
+        }
+    }
+}
+
+/// Runs the kernel when `B`'s float primitive is one of the CUDA primitives; gives the
+/// primitive back untouched otherwise.
+fn on_cuda<B: Backend>(
+    x: FloatTensor<B>,
+    scale_2: f32,
+) -> std::result::Result<FloatTensor<B>, FloatTensor<B>> {
+    let x = match downcast::<_, CubeTensor<CudaRuntime>>(x) {
+        Ok(t) => return Ok(upcast(cube_fake_quantize(t, scale_2))),
+        Err(x) => x,
+    };
+    let x = match downcast::<_, FusionTensor<FusedRuntime>>(x) {
+        Ok(t) => return Ok(upcast(fused_fake_quantize(t, scale_2))),
+        Err(x) => x,
+    };
+    // `Autodiff`'s primitive depends on the inner backend's float element type, not on the
+    // checkpointing strategy.
+    let x = match under_autodiff::<B, Fusion<Cube>>(x, scale_2, fused_fake_quantize) {
+        Ok(t) => return Ok(t),
+        Err(x) => x,
+    };
+    let x = match under_autodiff::<B, Fusion<CubeBf16>>(x, scale_2, fused_fake_quantize) {
+        Ok(t) => return Ok(t),
+        Err(x) => x,
+    };
+    let x = match under_autodiff::<B, Cube>(x, scale_2, cube_fake_quantize) {
+        Ok(t) => return Ok(t),
+        Err(x) => x,
+    };
+    under_autodiff::<B, CubeBf16>(x, scale_2, cube_fake_quantize)
+}
+
+/// Applies `f` to the inner tensor when `B`'s primitive is `Autodiff<I>`'s; the result is an
+/// untracked leaf (the caller adds the straight-through path).
+fn under_autodiff<B: Backend, I: Backend>(
+    x: FloatTensor<B>,
+    scale_2: f32,
+    f: fn(FloatTensor<I>, f32) -> FloatTensor<I>,
+) -> std::result::Result<FloatTensor<B>, FloatTensor<B>> {
+    let t = downcast::<_, FloatTensor<Autodiff<I>>>(x)?;
+    let inner = f(Autodiff::<I>::inner(t), scale_2);
+    Ok(upcast(Autodiff::<I>::from_inner(inner)))
+}
+
+/// `t` as a `U` when `T` is `U`.
+fn downcast<T: 'static, U: 'static>(t: T) -> std::result::Result<U, T> {
+    if TypeId::of::<T>() == TypeId::of::<U>() {
+        let boxed: Box<dyn Any> = Box::new(t);
+        Ok(*boxed.downcast::<U>().expect("same TypeId"))
+    } else {
+        Err(t)
+    }
+}
+
+/// The inverse of [`downcast`], for a type already known to match.
+fn upcast<T: 'static, U: 'static>(t: T) -> U {
+    downcast::<T, U>(t).unwrap_or_else(|_| unreachable!("called only after a successful downcast"))
+}
+
+/// The kernel on a CubeCL tensor (made contiguous first), into a new tensor of its dtype.
+fn cube_fake_quantize(x: CubeTensor<CudaRuntime>, scale_2: f32) -> CubeTensor<CudaRuntime> {
+    use burn::tensor::TensorMetadata;
+    let x = burn_cubecl::kernel::into_contiguous(x);
+    let shape = x.shape();
+    let n = shape.num_elements();
+    let size = x.dtype.size();
+    let out = CubeTensor::new_contiguous(
+        x.client.clone(),
+        x.device.clone(),
+        shape,
+        x.client.empty(n * size),
+        x.dtype,
+    );
+    match x.dtype {
+        DType::F32 => {
+            launch_fake_quantize::<f32>(&x.client, x.handle.clone(), out.handle.clone(), n, scale_2)
+        }
+        DType::BF16 => launch_fake_quantize::<bf16>(
+            &x.client,
+            x.handle.clone(),
+            out.handle.clone(),
+            n,
+            scale_2,
+        ),
+        other => unreachable!("fake_quantize_value sends only F32 and BF16 here, not {other:?}"),
+    }
+    out
+}
+
+/// The kernel as a custom operation of the fusion stream.
+fn fused_fake_quantize(x: FusionTensor<FusedRuntime>, scale_2: f32) -> FusionTensor<FusedRuntime> {
+    let client = x.client.clone();
+    let streams = OperationStreams::with_inputs([&x]);
+    let out = TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), x.dtype);
+    let desc = CustomOpIr::new("qatflow_nvfp4_fake_quantize", &[x.into_ir()], &[out]);
+    client
+        .register(
+            streams,
+            OperationIr::Custom(desc.clone()),
+            FakeQuantizeOp { desc, scale_2 },
+        )
+        .output()
+}
+
+/// The fusion stream's record of one fake quantization.
+#[derive(Debug, Clone)]
+struct FakeQuantizeOp {
+    desc: CustomOpIr,
+    scale_2: f32,
+}
+
+impl Operation<FusedRuntime> for FakeQuantizeOp {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<FusedRuntime as burn_fusion::FusionRuntime>::FusionHandle>,
+    ) {
+        let ([input], [output]) = self.desc.as_fixed();
+        let x = handles.get_float_tensor::<Cube>(input);
+        handles.register_float_tensor::<Cube>(&output.id, cube_fake_quantize(x, self.scale_2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+    use burn::tensor::TensorData;
+
+    type Ad = Autodiff<Flex>;
+
+    fn sample(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0 + if i % 29 == 0 { 9.0 } else { 0.0 })
+            .collect()
+    }
+
+    #[test]
+    fn off_cuda_it_is_the_tensor_ops_path_bit_for_bit() {
+        let data = sample(4 * 64);
+        let x = Tensor::<Flex, 2>::from_data(
+            TensorData::new(data.clone(), [4, 64]),
+            &Default::default(),
+        );
+        let got = fake_quantize_value("x", x.clone(), 13.0).unwrap();
+        let want = tensor_ops_fake_quantize("x", x, 13.0).unwrap();
+        let bits = |t: Tensor<Flex, 2>| -> Vec<u32> {
+            t.into_data()
+                .to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        assert_eq!(bits(got), bits(want));
+        let codec = qatflow_nvfp4::codec::fake_quantize("x", &data, &[4, 64], 13.0).unwrap();
+        let x = Tensor::<Flex, 2>::from_data(TensorData::new(data, [4, 64]), &Default::default());
+        let got = fake_quantize_value("x", x, 13.0).unwrap();
+        assert_eq!(
+            bits(got),
+            codec.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn gradient_passes_straight_through() {
+        let x = Tensor::<Ad, 2>::from_data(
+            TensorData::new(sample(2 * 32), [2, 32]),
+            &Default::default(),
+        )
+        .require_grad();
+        let weights = Tensor::<Ad, 2>::from_data(
+            TensorData::new(sample(2 * 32), [2, 32]),
+            &Default::default(),
+        );
+        let grads = (fake_quantize("x", x.clone(), 10.0).unwrap() * weights.clone())
+            .sum()
+            .backward();
+        let g = x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+        assert_eq!(g, weights.into_data().to_vec::<f32>().unwrap());
+    }
+
+    #[test]
+    fn bad_shapes_and_amax_are_refused() {
+        let x = Tensor::<Flex, 2>::zeros([2, 24], &Default::default());
+        assert!(fake_quantize_value("x", x, 1.0)
+            .unwrap_err()
+            .to_string()
+            .contains("16"));
+        let x = Tensor::<Flex, 2>::zeros([2, 32], &Default::default());
+        assert!(fake_quantize_value("x", x, 0.0).is_err());
+    }
+}
