@@ -43,8 +43,9 @@ pub fn fake_quantize<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     amax: f32,
 ) -> Result<Tensor<B, D>> {
-    let q = fake_quantize_value(name, x.clone().detach(), amax)?;
-    Ok(q + (x.clone() - x.detach()))
+    qatflow_nvfp4::fake_quant::straight_through(x, |detached| {
+        fake_quantize_value(name, detached, amax)
+    })
 }
 
 /// The forward value of [`fake_quantize`] (no gradient path).

@@ -305,11 +305,20 @@ fn now_unix() -> u64 {
 
 /// sha256 (hex) and size of a file, read in 1 MiB pieces.
 pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
+    Ok(sha256_file_until(path, &|| false)?.expect("never stopped"))
+}
+
+/// [`sha256_file`] that gives up (returning `None`) when `stop()` becomes true; it is asked
+/// once per MiB.
+pub fn sha256_file_until(path: &Path, stop: &dyn Fn() -> bool) -> Result<Option<(String, u64)>> {
     let mut f = File::open(path).map_err(io(path))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
+        if stop() {
+            return Ok(None);
+        }
         let n = f.read(&mut buf).map_err(io(path))?;
         if n == 0 {
             break;
@@ -317,7 +326,7 @@ pub fn sha256_file(path: &Path) -> Result<(String, u64)> {
         hasher.update(&buf[..n]);
         size += n as u64;
     }
-    Ok((hex::encode(hasher.finalize()), size))
+    Ok(Some((hex::encode(hasher.finalize()), size)))
 }
 
 /// Writes a checkpoint directory; see the crate docs.
@@ -399,7 +408,7 @@ impl CheckpointWriter {
                 shape: t.shape.clone(),
             })
             .collect();
-        let mut w = self.create_safetensors(file, specs)?;
+        let w = self.create_safetensors(file, specs)?;
         for t in tensors {
             w.write_tensor(&t.name, &t.data)?;
         }
@@ -585,39 +594,84 @@ pub fn verify(dir: &Path) -> Result<CheckpointInfo> {
     let m = read_manifest(dir)?;
     for f in &m.files {
         let path = dir.join(&f.name);
-        let meta = match std::fs::metadata(&path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(CheckpointError::MissingFile { path })
-            }
-            Err(e) => return Err(io(&path)(e)),
-        };
-        if meta.len() != f.size {
-            return Err(CheckpointError::SizeMismatch {
-                path,
-                expected: f.size,
-                actual: meta.len(),
-            });
-        }
-        let (sha, _) = sha256_file(&path)?;
-        if sha != f.sha256 {
-            return Err(CheckpointError::ChecksumMismatch {
-                path,
-                expected: f.sha256.clone(),
-                actual: sha,
-            });
-        }
+        check_size(&path, f.size)?;
+        check_sha256(&path, &f.sha256, &|| false)?;
         if f.name.ends_with(".safetensors") {
             check_safetensors(&path)?;
         }
     }
-    Ok(CheckpointInfo {
+    Ok(info_of(dir, m))
+}
+
+/// The fast half of [`verify`]: the manifest, every file's size and every safetensors
+/// header, without reading the data. Complete the verification with [`verify_checksums`]
+/// before relying on the contents (the exporter runs both at once).
+pub fn verify_structure(dir: &Path) -> Result<CheckpointInfo> {
+    let m = read_manifest(dir)?;
+    for f in &m.files {
+        let path = dir.join(&f.name);
+        check_size(&path, f.size)?;
+        if f.name.ends_with(".safetensors") {
+            check_safetensors(&path)?;
+        }
+    }
+    Ok(info_of(dir, m))
+}
+
+/// The slow half of [`verify`]: every file's sha256 against the manifest. Returns
+/// `Ok(false)` without finishing when `stop()` becomes true (it is asked once per MiB read).
+pub fn verify_checksums(info: &CheckpointInfo, stop: &dyn Fn() -> bool) -> Result<bool> {
+    for f in &info.files {
+        if !check_sha256(&info.dir.join(&f.name), &f.sha256, stop)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn info_of(dir: &Path, m: Manifest) -> CheckpointInfo {
+    CheckpointInfo {
         step: m.step,
         dir: dir.to_path_buf(),
         config_hash: m.config_hash,
         created_unix: m.created_unix,
         files: m.files,
-    })
+    }
+}
+
+fn check_size(path: &Path, expected: u64) -> Result<()> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CheckpointError::MissingFile {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(io(path)(e)),
+    };
+    if meta.len() != expected {
+        return Err(CheckpointError::SizeMismatch {
+            path: path.to_path_buf(),
+            expected,
+            actual: meta.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Compares a file's sha256 with `expected`; `Ok(false)` if `stop()` interrupted it.
+fn check_sha256(path: &Path, expected: &str, stop: &dyn Fn() -> bool) -> Result<bool> {
+    let Some((sha, _)) = sha256_file_until(path, stop)? else {
+        return Ok(false);
+    };
+    if sha != expected {
+        return Err(CheckpointError::ChecksumMismatch {
+            path: path.to_path_buf(),
+            expected: expected.to_owned(),
+            actual: sha,
+        });
+    }
+    Ok(true)
 }
 
 /// All `step-*` directories of a run, newest (highest step) first.

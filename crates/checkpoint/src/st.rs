@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::Dtype;
 use serde_json::{Map, Value};
@@ -183,13 +184,16 @@ impl Layout {
 }
 
 /// Writes the tensors of a [`Layout`] into a file, each at its planned place, in any order.
+///
+/// Writes take `&self` (positioned writes), so several threads can fill different parts of
+/// the file at once.
 #[derive(Debug)]
 pub struct StreamWriter {
     path: PathBuf,
     file: File,
     layout: Layout,
     /// Bytes written so far per tensor (layout order).
-    written: Vec<u64>,
+    written: Vec<AtomicU64>,
 }
 
 impl StreamWriter {
@@ -202,7 +206,11 @@ impl StreamWriter {
         let file = File::create(path).map_err(io)?;
         file.set_len(layout.file_len()).map_err(io)?;
         file.write_all_at(layout.header(), 0).map_err(io)?;
-        let written = vec![0; layout.placements.len()];
+        let written = layout
+            .placements
+            .iter()
+            .map(|_| AtomicU64::new(0))
+            .collect();
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -217,7 +225,7 @@ impl StreamWriter {
     }
 
     /// Writes the whole tensor `name`.
-    pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<(), StError> {
+    pub fn write_tensor(&self, name: &str, bytes: &[u8]) -> Result<(), StError> {
         let len = self.place(name)?.len;
         if bytes.len() as u64 != len {
             return Err(StError::Placement {
@@ -229,7 +237,7 @@ impl StreamWriter {
     }
 
     /// Writes `bytes` at byte `offset` inside tensor `name` (for tensors produced in parts).
-    pub fn write_chunk(&mut self, name: &str, offset: u64, bytes: &[u8]) -> Result<(), StError> {
+    pub fn write_chunk(&self, name: &str, offset: u64, bytes: &[u8]) -> Result<(), StError> {
         let i = *self
             .layout
             .index
@@ -252,7 +260,17 @@ impl StreamWriter {
                 path: self.path.clone(),
                 source,
             })?;
-        self.written[i] += bytes.len() as u64;
+        self.written[i].fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Asks the kernel to start writing tensor `name`'s bytes to disk now, without waiting
+    /// (Linux `sync_file_range`), so that the final fsync of [`Self::finish`] has less
+    /// left to do. A no-op where that call is not available; durability still comes only
+    /// from [`Self::finish`].
+    pub fn start_writeback(&self, name: &str) -> Result<(), StError> {
+        let p = self.place(name)?;
+        start_writeback(&self.file, p.file_offset, p.len);
         Ok(())
     }
 
@@ -276,7 +294,7 @@ impl StreamWriter {
             .placements
             .iter()
             .zip(&self.written)
-            .filter(|(p, &w)| w < p.len)
+            .filter(|(p, w)| w.load(Ordering::Relaxed) < p.len)
             .map(|(p, _)| p.spec.name.clone())
             .collect();
         if !missing.is_empty() {
@@ -291,6 +309,22 @@ impl StreamWriter {
         })
     }
 }
+
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range only reads its integer arguments; a failure (e.g. a file
+    // system without support) leaves the data to the final fsync, so it is ignored.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 #[cfg(test)]
 mod tests {
@@ -349,7 +383,7 @@ mod tests {
         assert_eq!(layout.file_len(), want.len() as u64);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
-        let mut w = StreamWriter::create(&path, layout).unwrap();
+        let w = StreamWriter::create(&path, layout).unwrap();
         // Reverse order and in chunks: places are fixed by the layout.
         for (n, v) in tensors.iter().rev() {
             let (a, b) = v.2.split_at(v.2.len() / 2);
@@ -376,7 +410,7 @@ mod tests {
         ];
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.safetensors");
-        let mut w = StreamWriter::create(&path, Layout::new(specs, None).unwrap()).unwrap();
+        let w = StreamWriter::create(&path, Layout::new(specs, None).unwrap()).unwrap();
         let err = w.write_tensor("x", &[0; 4]).unwrap_err();
         assert!(err.to_string().contains("`x`"), "{err}");
         assert!(w.write_tensor("nope", &[0]).is_err());

@@ -1,6 +1,8 @@
 //! End-to-end tests of `qatflow export` and `qatflow quantize`: a SIGKILL in the middle of
-//! writing leaves no output directory and a rerun succeeds; a truncated checkpoint is
-//! reported by file name; `--checkpoint latest-valid`; PTQ from calibration token ids.
+//! writing leaves no output directory and a rerun succeeds; Ctrl-C (SIGINT) cancels cleanly
+//! with exit status 130; a truncated checkpoint is reported by file name; `--checkpoint
+//! latest-valid`; `--vl-wrapper on` is refused for a non-Qwen3.5 model; PTQ from
+//! calibration token ids.
 
 use assert_cmd::Command;
 use serde_json::{json, Value};
@@ -57,30 +59,9 @@ fn a_killed_export_leaves_no_output_and_a_rerun_succeeds() {
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = checkpoint(&tmp.path().join("run"), 10);
     let out = tmp.path().join("out");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qatflow"))
-        .arg("export")
-        .arg(&ckpt)
-        .arg("--out")
-        .arg(&out)
-        .env(qatflow_export::PAUSE_ENV, "5")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("export paused after 5 tensors") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let paused = rx.recv_timeout(Duration::from_secs(120));
+    let mut child = paused_export(&ckpt, &out);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(paused.is_ok(), "the export never reached its pause point");
     assert!(
         !out.exists(),
         "a killed export must not leave {}",
@@ -126,6 +107,84 @@ fn a_killed_export_leaves_no_output_and_a_rerun_succeeds() {
         .arg(&ckpt)
         .assert()
         .success();
+}
+
+/// Starts `qatflow export CKPT --out OUT` paused after 5 tensors; returns once it says so.
+fn paused_export(ckpt: &Path, out: &Path) -> std::process::Child {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qatflow"))
+        .arg("export")
+        .arg(ckpt)
+        .arg("--out")
+        .arg(out)
+        .env(qatflow_export::PAUSE_ENV, "5")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("export paused after 5 tensors") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(120)).is_err() {
+        child.kill().unwrap();
+        panic!("the export never reached its pause point");
+    }
+    child
+}
+
+#[test]
+fn ctrl_c_cancels_an_export_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(&tmp.path().join("run"), 4);
+    let out = tmp.path().join("out");
+    let mut child = paused_export(&ckpt, &out);
+    assert_eq!(temp_dirs(tmp.path()).len(), 1, "the half-written output");
+    // SAFETY: kill only sends a signal to the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
+    assert!(!out.exists());
+    assert!(
+        temp_dirs(tmp.path()).is_empty(),
+        "{:?}",
+        temp_dirs(tmp.path())
+    );
+}
+
+#[test]
+fn vl_wrapper_on_needs_a_qwen3_5_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(&tmp.path().join("run"), 1);
+    let out = tmp.path().join("out");
+    let refused = qatflow(tmp.path())
+        .args(["export", "--vl-wrapper", "on", "--out"])
+        .arg(&out)
+        .arg(&ckpt)
+        .assert()
+        .code(2);
+    let err = String::from_utf8_lossy(&refused.get_output().stderr).into_owned();
+    assert!(
+        err.contains("qwen3_5_text") && err.contains("--vl-wrapper"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // auto leaves a Qwen3 export as ModelOpt writes it.
+    qatflow(tmp.path())
+        .args(["export", "--out"])
+        .arg(&out)
+        .arg(&ckpt)
+        .assert()
+        .success();
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "qwen3");
+    assert!(!out.join("preprocessor_config.json").exists());
 }
 
 #[test]

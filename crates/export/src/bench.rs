@@ -48,6 +48,15 @@ pub fn qwen3_1_7b_config() -> Value {
     })
 }
 
+/// `config.json` of Qwen3-0.6B (hidden 1024, intermediate 3072, 28 layers, 16 heads, 8 KV
+/// heads, head_dim 128, vocabulary 151936, tied embeddings): a faster benchmark.
+pub fn qwen3_0_6b_config() -> Value {
+    let mut c = qwen3_1_7b_config();
+    c["hidden_size"] = json!(1024);
+    c["intermediate_size"] = json!(3072);
+    c
+}
+
 fn dim(config: &Value, key: &str) -> Result<usize, ExportError> {
     config
         .get(key)
@@ -133,7 +142,7 @@ pub fn write_random_checkpoint(
             shape: s.clone(),
         })
         .collect();
-    let mut model = w.create_safetensors(MODEL_FILE, specs)?;
+    let model = w.create_safetensors(MODEL_FILE, specs)?;
     let mut rng = Rng(seed | 1);
     let mut weight_amax = BTreeMap::new();
     let mut input_amax = BTreeMap::new();
@@ -197,5 +206,12 @@ mod tests {
         // Qwen3-1.7B: 1.72 B parameters with tied embeddings.
         assert!((1_700_000_000..1_730_000_000).contains(&n), "{n}");
         assert!(!shapes.iter().any(|(n, _)| n == "lm_head.weight"));
+        let small: usize = parameter_shapes(&qwen3_0_6b_config())
+            .unwrap()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        // Qwen3-0.6B: 0.6 B parameters (0.44 B without the embedding).
+        assert!((590_000_000..610_000_000).contains(&small), "{small}");
     }
 }

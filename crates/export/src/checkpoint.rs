@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use qatflow_checkpoint::{
-    list, verify, CheckpointInfo, INPUT_AMAX_SUFFIX, MODEL_FILE, QUANTIZERS_FILE,
-    WEIGHT_AMAX_SUFFIX,
+    list, verify, verify_checksums, verify_structure, CheckpointInfo, INPUT_AMAX_SUFFIX,
+    MODEL_FILE, QUANTIZERS_FILE, WEIGHT_AMAX_SUFFIX,
 };
 use qatflow_core::Progress;
 use safetensors::{Dtype, SafeTensors};
@@ -14,7 +15,8 @@ use safetensors::{Dtype, SafeTensors};
 use crate::error::ExportError;
 use crate::report::{ExportReport, SourceDescription};
 use crate::source::SourceTensors;
-use crate::writer::{quantized_modules, write_export, ExportOptions, LinearAmax};
+use crate::writer::{quantized_modules, write_export_then, ExportOptions, LinearAmax};
+use tokio_util::sync::CancellationToken;
 
 /// Reads `quantizers.safetensors`: every F32 scalar, by name.
 pub fn read_quantizers(path: &Path) -> Result<BTreeMap<String, f32>, ExportError> {
@@ -107,16 +109,34 @@ pub fn linear_amaxes(
         .collect())
 }
 
-/// Exports the checkpoint directory `dir` (verified first: every file's size and sha256,
-/// every safetensors header) into `out`.
+/// Exports the checkpoint directory `dir` into `out`. The checkpoint is verified in full:
+/// sizes and safetensors headers before anything is written, and every file's sha256 on a
+/// thread of its own while the export runs; a mismatch fails the export before its
+/// directory is renamed into place (so nothing is left behind).
 pub fn export_checkpoint(
     dir: &Path,
     out: &Path,
     options: &ExportOptions,
     progress: &dyn Progress,
+    cancel: &CancellationToken,
 ) -> Result<ExportReport, ExportError> {
-    let info = verify(dir)?;
-    export_verified(&info, out, options, progress)
+    let info = verify_structure(dir)?;
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let hashing = s.spawn(|| {
+            verify_checksums(&info, &|| {
+                done.load(Ordering::Relaxed) || cancel.is_cancelled()
+            })
+        });
+        let checked = || match hashing.join().expect("the checksum thread does not panic") {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ExportError::Cancelled),
+            Err(e) => Err(ExportError::from(e)),
+        };
+        let result = export_with(&info, out, options, progress, cancel, checked);
+        done.store(true, Ordering::Relaxed);
+        result
+    })
 }
 
 /// The newest checkpoint of `run_dir` that verifies; logs the newer ones that did not.
@@ -139,12 +159,24 @@ pub fn latest_valid_checkpoint(run_dir: &Path) -> Result<CheckpointInfo, ExportE
     })
 }
 
-/// Exports an already verified checkpoint.
+/// Exports an already verified checkpoint ([`qatflow_checkpoint::verify`]).
 pub fn export_verified(
     info: &CheckpointInfo,
     out: &Path,
     options: &ExportOptions,
     progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<ExportReport, ExportError> {
+    export_with(info, out, options, progress, cancel, || Ok(()))
+}
+
+fn export_with(
+    info: &CheckpointInfo,
+    out: &Path,
+    options: &ExportOptions,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+    before_commit: impl FnOnce() -> Result<(), ExportError>,
 ) -> Result<ExportReport, ExportError> {
     let dir = &info.dir;
     let tensors = SourceTensors::open_files(&[dir.join(MODEL_FILE)])?;
@@ -159,5 +191,16 @@ pub fn export_verified(
         calib_sequences: None,
         files: info.files.clone(),
     };
-    write_export(dir, &tensors, &amax, &qfile, source, out, options, progress)
+    write_export_then(
+        dir,
+        &tensors,
+        &amax,
+        &qfile,
+        source,
+        out,
+        options,
+        progress,
+        cancel,
+        before_commit,
+    )
 }

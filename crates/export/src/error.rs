@@ -88,6 +88,25 @@ pub enum ExportError {
     /// Calibration failed.
     #[error(transparent)]
     Calib(#[from] qatflow_model::CalibError),
+    /// The export was cancelled (Ctrl-C); its temporary directory was removed.
+    #[error("cancelled; nothing was written (the temporary output directory was removed)")]
+    Cancelled,
+    /// `--vl-wrapper on` for a model that has no VL wrapper.
+    #[error("{path}: model_type is {model_type:?}; the VL wrapper exists only for `qwen3_5_text` configs: use --vl-wrapper auto or off")]
+    NoVlWrapper {
+        /// The source config.json.
+        path: PathBuf,
+        /// Its `model_type`.
+        model_type: String,
+    },
+    /// PTQ of an architecture the model crate cannot run.
+    #[error("{path}: PTQ needs a forward pass, and the model crate cannot run model_type {model_type:?} yet; export a QAT checkpoint of it with `qatflow export` instead (its amaxes come from quantizers.safetensors)")]
+    UnsupportedPtq {
+        /// The source config.json.
+        path: PathBuf,
+        /// Its `model_type`.
+        model_type: String,
+    },
     /// The calibration data is unusable.
     #[error("{path}: {problem}")]
     Calibration {

@@ -4,8 +4,9 @@
 //!
 //! - [`checkpoint`]: export of a verified checkpoint with its quantizer state;
 //! - [`ptq`]: max calibration of a Hugging Face model on the CPU, then the same export;
-//! - [`writer`]: the streaming pipeline (one source tensor in memory at a time), the
-//!   temporary sibling directory, read-back verification and the final rename;
+//! - [`writer`]: the streaming pipeline (a tensor at a time, split into pieces that several
+//!   threads quantize at once), the temporary sibling directory, read-back verification
+//!   and the final rename;
 //! - [`modelopt`]: which tensors are quantized and the config blocks ModelOpt writes;
 //! - [`source`]: memory-mapped reading of source weights;
 //! - [`report`]: the `export_report.json` it writes;
@@ -18,6 +19,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod error;
+mod fast;
 pub mod modelopt;
 pub mod ptq;
 pub mod report;
@@ -28,4 +30,5 @@ pub use checkpoint::{export_checkpoint, export_verified, latest_valid_checkpoint
 pub use error::ExportError;
 pub use ptq::{quantize_hf, read_conversations, read_token_ids};
 pub use report::ExportReport;
-pub use writer::{ExportOptions, LinearAmax, PAUSE_ENV};
+pub use tokio_util::sync::CancellationToken;
+pub use writer::{ExportOptions, LinearAmax, VlWrapper, PAUSE_ENV};

@@ -10,10 +10,11 @@ use burn::backend::Flex;
 use qatflow_checkpoint::{sha256_file, FileEntry};
 use qatflow_core::Progress;
 use qatflow_model::{
-    apply_group_rule, calibrate_inputs, weight_amax, CausalLm, LoadOptions, ModelFamily, Precision,
-    Tokenizer,
+    apply_group_rule, calibrate_inputs, weight_amax, CausalLm, LoadOptions, ModelConfig,
+    ModelFamily, Precision, Tokenizer,
 };
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::ExportError;
 use crate::report::{ExportReport, SourceDescription};
@@ -53,15 +54,51 @@ pub fn calibrate_dir(
         .collect()
 }
 
+/// Refuses PTQ of an architecture the model crate cannot run a forward pass of (Qwen3.5
+/// today), with an error that points at `qatflow export` of a QAT checkpoint instead.
+fn check_ptq_supported(hf_dir: &Path) -> Result<(), ExportError> {
+    let path = hf_dir.join("config.json");
+    let Some(config) = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+    else {
+        // The load below reports a missing or broken config.json.
+        return Ok(());
+    };
+    let model_type = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if matches!(model_type, "qwen3_5_text" | "qwen3_5")
+        && ModelConfig::from_json(&config, &path).is_err()
+    {
+        return Err(ExportError::UnsupportedPtq {
+            path,
+            model_type: model_type.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// PTQ of the Hugging Face directory `hf_dir` into `out` with calibration token sequences.
+/// Calibration reports to `calib_progress` (one step per sequence), the export to
+/// `export_progress` (bytes). `cancel` is checked after calibration and throughout the
+/// export ([`crate::writer::write_export`]).
+#[allow(clippy::too_many_arguments)]
 pub fn quantize_hf(
     hf_dir: &Path,
     calib: &[Vec<u32>],
     out: &Path,
     options: &ExportOptions,
-    progress: &dyn Progress,
+    calib_progress: &dyn Progress,
+    export_progress: &dyn Progress,
+    cancel: &CancellationToken,
 ) -> Result<ExportReport, ExportError> {
-    let amax = calibrate_dir(hf_dir, calib, progress)?;
+    check_ptq_supported(hf_dir)?;
+    let amax = calibrate_dir(hf_dir, calib, calib_progress)?;
+    if cancel.is_cancelled() {
+        return Err(ExportError::Cancelled);
+    }
     let tensors = SourceTensors::open_dir(hf_dir)?;
     let modules = quantized_modules(&tensors);
     if let Some(m) = modules.iter().find(|m| !amax.contains_key(*m)) {
@@ -100,7 +137,8 @@ pub fn quantize_hf(
         source,
         out,
         options,
-        progress,
+        export_progress,
+        cancel,
     )
 }
 

@@ -14,6 +14,7 @@ use crate::error::ExportError;
 
 struct Mapped {
     path: PathBuf,
+    file: File,
     mmap: Mmap,
     data_start: usize,
 }
@@ -139,6 +140,7 @@ impl SourceTensors {
             }
             files.push(Mapped {
                 path: path.clone(),
+                file,
                 mmap,
                 data_start,
             });
@@ -168,6 +170,23 @@ impl SourceTensors {
         &m.mmap[info.start..info.end]
     }
 
+    /// Reads bytes `range` of a tensor into `buf` (resized to fit) with a positioned read, not
+    /// through the map: the hot loops read their pieces this way, so that no source pages
+    /// stay mapped into the process while a model streams through it.
+    pub fn read_bytes(
+        &self,
+        info: &SourceInfo,
+        range: std::ops::Range<usize>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ExportError> {
+        use std::os::unix::fs::FileExt;
+        let m = &self.files[info.file];
+        buf.resize(range.len(), 0);
+        m.file
+            .read_exact_at(buf, (info.start + range.start) as u64)
+            .map_err(|e| ExportError::io(&m.path, e))
+    }
+
     /// Elements `range` of a float tensor (F32, BF16 or F16) as f32.
     pub fn read_f32(
         &self,
@@ -175,9 +194,9 @@ impl SourceTensors {
         info: &SourceInfo,
         range: std::ops::Range<usize>,
     ) -> Result<Vec<f32>, ExportError> {
-        let bytes = self.bytes(info);
         let width = info.dtype.bitsize() / 8;
-        let part = &bytes[range.start * width..range.end * width];
+        let mut part = Vec::new();
+        self.read_bytes(info, range.start * width..range.end * width, &mut part)?;
         Ok(match info.dtype {
             Dtype::F32 => part
                 .chunks_exact(4)
@@ -205,16 +224,25 @@ impl SourceTensors {
     /// Hands a tensor's pages back to the kernel once it has been used, so that a pass over
     /// the whole model does not keep the model resident.
     pub fn release(&self, info: &SourceInfo) {
+        self.release_bytes(info, 0..info.byte_len());
+    }
+
+    /// [`Self::release`] for bytes `range` of a tensor only (whole pages around it).
+    pub fn release_bytes(&self, info: &SourceInfo, range: std::ops::Range<usize>) {
         let m = &self.files[info.file];
         let page = 4096;
-        let start = info.start / page * page;
-        let len = info.end - start;
+        let start = (info.start + range.start) / page * page;
+        let end = (info.start + range.end).min(m.mmap.len());
+        if end <= start {
+            return;
+        }
         // SAFETY: the map is a read-only shared file mapping, for which MADV_DONTNEED only
-        // drops cached pages (they are read again from the file on the next access); no
-        // slice into it outlives this call's callers' use of the tensor.
+        // drops this process's mapping of the pages (they are read again from the page cache
+        // or the file on the next access, also by another thread reading a neighbouring
+        // tensor on the same page), so no data visible through it changes.
         let _ = unsafe {
             m.mmap
-                .unchecked_advise_range(UncheckedAdvice::DontNeed, start, len)
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
         };
     }
 }

@@ -14,7 +14,10 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::error::ExportError;
+use crate::fast::{quantize_bytes, run_pieces};
 use crate::modelopt;
 use crate::report::{ExportReport, OutputFile, SourceDescription, TensorReport, Totals};
 use crate::source::{SourceInfo, SourceTensors};
@@ -22,12 +25,19 @@ use crate::source::{SourceInfo, SourceTensors};
 /// Shard size above which the weights are split, as `save_pretrained` does (5 GB).
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
 
+/// The image-processor stub a VL-wrapped export gets (copied from the source if it has one).
+pub const PREPROCESSOR_CONFIG: &str = "preprocessor_config.json";
+
 /// Environment variable the CLI reads into [`ExportOptions::pause_after_tensors`] (tests use
 /// it to kill an export mid-write).
 pub const PAUSE_ENV: &str = "QATFLOW_EXPORT_PAUSE_AFTER_TENSORS";
 
-/// Elements converted per piece when copying an unquantized tensor.
-const COPY_CHUNK: usize = 1 << 22;
+/// Elements per piece of work a thread takes at a time (whole rows, at least one row): small
+/// enough that memory stays at a few pieces per thread, large enough for big writes.
+const PIECE_ELEMENTS: usize = 1 << 18;
+
+/// Bytes per piece when a BF16 tensor is copied unchanged.
+const COPY_BYTES: usize = 8 << 20;
 
 /// Calibrated global amaxes of one quantized linear (group rule applied).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -45,11 +55,13 @@ pub struct ExportOptions {
     pub force: bool,
     /// Largest weight shard in bytes before `model.safetensors` is split.
     pub max_shard_bytes: u64,
-    /// Test hook: stop (sleep forever, with the output half-written) after this many source
-    /// tensors; see [`PAUSE_ENV`].
+    /// Test hook: stop after this many source tensors, with the output half-written, until
+    /// the export is cancelled (then it cleans up as any cancelled export); see [`PAUSE_ENV`].
     pub pause_after_tensors: Option<usize>,
-    /// Threads for quantization (0: all available cores).
+    /// Threads for quantization and copying (0: all available cores).
     pub threads: usize,
+    /// Whether `config.json` gets the Qwen3.5 VL wrapper (and `preprocessor_config.json`).
+    pub vl_wrapper: VlWrapper,
 }
 
 impl Default for ExportOptions {
@@ -59,6 +71,41 @@ impl Default for ExportOptions {
             max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
             pause_after_tensors: None,
             threads: 0,
+            vl_wrapper: VlWrapper::Auto,
+        }
+    }
+}
+
+/// Whether to wrap a text-only Qwen3.5 export the way vLLM serves it: `config.json` as
+/// [`modelopt::vl_wrapper_config`] and a [`modelopt::preprocessor_config`] stub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VlWrapper {
+    /// Wrap when the source config's `model_type` is `qwen3_5_text`.
+    #[default]
+    Auto,
+    /// Always wrap; an error for any other `model_type`.
+    On,
+    /// Never wrap: `config.json` exactly as ModelOpt writes it.
+    Off,
+}
+
+impl VlWrapper {
+    /// Whether a source with this config gets the wrapper; `On` for a config that is not
+    /// `qwen3_5_text` is an error naming `config_path`.
+    pub fn applies(
+        self,
+        config: &serde_json::Map<String, Value>,
+        config_path: &Path,
+    ) -> Result<bool, ExportError> {
+        let qwen3_5 = modelopt::model_type(config) == Some(modelopt::QWEN3_5_TEXT);
+        match self {
+            VlWrapper::Off => Ok(false),
+            VlWrapper::Auto => Ok(qwen3_5),
+            VlWrapper::On if qwen3_5 => Ok(true),
+            VlWrapper::On => Err(ExportError::NoVlWrapper {
+                path: config_path.to_path_buf(),
+                model_type: modelopt::model_type(config).unwrap_or("(none)").to_owned(),
+            }),
         }
     }
 }
@@ -84,16 +131,34 @@ fn is_float(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16 | Dtype::F64)
 }
 
+/// Float types the exporter reads (converts or quantizes).
+fn is_readable_float(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16)
+}
+
 fn spec(name: String, dtype: Dtype, shape: Vec<usize>) -> TensorSpec {
     TensorSpec { name, dtype, shape }
 }
 
 /// Output directory handling: the temporary sibling and the final rename.
+/// Dropped before [`OutDir::commit`] (an error or cancellation), it removes the
+/// temporary directory.
 struct OutDir {
     out: PathBuf,
     parent: PathBuf,
     tmp: PathBuf,
     force: bool,
+    committed: bool,
+}
+
+impl Drop for OutDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            if let Err(e) = std::fs::remove_dir_all(&self.tmp) {
+                tracing::warn!(dir = %self.tmp.display(), "could not remove the unfinished export's temporary directory: {e}");
+            }
+        }
+    }
 }
 
 impl OutDir {
@@ -143,14 +208,17 @@ impl OutDir {
             parent,
             tmp,
             force,
+            committed: false,
         })
     }
 
-    fn commit(self) -> Result<(), ExportError> {
+    fn commit(mut self) -> Result<(), ExportError> {
         fsync_dir(&self.tmp)?;
         let old = if self.out.exists() {
             if !self.force {
-                return Err(ExportError::OutputExists { dir: self.out });
+                return Err(ExportError::OutputExists {
+                    dir: self.out.clone(),
+                });
             }
             let name = self.out.file_name().expect("checked").to_string_lossy();
             let old = self
@@ -162,6 +230,7 @@ impl OutDir {
             None
         };
         std::fs::rename(&self.tmp, &self.out).map_err(|e| ExportError::io(&self.out, e))?;
+        self.committed = true;
         fsync_dir(&self.parent)?;
         if let Some(old) = old {
             std::fs::remove_dir_all(&old).map_err(|e| ExportError::io(&old, e))?;
@@ -207,61 +276,17 @@ struct Sharded {
 }
 
 impl Sharded {
-    fn write(&mut self, name: &str, bytes: &[u8]) -> Result<(), ExportError> {
+    fn write(&self, name: &str, bytes: &[u8]) -> Result<(), ExportError> {
         Ok(self.writers[self.of[name]].write_tensor(name, bytes)?)
     }
 
-    fn write_chunk(&mut self, name: &str, offset: u64, bytes: &[u8]) -> Result<(), ExportError> {
+    fn write_chunk(&self, name: &str, offset: u64, bytes: &[u8]) -> Result<(), ExportError> {
         Ok(self.writers[self.of[name]].write_chunk(name, offset, bytes)?)
     }
-}
 
-/// Quantizes `data` (`[rows, cols]`) on `threads` threads; returns the tensor and the sums
-/// of squared error and squared source values.
-fn quantize_rows(
-    name: &str,
-    data: &[f32],
-    shape: [usize; 2],
-    amax: f32,
-    threads: usize,
-) -> Result<(codec::Nvfp4Tensor, f64, f64), ExportError> {
-    let [rows, cols] = shape;
-    let per = rows.div_ceil(threads.max(1)).max(1);
-    let parts: Vec<Result<(codec::Nvfp4Tensor, f64, f64), qatflow_nvfp4::Error>> =
-        std::thread::scope(|s| {
-            let handles: Vec<_> = data
-                .chunks(per * cols)
-                .map(|chunk| {
-                    s.spawn(move || {
-                        let q = codec::quantize(name, chunk, &[chunk.len() / cols, cols], amax)?;
-                        let (mut err, mut reference) = (0f64, 0f64);
-                        for (d, x) in q.dequantize().iter().zip(chunk) {
-                            err += f64::from(d - x).powi(2);
-                            reference += f64::from(*x).powi(2);
-                        }
-                        Ok((q, err, reference))
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("quantization threads do not panic"))
-                .collect()
-        });
-    let mut packed = Vec::with_capacity(data.len() / 2);
-    let mut scales = Vec::with_capacity(data.len() / codec::BLOCK_SIZE);
-    let (mut err, mut reference) = (0f64, 0f64);
-    let mut scale_2 = codec::weight_scale_2(name, amax)?;
-    for part in parts {
-        let (q, e, r) = part?;
-        packed.extend_from_slice(&q.packed);
-        scales.extend_from_slice(&q.weight_scale);
-        scale_2 = q.weight_scale_2;
-        err += e;
-        reference += r;
+    fn start_writeback(&self, name: &str) -> Result<(), ExportError> {
+        Ok(self.writers[self.of[name]].start_writeback(name)?)
     }
-    let q = codec::Nvfp4Tensor::from_parts(name, vec![rows, cols], packed, scales, scale_2)?;
-    Ok((q, err, reference))
 }
 
 fn rel_error(err: f64, reference: f64) -> f64 {
@@ -274,13 +299,16 @@ fn rel_error(err: f64, reference: f64) -> f64 {
     }
 }
 
-fn pause_forever(after: usize) -> ! {
+/// The test hook of [`ExportOptions::pause_after_tensors`]: waits, with the output
+/// half-written, until `cancel` fires (or the process is killed).
+fn pause_until_cancelled(after: usize, cancel: &CancellationToken) -> ExportError {
     tracing::warn!(
         "{PAUSE_ENV}: export paused after {after} tensors (test hook); the output is half-written"
     );
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
+    while !cancel.is_cancelled() {
+        std::thread::sleep(Duration::from_millis(20));
     }
+    ExportError::Cancelled
 }
 
 fn write_json(path: &Path, value: &Value, indent: &[u8]) -> Result<(), ExportError> {
@@ -349,7 +377,10 @@ fn verify_written(tmp: &Path, layouts: &[(String, Layout)]) -> Result<(), Export
 ///
 /// `amax` must hold every linear of [`quantized_modules`]; `amax_origin` names where the
 /// amaxes came from, for errors. Everything else in `src_dir` that the output needs
-/// (`config.json`, `generation_config.json`, tokenizer files) is read from there.
+/// (`config.json`, `generation_config.json`, tokenizer files) is read from there. Tensors
+/// are written one after the other, each split into pieces that `options.threads` threads
+/// quantize or copy at once. When `cancel` fires the export stops within one piece per
+/// thread, removes its temporary directory and returns [`ExportError::Cancelled`].
 #[allow(clippy::too_many_arguments)]
 pub fn write_export(
     src_dir: &Path,
@@ -360,6 +391,37 @@ pub fn write_export(
     out: &Path,
     options: &ExportOptions,
     progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<ExportReport, ExportError> {
+    write_export_then(
+        src_dir,
+        tensors,
+        amax,
+        amax_origin,
+        source,
+        out,
+        options,
+        progress,
+        cancel,
+        || Ok(()),
+    )
+}
+
+/// [`write_export`] that runs `before_commit` after everything is written and read back,
+/// and renames the output into place only if it succeeds (the checkpoint export checks the
+/// source's checksums there, computed while the export ran).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_export_then(
+    src_dir: &Path,
+    tensors: &SourceTensors,
+    amax: &BTreeMap<String, LinearAmax>,
+    amax_origin: &Path,
+    source: SourceDescription,
+    out: &Path,
+    options: &ExportOptions,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+    before_commit: impl FnOnce() -> Result<(), ExportError>,
 ) -> Result<ExportReport, ExportError> {
     let started = Instant::now();
     let threads = if options.threads == 0 {
@@ -369,16 +431,35 @@ pub fn write_export(
     };
     let config_path = src_dir.join("config.json");
     let source_config = read_json_object(&config_path)?;
+    let wrap = options.vl_wrapper.applies(&source_config, &config_path)?;
 
     // Plan: one job per source tensor, and the output tensors.
     let mut jobs: Vec<(&str, &SourceInfo, Job<'_>)> = Vec::new();
     let mut specs = Vec::new();
     for (name, info) in tensors.tensors() {
+        if is_float(info.dtype) && !is_readable_float(info.dtype) {
+            return Err(ExportError::BadInput {
+                path: tensors.path_of(info).to_path_buf(),
+                problem: format!(
+                    "tensor `{name}` is {:?}; the exporter reads F32, BF16 or F16 weights",
+                    info.dtype
+                ),
+            });
+        }
         if let Some(module) = modelopt::quantized_module(name, &info.shape) {
             let a = *amax.get(module).ok_or_else(|| ExportError::MissingAmax {
                 file: amax_origin.to_path_buf(),
                 tensor: format!("{module}{}", qatflow_checkpoint::WEIGHT_AMAX_SUFFIX),
             })?;
+            if !is_readable_float(info.dtype) {
+                return Err(ExportError::BadInput {
+                    path: tensors.path_of(info).to_path_buf(),
+                    problem: format!(
+                        "tensor `{name}` is {:?}; a quantized linear's weight must be F32, BF16 or F16",
+                        info.dtype
+                    ),
+                });
+            }
             let [rows, cols] = [info.shape[0], info.shape[1]];
             codec::check_shape(name, &info.shape, info.numel())?;
             specs.push(spec(name.clone(), Dtype::U8, vec![rows, cols / 2]));
@@ -411,6 +492,7 @@ pub fn write_export(
             tensor: format!("{extra}{}", qatflow_checkpoint::WEIGHT_AMAX_SUFFIX),
         });
     }
+    let exclude = modelopt::exclude_modules(tensors.tensors().keys().map(String::as_str));
 
     let dir = OutDir::prepare(out, src_dir, options.force)?;
     let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
@@ -438,8 +520,12 @@ pub fn write_export(
     progress.set_total(jobs.iter().map(|(_, i, _)| i.byte_len() as u64).sum());
     let mut reports = Vec::with_capacity(jobs.len());
     for (done, (name, info, job)) in jobs.iter().enumerate() {
+        if cancel.is_cancelled() {
+            return Err(ExportError::Cancelled);
+        }
+        let name: &str = name;
         let mut report = TensorReport {
-            name: (*name).to_owned(),
+            name: name.to_owned(),
             source_dtype: format!("{:?}", info.dtype),
             shape: info.shape.clone(),
             exported_as: String::new(),
@@ -447,44 +533,61 @@ pub fn write_export(
             weight_amax: None,
             input_amax: None,
         };
+        let width = info.dtype.bitsize() / 8;
+        let src = tensors.bytes(info);
         match job {
             Job::Quantize { module, amax } => {
-                let data = tensors.read_f32(name, info, 0..info.numel())?;
-                let (q, err, reference) = quantize_rows(
-                    module,
-                    &data,
-                    [info.shape[0], info.shape[1]],
-                    amax.weight,
-                    threads,
-                )?;
-                drop(data);
+                let [rows, cols] = [info.shape[0], info.shape[1]];
+                let scale_2 = codec::weight_scale_2(module, amax.weight)?;
                 let input_scale = codec::input_scale(module, amax.input)?;
-                sharded.write(name, &q.packed)?;
-                sharded.write(&format!("{module}.weight_scale"), &q.weight_scale)?;
-                sharded.write(
-                    &format!("{module}.weight_scale_2"),
-                    &q.weight_scale_2.to_le_bytes(),
-                )?;
+                let scale_name = format!("{module}.weight_scale");
+                let per = (PIECE_ELEMENTS / cols).max(1);
+                let sums = run_pieces(rows.div_ceil(per), threads, cancel, |i| {
+                    let (e0, e1) = (i * per * cols, ((i + 1) * per).min(rows) * cols);
+                    let mut packed = vec![0u8; (e1 - e0) / 2];
+                    let mut scales = vec![0u8; (e1 - e0) / codec::BLOCK_SIZE];
+                    let mut bytes = Vec::new();
+                    tensors.read_bytes(info, e0 * width..e1 * width, &mut bytes)?;
+                    let sums =
+                        quantize_bytes(info.dtype, &bytes, scale_2, &mut packed, &mut scales)
+                            .map_err(|(index, value)| qatflow_nvfp4::Error::NonFinite {
+                                name: name.to_owned(),
+                                index: e0 + index,
+                                value,
+                            })?;
+                    sharded.write_chunk(name, (e0 / 2) as u64, &packed)?;
+                    sharded.write_chunk(&scale_name, (e0 / codec::BLOCK_SIZE) as u64, &scales)?;
+                    Ok(sums)
+                })?;
+                let (err, reference) = sums
+                    .iter()
+                    .fold((0f64, 0f64), |(e, r), s| (e + s.0, r + s.1));
+                sharded.write(&format!("{module}.weight_scale_2"), &scale_2.to_le_bytes())?;
                 sharded.write(&format!("{module}.input_scale"), &input_scale.to_le_bytes())?;
+                sharded.start_writeback(name)?;
+                sharded.start_writeback(&scale_name)?;
                 report.exported_as = "NVFP4".into();
                 report.rel_error = rel_error(err, reference);
                 report.weight_amax = Some(amax.weight);
                 report.input_amax = Some(amax.input);
             }
             Job::Bf16 if info.dtype == Dtype::BF16 => {
-                let bytes = tensors.bytes(info);
-                for (i, chunk) in bytes.chunks(COPY_CHUNK * 2).enumerate() {
-                    sharded.write_chunk(name, (i * COPY_CHUNK * 2) as u64, chunk)?;
-                }
+                // One thread: a plain copy is bound by the file's write lock, not the CPU.
+                run_pieces(src.len().div_ceil(COPY_BYTES), 1, cancel, |i| {
+                    let range = i * COPY_BYTES..((i + 1) * COPY_BYTES).min(src.len());
+                    sharded.write_chunk(name, range.start as u64, &src[range.clone()])?;
+                    tensors.release_bytes(info, range);
+                    Ok(())
+                })?;
+                sharded.start_writeback(name)?;
                 report.exported_as = "BF16".into();
             }
             Job::Bf16 => {
                 let n = info.numel();
-                let (mut err, mut reference) = (0f64, 0f64);
-                let mut start = 0;
-                while start < n {
-                    let end = (start + COPY_CHUNK).min(n);
-                    let values = tensors.read_f32(name, info, start..end)?;
+                let sums = run_pieces(n.div_ceil(PIECE_ELEMENTS), threads, cancel, |i| {
+                    let range = i * PIECE_ELEMENTS..((i + 1) * PIECE_ELEMENTS).min(n);
+                    let values = tensors.read_f32(name, info, range.clone())?;
+                    let (mut err, mut reference) = (0f64, 0f64);
                     let mut out = Vec::with_capacity(values.len() * 2);
                     for v in values {
                         let b = half::bf16::from_f32(v);
@@ -492,22 +595,26 @@ pub fn write_export(
                         reference += f64::from(v).powi(2);
                         out.extend_from_slice(&b.to_le_bytes());
                     }
-                    sharded.write_chunk(name, (start * 2) as u64, &out)?;
-                    start = end;
-                }
+                    sharded.write_chunk(name, (range.start * 2) as u64, &out)?;
+                    Ok((err, reference))
+                })?;
+                let (err, reference) = sums
+                    .iter()
+                    .fold((0f64, 0f64), |(e, r), s| (e + s.0, r + s.1));
+                sharded.start_writeback(name)?;
                 report.exported_as = "BF16".into();
                 report.rel_error = rel_error(err, reference);
             }
             Job::Raw => {
-                sharded.write(name, tensors.bytes(info))?;
+                sharded.write(name, src)?;
+                tensors.release(info);
                 report.exported_as = format!("{:?}", info.dtype);
             }
         }
-        tensors.release(info);
         progress.advance(info.byte_len() as u64);
         reports.push(report);
         if options.pause_after_tensors == Some(done + 1) {
-            pause_forever(done + 1);
+            return Err(pause_until_cancelled(done + 1, cancel));
         }
     }
     for w in sharded.writers.drain(..) {
@@ -528,17 +635,24 @@ pub fn write_export(
             serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         write_json(&dir.tmp.join("model.safetensors.index.json"), &index, b"  ")?;
     }
-    write_json(
-        &dir.tmp.join("config.json"),
-        &modelopt::export_config(&source_config),
-        b"  ",
-    )?;
+    let config = modelopt::export_config(&source_config, &exclude);
+    let config = if wrap {
+        modelopt::vl_wrapper_config(config)
+    } else {
+        config
+    };
+    write_json(&dir.tmp.join("config.json"), &config, b"  ")?;
     write_json(
         &dir.tmp.join("hf_quant_config.json"),
-        &modelopt::hf_quant_config(),
+        &modelopt::hf_quant_config(&exclude),
         b"    ",
     )?;
-    for name in std::iter::once(&"generation_config.json").chain(TOKENIZER_FILES) {
+    let mut copied = vec!["generation_config.json"];
+    copied.extend(TOKENIZER_FILES);
+    if wrap {
+        copied.push(PREPROCESSOR_CONFIG);
+    }
+    for name in copied {
         let src = src_dir.join(name);
         if src.is_file() {
             let dst = dir.tmp.join(name);
@@ -546,6 +660,8 @@ pub fn write_export(
             std::fs::File::open(&dst)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| ExportError::io(&dst, e))?;
+        } else if name == PREPROCESSOR_CONFIG {
+            write_json(&dir.tmp.join(name), &modelopt::preprocessor_config(), b"  ")?;
         }
     }
     verify_written(&dir.tmp, &layouts)?;
@@ -568,10 +684,11 @@ pub fn write_export(
         .filter(|r| r.exported_as == "NVFP4")
         .map(|r| r.rel_error)
         .collect();
+    before_commit()?;
     let report = ExportReport {
         format: "qatflow-export-report".into(),
         quant_algo: "NVFP4".into(),
-        producer: modelopt::hf_quant_config()["producer"].clone(),
+        producer: modelopt::hf_quant_config(&[])["producer"].clone(),
         source,
         output_files: files,
         totals: Totals {
@@ -591,6 +708,9 @@ pub fn write_export(
     };
     let report_value = serde_json::to_value(&report).expect("a report serializes");
     write_json(&dir.tmp.join("export_report.json"), &report_value, b"  ")?;
+    if cancel.is_cancelled() {
+        return Err(ExportError::Cancelled);
+    }
     dir.commit()?;
     Ok(report)
 }

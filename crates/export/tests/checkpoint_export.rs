@@ -11,7 +11,9 @@ use common::*;
 use qatflow_checkpoint::{INPUT_AMAX_SUFFIX, WEIGHT_AMAX_SUFFIX};
 use qatflow_core::NoProgress;
 use qatflow_export::checkpoint::read_quantizers;
-use qatflow_export::{export_checkpoint, latest_valid_checkpoint, ExportError, ExportOptions};
+use qatflow_export::{
+    export_checkpoint, latest_valid_checkpoint, CancellationToken, ExportError, ExportOptions,
+};
 use qatflow_model::{eval_nll, CausalLm, FakeQuant, LoadOptions, Precision};
 
 type B = Flex;
@@ -50,8 +52,14 @@ fn export_evaluates_like_the_fake_quantized_checkpoint() {
     let run = tmp.path().join("run");
     let info = tiny_checkpoint(&run, &hf, 100);
     let out = tmp.path().join("export");
-    let report =
-        export_checkpoint(&info.dir, &out, &ExportOptions::default(), &NoProgress).unwrap();
+    let report = export_checkpoint(
+        &info.dir,
+        &out,
+        &ExportOptions::default(),
+        &NoProgress,
+        &CancellationToken::new(),
+    )
+    .unwrap();
     assert_eq!(report.source.step, Some(100));
     assert_eq!(report.source.files, info.files);
     assert_eq!(report.totals.quantized_linears, 14);
@@ -100,12 +108,26 @@ fn sharded_export_loads_the_same_model() {
     let info = tiny_checkpoint(&tmp.path().join("run"), &hf, 1);
     let single = tmp.path().join("single");
     let sharded = tmp.path().join("sharded");
-    export_checkpoint(&info.dir, &single, &ExportOptions::default(), &NoProgress).unwrap();
+    export_checkpoint(
+        &info.dir,
+        &single,
+        &ExportOptions::default(),
+        &NoProgress,
+        &CancellationToken::new(),
+    )
+    .unwrap();
     let options = ExportOptions {
         max_shard_bytes: 1 << 20,
         ..ExportOptions::default()
     };
-    export_checkpoint(&info.dir, &sharded, &options, &NoProgress).unwrap();
+    export_checkpoint(
+        &info.dir,
+        &sharded,
+        &options,
+        &NoProgress,
+        &CancellationToken::new(),
+    )
+    .unwrap();
     assert!(!sharded.join("model.safetensors").exists());
     let index: serde_json::Value = serde_json::from_slice(
         &std::fs::read(sharded.join("model.safetensors.index.json")).unwrap(),
@@ -138,19 +160,40 @@ fn refusals_and_corruption_leave_no_output() {
     // An existing output is refused without --force and replaced with it.
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("stale.txt"), b"x").unwrap();
-    let err = export_checkpoint(&info.dir, &out, &opts, &NoProgress).unwrap_err();
+    let err = export_checkpoint(
+        &info.dir,
+        &out,
+        &opts,
+        &NoProgress,
+        &CancellationToken::new(),
+    )
+    .unwrap_err();
     assert!(matches!(err, ExportError::OutputExists { .. }), "{err}");
     assert!(err.to_string().contains("--force"), "{err}");
     let force = ExportOptions {
         force: true,
         ..opts.clone()
     };
-    export_checkpoint(&info.dir, &out, &force, &NoProgress).unwrap();
+    export_checkpoint(
+        &info.dir,
+        &out,
+        &force,
+        &NoProgress,
+        &CancellationToken::new(),
+    )
+    .unwrap();
     assert!(!out.join("stale.txt").exists());
     assert!(out.join("model.safetensors").is_file());
 
     // The source itself is never the output.
-    let err = export_checkpoint(&info.dir, &info.dir, &force, &NoProgress).unwrap_err();
+    let err = export_checkpoint(
+        &info.dir,
+        &info.dir,
+        &force,
+        &NoProgress,
+        &CancellationToken::new(),
+    )
+    .unwrap_err();
     assert!(matches!(err, ExportError::OutputIsSource { .. }), "{err}");
 
     // A truncated checkpoint file is reported by name, and nothing is written.
@@ -158,7 +201,14 @@ fn refusals_and_corruption_leave_no_output() {
     let model = info.dir.join("model.safetensors");
     let bytes = std::fs::read(&model).unwrap();
     std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
-    let err = export_checkpoint(&info.dir, &out2, &opts, &NoProgress).unwrap_err();
+    let err = export_checkpoint(
+        &info.dir,
+        &out2,
+        &opts,
+        &NoProgress,
+        &CancellationToken::new(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("model.safetensors"), "{err}");
     assert!(!out2.exists());
     std::fs::write(&model, &bytes).unwrap();
@@ -177,7 +227,14 @@ fn refusals_and_corruption_leave_no_output() {
     q.sort_by(|a, b| a.name.cmp(&b.name));
     w.write_safetensors("quantizers.safetensors", &q).unwrap();
     let partial = w.commit("test").unwrap();
-    let err = export_checkpoint(&partial.dir, &out2, &opts, &NoProgress).unwrap_err();
+    let err = export_checkpoint(
+        &partial.dir,
+        &out2,
+        &opts,
+        &NoProgress,
+        &CancellationToken::new(),
+    )
+    .unwrap_err();
     assert!(matches!(err, ExportError::MissingAmax { .. }), "{err}");
     assert!(
         err.to_string()
@@ -185,4 +242,83 @@ fn refusals_and_corruption_leave_no_output() {
         "{err}"
     );
     assert!(!out2.exists());
+}
+
+/// Cancels `token` once `after` progress updates have arrived.
+struct CancelAfter {
+    token: CancellationToken,
+    after: usize,
+    seen: std::sync::atomic::AtomicUsize,
+}
+
+impl qatflow_core::Progress for CancelAfter {
+    fn set_total(&self, _: u64) {}
+    fn advance(&self, _: u64) {
+        let seen = self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if seen == self.after {
+            self.token.cancel();
+        }
+    }
+}
+
+fn temp_dirs(parent: &Path) -> Vec<String> {
+    std::fs::read_dir(parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect()
+}
+
+#[test]
+fn cancelled_and_corrupt_exports_leave_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tiny_hf_dir(tmp.path());
+    let info = tiny_checkpoint(&tmp.path().join("run"), &hf, 3);
+    let out = tmp.path().join("out");
+    let opts = ExportOptions::default();
+
+    // Cancelled after 5 of the 25 tensors (Ctrl-C in the CLI).
+    let progress = CancelAfter {
+        token: CancellationToken::new(),
+        after: 5,
+        seen: Default::default(),
+    };
+    let err = export_checkpoint(&info.dir, &out, &opts, &progress, &progress.token).unwrap_err();
+    assert!(matches!(err, ExportError::Cancelled), "{err}");
+    assert_eq!(progress.seen.load(std::sync::atomic::Ordering::Relaxed), 5);
+    assert!(!out.exists());
+    assert_eq!(temp_dirs(tmp.path()), Vec::<String>::new());
+
+    // Cancelled before it starts.
+    let cancelled = CancellationToken::new();
+    cancelled.cancel();
+    let err = export_checkpoint(&info.dir, &out, &opts, &NoProgress, &cancelled).unwrap_err();
+    assert!(matches!(err, ExportError::Cancelled), "{err}");
+    assert!(!out.exists());
+
+    // A flipped byte inside the weights keeps every size and header intact; the checksum,
+    // computed while the export runs, stops the export before its rename.
+    let model = info.dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&model, &bytes).unwrap();
+    let err = export_checkpoint(
+        &info.dir,
+        &out,
+        &opts,
+        &NoProgress,
+        &CancellationToken::new(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ExportError::Checkpoint(qatflow_checkpoint::CheckpointError::ChecksumMismatch { .. })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+    assert!(!out.exists());
+    assert_eq!(temp_dirs(tmp.path()), Vec::<String>::new());
 }

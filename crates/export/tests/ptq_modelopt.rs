@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use qatflow_core::NoProgress;
-use qatflow_export::{quantize_hf, ExportOptions};
+use qatflow_export::{quantize_hf, CancellationToken, ExportOptions};
 use serde_json::Value;
 
 fn without_version(mut v: Value) -> Value {
@@ -34,6 +34,8 @@ fn ptq_of_qwen3_tiny_matches_modelopt() {
         &out,
         &ExportOptions::default(),
         &NoProgress,
+        &NoProgress,
+        &CancellationToken::new(),
     )
     .unwrap();
     assert_eq!(report.totals.quantized_linears, 14);

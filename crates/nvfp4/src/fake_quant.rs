@@ -56,7 +56,17 @@ pub fn fake_quantize<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     amax: f32,
 ) -> Result<Tensor<B, D>> {
-    let q = fake_quantize_value(name, x.clone().detach(), amax)?;
+    straight_through(x, |detached| fake_quantize_value(name, detached, amax))
+}
+
+/// The straight-through estimator around a forward function: returns `forward(x.detach())`
+/// as `q + (x - x.detach())`, whose value is bit-identical to `q` for finite `x` and whose
+/// gradient with respect to `x` is the identity (see the module header).
+pub fn straight_through<B: Backend, const D: usize, E>(
+    x: Tensor<B, D>,
+    forward: impl FnOnce(Tensor<B, D>) -> std::result::Result<Tensor<B, D>, E>,
+) -> std::result::Result<Tensor<B, D>, E> {
+    let q = forward(x.clone().detach())?;
     Ok(q + (x.clone() - x.detach()))
 }
 

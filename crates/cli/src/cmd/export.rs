@@ -7,13 +7,40 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use qatflow_export::bench::{parameter_shapes, qwen3_1_7b_config, write_random_checkpoint};
+use indicatif::{ProgressBar, ProgressStyle};
+use qatflow_core::Progress;
+use qatflow_export::bench::{
+    parameter_shapes, qwen3_0_6b_config, qwen3_1_7b_config, write_random_checkpoint,
+};
 use qatflow_export::{
     export_checkpoint, export_verified, latest_valid_checkpoint, quantize_hf, read_conversations,
-    read_token_ids, ExportOptions, ExportReport, PAUSE_ENV,
+    read_token_ids, CancellationToken, ExportError, ExportOptions, ExportReport, VlWrapper,
+    PAUSE_ENV,
 };
 
 use crate::progress::Bar;
+
+/// `--vl-wrapper`: whether a Qwen3.5 export gets vLLM's VL config wrapper.
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum VlWrapperArg {
+    /// Wrap when the source config's model_type is qwen3_5_text.
+    #[default]
+    Auto,
+    /// Always wrap (an error for other model types).
+    On,
+    /// Never wrap: config.json exactly as ModelOpt writes it.
+    Off,
+}
+
+impl From<VlWrapperArg> for VlWrapper {
+    fn from(a: VlWrapperArg) -> Self {
+        match a {
+            VlWrapperArg::Auto => VlWrapper::Auto,
+            VlWrapperArg::On => VlWrapper::On,
+            VlWrapperArg::Off => VlWrapper::Off,
+        }
+    }
+}
 
 /// How `CHECKPOINT_DIR` is chosen.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -44,6 +71,14 @@ pub struct ExportArgs {
     /// Print export_report.json to stdout instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// Qwen3.5 (model_type qwen3_5_text): write config.json as the VL wrapper vLLM serves
+    /// (model_type qwen3_5, Qwen3_5ForConditionalGeneration, the text config nested) and a
+    /// preprocessor_config.json stub.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub vl_wrapper: VlWrapperArg,
+    /// Threads that quantize and copy tensors (0: every core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 /// Arguments of `qatflow quantize`.
@@ -70,6 +105,10 @@ pub struct QuantizeArgs {
     /// Print export_report.json to stdout instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// Qwen3.5 (model_type qwen3_5_text): write the VL config wrapper and
+    /// preprocessor_config.json stub vLLM needs (see `qatflow export --help`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub vl_wrapper: VlWrapperArg,
 }
 
 /// Model configurations `bench-export` knows.
@@ -78,6 +117,9 @@ pub enum BenchConfig {
     /// Qwen3-1.7B (28 layers, hidden 2048, vocabulary 151936, tied embeddings).
     #[value(name = "qwen3-1.7b")]
     Qwen3_1_7b,
+    /// Qwen3-0.6B (28 layers, hidden 1024, vocabulary 151936, tied embeddings).
+    #[value(name = "qwen3-0.6b")]
+    Qwen3_0_6b,
 }
 
 /// Arguments of `qatflow bench-export`.
@@ -96,6 +138,67 @@ pub struct BenchArgs {
     /// Also write the JSON result to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Threads of each export (0: every core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// A token that Ctrl-C cancels; a second Ctrl-C exits at once (status 130).
+fn ctrl_c_token() -> anyhow::Result<CancellationToken> {
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    ctrlc::set_handler(move || {
+        if on_signal.is_cancelled() {
+            std::process::exit(130);
+        }
+        eprintln!("\nqatflow: cancelling; the partial output is removed (Ctrl-C again to abort)");
+        on_signal.cancel();
+    })
+    .context("installing the Ctrl-C handler")?;
+    Ok(cancel)
+}
+
+/// What a cancelled export returns: exit status 130, as for SIGINT.
+fn finish(
+    report: Result<ExportReport, ExportError>,
+    out: &Path,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    match report {
+        Err(ExportError::Cancelled) => {
+            eprintln!("qatflow: cancelled; {} was not written", out.display());
+            Ok(ExitCode::from(130))
+        }
+        other => summarize(&other?, out, json),
+    }
+}
+
+/// A bar counting calibration sequences.
+struct Steps(ProgressBar);
+
+impl Steps {
+    fn new(prefix: &str) -> Steps {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} sequences eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(prefix.to_string());
+        Steps(bar)
+    }
+}
+
+impl Progress for Steps {
+    fn set_total(&self, total: u64) {
+        self.0.set_length(total);
+    }
+    fn advance(&self, n: u64) {
+        self.0.inc(n);
+    }
+    fn message(&self, msg: &str) {
+        self.0.set_message(msg.to_string());
+    }
 }
 
 fn options(force: bool, max_shard_bytes: u64) -> anyhow::Result<ExportOptions> {
@@ -110,7 +213,7 @@ fn options(force: bool, max_shard_bytes: u64) -> anyhow::Result<ExportOptions> {
         force,
         max_shard_bytes,
         pause_after_tensors,
-        threads: 0,
+        ..ExportOptions::default()
     })
 }
 
@@ -140,19 +243,24 @@ fn summarize(report: &ExportReport, out: &Path, json: bool) -> anyhow::Result<Ex
 
 /// Runs `qatflow export`.
 pub fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
-    let opts = options(a.force, a.max_shard_bytes)?;
+    let opts = ExportOptions {
+        vl_wrapper: a.vl_wrapper.into(),
+        threads: a.threads,
+        ..options(a.force, a.max_shard_bytes)?
+    };
+    let cancel = ctrl_c_token()?;
     let bar = Bar::bytes("exporting");
     let _span = tracing::info_span!("export", source = %a.checkpoint_dir.display()).entered();
     let report = match a.checkpoint {
         Some(CheckpointPick::LatestValid) => {
             let info = latest_valid_checkpoint(&a.checkpoint_dir)?;
             tracing::info!(step = info.step, dir = %info.dir.display(), "exporting the newest valid checkpoint");
-            export_verified(&info, &a.out, &opts, &bar)
+            export_verified(&info, &a.out, &opts, &bar, &cancel)
         }
-        None => export_checkpoint(&a.checkpoint_dir, &a.out, &opts, &bar),
+        None => export_checkpoint(&a.checkpoint_dir, &a.out, &opts, &bar, &cancel),
     };
     bar.finish();
-    summarize(&report?, &a.out, a.json)
+    finish(report, &a.out, a.json)
 }
 
 /// Runs `qatflow quantize`.
@@ -165,12 +273,26 @@ pub fn quantize(a: QuantizeArgs) -> anyhow::Result<ExitCode> {
         (None, Some(path)) => read_token_ids(path, a.calib_samples)?,
         (None, None) => bail!("give --calib FILE.jsonl or --calib-token-ids FILE.json"),
     };
-    let opts = options(a.force, qatflow_export::writer::DEFAULT_MAX_SHARD_BYTES)?;
-    let bar = Bar::bytes("quantizing");
+    let opts = ExportOptions {
+        vl_wrapper: a.vl_wrapper.into(),
+        ..options(a.force, qatflow_export::writer::DEFAULT_MAX_SHARD_BYTES)?
+    };
+    let cancel = ctrl_c_token()?;
+    let calib_bar = Steps::new("calibrating");
+    let export_bar = Bar::bytes("exporting");
     let _span = tracing::info_span!("quantize", source = %a.hf_dir.display()).entered();
-    let report = quantize_hf(&a.hf_dir, &calib, &a.out, &opts, &bar);
-    bar.finish();
-    summarize(&report?, &a.out, a.json)
+    let report = quantize_hf(
+        &a.hf_dir,
+        &calib,
+        &a.out,
+        &opts,
+        &calib_bar,
+        &export_bar,
+        &cancel,
+    );
+    calib_bar.0.finish_and_clear();
+    export_bar.finish();
+    finish(report, &a.out, a.json)
 }
 
 /// Largest resident set of any waited-for child process, in KiB (`getrusage`).
@@ -193,6 +315,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let (name, config) = match a.config {
         BenchConfig::Qwen3_1_7b => ("qwen3-1.7b", qwen3_1_7b_config()),
+        BenchConfig::Qwen3_0_6b => ("qwen3-0.6b", qwen3_0_6b_config()),
     };
     let parameters: usize = parameter_shapes(&config)?
         .iter()
@@ -224,6 +347,8 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
             .arg("--out")
             .arg(&out)
             .arg("--force")
+            .arg("--threads")
+            .arg(a.threads.to_string())
             .env_remove(PAUSE_ENV)
             .stdout(std::process::Stdio::null())
             .status()
@@ -249,7 +374,8 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<ExitCode> {
         "median_s": sorted[sorted.len() / 2],
         "peak_rss_mib": children_max_rss_kib() as f64 / 1024.0,
         "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
-        "note": "wall time of a whole `qatflow export` process: checkpoint verification (sha256 of every file), quantization, writing, fsync, read-back and rename",
+        "threads": a.threads,
+        "note": "wall time of a whole `qatflow export` process: checkpoint verification (sha256 of every file, on its own thread while the export runs), quantization, writing, fsync, read-back and rename; threads 0 = every core",
     });
     let text = serde_json::to_string_pretty(&result)?;
     println!("{text}");

@@ -1,0 +1,240 @@
+//! Export of a Qwen3.5 (`qwen3_5_text`) checkpoint against ModelOpt 0.47's own export of the
+//! tiny Qwen3.5 fixture: every tensor byte-identical (linear-attention projections quantized,
+//! `conv1d` / `in_proj_a` / `in_proj_b` left in BF16), the same header order, and
+//! `config.json` / `hf_quant_config.json` equal to ModelOpt's apart from the producer version
+//! with `--vl-wrapper off`; with `auto` the same weights under vLLM's VL wrapper config and a
+//! `preprocessor_config.json` stub. PTQ of it is refused with an error that says what to do.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{fixture, tensors};
+use qatflow_checkpoint::{
+    CheckpointInfo, CheckpointWriter, TensorEntry, INPUT_AMAX_SUFFIX, WEIGHT_AMAX_SUFFIX,
+};
+use qatflow_core::NoProgress;
+use qatflow_export::modelopt::{preprocessor_config, quantized_module, vl_wrapper_config};
+use qatflow_export::{
+    export_checkpoint, quantize_hf, CancellationToken, ExportError, ExportOptions, VlWrapper,
+};
+use serde_json::Value;
+
+fn meta() -> Value {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen35_tiny_meta.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn without_version(mut v: Value) -> Value {
+    for p in [
+        "/producer/version",
+        "/quantization_config/producer/version",
+        "/text_config/quantization_config/producer/version",
+    ] {
+        if let Some(x) = v.pointer_mut(p) {
+            *x = Value::Null;
+        }
+    }
+    v
+}
+
+fn scalar(bytes: &[u8]) -> f32 {
+    f32::from_le_bytes(bytes[..4].try_into().unwrap())
+}
+
+/// The amax whose global scale (`amax × fp32(1/2688)`) is exactly `scale`: the calibrated
+/// input amax ModelOpt had, recovered from the `input_scale` it wrote.
+fn amax_for_scale(scale: f32) -> f32 {
+    let guess = scale * 2688.0;
+    (-8i32..=8)
+        .map(|d| f32::from_bits(guess.to_bits().wrapping_add_signed(d)))
+        .find(|a| qatflow_nvfp4::input_scale("x", *a).unwrap() == scale)
+        .unwrap_or_else(|| panic!("no amax gives input_scale {scale}"))
+}
+
+/// A QAT-format checkpoint of the tiny Qwen3.5: its BF16 weights, weight amax `max|W|` and
+/// the input amaxes ModelOpt calibrated (the exporter applies the group rule itself).
+fn qwen35_checkpoint(run: &Path) -> CheckpointInfo {
+    let src = fixture("qwen35_tiny_bf16.safetensors");
+    let weights = tensors(&src);
+    let want = tensors(&fixture("qwen35_tiny_nvfp4.safetensors"));
+    let mut q = Vec::new();
+    for (name, (_, shape, bytes)) in &weights {
+        let Some(module) = quantized_module(name, shape) else {
+            continue;
+        };
+        let values: Vec<half::bf16> = bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        let w = qatflow_nvfp4::codec::amax(name, &values).unwrap();
+        let input = amax_for_scale(scalar(&want[&format!("{module}.input_scale")].2));
+        q.push(TensorEntry::scalar_f32(
+            format!("{module}{WEIGHT_AMAX_SUFFIX}"),
+            w,
+        ));
+        q.push(TensorEntry::scalar_f32(
+            format!("{module}{INPUT_AMAX_SUFFIX}"),
+            input,
+        ));
+    }
+    assert_eq!(q.len(), 2 * 25, "25 quantized linears");
+    q.sort_by(|a, b| a.name.cmp(&b.name));
+    let m = meta();
+    let mut w = CheckpointWriter::create(run, 7).unwrap();
+    w.copy_file(&src, "model.safetensors").unwrap();
+    w.write_safetensors("quantizers.safetensors", &q).unwrap();
+    w.write_bytes(
+        "config.json",
+        &serde_json::to_vec_pretty(&m["source_config.json"]).unwrap(),
+    )
+    .unwrap();
+    w.write_bytes(
+        "generation_config.json",
+        &serde_json::to_vec_pretty(&m["export/generation_config.json"]).unwrap(),
+    )
+    .unwrap();
+    w.commit("test").unwrap()
+}
+
+fn export(info: &CheckpointInfo, out: &Path, vl_wrapper: VlWrapper) {
+    let options = ExportOptions {
+        vl_wrapper,
+        threads: 3,
+        ..ExportOptions::default()
+    };
+    let report = export_checkpoint(
+        &info.dir,
+        out,
+        &options,
+        &NoProgress,
+        &CancellationToken::new(),
+    )
+    .unwrap();
+    assert_eq!(report.totals.quantized_linears, 25);
+}
+
+fn header_order(path: &Path) -> Vec<String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.offset_keys()
+}
+
+#[test]
+fn qwen35_export_matches_modelopt_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let info = qwen35_checkpoint(&tmp.path().join("run"));
+    let out = tmp.path().join("plain");
+    export(&info, &out, VlWrapper::Off);
+
+    let ours = tensors(&out.join("model.safetensors"));
+    let want = tensors(&fixture("qwen35_tiny_nvfp4.safetensors"));
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "tensor names"
+    );
+    let differing: Vec<&String> = want.keys().filter(|n| ours[*n] != want[*n]).collect();
+    assert!(
+        differing.is_empty(),
+        "differ from ModelOpt's export: {differing:?}"
+    );
+    assert_eq!(
+        header_order(&out.join("model.safetensors")),
+        header_order(&fixture("qwen35_tiny_nvfp4.safetensors"))
+    );
+
+    let m = meta();
+    assert_eq!(
+        without_version(json(&out.join("config.json"))),
+        without_version(m["export/config.json"].clone())
+    );
+    assert_eq!(
+        without_version(json(&out.join("hf_quant_config.json"))),
+        without_version(m["export/hf_quant_config.json"].clone())
+    );
+    assert_eq!(
+        json(&out.join("generation_config.json")),
+        m["export/generation_config.json"]
+    );
+    assert!(!out.join("preprocessor_config.json").exists());
+}
+
+#[test]
+fn qwen35_export_gets_the_vl_wrapper_by_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let info = qwen35_checkpoint(&tmp.path().join("run"));
+    let plain = tmp.path().join("plain");
+    export(&info, &plain, VlWrapper::Off);
+    let wrapped = tmp.path().join("wrapped");
+    export(&info, &wrapped, VlWrapper::Auto);
+
+    let config = json(&wrapped.join("config.json"));
+    assert_eq!(config, vl_wrapper_config(json(&plain.join("config.json"))));
+    assert_eq!(config["model_type"], "qwen3_5");
+    assert_eq!(config["text_config"]["model_type"], "qwen3_5_text");
+    assert_eq!(
+        without_version(config["text_config"].clone()),
+        without_version(meta()["export/config.json"].clone())
+    );
+    assert_eq!(
+        json(&wrapped.join("preprocessor_config.json")),
+        preprocessor_config()
+    );
+    // The weights and hf_quant_config.json do not change.
+    assert_eq!(
+        std::fs::read(wrapped.join("model.safetensors")).unwrap(),
+        std::fs::read(plain.join("model.safetensors")).unwrap()
+    );
+    assert_eq!(
+        json(&wrapped.join("hf_quant_config.json")),
+        json(&plain.join("hf_quant_config.json"))
+    );
+    let report = json(&wrapped.join("export_report.json"));
+    let listed = report["output_files"].as_array().unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|f| f["name"] == "preprocessor_config.json"),
+        "{listed:?}"
+    );
+}
+
+#[test]
+fn ptq_of_qwen35_is_refused_with_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    std::fs::create_dir(&hf).unwrap();
+    std::fs::copy(
+        fixture("qwen35_tiny_bf16.safetensors"),
+        hf.join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        hf.join("config.json"),
+        serde_json::to_vec_pretty(&meta()["source_config.json"]).unwrap(),
+    )
+    .unwrap();
+    let err = quantize_hf(
+        &hf,
+        &[vec![1, 2, 3]],
+        &tmp.path().join("out"),
+        &ExportOptions::default(),
+        &NoProgress,
+        &NoProgress,
+        &CancellationToken::new(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ExportError::UnsupportedPtq { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("qwen3_5_text") && text.contains("qatflow export"),
+        "{text}"
+    );
+    assert!(!tmp.path().join("out").exists());
+}
