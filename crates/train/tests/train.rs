@@ -116,6 +116,54 @@ fn qat_loss_falls_and_checkpoints_hold_the_quantizer_state() {
     let report = qatflow_train::report::report(&summary.run_dir).unwrap();
     assert_eq!(report.steps.len(), 6);
     assert!(report.loss_svg.exists());
+    export_computes_the_trained_fake_quantized_model(&ckpt, &quant, tmp.path());
+}
+
+/// The NVFP4 export of a trained QAT checkpoint, loaded back with W4A4 emulation, has the
+/// mean NLL of the checkpoint with its fake quantizers on, and quantization does change the
+/// function (the comparison is not vacuous). The quantized linears compute the same values;
+/// the rest differs by the export's BF16 copies of the unquantized tensors (embedding, norms:
+/// BF16 as in ModelOpt's exports) against the checkpoint's FP32 master weights, the
+/// `input_scale` rounding and float32 summation order. Measured: |Δ| = 2.5e-4 nats, against
+/// 6.0e-3 for quantization itself.
+fn export_computes_the_trained_fake_quantized_model(
+    ckpt: &Path,
+    quant: &std::collections::BTreeMap<String, qatflow_model::FakeQuant>,
+    tmp: &Path,
+) {
+    use qatflow_model::{eval_nll, CausalLm, LoadOptions, Precision};
+    type B = burn::backend::Flex;
+    let out = tmp.join("export");
+    qatflow_export::export_checkpoint(
+        ckpt,
+        &out,
+        &qatflow_export::ExportOptions::default(),
+        &qatflow_core::NoProgress,
+        &qatflow_export::CancellationToken::new(),
+    )
+    .unwrap();
+    let ids: Vec<Vec<u32>> = (0..3)
+        .map(|s| (0..48).map(|i| (s * 977 + i * 131) % 1000 + 10).collect())
+        .collect();
+    let load = |dir: &Path| {
+        let options = LoadOptions {
+            precision: Precision::F32,
+            emulate_nvfp4_activations: true,
+        };
+        CausalLm::<B>::load(dir, options, &Default::default()).unwrap()
+    };
+    let plain = eval_nll(&load(ckpt), ids.clone()).unwrap().mean_nll;
+    let mut fq = load(ckpt);
+    for l in fq.linears_mut() {
+        l.set_fake_quant(quant[&l.name]).unwrap();
+    }
+    let fq = eval_nll(&fq, ids.clone()).unwrap().mean_nll;
+    let exported = eval_nll(&load(&out), ids).unwrap().mean_nll;
+    assert!(
+        (fq - exported).abs() <= 1e-3,
+        "export {exported} vs fake-quantized checkpoint {fq} (unquantized {plain})"
+    );
+    assert!((plain - fq).abs() > 3e-3, "{plain} vs {fq}");
 }
 
 #[test]
