@@ -174,15 +174,9 @@ mod tests {
     #[test]
     fn a_small_run_ships_everything() {
         let dir = tempfile::tempdir().unwrap();
-        let report = actix::System::with_tokio_rt(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap()
-        })
-        .block_on(shard_throughput(dir.path(), 2, 1))
-        .unwrap();
+        let report = crate::node::system(Some(2))
+            .block_on(shard_throughput(dir.path(), 2, 1))
+            .unwrap();
         assert!(report.dataset_bytes >= 2_000_000);
         assert!(report.shards >= 2);
         assert!(report.shard_bytes < report.dataset_bytes);

@@ -33,7 +33,7 @@ pub mod trace;
 pub mod watchdog;
 
 pub use config::{NodeConfig, Role};
-pub use node::{run, start, RunningNode};
+pub use node::{run, start, system, RunningNode};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

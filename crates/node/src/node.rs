@@ -270,17 +270,26 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
     })
 }
 
-/// Runs a node until Ctrl-C or SIGTERM: an actix System on a multi-thread tokio runtime
-/// (never a single-threaded one: the OTLP exporter and blocking library calls need real
-/// threads).
-pub fn run(config: NodeConfig) -> Result<(), NodeError> {
-    let system = actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
+/// An actix System on a multi-thread tokio runtime, never a single-threaded one: the OTLP
+/// exporter and blocking library calls need real threads. `worker_threads` defaults to the
+/// number of cores.
+pub fn system(worker_threads: Option<usize>) -> actix::SystemRunner {
+    actix::System::with_tokio_rt(move || {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = worker_threads {
+            builder.worker_threads(n);
+        }
+        builder
             .enable_all()
             .thread_name("qatflow-node")
             .build()
             .expect("a tokio runtime starts")
-    });
+    })
+}
+
+/// Runs a node until Ctrl-C or SIGTERM on a [`system`].
+pub fn run(config: NodeConfig) -> Result<(), NodeError> {
+    let system = system(None);
     system.block_on(async move {
         let mut node = start(&config).await?;
         eprintln!(

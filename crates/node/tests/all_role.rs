@@ -48,14 +48,7 @@ fn ships_to_itself(dir: &Path, extra: &str) {
     let token = config.token().unwrap();
     let tls = qatflow_node::tls::client(&config.tls).unwrap();
     let scheme = config.scheme();
-    actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    })
-    .block_on(async {
+    qatflow_node::system(Some(2)).block_on(async {
         let node = qatflow_node::start(&config).await.unwrap();
         let url = format!("{scheme}://{}", node.addr);
         let mut c =

@@ -22,14 +22,7 @@ fn a_serve_job_streams_output_and_stops_on_cancel() {
         dir.path().display().to_string()
     ))
     .unwrap();
-    actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    })
-    .block_on(async {
+    qatflow_node::system(Some(2)).block_on(async {
         let node = qatflow_node::start(&config).await.unwrap();
         let url = format!("http://{}", node.addr);
         let mut jobs = client::jobs(&url, None).unwrap();

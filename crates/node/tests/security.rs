@@ -48,13 +48,7 @@ fn chunk(id: &str, data: Vec<u8>, total: u64) -> ShardChunk {
 }
 
 fn system() -> actix::SystemRunner {
-    actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    })
+    qatflow_node::system(Some(2))
 }
 
 #[test]

@@ -189,12 +189,7 @@ pub fn run_bench_shards(a: BenchShardsArgs) -> anyhow::Result<ExitCode> {
         .prefix("qatflow-bench-shards-")
         .tempdir_in(&a.dir)
         .with_context(|| format!("{}: cannot create a temporary directory", a.dir.display()))?;
-    let system = actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .expect("a tokio runtime starts")
-    });
+    let system = qatflow_node::system(None);
     let r = system.block_on(qatflow_node::bench::shard_throughput(
         dir.path(),
         a.mb,

@@ -65,14 +65,7 @@ fn sleeper() -> (std::process::Child, ServingRecord) {
 /// cancels job `serve-1`, waits until it stopped and stops the node.
 fn with_node(dir: &Path, check: impl FnOnce(&str)) {
     let config = config(dir);
-    actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    })
-    .block_on(async {
+    qatflow_node::system(Some(2)).block_on(async {
         // The node opens the store the test just closed (see `open_store`).
         let start = Instant::now();
         let node = loop {

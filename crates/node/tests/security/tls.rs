@@ -53,14 +53,7 @@ fn mutual_tls_refuses_clients_without_a_ca_signed_certificate() {
     ))
     .unwrap();
 
-    actix::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-    })
-    .block_on(async {
+    qatflow_node::system(Some(2)).block_on(async {
         let node = qatflow_node::start(&config).await.unwrap();
         let url = format!("https://{}", node.addr);
 
