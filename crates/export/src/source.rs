@@ -61,41 +61,16 @@ impl std::fmt::Debug for SourceTensors {
     }
 }
 
-/// The weight files of a model directory: `model.safetensors`, or the shards named by
-/// `model.safetensors.index.json` (sorted, each once).
+/// The weight files of a model directory ([`qatflow_model::weights::weight_files`]), with
+/// the exporter's errors.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ExportError> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    if !index.is_file() {
-        return Err(ExportError::NoWeights {
-            dir: dir.to_path_buf(),
-        });
-    }
-    let bad = |problem: String| ExportError::BadInput {
-        path: index.clone(),
-        problem,
-    };
-    let text = std::fs::read(&index).map_err(|e| ExportError::io(&index, e))?;
-    let json: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("no `weight_map` object".into()))?;
-    let mut shards: Vec<String> = Vec::new();
-    for (name, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| bad(format!("weight_map[{name:?}] is not a file name")))?;
-        if !shards.iter().any(|s| s == file) {
-            shards.push(file.to_owned());
-        }
-    }
-    shards.sort();
-    Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+    use qatflow_model::LoadError;
+    qatflow_model::weights::weight_files(dir).map_err(|e| match e {
+        LoadError::NoWeights { dir } => ExportError::NoWeights { dir },
+        LoadError::Index { path, problem } => ExportError::BadInput { path, problem },
+        LoadError::Io { path, source } => ExportError::io(&path, source),
+        other => ExportError::Load(other),
+    })
 }
 
 impl SourceTensors {

@@ -149,45 +149,51 @@ struct Stored<'a> {
     bytes: &'a [u8],
 }
 
+/// The weight files of a Hugging Face model directory: `model.safetensors`, or the shards
+/// named by `model.safetensors.index.json` (sorted, each once).
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    if !index_path.exists() {
+        return Err(LoadError::NoWeights {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let bad = |problem: String| LoadError::Index {
+        path: index_path.clone(),
+        problem,
+    };
+    let text = std::fs::read_to_string(&index_path).map_err(|source| LoadError::Io {
+        path: index_path.clone(),
+        source,
+    })?;
+    let json: Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut shards: Vec<String> = Vec::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map[{name:?}] is not a file name")))?;
+        if !shards.iter().any(|s| s == file) {
+            shards.push(file.to_string());
+        }
+    }
+    shards.sort();
+    Ok(shards.into_iter().map(|s| dir.join(s)).collect())
+}
+
 impl Checkpoint {
     /// Opens `dir/model.safetensors`, or the shards named by
-    /// `dir/model.safetensors.index.json`.
+    /// `dir/model.safetensors.index.json` ([`weight_files`]).
     pub fn open(dir: &Path) -> Result<Checkpoint, LoadError> {
-        let single = dir.join("model.safetensors");
-        let index_path = dir.join("model.safetensors.index.json");
-        let paths = if single.exists() {
-            vec![single]
-        } else if index_path.exists() {
-            let bad = |problem: String| LoadError::Index {
-                path: index_path.clone(),
-                problem,
-            };
-            let text = std::fs::read_to_string(&index_path).map_err(|source| LoadError::Io {
-                path: index_path.clone(),
-                source,
-            })?;
-            let json: Value =
-                serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-            let map = json
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| bad("no `weight_map` object".into()))?;
-            let mut shards: Vec<String> = Vec::new();
-            for (name, file) in map {
-                let file = file
-                    .as_str()
-                    .ok_or_else(|| bad(format!("weight_map[{name:?}] is not a file name")))?;
-                if !shards.iter().any(|s| s == file) {
-                    shards.push(file.to_string());
-                }
-            }
-            shards.sort();
-            shards.into_iter().map(|s| dir.join(s)).collect()
-        } else {
-            return Err(LoadError::NoWeights {
-                dir: dir.to_path_buf(),
-            });
-        };
+        let paths = weight_files(dir)?;
         let mut ckpt = Checkpoint::from_files(&paths)?;
         ckpt.origin = dir.display().to_string();
         Ok(ckpt)
