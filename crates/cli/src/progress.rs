@@ -22,6 +22,20 @@ impl Bar {
         Bar(bar)
     }
 
+    /// A bar counting items (`unit` names them, e.g. `sequences`), with ETA.
+    pub fn items(prefix: &str, unit: &str) -> Bar {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(&format!(
+                "{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit} eta {{eta}}"
+            ))
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(prefix.to_string());
+        Bar(bar)
+    }
+
     /// Removes the bar from the terminal.
     pub fn finish(&self) {
         self.0.finish_and_clear();

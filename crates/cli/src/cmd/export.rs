@@ -7,8 +7,6 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
-use qatflow_core::Progress;
 use qatflow_export::bench::{
     parameter_shapes, qwen3_0_6b_config, qwen3_1_7b_config, write_random_checkpoint,
 };
@@ -173,34 +171,6 @@ fn finish(
     }
 }
 
-/// A bar counting calibration sequences.
-struct Steps(ProgressBar);
-
-impl Steps {
-    fn new(prefix: &str) -> Steps {
-        let bar = ProgressBar::new(0);
-        bar.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} sequences eta {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        bar.set_prefix(prefix.to_string());
-        Steps(bar)
-    }
-}
-
-impl Progress for Steps {
-    fn set_total(&self, total: u64) {
-        self.0.set_length(total);
-    }
-    fn advance(&self, n: u64) {
-        self.0.inc(n);
-    }
-    fn message(&self, msg: &str) {
-        self.0.set_message(msg.to_string());
-    }
-}
-
 fn options(force: bool, max_shard_bytes: u64) -> anyhow::Result<ExportOptions> {
     let pause_after_tensors = match std::env::var(PAUSE_ENV) {
         Ok(v) => Some(
@@ -278,7 +248,7 @@ pub fn quantize(a: QuantizeArgs) -> anyhow::Result<ExitCode> {
         ..options(a.force, qatflow_export::writer::DEFAULT_MAX_SHARD_BYTES)?
     };
     let cancel = ctrl_c_token()?;
-    let calib_bar = Steps::new("calibrating");
+    let calib_bar = Bar::items("calibrating", "sequences");
     let export_bar = Bar::bytes("exporting");
     let _span = tracing::info_span!("quantize", source = %a.hf_dir.display()).entered();
     let report = quantize_hf(
@@ -290,7 +260,7 @@ pub fn quantize(a: QuantizeArgs) -> anyhow::Result<ExitCode> {
         &export_bar,
         &cancel,
     );
-    calib_bar.0.finish_and_clear();
+    calib_bar.finish();
     export_bar.finish();
     finish(report, &a.out, a.json)
 }
