@@ -7,21 +7,6 @@ mod common;
 use common::*;
 use qatflow_core::NoProgress;
 use qatflow_export::{quantize_hf, CancellationToken, ExportOptions};
-use serde_json::Value;
-
-fn without_version(mut v: Value) -> Value {
-    if let Some(p) = v.pointer_mut("/producer/version") {
-        *p = Value::Null;
-    }
-    if let Some(p) = v.pointer_mut("/quantization_config/producer/version") {
-        *p = Value::Null;
-    }
-    v
-}
-
-fn json(path: &std::path::Path) -> Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
 
 #[test]
 fn ptq_of_qwen3_tiny_matches_modelopt() {
@@ -64,19 +49,7 @@ fn ptq_of_qwen3_tiny_matches_modelopt() {
     }
     println!("largest input_scale deviation from ModelOpt: {worst_input:.4}");
 
-    let m = meta();
-    assert_eq!(
-        without_version(json(&out.join("config.json"))),
-        without_version(m["export/config.json"].clone())
-    );
-    assert_eq!(
-        without_version(json(&out.join("hf_quant_config.json"))),
-        without_version(m["export/hf_quant_config.json"].clone())
-    );
-    assert_eq!(
-        json(&out.join("generation_config.json")),
-        m["export/generation_config.json"]
-    );
+    assert_configs_match_modelopt(&out, &meta());
     // The tensor layout (header order) is the one ModelOpt's file has.
     let order = |p: &std::path::Path| {
         let bytes = std::fs::read(p).unwrap();

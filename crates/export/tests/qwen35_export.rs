@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixture, tensors};
+use common::{assert_configs_match_modelopt, fixture, json, tensors, without_version};
 use qatflow_checkpoint::{
     CheckpointInfo, CheckpointWriter, TensorEntry, INPUT_AMAX_SUFFIX, WEIGHT_AMAX_SUFFIX,
 };
@@ -24,23 +24,6 @@ fn meta() -> Value {
     let path =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen35_tiny_meta.json");
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
-fn without_version(mut v: Value) -> Value {
-    for p in [
-        "/producer/version",
-        "/quantization_config/producer/version",
-        "/text_config/quantization_config/producer/version",
-    ] {
-        if let Some(x) = v.pointer_mut(p) {
-            *x = Value::Null;
-        }
-    }
-    v
 }
 
 fn scalar(bytes: &[u8]) -> f32 {
@@ -149,19 +132,7 @@ fn qwen35_export_matches_modelopt_byte_for_byte() {
         header_order(&fixture("qwen35_tiny_nvfp4.safetensors"))
     );
 
-    let m = meta();
-    assert_eq!(
-        without_version(json(&out.join("config.json"))),
-        without_version(m["export/config.json"].clone())
-    );
-    assert_eq!(
-        without_version(json(&out.join("hf_quant_config.json"))),
-        without_version(m["export/hf_quant_config.json"].clone())
-    );
-    assert_eq!(
-        json(&out.join("generation_config.json")),
-        m["export/generation_config.json"]
-    );
+    assert_configs_match_modelopt(&out, &meta());
     assert!(!out.join("preprocessor_config.json").exists());
 }
 

@@ -110,3 +110,39 @@ pub fn tensors(path: &Path) -> std::collections::BTreeMap<String, (Dtype, Vec<us
         })
         .collect()
 }
+
+/// A JSON file.
+pub fn json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// `v` with ModelOpt's producer version blanked (top level, `quantization_config`, and the
+/// VL wrapper's `text_config.quantization_config`).
+pub fn without_version(mut v: Value) -> Value {
+    for p in [
+        "/producer/version",
+        "/quantization_config/producer/version",
+        "/text_config/quantization_config/producer/version",
+    ] {
+        if let Some(x) = v.pointer_mut(p) {
+            *x = Value::Null;
+        }
+    }
+    v
+}
+
+/// `out`'s `config.json` and `hf_quant_config.json` equal the fixture's (`meta`) apart from
+/// the producer version, and its `generation_config.json` equals it exactly.
+pub fn assert_configs_match_modelopt(out: &Path, meta: &Value) {
+    for f in ["config.json", "hf_quant_config.json"] {
+        assert_eq!(
+            without_version(json(&out.join(f))),
+            without_version(meta[&format!("export/{f}")].clone()),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        json(&out.join("generation_config.json")),
+        meta["export/generation_config.json"]
+    );
+}
