@@ -259,6 +259,53 @@ fn checks(gpu: &Quantizer, dir: &Path, device: usize, failures: &mut Failures) -
         }
     }
 
+    // Quotients exactly on the E2M1 ties and one unit in the last place around them, where the
+    // kernels' reciprocal shortcut hands over to the exact division: GPU == CPU codec.
+    let (rows, cols) = (1024usize, 4096usize);
+    for (dtype, ulp_shift) in [("bf16", 16u32), ("f32", 0)] {
+        let w = ties(rows * cols, ulp_shift);
+        let amax = codec::amax("ties", &w).expect("finite");
+        let (q_gpu, q_cpu, fq_gpu, fq_cpu) = if dtype == "bf16" {
+            let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+            let fq = |q: &Quantizer| {
+                q.fake_quantize("ties", &wb, &[rows, cols], amax)
+                    .ok()
+                    .map(|v| v.iter().map(|x| x.to_bits() as u32).collect::<Vec<_>>())
+            };
+            (
+                gpu.quantize("ties", &wb, &[rows, cols], amax).ok(),
+                cpu.quantize("ties", &wb, &[rows, cols], amax).ok(),
+                fq(gpu),
+                fq(&cpu),
+            )
+        } else {
+            let fq = |q: &Quantizer| {
+                q.fake_quantize("ties", &w, &[rows, cols], amax)
+                    .ok()
+                    .map(|v| bits(&v))
+            };
+            (
+                gpu.quantize("ties", &w, &[rows, cols], amax).ok(),
+                cpu.quantize("ties", &w, &[rows, cols], amax).ok(),
+                fq(gpu),
+                fq(&cpu),
+            )
+        };
+        check(failures, q_gpu.is_some() && q_gpu == q_cpu, || {
+            format!("ties {dtype} {rows}x{cols}: GPU quantize differs from CPU")
+        });
+        check(failures, fq_gpu.is_some() && fq_gpu == fq_cpu, || {
+            format!("ties {dtype} {rows}x{cols}: GPU fake quant differs from CPU")
+        });
+        if dtype == "f32" {
+            let b = burn_fake_quant::<Gpu>(&w, &[rows, cols], amax, device, true);
+            check(failures, fq_cpu.as_ref() == Some(&bits(&b)), || {
+                "ties f32: burn cuda fake quant (kernel path) differs from CPU".to_string()
+            });
+        }
+    }
+    counts.insert("tie_blocks".into(), json!(2 * rows * cols / 16));
+
     // STE on CUDA: the gradient of a loss linear in W equals the unquantized one.
     let mut ste_all = true;
     for kernel_path in [false, true] {
@@ -289,6 +336,35 @@ fn sample(n: usize, seed: u64) -> Vec<f32> {
             }
         })
         .collect()
+}
+
+/// Blocks whose quotients land exactly on the E2M1 ties and grid values, and one unit in the
+/// last place around them (of `bf16` for `ulp_shift` 16, of `f32` for 0), for a tensor amax of
+/// 2688 (`weight_scale_2 = 1`) and block scales spread over the E4M3 range.
+fn ties(n: usize, ulp_shift: u32) -> Vec<f32> {
+    const POINTS: [f32; 15] = [
+        0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0,
+    ];
+    let mut out = Vec::with_capacity(n);
+    let mut state = 7u64;
+    for b in 0..n / 16 {
+        let s = 2f32.powi((b % 13) as i32 - 8) * (1.0 + (b / 13 % 8) as f32 / 8.0);
+        out.push(if b == 0 { 2688.0 } else { 6.0 * s });
+        for _ in 1..16 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let p = POINTS[(state % 15) as usize] * s;
+            let step = ((state >> 8) % 3) as i64 - 1;
+            let v = if p == 0.0 {
+                0.0
+            } else {
+                f32::from_bits((i64::from(p.to_bits()) + (step << ulp_shift)) as u32)
+            };
+            out.push(if (state >> 12) % 2 == 0 { v } else { -v });
+        }
+    }
+    out
 }
 
 fn burn_device(index: usize) -> burn::backend::cuda::CudaDevice {
@@ -379,34 +455,67 @@ fn benchmarks(device: usize) -> Value {
     let scale_2 = codec::weight_scale_2("w", amax).expect("positive");
     let input = client.create_from_slice(bf16::as_bytes(&w));
     let bytes_in = (n * 2) as f64;
-    let (warmup, runs) = (3, 20);
-
-    // Copy of the same number of bytes: the bandwidth reference.
-    let copy_out = client.empty(n * 2);
-    let copy_s = time(warmup, runs, || {
-        launch_copy(&client, input.clone(), copy_out.clone(), n * 2);
-        sync(&client);
-    });
+    let tie_w: Vec<bf16> = ties(n, 16).iter().map(|v| bf16::from_f32(*v)).collect();
+    let tie_scale_2 = codec::weight_scale_2("ties", codec::amax("ties", &tie_w).expect("finite"))
+        .expect("positive");
+    let tie_input = client.create_from_slice(bf16::as_bytes(&tie_w));
     let packed = client.empty(n / 2);
     let scales = client.empty(n / 16);
-    let quant_s = time(warmup, runs, || {
-        launch_quantize::<bf16>(
+    let out = client.empty(n * 2);
+    // 0: copy of the same bytes (the bandwidth reference), 1: export kernel, 2: fake quant;
+    // 3 and 4: the kernels on the tie-heavy tensor (the exact division's worst case).
+    let launch = |k: usize| match k {
+        0 => launch_copy(&client, input.clone(), out.clone(), n * 2),
+        1 => launch_quantize::<bf16>(
             &client,
             input.clone(),
             packed.clone(),
             scales.clone(),
             n,
             scale_2,
-        );
-        sync(&client);
-    });
-    let fq_out = client.empty(n * 2);
-    let fq_s = time(warmup, runs, || {
-        launch_fake_quantize::<bf16>(&client, input.clone(), fq_out.clone(), n, scale_2);
-        sync(&client);
-    });
-    let gbs = |s: f64| bytes_in / s / 1e9;
-    let copy_gbs = gbs(copy_s);
+        ),
+        2 => launch_fake_quantize::<bf16>(&client, input.clone(), out.clone(), n, scale_2),
+        3 => launch_quantize::<bf16>(
+            &client,
+            tie_input.clone(),
+            packed.clone(),
+            scales.clone(),
+            n,
+            tie_scale_2,
+        ),
+        _ => launch_fake_quantize::<bf16>(&client, tie_input.clone(), out.clone(), n, tie_scale_2),
+    };
+    // Interleaved rounds; each times 10 single launches (launch + sync each) and one batch of
+    // 20 back-to-back launches with one sync (per-launch overhead amortized).
+    let (rounds, singles, batch) = (7, 10, 20);
+    let mut single_s = vec![Vec::new(); 5];
+    let mut batched_s = vec![Vec::new(); 5];
+    for round in 0..rounds {
+        for i in 0..5 {
+            let k = (i + round) % 5;
+            for _ in 0..3 {
+                launch(k);
+            }
+            sync(&client);
+            for _ in 0..singles {
+                let t = Instant::now();
+                launch(k);
+                sync(&client);
+                single_s[k].push(t.elapsed().as_secs_f64());
+            }
+            let t = Instant::now();
+            for _ in 0..batch {
+                launch(k);
+            }
+            sync(&client);
+            batched_s[k].push(t.elapsed().as_secs_f64() / batch as f64);
+        }
+    }
+    let gbs = |s: &[f64]| bytes_in / median(s.to_vec()) / 1e9;
+    let (copy_gbs, quant_gbs, fq_gbs) =
+        (gbs(&batched_s[0]), gbs(&batched_s[1]), gbs(&batched_s[2]));
+    let (copy_1, quant_1, fq_1) = (gbs(&single_s[0]), gbs(&single_s[1]), gbs(&single_s[2]));
+    let (tie_quant_gbs, tie_fq_gbs) = (gbs(&batched_s[3]), gbs(&batched_s[4]));
 
     // fwd+bwd of a 4096x4096 linear layer on 4096 tokens, BF16, with and without fake quant.
     let (tokens, dim) = (4096usize, 4096usize);
@@ -459,13 +568,24 @@ fn benchmarks(device: usize) -> Value {
         "weight_quant": {
             "shape": [rows, cols],
             "dtype": "bf16",
-            "runs": runs,
+            "timing": "median over 7 interleaved rounds of a batch of 20 back-to-back launches, one sync",
             "copy_gb_per_s": copy_gbs,
-            "quantize_export_gb_per_s": gbs(quant_s),
-            "quantize_export_fraction_of_copy": gbs(quant_s) / copy_gbs,
-            "fake_quant_gb_per_s": gbs(fq_s),
-            "fake_quant_fraction_of_copy": gbs(fq_s) / copy_gbs,
+            "quantize_export_gb_per_s": quant_gbs,
+            "quantize_export_fraction_of_copy": quant_gbs / copy_gbs,
+            "fake_quant_gb_per_s": fq_gbs,
+            "fake_quant_fraction_of_copy": fq_gbs / copy_gbs,
             "goal_fraction": 0.6,
+            "tie_heavy_input": {
+                "data": "every block's quotients on or one bf16 ulp next to E2M1 ties (worst case of the exact-division fallback)",
+                "quantize_export_fraction_of_copy": tie_quant_gbs / copy_gbs,
+                "fake_quant_fraction_of_copy": tie_fq_gbs / copy_gbs,
+            },
+            "single_launch": {
+                "timing": "median of 70 single launches, each with its own sync",
+                "copy_gb_per_s": copy_1,
+                "quantize_export_fraction_of_copy": quant_1 / copy_1,
+                "fake_quant_fraction_of_copy": fq_1 / copy_1,
+            },
         },
         "linear_fwd_bwd": {
             "tokens": tokens,
