@@ -1,19 +1,21 @@
-//! Runs a generation with the offline backend into a database, printing one line per
-//! stored batch (`stored CATEGORY INDEX`) and the final report as JSON. The kill -9 /
-//! resume test drives it; it also shows the library API the CLI calls.
+//! Runs a generation with the offline backend (or, with `--teacher-command`, the
+//! claude-cli backend running that command) into a database, printing one line per
+//! stored batch (`stored CATEGORY INDEX`) and the final report as JSON. The kill -9 tests
+//! drive it; it also shows the library API the CLI calls.
 //!
 //! ```text
 //! cargo run -p qatflow-teacher --example generate -- --db /tmp/db [--resume]
 //!     [--per-batch 25] [--concurrency 4] [--category C] [--count N] [--seed S]
-//!     [--delay-ms D] [--validate-only]
+//!     [--delay-ms D] [--validate-only] [--teacher-command "claude -p ..."]
+//!     [--timeout SECS]
 //! ```
 
 use qatflow_core::NoProgress;
 use qatflow_gates::GateProfile;
 use qatflow_store::Store;
 use qatflow_teacher::{
-    run_generation, BackendConfig, CancellationToken, GenerateOptions, GenerationEvent,
-    OfflineConfig,
+    run_generation, BackendConfig, CancellationToken, ClaudeCliConfig, GenerateOptions,
+    GenerationEvent, OfflineConfig,
 };
 use std::io::Write;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut db = None;
     let mut offline = OfflineConfig::default();
+    let mut teacher_command = None;
     let mut opts = GenerateOptions::new(
         BackendConfig::Offline(OfflineConfig::default()),
         GateProfile::builtin("v4").expect("built-in profile"),
@@ -41,10 +44,22 @@ fn main() {
             "--delay-ms" => {
                 offline.delay = Duration::from_millis(value().parse().expect("--delay-ms D"))
             }
+            "--teacher-command" => {
+                teacher_command = Some(
+                    ClaudeCliConfig::from_command_line(&value())
+                        .unwrap_or_else(|e| panic!("--teacher-command: {e}")),
+                )
+            }
+            "--timeout" => {
+                opts.timeout = Duration::from_secs(value().parse().expect("--timeout SECS"))
+            }
             other => panic!("unknown argument {other}"),
         }
     }
-    opts.backend = BackendConfig::Offline(offline);
+    opts.backend = match teacher_command {
+        Some(cli) => BackendConfig::ClaudeCli(cli),
+        None => BackendConfig::Offline(offline),
+    };
     opts.events = Some(Arc::new(|e: &GenerationEvent| {
         if let GenerationEvent::BatchStored {
             category, index, ..

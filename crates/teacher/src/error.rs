@@ -98,6 +98,8 @@ pub enum BackendError {
         url: String,
         /// The start of the response body.
         body: String,
+        /// The wait a 429, 503 or 529 answer asked for in its `Retry-After` header.
+        retry_after: Option<Duration>,
     },
     /// No answer within the per-batch timeout.
     #[error("no answer within {0:?} (the per-batch timeout)")]
@@ -122,6 +124,14 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// The wait the server asked for before the next attempt (`Retry-After`), if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            BackendError::Http { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// True when another attempt may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {

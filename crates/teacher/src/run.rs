@@ -92,7 +92,8 @@ pub struct GenerateOptions {
     pub concurrency: usize,
     /// Retries per batch after the first attempt.
     pub max_retries: u32,
-    /// Delay before the first retry; doubled for each further one.
+    /// Delay before the first retry; doubled for each further one, lengthened to a 429,
+    /// 503 or 529 answer's `Retry-After`, and at most 300 s.
     pub backoff: Duration,
     /// Limit of one attempt (the child process is killed, the request dropped).
     pub timeout: Duration,
@@ -160,7 +161,7 @@ pub struct RetryRecord {
     pub attempt: u32,
     /// Short kind: `empty`, `planning_mode`, `no_conversations`, `http_429`, `timeout`, …
     pub kind: String,
-    /// What happened.
+    /// What happened, ending in the wait the server asked for (`Retry-After`) if it did.
     pub reason: String,
 }
 
@@ -395,6 +396,18 @@ fn problem_kind(p: &OutputProblem) -> &'static str {
     }
 }
 
+/// The longest wait before a retry, whatever the backoff or the server asks for.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+/// The wait after failed attempt `attempt` (0-based): the backoff doubled per attempt, or
+/// longer when the server asked for it (`Retry-After`), at most [`MAX_RETRY_DELAY`].
+fn retry_delay(backoff: Duration, attempt: u32, asked: Option<Duration>) -> Duration {
+    backoff
+        .saturating_mul(1 << attempt.min(16))
+        .max(asked.unwrap_or(Duration::ZERO))
+        .min(MAX_RETRY_DELAY)
+}
+
 struct RetryPolicy {
     max_retries: u32,
     backoff: Duration,
@@ -426,6 +439,7 @@ async fn run_batch(
             _ = cancel.cancelled() => return result,
             a = call => a,
         };
+        let mut asked = None;
         let (kind, reason) = match answer {
             Err(_) => {
                 let e = BackendError::Timeout(policy.timeout);
@@ -435,7 +449,19 @@ async fn run_batch(
                 result.outcome = Outcome::Fatal(e);
                 return result;
             }
-            Ok(Err(e)) => (retry_kind(&e), e.to_string()),
+            Ok(Err(e)) => {
+                asked = e.retry_after();
+                let mut reason = e.to_string();
+                if let Some(wait) = asked {
+                    let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                    let _ = write!(
+                        reason,
+                        "; the server asked to retry after {:?} (Retry-After)",
+                        Duration::from_millis(ms)
+                    );
+                }
+                (retry_kind(&e), reason)
+            }
             Ok(Ok(out)) => {
                 result.usage.add(&out.usage);
                 match parse_output(&out.text, &markers) {
@@ -454,10 +480,7 @@ async fn run_batch(
             ));
             return result;
         }
-        let delay = policy
-            .backoff
-            .saturating_mul(1 << attempt.min(16))
-            .min(Duration::from_secs(300));
+        let delay = retry_delay(policy.backoff, attempt, asked);
         warn!(
             category = %request.category,
             batch = request.index,
@@ -787,4 +810,25 @@ async fn generate_batches(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_is_the_longer_of_backoff_and_retry_after_capped() {
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        assert_eq!(retry_delay(ms(10), 0, None), ms(10));
+        assert_eq!(retry_delay(ms(10), 2, None), ms(40));
+        assert_eq!(retry_delay(ms(10), 0, Some(s(1))), s(1));
+        assert_eq!(retry_delay(s(8), 1, Some(s(1))), s(16));
+        assert_eq!(retry_delay(ms(10), 0, Some(s(3600))), MAX_RETRY_DELAY);
+        assert_eq!(retry_delay(s(3), 16, None), MAX_RETRY_DELAY);
+        assert_eq!(
+            retry_delay(ms(10), 0, Some(Duration::from_secs(u64::MAX))),
+            MAX_RETRY_DELAY
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! The claude-cli backend against a stub executable (a shell script written by the test)
 //! that prints canned output, fails, or hangs: the stored dataset is right in each case,
-//! every retry is counted, and a hung child's whole process group is killed.
+//! every retry is counted, and a hung child's whole process group is killed. On Linux, a
+//! teacher child also dies when the generating process is killed with SIGKILL.
 
 mod common;
 
@@ -15,6 +16,7 @@ use qatflow_teacher::{
 };
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const STUB: &str = r#"#!/bin/sh
@@ -28,7 +30,7 @@ printf '%s\n' "$@" > "$STATE/args.$n"
 step=default
 [ -f "$STATE/step.$n" ] && step=$(cat "$STATE/step.$n")
 case "$step" in
-  hang) sleep 30 & echo $! > "$STATE/sleeper"; wait ;;
+  hang) echo $$ > "$STATE/hung"; sleep 30 & echo $! > "$STATE/sleeper"; wait ;;
   fail) echo "API Error: 529 overloaded" >&2; exit 1 ;;
   *) cat "$STATE/out.$step" ;;
 esac
@@ -225,25 +227,41 @@ fn is_gone(pid: u32) -> bool {
     }
 }
 
+/// Waits up to `limit` for `pid` to be gone.
+fn gone_within(pid: u32, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while !is_gone(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    is_gone(pid)
+}
+
 #[test]
 fn a_hung_command_is_killed_with_its_children_and_retried() {
+    // Call 1 runs `sleep 30` in a child of the stub; the 1 s timeout kills the group.
     let stub = Stub::new(&lines("after-hang", 3));
     stub.step(1, "hang");
     let (_d, store) = store();
     let t = Instant::now();
     let report = run(&stub, &store);
-    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let generation = t.elapsed();
+    assert!(
+        generation < Duration::from_secs(5),
+        "generation took {generation:?}: the 1 s timeout should cut the 30 s hang"
+    );
     assert_eq!(report.retries.len(), 1);
     assert_eq!(report.retries[0].kind, "timeout");
+    assert_eq!(stub.calls(), 2);
     assert_eq!(user_texts(&store), expected("after-hang", 3));
+    let hung: u32 = stub.file("hung").trim().parse().unwrap();
     let sleeper: u32 = stub.file("sleeper").trim().parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !is_gone(sleeper) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
     assert!(
-        is_gone(sleeper),
-        "the hung child's own child {sleeper} is still running"
+        gone_within(hung, Duration::from_secs(3)),
+        "the hung stub {hung} is still running"
+    );
+    assert!(
+        gone_within(sleeper, Duration::from_secs(3)),
+        "the hung stub's `sleep 30` ({sleeper}) is still running"
     );
 }
 
@@ -280,4 +298,84 @@ fn a_missing_program_stops_the_run() {
         .to_string();
     assert!(err.contains("cannot run `/nonexistent/claude`"), "{err}");
     assert!(store.is_empty());
+}
+
+/// The `generate` example, built by `cargo test` beside the test binaries.
+fn example_binary() -> PathBuf {
+    // target/<profile>/deps/<test> → target/<profile>/examples/generate
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let path = profile_dir.join("examples").join("generate");
+    assert!(
+        path.is_file(),
+        "{} is missing: `cargo test` builds examples, run the tests through cargo",
+        path.display()
+    );
+    path
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_sigkilled_generator_takes_its_teacher_child_with_it() {
+    // The stub writes its pid, then becomes `sleep 30` (same pid, the direct child).
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("teacher.pid");
+    let script = dir.path().join("claude");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho $$ > '{}.tmp'\nmv '{0}.tmp' '{0}'\nexec sleep 30\n",
+            pid_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let db = dir.path().join("db");
+    let mut generator = Command::new(example_binary())
+        .args(["--db", db.to_str().unwrap()])
+        .args([
+            "--category",
+            "honest_memory",
+            "--count",
+            "3",
+            "--per-batch",
+            "3",
+        ])
+        .args(["--timeout", "120"])
+        .args(["--teacher-command", &format!("'{}' -p", script.display())])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pid_file.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !pid_file.exists() {
+        let _ = generator.kill();
+        let _ = generator.wait();
+        panic!("the generator never started the stub teacher");
+    }
+    let teacher: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(!is_gone(teacher), "the stub teacher {teacher} exited early");
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is our unreaped child.
+    let killed = unsafe { libc::kill(generator.id() as i32, libc::SIGKILL) };
+    assert_eq!(killed, 0, "cannot SIGKILL the generator");
+    let status = generator.wait().unwrap();
+    assert!(!status.success());
+    let gone = gone_within(teacher, Duration::from_secs(5));
+    if !gone {
+        // SAFETY: as above; do not leave the stray `sleep 30` behind a failing test.
+        unsafe {
+            libc::kill(teacher as i32, libc::SIGKILL);
+        }
+    }
+    assert!(
+        gone,
+        "the teacher child {teacher} outlived the SIGKILLed generator"
+    );
 }

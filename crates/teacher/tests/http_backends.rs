@@ -13,7 +13,7 @@ use qatflow_teacher::{
     GenerationReport, OpenAiConfig, TeacherConfig,
 };
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 fn openai(base: &str) -> BackendConfig {
     BackendConfig::OpenAi(OpenAiConfig {
@@ -216,20 +216,181 @@ fn http_429_then_success_is_retried_with_backoff() {
     assert!(logged("HTTP 429"), "the 429 retry was not logged");
 }
 
+/// The gap between the server's first and second request.
+fn first_gap(server: &common::TestServer) -> Duration {
+    let arrivals = server.arrivals();
+    assert!(arrivals.len() >= 2, "{} requests", arrivals.len());
+    arrivals[1] - arrivals[0]
+}
+
+/// `t` as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
+fn http_date(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let (era, doe) = (z / 146_097, z % 146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = era * 400 + yoe + u64::from(month <= 2);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{weekday}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+        months[(month - 1) as usize],
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[test]
+fn the_http_date_helper_writes_imf_fixdate() {
+    let t = UNIX_EPOCH + Duration::from_secs(784_111_777);
+    assert_eq!(http_date(t), "Sun, 06 Nov 1994 08:49:37 GMT");
+    let leap = UNIX_EPOCH + Duration::from_secs(1_835_481_599);
+    assert_eq!(http_date(leap), "Tue, 29 Feb 2028 23:59:59 GMT");
+}
+
+#[test]
+fn a_429_retry_after_in_seconds_outlasts_a_short_backoff() {
+    let _ = logs();
+    let server = start(
+        vec![Step::status(429).header("Retry-After", "1")],
+        Step::ok(lines("patient", 3)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let opts = options(openai(&server.openai_base()), 3);
+    assert_eq!(opts.backoff, Duration::from_millis(10));
+    let report = run(&opts, &store);
+    let gap = first_gap(&server);
+    assert!(
+        gap >= Duration::from_secs(1) && gap < Duration::from_secs(3),
+        "the retry came {gap:?} after the 429 with Retry-After: 1"
+    );
+    assert_eq!(report.retries.len(), 1);
+    assert_eq!(report.retries[0].kind, "http_429");
+    assert!(
+        report.retries[0]
+            .reason
+            .contains("the server asked to retry after 1s (Retry-After)"),
+        "{}",
+        report.retries[0].reason
+    );
+    assert!(
+        logged("the server asked to retry after 1s (Retry-After); retrying in 1s"),
+        "the Retry-After wait was not logged"
+    );
+    assert_eq!(user_texts(&store), expected("patient", 3));
+}
+
+#[test]
+fn a_503_retry_after_http_date_is_honoured() {
+    // A date 3 s ahead (whole seconds): the wait is more than 2 s minus the time in transit.
+    let at = SystemTime::now() + Duration::from_secs(3);
+    let server = start(
+        vec![Step::status(503).header("Retry-After", &http_date(at))],
+        Step::ok(lines("dated", 3)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let report = run(&options(openai(&server.openai_base()), 3), &store);
+    let gap = first_gap(&server);
+    assert!(
+        gap >= Duration::from_millis(1500) && gap < Duration::from_secs(5),
+        "the retry came {gap:?} after a 503 asking to wait until {}",
+        http_date(at)
+    );
+    assert_eq!(report.retries[0].kind, "http_503");
+    assert!(report.retries[0].reason.contains("(Retry-After)"));
+    assert_eq!(user_texts(&store), expected("dated", 3));
+}
+
+#[test]
+fn an_anthropic_529_retry_after_is_honoured() {
+    std::env::set_var("QATFLOW_TEST_ANTHROPIC_KEY", "sk-test-123");
+    let server = start(
+        vec![Step::status(529).header("Retry-After", "1")],
+        Step::ok(lines("overloaded", 3)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let backend = BackendConfig::Anthropic(AnthropicConfig {
+        base_url: server.base(),
+        api_key_env: "QATFLOW_TEST_ANTHROPIC_KEY".into(),
+        ..AnthropicConfig::default()
+    });
+    let report = run(&options(backend, 3), &store);
+    let gap = first_gap(&server);
+    assert!(gap >= Duration::from_secs(1), "{gap:?}");
+    assert_eq!(report.retries[0].kind, "http_529");
+    assert!(report.retries[0].reason.contains("(Retry-After)"));
+    assert_eq!(user_texts(&store), expected("overloaded", 3));
+}
+
+#[test]
+fn a_garbage_retry_after_falls_back_to_the_backoff() {
+    let server = start(
+        vec![
+            Step::status(429).header("Retry-After", "soon, maybe"),
+            Step::status(503).header("Retry-After", "Sun, 32 Foo 1994 99:00:00 GMT"),
+        ],
+        Step::ok(lines("ignored", 3)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let report = run(&options(openai(&server.openai_base()), 3), &store);
+    let gap = first_gap(&server);
+    assert!(
+        gap < Duration::from_millis(900),
+        "a garbage Retry-After delayed the retry by {gap:?}"
+    );
+    let kinds: Vec<&str> = report.retries.iter().map(|r| r.kind.as_str()).collect();
+    assert_eq!(kinds, ["http_429", "http_503"]);
+    for r in &report.retries {
+        assert!(!r.reason.contains("Retry-After"), "{}", r.reason);
+    }
+    assert!(report.complete());
+    assert_eq!(user_texts(&store), expected("ignored", 3));
+}
+
 #[test]
 fn a_stall_longer_than_the_timeout_is_abandoned_and_retried() {
+    // The server stalls 30 s on the first request; the 1 s per-batch timeout abandons it.
+    let stall = Duration::from_secs(30);
     let server = start(
-        vec![Step::ok(lines("stalled", 3)).delayed(Duration::from_secs(4))],
+        vec![Step::ok(lines("stalled", 3)).delayed(stall)],
         Step::ok(lines("fresh", 3)),
     );
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let t = Instant::now();
     let report = run(&options(openai(&server.openai_base()), 3), &store);
-    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    let generation = t.elapsed();
+    assert!(
+        generation >= Duration::from_secs(1) && generation < Duration::from_secs(5),
+        "generation took {generation:?}: the 1 s timeout should cut the 30 s stall"
+    );
     assert_eq!(report.retries.len(), 1);
     assert_eq!(report.retries[0].kind, "timeout");
+    assert_eq!(report.retries[0].attempt, 1);
+    assert!(report.complete());
+    assert_eq!(server.requests().len(), 2);
     assert_eq!(user_texts(&store), expected("fresh", 3));
+    // The stalled handler is still sleeping; stopping the server must not wait for it.
+    let t = Instant::now();
+    drop(server);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "stopping the server waited {:?} for the stalled handler",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -323,6 +484,11 @@ fn anthropic_messages_api_with_key_and_usage() {
     let report = run(&options(backend, 3), &store);
     assert_eq!(report.retries.len(), 1);
     assert_eq!(report.retries[0].kind, "http_529");
+    assert!(
+        !report.retries[0].reason.contains("Retry-After"),
+        "{:?}",
+        report.retries[0]
+    );
     assert_eq!(
         (report.usage.input_tokens, report.usage.output_tokens),
         (70, 30)

@@ -7,11 +7,23 @@
 //! group: when the call is dropped (timeout, cancellation) the whole group is killed, so a
 //! stuck CLI leaves nothing behind. With `--output-format json` the `result`, `usage` and
 //! `total_cost_usd` fields of the CLI's answer are used.
+//!
+//! Killing the generating process with SIGKILL runs no drop code. On Linux the child is
+//! therefore spawned with `PR_SET_PDEATHSIG` = SIGKILL, so the kernel kills it when its
+//! parent goes away. The kernel ties that signal to the parent *thread*, and tokio spawns
+//! a child on whichever thread polls the call: blocking-pool threads exit after 10 s idle,
+//! and a worker that ran `block_in_place` becomes one. Children are therefore spawned from
+//! one dedicated thread that lives as long as the process. What remains: the signal
+//! reaches only the direct child; processes *it* started (the CLI's own helpers) are
+//! reparented and keep running until they exit by themselves, since after a SIGKILL nobody
+//! is left to kill the process group.
 
 use super::{Backend, BackendOutput, BatchRequest, BoxFuture, Usage};
 use crate::error::BackendError;
 use serde_json::Value;
 use std::process::Stdio;
+use std::sync::{mpsc, OnceLock};
+use tokio::sync::oneshot;
 
 /// The placeholder in the command replaced by the generator system prompt.
 pub const SYSTEM_PLACEHOLDER: &str = "{generator_system_prompt}";
@@ -110,6 +122,70 @@ impl Drop for GroupKill {
     }
 }
 
+/// A command to spawn on the spawner thread, the runtime whose process driver reaps it,
+/// and where to send the child.
+type SpawnJob = (
+    tokio::process::Command,
+    tokio::runtime::Handle,
+    oneshot::Sender<std::io::Result<tokio::process::Child>>,
+);
+
+/// The sender to the process-wide spawner thread, started on first use.
+fn spawner() -> Result<&'static mpsc::Sender<SpawnJob>, String> {
+    static SPAWNER: OnceLock<Result<mpsc::Sender<SpawnJob>, String>> = OnceLock::new();
+    SPAWNER
+        .get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<SpawnJob>();
+            std::thread::Builder::new()
+                .name("qatflow-teacher-spawner".into())
+                .spawn(move || {
+                    while let Ok((mut cmd, runtime, reply)) = rx.recv() {
+                        let _entered = runtime.enter();
+                        if let Err(Ok(child)) = reply.send(cmd.spawn()) {
+                            // The call was dropped while spawning: kill what it started.
+                            drop(GroupKill(child.id().map(|id| id as i32)));
+                        }
+                    }
+                })
+                .map(|_| tx)
+                .map_err(|e| format!("cannot start the teacher spawner thread: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Spawns `cmd` from the spawner thread (see the module docs), with the parent-death
+/// signal set on Linux.
+async fn spawn(mut cmd: tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the hook runs in the forked child before exec and calls only prctl(2),
+        // getppid(2) and non-allocating error constructors, which are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let (signal, unused) = (libc::SIGKILL as libc::c_ulong, 0 as libc::c_ulong);
+                if libc::prctl(libc::PR_SET_PDEATHSIG, signal, unused, unused, unused) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before prctl: nobody would ever send the signal.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
+    let spawner = spawner().map_err(std::io::Error::other)?;
+    let (reply, child) = oneshot::channel();
+    spawner
+        .send((cmd, tokio::runtime::Handle::current(), reply))
+        .map_err(|_| std::io::Error::other("the teacher spawner thread is gone"))?;
+    child
+        .await
+        .map_err(|_| std::io::Error::other("the teacher spawner thread is gone"))?
+}
+
 /// The CLI backend.
 #[derive(Debug)]
 pub struct ClaudeCliBackend {
@@ -154,7 +230,7 @@ impl ClaudeCliBackend {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let child = cmd.spawn().map_err(|e| {
+        let child = spawn(cmd).await.map_err(|e| {
             BackendError::Fatal(format!(
                 "cannot run `{program}`: {e}; install it or pass another teacher command"
             ))

@@ -1,11 +1,13 @@
 //! HTTP teacher backends: any OpenAI-compatible `/v1/chat/completions` server, and
 //! Anthropic's Messages API. API keys come from environment variables; usage tokens are
 //! recorded from each response, and priced when prices per million tokens are given.
+//! A 429, 503 or 529 answer's `Retry-After` header (seconds or an HTTP date) is passed on
+//! in [`BackendError::Http`], and the retry waits at least that long.
 
 use super::{Backend, BackendOutput, BatchRequest, BoxFuture, Usage};
 use crate::error::{BackendError, TeacherError};
 use serde_json::{json, Value};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Settings of the OpenAI-compatible backend.
 #[derive(Debug, Clone)]
@@ -112,6 +114,15 @@ async fn post_json(
 ) -> Result<Value, BackendError> {
     let response = request.send().await.map_err(|e| transport(e, timeout))?;
     let status = response.status();
+    let retry_after = if matches!(status.as_u16(), 429 | 503 | 529) {
+        response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()))
+    } else {
+        None
+    };
     let body = response.text().await.map_err(|e| transport(e, timeout))?;
     if !status.is_success() {
         let snippet: String = body.chars().take(300).collect();
@@ -119,6 +130,7 @@ async fn post_json(
             status: status.as_u16(),
             url: url.to_string(),
             body: snippet,
+            retry_after,
         };
         if matches!(status.as_u16(), 401 | 403 | 404) {
             return Err(BackendError::Fatal(format!(
@@ -129,6 +141,70 @@ async fn post_json(
     }
     serde_json::from_str(&body)
         .map_err(|e| BackendError::BadResponse(format!("{url}: body is not JSON: {e}")))
+}
+
+/// The wait a `Retry-After` value asks for at `now`: delay-seconds, or an HTTP date
+/// (IMF-fixdate, RFC 850 or asctime form; a date in the past means no wait). Anything
+/// else is `None`, and the retry falls back to its backoff.
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // More digits than a u64 holds is still "a very long wait"; the caller caps it.
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
+    }
+    let at = UNIX_EPOCH + Duration::from_secs(parse_http_date(value)?);
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Seconds since the Unix epoch of an HTTP date (RFC 9110 section 5.6.7).
+fn parse_http_date(value: &str) -> Option<u64> {
+    let words: Vec<&str> = value
+        .split(|c: char| c.is_ascii_whitespace() || c == ',' || c == '-')
+        .filter(|w| !w.is_empty())
+        .collect();
+    let (day, month, year, time) = match words.as_slice() {
+        // "Sun, 06 Nov 1994 08:49:37 GMT" and "Sunday, 06-Nov-94 08:49:37 GMT"
+        [_, day, month, year, time, "GMT"] => (*day, *month, *year, *time),
+        // "Sun Nov  6 08:49:37 1994"
+        [_, month, day, time, year] => (*day, *month, *year, *time),
+        _ => return None,
+    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == month)? as u64 + 1;
+    let day: u64 = day.parse().ok().filter(|d| (1..=31).contains(d))?;
+    let year: u64 = match year.len() {
+        4 => year.parse().ok()?,
+        // RFC 850's two-digit years: RFC 9110 reads far-future years as the past century.
+        2 => year
+            .parse::<u64>()
+            .ok()
+            .map(|y| y + if y < 70 { 2000 } else { 1900 })?,
+        _ => return None,
+    };
+    let hms: Vec<u64> = time
+        .split(':')
+        .map(|p| p.parse().ok().filter(|_| p.len() == 2))
+        .collect::<Option<_>>()?;
+    let [h, m, s] = hms.as_slice() else {
+        return None;
+    };
+    if year < 1970 || *h > 23 || *m > 59 || *s > 60 {
+        return None;
+    }
+    // Days from 1970-01-01 to the date (Howard Hinnant's days_from_civil).
+    let (y, mo) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let yoe = y % 400;
+    let doy = (153 * mo + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    Some(days * 86_400 + h * 3600 + m * 60 + s)
 }
 
 /// The OpenAI-compatible backend.
@@ -282,5 +358,51 @@ impl Backend for AnthropicBackend {
                 },
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_all_three_http_date_forms() {
+        // 1994-11-06 08:49:37 UTC is 784111777 s after the epoch.
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777 - 90);
+        let secs = |v: &str| parse_retry_after(v, now).map(|d| d.as_secs());
+        assert_eq!(secs("2"), Some(2));
+        assert_eq!(secs(" 120 "), Some(120));
+        assert_eq!(secs("Sun, 06 Nov 1994 08:49:37 GMT"), Some(90));
+        assert_eq!(secs("Sunday, 06-Nov-94 08:49:37 GMT"), Some(90));
+        assert_eq!(secs("Sun Nov  6 08:49:37 1994"), Some(90));
+        assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(
+            parse_http_date("Tue, 29 Feb 2028 23:59:59 GMT"),
+            Some(1_835_481_599)
+        );
+        // A date already past asks for no wait.
+        assert_eq!(secs("Sat, 05 Nov 1994 08:49:37 GMT"), Some(0));
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+    }
+
+    #[test]
+    fn garbage_retry_after_values_are_ignored() {
+        let now = SystemTime::now();
+        for v in [
+            "",
+            "soon",
+            "-5",
+            "1.5",
+            "Sun, 06 Nov 1994 08:49:37 CET",
+            "Sun, 32 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Foo 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 25:49:37 GMT",
+            "Sun, 06 Nov 1994 8:49:37 GMT",
+        ] {
+            assert_eq!(parse_retry_after(v, now), None, "{v:?}");
+        }
     }
 }

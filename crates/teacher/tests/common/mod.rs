@@ -1,17 +1,21 @@
 //! Test helpers: a scripted teacher server on 127.0.0.1:0 speaking the OpenAI
 //! chat-completions and Anthropic Messages protocols, and canned teacher output.
+//!
+//! The server runs on its own thread and runtime. Dropping the [`TestServer`] stops it at
+//! once: the runtime is shut down without waiting, so a handler still stalling (a scripted
+//! delay longer than the client's timeout) is dropped instead of delaying the test.
 
 #![allow(dead_code)]
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One scripted answer.
 #[derive(Debug, Clone)]
@@ -22,6 +26,8 @@ pub struct Step {
     pub delay: Duration,
     /// The completion text.
     pub content: String,
+    /// Extra response headers (such as `Retry-After`).
+    pub headers: Vec<(String, String)>,
 }
 
 impl Step {
@@ -30,6 +36,7 @@ impl Step {
             status: 200,
             delay: Duration::ZERO,
             content: content.into(),
+            headers: Vec::new(),
         }
     }
     pub fn status(status: u16) -> Step {
@@ -37,11 +44,27 @@ impl Step {
             status,
             delay: Duration::ZERO,
             content: String::new(),
+            headers: Vec::new(),
         }
     }
     pub fn delayed(mut self, d: Duration) -> Step {
         self.delay = d;
         self
+    }
+    /// Adds a response header.
+    pub fn header(mut self, name: &str, value: &str) -> Step {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+    fn header_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in &self.headers {
+            map.insert(
+                HeaderName::try_from(name.as_str()).unwrap(),
+                HeaderValue::try_from(value.as_str()).unwrap(),
+            );
+        }
+        map
     }
 }
 
@@ -50,12 +73,26 @@ struct Shared {
     fallback: Step,
     requests: Mutex<Vec<Value>>,
     headers: Mutex<Vec<HeaderMap>>,
+    arrivals: Mutex<Vec<Instant>>,
 }
 
-/// A running scripted server.
+/// A running scripted server; dropping it stops the server without waiting for handlers.
 pub struct TestServer {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl TestServer {
@@ -75,9 +112,14 @@ impl TestServer {
     pub fn headers(&self) -> Vec<HeaderMap> {
         self.shared.headers.lock().unwrap().clone()
     }
+    /// When each request arrived, in order.
+    pub fn arrivals(&self) -> Vec<Instant> {
+        self.shared.arrivals.lock().unwrap().clone()
+    }
 }
 
 async fn answer(shared: &Shared, headers: HeaderMap, body: Value) -> Step {
+    shared.arrivals.lock().unwrap().push(Instant::now());
     let n = {
         let mut requests = shared.requests.lock().unwrap();
         requests.push(body);
@@ -101,17 +143,19 @@ async fn openai(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     Json(body): Json<Value>,
-) -> (StatusCode, Json<Value>) {
+) -> (StatusCode, HeaderMap, Json<Value>) {
     let step = answer(&shared, headers, body).await;
     let status = StatusCode::from_u16(step.status).unwrap();
     if step.status != 200 {
         return (
             status,
+            step.header_map(),
             Json(json!({"error": {"message": "scripted failure"}})),
         );
     }
     (
         status,
+        step.header_map(),
         Json(json!({
             "id": "chatcmpl-test",
             "object": "chat.completion",
@@ -125,14 +169,15 @@ async fn anthropic(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     Json(body): Json<Value>,
-) -> (StatusCode, Json<Value>) {
+) -> (StatusCode, HeaderMap, Json<Value>) {
     let step = answer(&shared, headers, body).await;
     let status = StatusCode::from_u16(step.status).unwrap();
     if step.status != 200 {
-        return (status, Json(json!({"type": "error"})));
+        return (status, step.header_map(), Json(json!({"type": "error"})));
     }
     (
         status,
+        step.header_map(),
         Json(json!({
             "id": "msg_test",
             "type": "message",
@@ -152,13 +197,15 @@ pub fn start(script: Vec<Step>, fallback: Step) -> TestServer {
         fallback,
         requests: Mutex::new(Vec::new()),
         headers: Mutex::new(Vec::new()),
+        arrivals: Mutex::new(Vec::new()),
     });
     let app = Router::new()
         .route("/v1/chat/completions", post(openai))
         .route("/v1/messages", post(anthropic))
         .with_state(shared.clone());
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -167,11 +214,21 @@ pub fn start(script: Vec<Step>, fallback: Step) -> TestServer {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(listener.local_addr().unwrap()).unwrap();
-            axum::serve(listener, app).await.unwrap();
+            tokio::select! {
+                served = axum::serve(listener, app) => served.unwrap(),
+                _ = stopped => {}
+            }
         });
+        // Connection tasks (and a stalling handler in one) are dropped, not awaited.
+        rt.shutdown_background();
     });
     let addr = rx.recv().unwrap();
-    TestServer { addr, shared }
+    TestServer {
+        addr,
+        shared,
+        stop: Some(stop),
+        thread: Some(thread),
+    }
 }
 
 /// One clean conversation line (short system prompt, as a teacher writes it).
