@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{line, lines};
+use common::{example_binary, line, lines};
 use qatflow_core::{NoProgress, Role};
 use qatflow_gates::GateProfile;
 use qatflow_store::{Filter, Store};
@@ -298,20 +298,6 @@ fn a_missing_program_stops_the_run() {
         .to_string();
     assert!(err.contains("cannot run `/nonexistent/claude`"), "{err}");
     assert!(store.is_empty());
-}
-
-/// The `generate` example, built by `cargo test` beside the test binaries.
-fn example_binary() -> PathBuf {
-    // target/<profile>/deps/<test> → target/<profile>/examples/generate
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let path = profile_dir.join("examples").join("generate");
-    assert!(
-        path.is_file(),
-        "{} is missing: `cargo test` builds examples, run the tests through cargo",
-        path.display()
-    );
-    path
 }
 
 #[cfg(target_os = "linux")]

@@ -2,6 +2,9 @@
 //! interrupted run (Ctrl-C in process, kill -9 of a separate process) resumed with
 //! `resume` stores exactly the conversations of an uninterrupted run.
 
+mod common;
+
+use common::example_binary;
 use qatflow_core::{ConversationId, NoProgress, Progress};
 use qatflow_gates::GateProfile;
 use qatflow_store::{Filter, Store};
@@ -11,7 +14,7 @@ use qatflow_teacher::{
 };
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -140,19 +143,6 @@ fn cancel_then_resume_equals_an_uninterrupted_run() {
         ledger.finished("topic_switch").unwrap(),
         (0..15).collect::<Vec<_>>()
     );
-}
-
-fn example_binary() -> PathBuf {
-    // target/<profile>/deps/<test> → target/<profile>/examples/generate
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let path = profile_dir.join("examples").join("generate");
-    assert!(
-        path.is_file(),
-        "{} is missing: `cargo test` builds examples, run the tests through cargo",
-        path.display()
-    );
-    path
 }
 
 fn run_example(db: &Path, extra: &[&str]) -> std::process::Output {

@@ -248,3 +248,17 @@ pub fn lines(prefix: &str, n: usize) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// The `generate` example, built by `cargo test` beside the test binaries.
+pub fn example_binary() -> std::path::PathBuf {
+    // target/<profile>/deps/<test> → target/<profile>/examples/generate
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let path = profile_dir.join("examples").join("generate");
+    assert!(
+        path.is_file(),
+        "{} is missing: `cargo test` builds examples, run the tests through cargo",
+        path.display()
+    );
+    path
+}
