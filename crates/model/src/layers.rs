@@ -69,7 +69,8 @@ impl<B: Backend> Mlp<B> {
     }
 }
 
-/// Keys and values of one layer, `[batch, kv_heads, positions, head_dim]` each.
+/// Keys and values of one layer, `[batch, kv_heads, capacity, head_dim]` each: positions
+/// below the cache's length are filled, the rest are zeros that the attention mask hides.
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
     /// Cached keys (after RoPE).
@@ -78,12 +79,29 @@ pub struct LayerCache<B: Backend> {
     pub values: Tensor<B, 4>,
 }
 
+/// Positions the cache grows by. Decoding keeps every tensor shape fixed until the cache
+/// fills up, so the GPU backends reuse their compiled kernels and fusion plans instead of
+/// meeting a new key length at every token.
+pub const CACHE_CHUNK: usize = 256;
+
 /// Key/value cache of a whole model for incremental decoding (all sequences of the batch
 /// share one length).
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<LayerCache<B>>>,
     len: usize,
+    capacity: usize,
+}
+
+/// One layer's view of a [`KvCache`] during a forward pass.
+#[derive(Debug)]
+pub struct CacheSlot<'a, B: Backend> {
+    /// The layer's cached keys and values (`None` before the first forward).
+    pub layer: &'a mut Option<LayerCache<B>>,
+    /// Positions already cached (where the new keys go).
+    pub past: usize,
+    /// Key positions every layer holds during this forward ([`KvCache::reserve`]).
+    pub capacity: usize,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -92,6 +110,7 @@ impl<B: Backend> KvCache<B> {
         KvCache {
             layers: vec![None; num_layers],
             len: 0,
+            capacity: 0,
         }
     }
 
@@ -105,9 +124,22 @@ impl<B: Backend> KvCache<B> {
         self.len == 0
     }
 
-    /// The cache of layer `i`.
-    pub(crate) fn layer_mut(&mut self, i: usize) -> &mut Option<LayerCache<B>> {
-        &mut self.layers[i]
+    /// Makes room for `n` more positions (growing by whole [`CACHE_CHUNK`]s) and returns the
+    /// number of key positions the layers will hold, the width of the attention mask.
+    pub(crate) fn reserve(&mut self, n: usize) -> usize {
+        if self.len + n > self.capacity {
+            self.capacity = (self.len + n).div_ceil(CACHE_CHUNK) * CACHE_CHUNK;
+        }
+        self.capacity
+    }
+
+    /// The cache of layer `i`, for a forward pass after [`KvCache::reserve`].
+    pub(crate) fn layer_mut(&mut self, i: usize) -> CacheSlot<'_, B> {
+        CacheSlot {
+            layer: &mut self.layers[i],
+            past: self.len,
+            capacity: self.capacity,
+        }
     }
 
     /// Records that `n` more positions were appended to every layer.
@@ -116,49 +148,73 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// Appends `k`/`v` to a layer cache (when given) and returns the full keys and values.
+/// Writes `k`/`v` `[batch, kv_heads, n, head_dim]` into a layer cache (when given) at its
+/// next `n` positions and returns the keys and values to attend over: the whole cache
+/// (`capacity` positions, unused ones zero) with a cache, `k` and `v` themselves without.
 pub fn update_cache<B: Backend>(
-    cache: Option<&mut Option<LayerCache<B>>>,
+    cache: Option<CacheSlot<'_, B>>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
 ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-    let Some(slot) = cache else {
+    let Some(CacheSlot {
+        layer,
+        past,
+        capacity,
+    }) = cache
+    else {
         return (k, v);
     };
-    let (keys, values) = match slot.take() {
-        Some(old) => (
-            Tensor::cat(vec![old.keys, k], 2),
-            Tensor::cat(vec![old.values, v], 2),
-        ),
-        None => (k, v),
+    let [batch, kv_heads, n, head_dim] = k.dims();
+    let grow = |t: Option<Tensor<B, 4>>, like: &Tensor<B, 4>| {
+        let held = t.as_ref().map_or(0, |t| t.dims()[2]);
+        let zeros = || {
+            Tensor::zeros(
+                [batch, kv_heads, capacity - held, head_dim],
+                (&like.device(), like.dtype()),
+            )
+        };
+        match t {
+            Some(t) if held >= capacity => t,
+            Some(t) => Tensor::cat(vec![t, zeros()], 2),
+            None => zeros(),
+        }
     };
-    *slot = Some(LayerCache {
+    let (keys, values) = match layer.take() {
+        Some(old) => (grow(Some(old.keys), &k), grow(Some(old.values), &v)),
+        None => (grow(None, &k), grow(None, &v)),
+    };
+    let at = [0..batch, 0..kv_heads, past..past + n, 0..head_dim];
+    let keys = keys.slice_assign(at.clone(), k);
+    let values = values.slice_assign(at, v);
+    *layer = Some(LayerCache {
         keys: keys.clone(),
         values: values.clone(),
     });
     (keys, values)
 }
 
-/// Additive attention mask `[batch, 1, len, past + len]` in float32: query `i` (absolute
-/// position `past + i`) sees key `j` when `j <= past + i` and `j < lengths[b]` (right
-/// padding). `None` when nothing is masked (a single new token with no padding).
+/// Additive attention mask `[batch, 1, len, keys]` in float32: query `i` (absolute position
+/// `past + i`) sees key `j` when `j <= past + i` and `j < lengths[b]` (right padding); key
+/// positions from `past + len` to `keys` (unused cache capacity) are hidden. `None` when
+/// nothing is masked (a single new token, no padding, no unused capacity).
 pub fn attention_mask<B: Backend>(
     batch: usize,
     len: usize,
     past: usize,
+    keys: usize,
     lengths: Option<&[usize]>,
     device: &B::Device,
 ) -> Option<Tensor<B, 4>> {
     let total = past + len;
     let padded = lengths.is_some_and(|l| l.iter().any(|&n| n < total));
-    if len == 1 && !padded {
+    if len == 1 && !padded && keys == total {
         return None;
     }
-    let mut mask = vec![0f32; batch * len * total];
+    let mut mask = vec![0f32; batch * len * keys];
     for b in 0..batch {
         let valid = lengths.map_or(total, |l| l[b].min(total));
         for i in 0..len {
-            let row = &mut mask[(b * len + i) * total..(b * len + i + 1) * total];
+            let row = &mut mask[(b * len + i) * keys..(b * len + i + 1) * keys];
             for (j, m) in row.iter_mut().enumerate() {
                 if j > past + i || j >= valid {
                     *m = f32::NEG_INFINITY;
@@ -167,7 +223,7 @@ pub fn attention_mask<B: Backend>(
         }
     }
     Some(Tensor::from_data(
-        TensorData::new(mask, [batch, 1, len, total]),
+        TensorData::new(mask, [batch, 1, len, keys]),
         (device, DType::F32),
     ))
 }
@@ -275,7 +331,7 @@ mod tests {
 
     #[test]
     fn mask_is_causal_and_respects_lengths() {
-        let m = attention_mask::<B>(2, 3, 0, Some(&[3, 2]), &Default::default()).unwrap();
+        let m = attention_mask::<B>(2, 3, 0, 3, Some(&[3, 2]), &Default::default()).unwrap();
         let v = m.into_data().to_vec::<f32>().unwrap();
         let allowed: Vec<bool> = v.iter().map(|x| *x == 0.0).collect();
         #[rustfmt::skip]
@@ -284,7 +340,46 @@ mod tests {
             true, false, false,  true, true, false,  true, true, false,
         ];
         assert_eq!(allowed, want);
-        assert!(attention_mask::<B>(1, 1, 5, None, &Default::default()).is_none());
+        assert!(attention_mask::<B>(1, 1, 5, 6, None, &Default::default()).is_none());
+        // Unused cache capacity is hidden even from a single new token.
+        let m = attention_mask::<B>(1, 1, 2, 5, None, &Default::default()).unwrap();
+        let v = m.into_data().to_vec::<f32>().unwrap();
+        assert_eq!(v[..3], [0.0; 3]);
+        assert!(v[3..].iter().all(|x| *x == f32::NEG_INFINITY));
+    }
+
+    #[test]
+    fn cache_grows_by_chunks_and_keeps_what_was_written() {
+        let mut cache = KvCache::<B>::new(1);
+        let steps = CACHE_CHUNK + 44;
+        let mut widths = Vec::new();
+        for p in 0..steps {
+            // Prefill of 3 positions, then one position per step.
+            let n = if p == 0 { 3 } else { 1 };
+            if p > 0 && p < 3 {
+                continue;
+            }
+            let width = cache.reserve(n);
+            let k = t((0..n).map(|i| (p + i) as f32).collect(), [1, 1, n, 1]);
+            let (keys, values) = update_cache(Some(cache.layer_mut(0)), k.clone(), k * -1.0);
+            cache.advance(n);
+            assert_eq!(keys.dims(), [1, 1, width, 1]);
+            let got = keys.into_data().to_vec::<f32>().unwrap();
+            let want: Vec<f32> = (0..width)
+                .map(|j| if j < cache.len() { j as f32 } else { 0.0 })
+                .collect();
+            assert_eq!(got, want, "after {} positions", cache.len());
+            let got = values.into_data().to_vec::<f32>().unwrap();
+            assert_eq!(got[cache.len() - 1], -((cache.len() - 1) as f32));
+            widths.push(width);
+        }
+        assert_eq!(cache.len(), steps);
+        assert_eq!(widths.first(), Some(&CACHE_CHUNK));
+        assert_eq!(widths.last(), Some(&(2 * CACHE_CHUNK)));
+        assert_eq!(
+            widths.iter().filter(|w| **w == CACHE_CHUNK).count(),
+            CACHE_CHUNK - 2
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub use eval::{eval_kld, eval_nll, EvalError, KldReport, NllReport};
 pub use fetch::{cached_smollm2, fetch_model, fetch_smollm2, FetchError};
 pub use generate::{generate, GenerateError, GenerateOptions, Reply};
 pub use import::{import_gguf, ImportError, ImportSummary};
-pub use layers::KvCache;
+pub use layers::{CacheSlot, KvCache};
 pub use linear::{FakeQuant, QLinear};
 pub use model::{load_with_tokenizer, CausalLm, LoadOptions};
 pub use template::{ChatTemplate, TemplateError};

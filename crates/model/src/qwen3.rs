@@ -8,7 +8,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::config::ModelConfig;
-use crate::layers::{self, KvCache, LayerCache, Mlp, RmsNorm};
+use crate::layers::{self, CacheSlot, KvCache, Mlp, RmsNorm};
 use crate::linear::QLinear;
 use crate::rope::{self, Rope};
 use crate::weights::{LoadError, Weights};
@@ -46,7 +46,7 @@ impl<B: Backend> Qwen3Attention<B> {
         cos: &Tensor<B, 2>,
         sin: &Tensor<B, 2>,
         mask: Option<&Tensor<B, 4>>,
-        cache: Option<&mut Option<LayerCache<B>>>,
+        cache: Option<CacheSlot<'_, B>>,
     ) -> Tensor<B, 3> {
         let [batch, len, _] = x.dims();
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, len, n, self.head_dim]);
@@ -87,7 +87,7 @@ impl<B: Backend> Qwen3Layer<B> {
         cos: &Tensor<B, 2>,
         sin: &Tensor<B, 2>,
         mask: Option<&Tensor<B, 4>>,
-        cache: Option<&mut Option<LayerCache<B>>>,
+        cache: Option<CacheSlot<'_, B>>,
     ) -> Tensor<B, 3> {
         let h = x.clone()
             + self
@@ -184,7 +184,8 @@ impl<B: Backend> Qwen3<B> {
         let weight = self.embed_tokens.val();
         let device = weight.device();
         let (cos, sin) = self.rope.tables(past, len, weight.dtype(), &device);
-        let mask = layers::attention_mask::<B>(batch, len, past, lengths, &device);
+        let keys = cache.as_deref_mut().map_or(past + len, |c| c.reserve(len));
+        let mask = layers::attention_mask::<B>(batch, len, past, keys, lengths, &device);
         let mut x = layers::embed(weight, ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
