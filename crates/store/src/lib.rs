@@ -21,7 +21,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::Transactional;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -231,6 +231,30 @@ fn check_name(what: &'static str, name: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// How long [`open_db`] waits for a database lock that a just-closed handle may still hold.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens (creating if needed) the sled database at `path`, waiting up to [`LOCK_WAIT`] for its
+/// file lock. sled releases the lock of a closed database only when its background flusher
+/// next wakes (every 500 ms by default), so reopening right after a drop, in this process or
+/// in a restarted one, can find the lock still held. A lock held longer than that belongs to
+/// another live process and is reported.
+pub(crate) fn open_db(path: &Path) -> sled::Result<sled::Db> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(path).open() {
+            // sled 0.34 reports the held lock as an `Other` I/O error with this message.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
@@ -239,7 +263,7 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let db = sled::Config::new().path(&path).open().map_err(err)?;
+        let db = open_db(&path).map_err(err)?;
         let store = Store {
             conversations: db.open_tree("conversations").map_err(err)?,
             by_seq: db.open_tree("by_seq").map_err(err)?,
@@ -521,6 +545,29 @@ mod tests {
             source: Some("test"),
             flags,
         }
+    }
+
+    #[test]
+    fn reopening_right_after_closing_waits_for_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        for _ in 0..20 {
+            let store = Store::open(&path).unwrap();
+            drop(store);
+        }
+        // A lock held by a live handle is still reported, after the wait.
+        let held = Store::open(&path).unwrap();
+        let started = Instant::now();
+        let err = match Store::open(&path) {
+            Ok(_) => panic!("a second handle opened a database that is in use"),
+            Err(e) => e.to_string(),
+        };
+        assert!(started.elapsed() >= LOCK_WAIT, "{:?}", started.elapsed());
+        assert!(
+            err.contains("is another qatflow process using it?"),
+            "{err}"
+        );
+        drop(held);
     }
 
     #[test]

@@ -61,7 +61,7 @@ impl CheckpointManifest {
             path: path.clone(),
             source,
         };
-        let db = sled::Config::new().path(&path).open().map_err(err)?;
+        let db = crate::open_db(&path).map_err(err)?;
         let tree = db.open_tree("checkpoints").map_err(err)?;
         Ok(Self { path, db, tree })
     }

@@ -21,27 +21,10 @@ fn config(dir: &Path) -> NodeConfig {
     .unwrap()
 }
 
-/// How long a store closed in this process may stay locked: sled's background threads
-/// release the database's file lock a moment after the last handle is dropped.
-const LOCK_WAIT: Duration = Duration::from_secs(10);
-
-fn locked(error: &str) -> bool {
-    error.contains("could not acquire lock")
-}
-
-/// Opens the spark store under `dir`, waiting while an instance closed a moment ago in
-/// this process still holds its lock.
+/// Opens the spark store under `dir` (`Store::open` waits for the lock that an instance
+/// closed a moment ago in this process may still hold).
 fn open_store(dir: &Path) -> Store {
-    let start = Instant::now();
-    loop {
-        match Store::open(dir.join("spark/db")) {
-            Ok(store) => return store,
-            Err(e) if locked(&e.to_string()) && start.elapsed() < LOCK_WAIT => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
+    Store::open(dir.join("spark/db")).unwrap()
 }
 
 /// Writes `record` into the spark store of a node that is not running, as a node that was
@@ -67,16 +50,7 @@ fn with_node(dir: &Path, check: impl FnOnce(&str)) {
     let config = config(dir);
     qatflow_node::system(Some(2)).block_on(async {
         // The node opens the store the test just closed (see `open_store`).
-        let start = Instant::now();
-        let node = loop {
-            match qatflow_node::start(&config).await {
-                Ok(node) => break node,
-                Err(e) if locked(&e.to_string()) && start.elapsed() < LOCK_WAIT => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Err(e) => panic!("{e}"),
-            }
-        };
+        let node = qatflow_node::start(&config).await.unwrap();
         let url = format!("http://{}", node.addr);
         let mut status = client::node(&url, None).unwrap();
         let start = Instant::now();
