@@ -15,7 +15,7 @@
 //!   of the correctly rounded quotient, and redo the exact division only where that can
 //!   matter: when the approximate quotient lies within 1e-4 of a rounding tie, or is so small
 //!   that underflow could change its sign test. Everywhere else both quotients round to the
-//!   same E2M1 value (see [`grid_point`]). `kernels/GPU.md` has the measurements.
+//!   same E2M1 value (see `grid_point`). `kernels/GPU.md` has the measurements.
 //! - E2M1 rounding itself is `rint` on a power-of-two grid: `|q| × m` with `m = 2` below 2,
 //!   `1` below 4 and `½` above puts ModelOpt's ties (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5) at
 //!   half-integers, where ties-to-even picks the even E2M1 code, as ModelOpt does.

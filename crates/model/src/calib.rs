@@ -5,7 +5,7 @@
 //! [`QLinear::forward`] calls [`observe_input`] first. Outside [`calibrate_inputs`] that is
 //! one read of a thread-local flag; inside, the input's amax is folded into the running
 //! maximum of the calling thread's observer (an
-//! [`AmaxCalibrator`](qatflow_nvfp4::fake_quant::AmaxCalibrator) per linear).
+//! [`qatflow_nvfp4::fake_quant::AmaxCalibrator`] per linear).
 //!
 //! The amaxes come back raw; [`apply_group_rule`] gives each linear its shared-input group's
 //! largest amax (q/k/v, gate/up), which is what the exporter and the fake quantizers use.

@@ -100,7 +100,7 @@ pub struct CacheSlot<'a, B: Backend> {
     pub layer: &'a mut Option<LayerCache<B>>,
     /// Positions already cached (where the new keys go).
     pub past: usize,
-    /// Key positions every layer holds during this forward ([`KvCache::reserve`]).
+    /// Key positions every layer holds during this forward (`KvCache::reserve`).
     pub capacity: usize,
 }
 
