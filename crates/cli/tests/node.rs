@@ -185,20 +185,7 @@ impl Cluster {
 
     /// The spark node's training status, once it answers.
     fn training(&self, rt: &tokio::runtime::Runtime) -> Option<TrainingStatus> {
-        let url = format!("http://127.0.0.1:{}", self.spark_port);
-        rt.block_on(async {
-            let mut c = qatflow_node::client::node(&url, Some(TOKEN)).ok()?;
-            let r = tokio::time::timeout(
-                Duration::from_secs(5),
-                c.status(StatusRequest {
-                    include_peer: false,
-                }),
-            )
-            .await
-            .ok()?
-            .ok()?;
-            r.into_inner().nodes.first()?.training.clone()
-        })
+        spark_status(rt, self.spark_port)?.training
     }
 
     /// Waits until training finished; returns its final status.
@@ -560,8 +547,8 @@ fn one_trace_covers_both_nodes() {
     }
 }
 
-/// The spark node's serving state, once it answers.
-fn serving_state(rt: &tokio::runtime::Runtime, port: u16) -> Option<String> {
+/// The status of the spark node listening on `port`, once it answers.
+fn spark_status(rt: &tokio::runtime::Runtime, port: u16) -> Option<NodeStatus> {
     let url = format!("http://127.0.0.1:{port}");
     rt.block_on(async {
         let mut c = qatflow_node::client::node(&url, Some(TOKEN)).ok()?;
@@ -574,8 +561,13 @@ fn serving_state(rt: &tokio::runtime::Runtime, port: u16) -> Option<String> {
         .await
         .ok()?
         .ok()?;
-        Some(r.into_inner().nodes.first()?.serving.clone())
+        r.into_inner().nodes.into_iter().next()
     })
+}
+
+/// The spark node's serving state, once it answers.
+fn serving_state(rt: &tokio::runtime::Runtime, port: u16) -> Option<String> {
+    Some(spark_status(rt, port)?.serving)
 }
 
 /// Polls the spark node until its serving state starts with `prefix`.

@@ -13,6 +13,7 @@ use qatflow_core::NoProgress;
 use qatflow_export::checkpoint::read_quantizers;
 use qatflow_export::{
     export_checkpoint, latest_valid_checkpoint, CancellationToken, ExportError, ExportOptions,
+    ExportReport,
 };
 use qatflow_model::{eval_nll, CausalLm, FakeQuant, LoadOptions, Precision};
 
@@ -45,6 +46,21 @@ fn nll_of_export(dir: &Path) -> f64 {
     eval_nll(&model, calib_ids()).unwrap().mean_nll
 }
 
+/// `export_checkpoint` without progress or cancellation.
+fn export(
+    checkpoint: &Path,
+    out: &Path,
+    options: &ExportOptions,
+) -> Result<ExportReport, ExportError> {
+    export_checkpoint(
+        checkpoint,
+        out,
+        options,
+        &NoProgress,
+        &CancellationToken::new(),
+    )
+}
+
 #[test]
 fn export_evaluates_like_the_fake_quantized_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
@@ -52,14 +68,7 @@ fn export_evaluates_like_the_fake_quantized_checkpoint() {
     let run = tmp.path().join("run");
     let info = tiny_checkpoint(&run, &hf, 100);
     let out = tmp.path().join("export");
-    let report = export_checkpoint(
-        &info.dir,
-        &out,
-        &ExportOptions::default(),
-        &NoProgress,
-        &CancellationToken::new(),
-    )
-    .unwrap();
+    let report = export(&info.dir, &out, &ExportOptions::default()).unwrap();
     assert_eq!(report.source.step, Some(100));
     assert_eq!(report.source.files, info.files);
     assert_eq!(report.totals.quantized_linears, 14);
@@ -108,26 +117,12 @@ fn sharded_export_loads_the_same_model() {
     let info = tiny_checkpoint(&tmp.path().join("run"), &hf, 1);
     let single = tmp.path().join("single");
     let sharded = tmp.path().join("sharded");
-    export_checkpoint(
-        &info.dir,
-        &single,
-        &ExportOptions::default(),
-        &NoProgress,
-        &CancellationToken::new(),
-    )
-    .unwrap();
+    export(&info.dir, &single, &ExportOptions::default()).unwrap();
     let options = ExportOptions {
         max_shard_bytes: 1 << 20,
         ..ExportOptions::default()
     };
-    export_checkpoint(
-        &info.dir,
-        &sharded,
-        &options,
-        &NoProgress,
-        &CancellationToken::new(),
-    )
-    .unwrap();
+    export(&info.dir, &sharded, &options).unwrap();
     assert!(!sharded.join("model.safetensors").exists());
     let index: serde_json::Value = serde_json::from_slice(
         &std::fs::read(sharded.join("model.safetensors.index.json")).unwrap(),
@@ -160,40 +155,19 @@ fn refusals_and_corruption_leave_no_output() {
     // An existing output is refused without --force and replaced with it.
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("stale.txt"), b"x").unwrap();
-    let err = export_checkpoint(
-        &info.dir,
-        &out,
-        &opts,
-        &NoProgress,
-        &CancellationToken::new(),
-    )
-    .unwrap_err();
+    let err = export(&info.dir, &out, &opts).unwrap_err();
     assert!(matches!(err, ExportError::OutputExists { .. }), "{err}");
     assert!(err.to_string().contains("--force"), "{err}");
     let force = ExportOptions {
         force: true,
         ..opts.clone()
     };
-    export_checkpoint(
-        &info.dir,
-        &out,
-        &force,
-        &NoProgress,
-        &CancellationToken::new(),
-    )
-    .unwrap();
+    export(&info.dir, &out, &force).unwrap();
     assert!(!out.join("stale.txt").exists());
     assert!(out.join("model.safetensors").is_file());
 
     // The source itself is never the output.
-    let err = export_checkpoint(
-        &info.dir,
-        &info.dir,
-        &force,
-        &NoProgress,
-        &CancellationToken::new(),
-    )
-    .unwrap_err();
+    let err = export(&info.dir, &info.dir, &force).unwrap_err();
     assert!(matches!(err, ExportError::OutputIsSource { .. }), "{err}");
 
     // A truncated checkpoint file is reported by name, and nothing is written.
@@ -201,14 +175,7 @@ fn refusals_and_corruption_leave_no_output() {
     let model = info.dir.join("model.safetensors");
     let bytes = std::fs::read(&model).unwrap();
     std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
-    let err = export_checkpoint(
-        &info.dir,
-        &out2,
-        &opts,
-        &NoProgress,
-        &CancellationToken::new(),
-    )
-    .unwrap_err();
+    let err = export(&info.dir, &out2, &opts).unwrap_err();
     assert!(err.to_string().contains("model.safetensors"), "{err}");
     assert!(!out2.exists());
     std::fs::write(&model, &bytes).unwrap();
@@ -227,14 +194,7 @@ fn refusals_and_corruption_leave_no_output() {
     q.sort_by(|a, b| a.name.cmp(&b.name));
     w.write_safetensors("quantizers.safetensors", &q).unwrap();
     let partial = w.commit("test").unwrap();
-    let err = export_checkpoint(
-        &partial.dir,
-        &out2,
-        &opts,
-        &NoProgress,
-        &CancellationToken::new(),
-    )
-    .unwrap_err();
+    let err = export(&partial.dir, &out2, &opts).unwrap_err();
     assert!(matches!(err, ExportError::MissingAmax { .. }), "{err}");
     assert!(
         err.to_string()
@@ -303,14 +263,7 @@ fn cancelled_and_corrupt_exports_leave_nothing_behind() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x01;
     std::fs::write(&model, &bytes).unwrap();
-    let err = export_checkpoint(
-        &info.dir,
-        &out,
-        &opts,
-        &NoProgress,
-        &CancellationToken::new(),
-    )
-    .unwrap_err();
+    let err = export(&info.dir, &out, &opts).unwrap_err();
     assert!(
         matches!(
             err,

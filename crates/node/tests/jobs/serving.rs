@@ -44,6 +44,36 @@ fn sleeper() -> (std::process::Child, ServingRecord) {
     (child, ServingRecord { pid, start_time })
 }
 
+/// Polls the node's serving state until `done` accepts it (returned), failing the test after
+/// `limit_s` seconds.
+async fn wait_for_serving(
+    status: &mut client::NodeClient<client::AuthChannel>,
+    limit_s: u64,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let start = Instant::now();
+    loop {
+        let s = status
+            .status(StatusRequest {
+                include_peer: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes[0]
+            .serving
+            .clone();
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(limit_s),
+            "serving: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Starts the node, waits for its serving state to be `running`, runs `check` on it,
 /// cancels job `serve-1`, waits until it stopped and stops the node.
 fn with_node(dir: &Path, check: impl FnOnce(&str)) {
@@ -53,24 +83,7 @@ fn with_node(dir: &Path, check: impl FnOnce(&str)) {
         let node = qatflow_node::start(&config).await.unwrap();
         let url = format!("http://{}", node.addr);
         let mut status = client::node(&url, None).unwrap();
-        let start = Instant::now();
-        let serving = loop {
-            let s = status
-                .status(StatusRequest {
-                    include_peer: false,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .nodes[0]
-                .serving
-                .clone();
-            if s.starts_with("running") {
-                break s;
-            }
-            assert!(start.elapsed() < Duration::from_secs(10), "serving: {s}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let serving = wait_for_serving(&mut status, 10, |s| s.starts_with("running")).await;
         check(&serving);
         let r = client::jobs(&url, None)
             .unwrap()
@@ -81,24 +94,7 @@ fn with_node(dir: &Path, check: impl FnOnce(&str)) {
             .unwrap()
             .into_inner();
         assert!(r.cancelled, "{serving}");
-        let start = Instant::now();
-        loop {
-            let s = status
-                .status(StatusRequest {
-                    include_peer: false,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .nodes[0]
-                .serving
-                .clone();
-            if s == "stopped (job serve-1)" {
-                break;
-            }
-            assert!(start.elapsed() < Duration::from_secs(15), "serving: {s}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_serving(&mut status, 15, |s| s == "stopped (job serve-1)").await;
         node.stop().await.unwrap();
     });
 }
