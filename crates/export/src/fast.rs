@@ -27,8 +27,17 @@ fn fp8_values() -> &'static [f32; 256] {
 trait Source {
     /// Bytes per element.
     const WIDTH: usize;
+    /// One element (`bytes.len() == WIDTH`) as f32 (exact).
+    fn element(bytes: &[u8]) -> f32;
     /// The 16 elements of one block (`bytes.len() == 16 × WIDTH`) as f32 (exact).
-    fn load(bytes: &[u8]) -> [f32; BLOCK];
+    #[inline(always)]
+    fn load(bytes: &[u8]) -> [f32; BLOCK] {
+        let mut out = [0f32; BLOCK];
+        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(Self::WIDTH)) {
+            *o = Self::element(b);
+        }
+        out
+    }
 }
 
 struct Bf16;
@@ -38,36 +47,24 @@ struct F32;
 impl Source for Bf16 {
     const WIDTH: usize = 2;
     #[inline(always)]
-    fn load(bytes: &[u8]) -> [f32; BLOCK] {
-        let mut out = [0f32; BLOCK];
-        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-            *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
-        }
-        out
+    fn element(b: &[u8]) -> f32 {
+        f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)
     }
 }
 
 impl Source for F16 {
     const WIDTH: usize = 2;
     #[inline(always)]
-    fn load(bytes: &[u8]) -> [f32; BLOCK] {
-        let mut out = [0f32; BLOCK];
-        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-            *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-        }
-        out
+    fn element(b: &[u8]) -> f32 {
+        half::f16::from_le_bytes([b[0], b[1]]).to_f32()
     }
 }
 
 impl Source for F32 {
     const WIDTH: usize = 4;
     #[inline(always)]
-    fn load(bytes: &[u8]) -> [f32; BLOCK] {
-        let mut out = [0f32; BLOCK];
-        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
-        out
+    fn element(b: &[u8]) -> f32 {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
 }
 

@@ -179,10 +179,8 @@ pub fn update_cache<B: Backend>(
             None => zeros(),
         }
     };
-    let (keys, values) = match layer.take() {
-        Some(old) => (grow(Some(old.keys), &k), grow(Some(old.values), &v)),
-        None => (grow(None, &k), grow(None, &v)),
-    };
+    let (keys, values) = layer.take().map(|old| (old.keys, old.values)).unzip();
+    let (keys, values) = (grow(keys, &k), grow(values, &v));
     let at = [0..batch, 0..kv_heads, past..past + n, 0..head_dim];
     let keys = keys.slice_assign(at.clone(), k);
     let values = values.slice_assign(at, v);
