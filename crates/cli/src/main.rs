@@ -11,9 +11,10 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 /// qatflow keeps a fine-tuned LLM's manners (tool-call JSON, no markdown, no thinking
-/// leaks, short spoken answers) through NVFP4 quantization: it checks teacher-written
-/// datasets against behaviour gates, stores them, and (in later stages) trains with NVFP4
-/// fake quantization and exports checkpoints vLLM serves with `--quantization modelopt_fp4`.
+/// leaks, short spoken answers) through NVFP4 quantization: it generates teacher-written
+/// datasets and checks them against behaviour gates, stores them, trains with NVFP4 fake
+/// quantization (QAT), and exports checkpoints vLLM serves with `--quantization
+/// modelopt_fp4`, on one machine or as two nodes connected over gRPC.
 #[derive(Parser)]
 #[command(name = "qatflow", version, about, long_about, max_term_width = 100)]
 struct Cli {
@@ -41,7 +42,9 @@ enum Command {
     /// Prints each dataset gate (value, threshold, pass/fail), how many conversations each
     /// check flagged, and the worst offenders by line number. Exit status: 0 when every
     /// gate passes, 1 when a gate fails, 2 when the input is unusable (missing or empty
-    /// file, a directory, a bad profile).
+    /// file, a directory, a bad profile). With --template MODEL_DIR it also renders every
+    /// conversation with that model's chat template, as training does, and fails when a
+    /// render would drop a reply, a tool call or a tool result.
     Validate(cmd::validate::Args),
 
     /// Generate teacher conversations by category, check each on arrival, store them.
@@ -121,12 +124,22 @@ enum Command {
     Export(cmd::export::ExportArgs),
 
     /// Post-training quantization (PTQ) of a Hugging Face model to NVFP4: ModelOpt's max
-    /// calibration on the CPU, then the same export as `qatflow export`.
+    /// calibration on the CPU or a GPU (--device), then the same export as `qatflow export`.
     Quantize(cmd::export::QuantizeArgs),
 
     /// Benchmark the exporter on a random-init checkpoint (Qwen3-1.7B config): wall time
     /// (median of --runs) and peak memory of `qatflow export`, as JSON.
     BenchExport(cmd::export::BenchArgs),
+
+    /// Run the whole loop on this machine and show what QAT keeps that PTQ loses.
+    ///
+    /// Fetches SmolLM2-135M-Instruct, generates the offline teacher's dataset, checks it
+    /// (gates and the chat-template render audit), fine-tunes the behaviour in BF16 (the
+    /// "production model"), quantizes that model with PTQ and with QAT, exports NVFP4, and
+    /// compares PTQ and QAT against the BF16 model (KL, NLL, replies) in a final table
+    /// (also written to DIR/report.md). Each stage prints the qatflow command it runs. A
+    /// second run skips finished stages; --from STAGE redoes one and all after it.
+    Demo(cmd::demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -164,6 +177,7 @@ fn main() -> ExitCode {
         Command::Export(args) => cmd::export::export(args),
         Command::Quantize(args) => cmd::export::quantize(args),
         Command::BenchExport(args) => cmd::export::bench(args),
+        Command::Demo(args) => cmd::demo::run(args),
     };
     match result {
         Ok(code) => code,

@@ -70,6 +70,51 @@ fn fetch_chat_and_eval_smollm2() {
     let ppl = v["perplexity"].as_f64().unwrap();
     assert!(ppl > 1.0 && ppl < 100.0, "perplexity {ppl}");
     assert_eq!(v["sequences"].as_array().unwrap().len(), 1);
+
+    render_audit_of_smollm2(d);
+}
+
+/// `validate --template`: SmolLM2's template renders only `content`, so its tool calls go
+/// through the Hermes fallback and pass; a template that drops tool results is refused with
+/// the line and message named.
+fn render_audit_of_smollm2(d: &Path) {
+    let conversation = r#"{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Set a timer for five minutes."},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"set_timer","arguments":"{\"minutes\": 5}"}}]},{"role":"tool","tool_call_id":"c1","content":"Timer set: 5 minutes."},{"role":"assistant","content":"Your five-minute timer is running."}]}"#;
+    std::fs::write(d.join("tools.jsonl"), format!("{conversation}\n")).unwrap();
+    let out = qatflow(d)
+        .args(["validate", "tools.jsonl", "--profile", "v3", "--json"])
+        .args(["--template", "smollm2"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["render_audit"]["checked"], 1, "{v}");
+    assert_eq!(v["render_audit"]["failures"], serde_json::json!([]), "{v}");
+
+    let lossy = d.join("lossy");
+    std::fs::create_dir_all(&lossy).unwrap();
+    for entry in std::fs::read_dir(d.join("smollm2")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "json") {
+            std::fs::copy(&p, lossy.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let config_path = lossy.join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["chat_template"] = Value::String(
+        "{% for m in messages %}{% if m.role != 'tool' %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}".into(),
+    );
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let out = qatflow(d)
+        .args(["validate", "tools.jsonl", "--profile", "v3"])
+        .args(["--template", "lossy"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("tools.jsonl:1: render: message 3 (tool): the tool result"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -104,4 +149,33 @@ fn quant_check_reports_every_linear_of_the_fixture() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.safetensors"));
+}
+
+#[test]
+fn eval_nll_on_token_ids_needs_no_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = qatflow(d)
+        .args(["model", "init", "--config", "tiny-llama", "--out", "m"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!d.join("m/tokenizer.json").exists());
+    std::fs::write(d.join("ids.json"), "[[1, 5, 9, 17, 2], [3, 4, 5]]").unwrap();
+    let out = qatflow(d)
+        .args(["eval", "nll", "m", "--token-ids", "ids.json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["sequences"].as_array().unwrap().len(), 2);
+    assert!(v["perplexity"].as_f64().unwrap() > 1.0);
 }

@@ -28,7 +28,7 @@ pub mod writer;
 
 pub use checkpoint::{export_checkpoint, export_verified, latest_valid_checkpoint};
 pub use error::ExportError;
-pub use ptq::{quantize_hf, read_conversations, read_token_ids};
+pub use ptq::{quantize_hf, quantize_hf_on, read_conversations, read_token_ids};
 pub use report::ExportReport;
 pub use tokio_util::sync::CancellationToken;
 pub use writer::{ExportOptions, LinearAmax, VlWrapper, PAUSE_ENV};

@@ -1,5 +1,6 @@
 //! Post-training quantization (the PTQ baseline): ModelOpt's "max" calibration of a Hugging
-//! Face model on the CPU (f32), then the same export as for checkpoints. Weight amax is
+//! Face model in f32, on the CPU or any burn device (`--device cuda`), then the same export
+//! as for checkpoints. Weight amax is
 //! `max|W|` of each exported weight, input amax the calibrated `max|x|`, both under the
 //! shared-input group rule.
 
@@ -7,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::backend::Flex;
+use burn::tensor::backend::Backend;
 use qatflow_checkpoint::{sha256_file, FileEntry};
 use qatflow_core::Progress;
 use qatflow_model::{
@@ -21,18 +23,19 @@ use crate::report::{ExportReport, SourceDescription};
 use crate::source::{weight_files, SourceTensors};
 use crate::writer::{quantized_modules, write_export, ExportOptions, LinearAmax};
 
-/// Calibrated amaxes of a model directory: loads it in f32 on the CPU, runs
+/// Calibrated amaxes of a model directory: loads it in f32 on `device`, runs
 /// [`calibrate_inputs`] over `calib`, takes `max|W|` per linear, applies the group rule.
-pub fn calibrate_dir(
+pub fn calibrate_dir<B: Backend>(
     hf_dir: &Path,
     calib: &[Vec<u32>],
     progress: &dyn Progress,
+    device: &B::Device,
 ) -> Result<BTreeMap<String, LinearAmax>, ExportError> {
     let options = LoadOptions {
         precision: Precision::F32,
         emulate_nvfp4_activations: false,
     };
-    let model = CausalLm::<Flex>::load(hf_dir, options, &Default::default())?;
+    let model = CausalLm::<B>::load(hf_dir, options, device)?;
     let input = apply_group_rule(&calibrate_inputs(&model, calib, progress)?);
     let weight = apply_group_rule(&weight_amax(&model));
     drop(model);
@@ -80,7 +83,8 @@ fn check_ptq_supported(hf_dir: &Path) -> Result<(), ExportError> {
     Ok(())
 }
 
-/// PTQ of the Hugging Face directory `hf_dir` into `out` with calibration token sequences.
+/// PTQ of the Hugging Face directory `hf_dir` into `out` with calibration token sequences,
+/// calibrating on the CPU ([`quantize_hf_on`] takes another device).
 /// Calibration reports to `calib_progress` (one step per sequence), the export to
 /// `export_progress` (bytes). `cancel` is checked after calibration and throughout the
 /// export ([`crate::writer::write_export`]).
@@ -94,8 +98,34 @@ pub fn quantize_hf(
     export_progress: &dyn Progress,
     cancel: &CancellationToken,
 ) -> Result<ExportReport, ExportError> {
+    let cpu = Default::default();
+    quantize_hf_on::<Flex>(
+        hf_dir,
+        calib,
+        out,
+        options,
+        calib_progress,
+        export_progress,
+        cancel,
+        &cpu,
+    )
+}
+
+/// [`quantize_hf`] with calibration on `device` (a GPU: `burn::backend::Cuda`); the
+/// export itself always runs on the CPU's vectorized codec.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_hf_on<B: Backend>(
+    hf_dir: &Path,
+    calib: &[Vec<u32>],
+    out: &Path,
+    options: &ExportOptions,
+    calib_progress: &dyn Progress,
+    export_progress: &dyn Progress,
+    cancel: &CancellationToken,
+    device: &B::Device,
+) -> Result<ExportReport, ExportError> {
     check_ptq_supported(hf_dir)?;
-    let amax = calibrate_dir(hf_dir, calib, calib_progress)?;
+    let amax = calibrate_dir::<B>(hf_dir, calib, calib_progress, device)?;
     if cancel.is_cancelled() {
         return Err(ExportError::Cancelled);
     }

@@ -126,15 +126,34 @@ pub fn is_emoji(c: char) -> bool {
 
 /// Counts sentences: a run of `.`, `!` or `?` (with closing quotes or brackets after it)
 /// followed by white space or the end ends a sentence that has some text. A `.` between
-/// two digits (142.50, 10.0) is part of a number, and text after the last terminator is
-/// one more sentence.
+/// two digits (142.50, 10.0) is part of a number, a `1.` or `12.` standing alone before
+/// more text is a numbered-list marker ("1. Charge the pack. 2. Mount the props." is two
+/// sentences), and text after the last terminator is one more sentence.
 pub fn count_sentences(text: &str) -> usize {
     let b = text.as_bytes();
     let mut count = 0;
     let mut has_text = false;
+    // Digits seen since the last sentence end, when nothing else was: a `1.` or `12.`
+    // followed by more text is a list marker, not a sentence.
+    let mut marker_digits = Some(0usize);
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
+        if c == b'.'
+            && marker_digits.is_some_and(|n| (1..=2).contains(&n))
+            && b.get(i + 1).is_some_and(u8::is_ascii_whitespace)
+            && b[i + 1..].iter().any(|c| !c.is_ascii_whitespace())
+        {
+            has_text = false;
+            marker_digits = Some(0);
+            i += 1;
+            continue;
+        }
+        marker_digits = match marker_digits {
+            Some(n) if c.is_ascii_digit() => Some(n + 1),
+            Some(n) if c.is_ascii_whitespace() => Some(n).filter(|&n| n == 0),
+            _ => None,
+        };
         if matches!(c, b'.' | b'!' | b'?') {
             let decimal = c == b'.'
                 && i > 0
@@ -156,6 +175,7 @@ pub fn count_sentences(text: &str) -> usize {
                     count += 1;
                     has_text = false;
                 }
+                marker_digits = Some(0);
             } else {
                 has_text = true;
             }
@@ -255,6 +275,20 @@ mod tests {
         assert_eq!(count_sentences(""), 0);
         assert_eq!(count_sentences("   "), 0);
         assert_eq!(count_sentences("..."), 0);
+    }
+
+    #[test]
+    fn numbered_list_markers_are_not_sentences() {
+        assert_eq!(
+            count_sentences("1. Charge the pack. 2. Mount the props."),
+            2
+        );
+        assert_eq!(count_sentences("Steps: 1. Charge. 2. Mount. 3. Fly."), 4);
+        assert_eq!(count_sentences("It was 1999. Then it ended."), 2);
+        assert_eq!(count_sentences("I have 3. You have 2."), 2);
+        assert_eq!(count_sentences("42."), 1);
+        assert_eq!(count_sentences("The answer is 42. Really."), 2);
+        assert_eq!(count_sentences("Version 2.5 ships today."), 1);
     }
 
     proptest! {

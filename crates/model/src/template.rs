@@ -228,6 +228,26 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Which parts of the tool protocol the template renders by itself.
+    pub fn tool_support(&self) -> crate::audit::ToolSupport {
+        crate::audit::ToolSupport::of_source(&self.source)
+    }
+
+    /// The messages and tools to render so that nothing is lost: unchanged for a template
+    /// that renders tool calls and tools, else with the Hermes fallback of
+    /// [`crate::audit::hermes_fallback`] (tools then travel in the system message, so the
+    /// returned tools are `None`). [`ChatTemplate::render`] itself stays byte-identical to
+    /// transformers.
+    pub fn lossless<'t>(
+        &self,
+        messages: &[Value],
+        tools: Option<&'t [Value]>,
+    ) -> (Vec<Value>, Option<&'t [Value]>) {
+        let support = self.tool_support();
+        let messages = crate::audit::hermes_fallback(messages, tools, support);
+        (messages, if support.tools { tools } else { None })
+    }
+
     /// Sets a variable passed to every render (transformers passes `bos_token`, ...).
     pub fn set_variable(&mut self, name: &str, value: Value) {
         self.variables.insert(name.to_string(), value);

@@ -125,6 +125,9 @@ pub enum TokenizerError {
     /// The assistant mask could not be computed.
     #[error(transparent)]
     Mask(#[from] MaskError),
+    /// The render dropped part of the conversation (see [`crate::audit`]).
+    #[error(transparent)]
+    Audit(#[from] crate::audit::Vanished),
 }
 
 /// A conversation rendered once and tokenized, with its per-token assistant mask.
@@ -328,6 +331,9 @@ impl Tokenizer {
     /// Renders a whole OpenAI-format conversation once (`add_generation_prompt=false`),
     /// tokenizes it with byte offsets and marks the tokens the model generates (reply
     /// text, tool calls, `<|im_end|>`) under the same `tools` / `enable_thinking`.
+    /// Tool calls and tools a template cannot render are written in Hermes form
+    /// ([`ChatTemplate::lossless`]), and the render is audited: a message part that is not
+    /// in it (or, for an assistant, not in its loss-masked span) is an error.
     pub fn encode_conversation(
         &self,
         messages: &[Value],
@@ -335,13 +341,15 @@ impl Tokenizer {
         enable_thinking: Option<bool>,
     ) -> Result<EncodedConversation, TokenizerError> {
         let template = self.template_or_err()?;
-        let text = template.render(messages, tools, false, enable_thinking)?;
+        let (prepared, tools) = template.lossless(messages, tools);
+        let text = template.render(&prepared, tools, false, enable_thinking)?;
         let generation_prompt = template.generation_prompt(tools, enable_thinking)?;
         let turns = messages
             .iter()
             .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
             .count();
         let spans = mask::assistant_spans(&text, &generation_prompt, turns, false)?;
+        crate::audit::audit_render(messages, &text, &spans)?;
         let encoding = self
             .inner
             .encode(text.as_str(), false)
@@ -355,16 +363,17 @@ impl Tokenizer {
     }
 
     /// Renders the conversation with the generation prompt and tokenizes it: the input
-    /// for serving the next assistant turn.
+    /// for serving the next assistant turn (with the same Hermes fallback as
+    /// [`Tokenizer::encode_conversation`]).
     pub fn encode_prompt(
         &self,
         messages: &[Value],
         tools: Option<&[Value]>,
         enable_thinking: Option<bool>,
     ) -> Result<Vec<u32>, TokenizerError> {
-        let text = self
-            .template_or_err()?
-            .render(messages, tools, true, enable_thinking)?;
+        let template = self.template_or_err()?;
+        let (prepared, tools) = template.lossless(messages, tools);
+        let text = template.render(&prepared, tools, true, enable_thinking)?;
         self.encode(&text)
     }
 }

@@ -11,11 +11,12 @@ use qatflow_export::bench::{
     parameter_shapes, qwen3_0_6b_config, qwen3_1_7b_config, write_random_checkpoint,
 };
 use qatflow_export::{
-    export_checkpoint, export_verified, latest_valid_checkpoint, quantize_hf, read_conversations,
-    read_token_ids, CancellationToken, ExportError, ExportOptions, ExportReport, VlWrapper,
-    PAUSE_ENV,
+    export_checkpoint, export_verified, latest_valid_checkpoint, quantize_hf, quantize_hf_on,
+    read_conversations, read_token_ids, CancellationToken, ExportError, ExportOptions,
+    ExportReport, VlWrapper, PAUSE_ENV,
 };
 
+use crate::cmd::infer::Device;
 use crate::progress::Bar;
 
 /// `--vl-wrapper`: whether a Qwen3.5 export gets vLLM's VL config wrapper.
@@ -107,6 +108,10 @@ pub struct QuantizeArgs {
     /// preprocessor_config.json stub vLLM needs (see `qatflow export --help`).
     #[arg(long, value_enum, default_value = "auto")]
     pub vl_wrapper: VlWrapperArg,
+    /// Where calibration runs (f32 forward passes): cpu, cuda or cuda:N. The export after
+    /// it runs on the CPU either way.
+    #[arg(long, default_value = "cpu", value_parser = crate::cmd::infer::parse_device)]
+    pub device: Device,
 }
 
 /// Model configurations `bench-export` knows.
@@ -251,15 +256,27 @@ pub fn quantize(a: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let calib_bar = Bar::items("calibrating", "sequences");
     let export_bar = Bar::bytes("exporting");
     let _span = tracing::info_span!("quantize", source = %a.hf_dir.display()).entered();
-    let report = quantize_hf(
-        &a.hf_dir,
-        &calib,
-        &a.out,
-        &opts,
-        &calib_bar,
-        &export_bar,
-        &cancel,
-    );
+    let report = match a.device {
+        Device::Cpu => quantize_hf(
+            &a.hf_dir,
+            &calib,
+            &a.out,
+            &opts,
+            &calib_bar,
+            &export_bar,
+            &cancel,
+        ),
+        Device::Cuda(i) => quantize_hf_on::<burn::backend::Cuda>(
+            &a.hf_dir,
+            &calib,
+            &a.out,
+            &opts,
+            &calib_bar,
+            &export_bar,
+            &cancel,
+            &burn::backend::cuda::CudaDevice::new(i),
+        ),
+    };
     calib_bar.finish();
     export_bar.finish();
     finish(report, &a.out, a.json)

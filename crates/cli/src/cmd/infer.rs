@@ -5,8 +5,8 @@ use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
 use qatflow_core::JsonlReader;
 use qatflow_model::{
-    eval_kld, eval_nll, generate, load_with_tokenizer, GenerateOptions, LoadOptions, Precision,
-    Tokenizer,
+    eval_kld, eval_nll, generate, load_with_tokenizer, CausalLm, GenerateOptions, LoadOptions,
+    Precision, Tokenizer,
 };
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -21,7 +21,8 @@ pub enum Device {
     Cuda(usize),
 }
 
-fn parse_device(s: &str) -> Result<Device, String> {
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device, String> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Ok(Device::Cuda(0)),
@@ -132,7 +133,24 @@ pub struct DataArgs {
     pub token_ids: Option<PathBuf>,
 }
 
-fn read_sequences(data: &DataArgs, tokenizer: &Tokenizer) -> anyhow::Result<Vec<Vec<u32>>> {
+/// Loads a model for evaluation, with its tokenizer only when conversations are to be
+/// rendered (`--token-ids` needs no `tokenizer.json`).
+fn load_for_eval<B: Backend>(
+    dir: &Path,
+    data: &DataArgs,
+    m: &ModelArgs,
+    device: &B::Device,
+) -> anyhow::Result<(CausalLm<B>, Option<Tokenizer>)> {
+    if data.token_ids.is_some() {
+        let model = CausalLm::load(dir, m.options(), device)
+            .with_context(|| format!("loading the model in {}", dir.display()))?;
+        return Ok((model, None));
+    }
+    let (model, tokenizer) = load_with_tokenizer::<B>(dir, m.options(), device)?;
+    Ok((model, Some(tokenizer)))
+}
+
+fn read_sequences(data: &DataArgs, tokenizer: Option<&Tokenizer>) -> anyhow::Result<Vec<Vec<u32>>> {
     if let Some(path) = &data.token_ids {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
@@ -148,6 +166,7 @@ fn read_sequences(data: &DataArgs, tokenizer: &Tokenizer) -> anyhow::Result<Vec<
         .data
         .as_ref()
         .expect("clap requires --data or --token-ids");
+    let tokenizer = tokenizer.expect("load_for_eval loads a tokenizer for --data");
     let mut seqs = Vec::new();
     for line in JsonlReader::open(path)? {
         let line = line?;
@@ -212,8 +231,8 @@ fn nll_on<B: Backend>(
     m: &ModelArgs,
     device: B::Device,
 ) -> anyhow::Result<Value> {
-    let (model, tokenizer) = load_with_tokenizer::<B>(dir, m.options(), &device)?;
-    let seqs = read_sequences(data, &tokenizer)?;
+    let (model, tokenizer) = load_for_eval::<B>(dir, data, m, &device)?;
+    let seqs = read_sequences(data, tokenizer.as_ref())?;
     Ok(serde_json::to_value(eval_nll(&model, seqs)?)?)
 }
 
@@ -224,9 +243,9 @@ fn kld_on<B: Backend>(
     m: &ModelArgs,
     device: B::Device,
 ) -> anyhow::Result<Value> {
-    let (base_model, tokenizer) = load_with_tokenizer::<B>(base, m.options(), &device)?;
-    let (other_model, _) = load_with_tokenizer::<B>(other, m.options(), &device)?;
-    let seqs = read_sequences(data, &tokenizer)?;
+    let (base_model, tokenizer) = load_for_eval::<B>(base, data, m, &device)?;
+    let (other_model, _) = load_for_eval::<B>(other, data, m, &device)?;
+    let seqs = read_sequences(data, tokenizer.as_ref())?;
     Ok(serde_json::to_value(eval_kld(
         &base_model,
         &other_model,

@@ -31,6 +31,11 @@ pub struct Args {
     /// How many worst offenders to list.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub top: usize,
+
+    /// Also render every conversation with this model directory's chat template, as
+    /// training does, and fail when a render drops a reply, a tool call or a tool result.
+    #[arg(long, value_name = "MODEL_DIR")]
+    pub template: Option<PathBuf>,
 }
 
 /// Loads the profile named by `--profile`, with `--tools` applied.
@@ -70,15 +75,25 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         validate_file(&args.file, &profile)?
     };
     report_unreadable_lines(&args.file, &report);
+    let audit = match &args.template {
+        Some(dir) => Some(super::render_audit::audit_file(&args.file, dir)?),
+        None => None,
+    };
+    if let Some(audit) = &audit {
+        super::render_audit::report(&args.file, audit);
+    }
+    let lossless = audit.as_ref().is_none_or(|a| a.failures.is_empty());
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json_report(&args.file, &report))?
-        );
+        let mut out = json_report(&args.file, &report);
+        if let Some(audit) = &audit {
+            out["render_audit"] = serde_json::to_value(audit)?;
+            out["passed"] = json!(report.passed() && lossless);
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         print!("{}", text_report(&args.file, &report, args.top));
     }
-    Ok(if report.passed() {
+    Ok(if report.passed() && lossless {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

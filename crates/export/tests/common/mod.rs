@@ -53,7 +53,13 @@ pub fn tiny_hf_dir(dir: &Path) -> PathBuf {
 /// A checkpoint of the tiny model (F32 weights, calibrated amaxes) at `step` in `run`, as
 /// the QAT trainer writes it.
 pub fn tiny_checkpoint(run: &Path, hf: &Path, step: u64) -> CheckpointInfo {
-    let amax = qatflow_export::ptq::calibrate_dir(hf, &calib_ids(), &NoProgress).unwrap();
+    let amax = qatflow_export::ptq::calibrate_dir::<burn::backend::Flex>(
+        hf,
+        &calib_ids(),
+        &NoProgress,
+        &Default::default(),
+    )
+    .unwrap();
     let bytes = std::fs::read(hf.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let tensors: Vec<TensorEntry<'_>> = st

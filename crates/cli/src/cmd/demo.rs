@@ -1,0 +1,605 @@
+//! `qatflow demo`: the whole loop on one machine, as a new user would run it by hand. Each
+//! stage runs this same binary's own subcommand (printed before it runs, so the demo also
+//! teaches the commands): fetch SmolLM2-135M-Instruct → offline teacher → gates and render
+//! audit → behaviour SFT in BF16 (the "production model") → PTQ of it → QAT of it → NVFP4
+//! export → KL and NLL of PTQ and QAT against the SFT model on held-out conversations →
+//! replies of all three to the same prompts → a final table.
+//!
+//! Every finished stage leaves `DIR/stages/NAME.json` (its result and wall time), written
+//! atomically after the stage's own outputs: a second run skips finished stages, and a run
+//! cut off mid-stage redoes only that stage (training resumes from its newest checkpoint).
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+const DEMO_TOML: &str = include_str!("../../../../config/demo/demo.toml");
+const SFT_TOML: &str = include_str!("../../../../config/demo/sft.toml");
+const QAT_TOML: &str = include_str!("../../../../config/demo/qat.toml");
+const SYSTEM_PROMPT: &str = include_str!("../../../../config/teacher/system_prompt.txt");
+
+/// The prompts every model answers at the end, with the production system prompt.
+const PROMPTS: &[&str] = &[
+    "Give me two quick tips for sleeping better.",
+    "Set a timer for ten minutes.",
+    "What's the capital of Australia?",
+];
+
+/// The stages, in order (names of `--from`).
+const STAGES: &[&str] = &[
+    "fetch", "generate", "split", "validate", "sft", "ptq", "qat", "export", "eval", "replies",
+];
+
+/// `--budget`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BudgetArg {
+    /// `full` on a machine with an NVIDIA GPU, `smoke` elsewhere.
+    Auto,
+    /// The stated small run for a CPU: proves every stage works, numbers are a smoke run.
+    Smoke,
+    /// The recipe: ~1,000 training conversations, the seeds' epochs (meant for a GPU).
+    Full,
+}
+
+/// Arguments of `qatflow demo`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Working directory of the demo (models, data, runs, exports, stage results).
+    #[arg(long, default_value = "qatflow-data/demo", value_name = "DIR")]
+    pub dir: PathBuf,
+    /// How much to train: auto, smoke or full (see config/demo/demo.toml).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub budget: BudgetArg,
+    /// cpu, cuda or cuda:N; default cuda when an NVIDIA driver is present, else cpu.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Redo this stage and every later one (fetch, generate, split, validate, sft, ptq,
+    /// qat, export, eval, replies).
+    #[arg(long, value_name = "STAGE")]
+    pub from: Option<String>,
+    /// Budgets file (default: the shipped config/demo/demo.toml).
+    #[arg(long, value_name = "FILE.toml")]
+    pub recipe: Option<PathBuf>,
+}
+
+/// One budget of `demo.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Budget {
+    train_conversations: usize,
+    heldout_conversations: usize,
+    sft_epochs: u32,
+    qat_epochs: u32,
+    max_seq_len: usize,
+    calib_samples: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Budgets {
+    full: Budget,
+    smoke: Budget,
+}
+
+/// The demo's state: where it works and how it runs stages.
+struct Demo {
+    dir: PathBuf,
+    exe: PathBuf,
+    device: String,
+    budget_name: &'static str,
+    budget: Budget,
+}
+
+fn has_nvidia_driver() -> bool {
+    Path::new("/proc/driver/nvidia/version").exists()
+}
+
+impl Demo {
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    fn marker(&self, stage: &str) -> PathBuf {
+        self.path("stages").join(format!("{stage}.json"))
+    }
+
+    /// Runs `f` unless `stage` finished in an earlier run; records its result.
+    fn stage(
+        &self,
+        index: usize,
+        stage: &str,
+        f: impl FnOnce(&Self) -> anyhow::Result<Value>,
+    ) -> anyhow::Result<Value> {
+        let marker = self.marker(stage);
+        let head = format!("[{}/{}] {stage}", index + 1, STAGES.len());
+        if let Ok(text) = std::fs::read_to_string(&marker) {
+            if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                eprintln!("==> {head}: finished in an earlier run, skipped");
+                return Ok(v["result"].clone());
+            }
+        }
+        eprintln!("==> {head}");
+        let start = Instant::now();
+        let result = f(self).with_context(|| format!("demo stage `{stage}`"))?;
+        let seconds = start.elapsed().as_secs_f64();
+        let record = json!({"stage": stage, "seconds": seconds, "result": result});
+        write_atomic(&marker, &serde_json::to_vec_pretty(&record)?)?;
+        eprintln!("==> {head}: done in {}", human(seconds));
+        Ok(result)
+    }
+
+    fn command(&self, args: &[String]) -> Command {
+        eprintln!("$ qatflow {}", args.join(" "));
+        let mut c = Command::new(&self.exe);
+        c.args(args);
+        c
+    }
+
+    /// Runs a subcommand with its output on the terminal.
+    fn run(&self, args: &[String]) -> anyhow::Result<()> {
+        let status = self
+            .command(args)
+            .status()
+            .with_context(|| format!("starting {}", self.exe.display()))?;
+        if !status.success() {
+            bail!("`qatflow {}` failed ({status})", args.join(" "));
+        }
+        Ok(())
+    }
+
+    /// Runs a subcommand and returns its standard output.
+    fn output(&self, args: &[String]) -> anyhow::Result<String> {
+        let out = self
+            .command(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("starting {}", self.exe.display()))?;
+        if !out.status.success() {
+            bail!("`qatflow {}` failed ({})", args.join(" "), out.status);
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn args(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| s.to_string()).collect()
+}
+
+fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+fn human(seconds: f64) -> String {
+    if seconds < 120.0 {
+        format!("{seconds:.0} s")
+    } else {
+        format!("{:.1} min", seconds / 60.0)
+    }
+}
+
+/// Splits the clean dataset: every conversation whose position is a multiple of `stride`
+/// goes to the held-out set until it has `heldout` lines; `train` lines of the rest train.
+fn split(all: &Path, train: usize, heldout: usize) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let file = std::fs::File::open(all).with_context(|| format!("reading {}", all.display()))?;
+    let lines: Vec<String> = std::io::BufReader::new(file)
+        .lines()
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading {}", all.display()))?;
+    let lines: Vec<String> = lines.into_iter().filter(|l| !l.trim().is_empty()).collect();
+    if lines.len() < heldout + 1 {
+        bail!(
+            "{} has {} conversations; the demo needs at least {}",
+            all.display(),
+            lines.len(),
+            heldout + 1
+        );
+    }
+    let stride = (lines.len() / heldout.max(1)).max(2);
+    let (mut t, mut h) = (Vec::new(), Vec::new());
+    for (i, line) in lines.into_iter().enumerate() {
+        if i % stride == stride - 1 && h.len() < heldout {
+            h.push(line);
+        } else if t.len() < train {
+            t.push(line);
+        }
+    }
+    Ok((t, h))
+}
+
+/// The newest checkpoint directory of a run that verifies.
+fn latest_checkpoint(run_dir: &Path) -> anyhow::Result<PathBuf> {
+    Ok(qatflow_export::latest_valid_checkpoint(run_dir)?.dir)
+}
+
+/// Runs `qatflow demo`.
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let text = match &a.recipe {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => DEMO_TOML.to_string(),
+    };
+    let origin = a
+        .recipe
+        .as_ref()
+        .map_or("config/demo/demo.toml".to_string(), |p| {
+            p.display().to_string()
+        });
+    let budgets: Budgets =
+        toml::from_str(&text).with_context(|| format!("{origin}: not a demo recipe"))?;
+    let gpu = has_nvidia_driver();
+    let device = a
+        .device
+        .clone()
+        .unwrap_or_else(|| if gpu { "cuda" } else { "cpu" }.to_string());
+    let full = match a.budget {
+        BudgetArg::Auto => device.starts_with("cuda"),
+        BudgetArg::Smoke => false,
+        BudgetArg::Full => true,
+    };
+    let (budget_name, budget) = if full {
+        ("full", budgets.full)
+    } else {
+        ("smoke", budgets.smoke)
+    };
+    if let Some(from) = &a.from {
+        let Some(start) = STAGES.iter().position(|s| s == from) else {
+            bail!(
+                "--from {from}: unknown stage; stages are {}",
+                STAGES.join(", ")
+            );
+        };
+        for s in &STAGES[start..] {
+            let _ = std::fs::remove_file(a.dir.join("stages").join(format!("{s}.json")));
+        }
+    }
+    std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
+    let demo = Demo {
+        dir: a.dir.clone(),
+        exe: std::env::current_exe().context("locating the qatflow binary")?,
+        device,
+        budget_name,
+        budget,
+    };
+    eprintln!(
+        "qatflow demo: budget {budget_name} on {} in {}{}",
+        demo.device,
+        demo.dir.display(),
+        if full {
+            ""
+        } else {
+            " (a smoke run: every stage runs, on too little data and training for its numbers to mean much)"
+        }
+    );
+    let started = Instant::now();
+    let results = run_stages(&demo)?;
+    let report = final_report(&demo, &results, started.elapsed().as_secs_f64());
+    write_atomic(&demo.path("report.md"), report.as_bytes())?;
+    println!("{report}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs every stage and returns their results by name.
+fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let mut results = serde_json::Map::new();
+    let models = d.path("models/smollm2");
+    let data = d.path("data");
+    let b = d.budget.clone();
+    let mut at = 0;
+    let mut next = |name: &str| {
+        at += 1;
+        debug_assert_eq!(STAGES[at - 1], name);
+        at - 1
+    };
+    let r = d.stage(next("fetch"), "fetch", |d| {
+        if !models.join("config.json").exists() {
+            d.run(&args(&[
+                "model",
+                "fetch",
+                "smollm2-135m-instruct",
+                "--out",
+                &p(&models),
+            ]))?;
+        }
+        Ok(json!({"model": p(&models)}))
+    })?;
+    results.insert("fetch".into(), r);
+    let r = d.stage(next("generate"), "generate", |d| {
+        let db = d.path("db");
+        d.run(&args(&[
+            "generate",
+            "--backend",
+            "offline",
+            "--resume",
+            "--seed",
+            "0",
+            "--db",
+            &p(&db),
+        ]))
+        .or_else(|e| {
+            // Exit 1 means a dataset gate failed; the conversations are stored all the same.
+            eprintln!("note: {e:#}");
+            Ok::<_, anyhow::Error>(())
+        })?;
+        d.run(&args(&[
+            "dataset",
+            "export",
+            "--db",
+            &p(&db),
+            "--out",
+            &p(&data.join("all.jsonl")),
+            "--clean-only",
+            "--force",
+        ]))?;
+        Ok(json!({"dataset": p(&data.join("all.jsonl"))}))
+    })?;
+    results.insert("generate".into(), r);
+    let r = d.stage(next("split"), "split", |_| {
+        let (train, heldout) = split(
+            &data.join("all.jsonl"),
+            b.train_conversations,
+            b.heldout_conversations,
+        )?;
+        write_atomic(
+            &data.join("train.jsonl"),
+            (train.join("\n") + "\n").as_bytes(),
+        )?;
+        write_atomic(
+            &data.join("heldout.jsonl"),
+            (heldout.join("\n") + "\n").as_bytes(),
+        )?;
+        Ok(json!({"train": train.len(), "heldout": heldout.len()}))
+    })?;
+    results.insert("split".into(), r);
+    let r = d.stage(next("validate"), "validate", |d| {
+        let out = d
+            .command(&args(&[
+                "validate",
+                &p(&data.join("all.jsonl")),
+                "--profile",
+                "v4",
+                "--template",
+                &p(&models),
+                "--json",
+            ]))
+            .stderr(Stdio::inherit())
+            .output()?;
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .context("reading the JSON report of `qatflow validate`")?;
+        let lost = report["render_audit"]["failures"]
+            .as_array()
+            .map_or(0, Vec::len);
+        if lost > 0 {
+            bail!("the chat template drops content of {lost} conversations (see above)");
+        }
+        Ok(json!({
+            "gates_passed": report["passed"],
+            "conversations": report["stats"]["conversations"],
+            "render_audit_checked": report["render_audit"]["checked"],
+        }))
+    })?;
+    results.insert("validate".into(), r);
+    let common = |run: &Path, base: &Path, epochs: u32| {
+        args(&[
+            "--base",
+            &p(base),
+            "--data",
+            &p(&data.join("train.jsonl")),
+            "--output-dir",
+            &p(run),
+            "--device",
+            &d.device,
+            "--epochs",
+            &epochs.to_string(),
+            "--max-seq-len",
+            &b.max_seq_len.to_string(),
+            "--resume",
+        ])
+    };
+    let recipes = d.path("recipes");
+    let sft_run = d.path("runs/sft");
+    let r = d.stage(next("sft"), "sft", |d| {
+        write_atomic(&recipes.join("sft.toml"), SFT_TOML.as_bytes())?;
+        let mut a = args(&["train", "--config", &p(&recipes.join("sft.toml"))]);
+        a.extend(common(&sft_run, &models, b.sft_epochs));
+        d.run(&a)?;
+        Ok(json!({"checkpoint": p(&latest_checkpoint(&sft_run)?)}))
+    })?;
+    let sft = PathBuf::from(r["checkpoint"].as_str().unwrap_or_default());
+    results.insert("sft".into(), r);
+    let ptq = d.path("exports/ptq");
+    let r = d.stage(next("ptq"), "ptq", |d| {
+        d.run(&args(&[
+            "quantize",
+            &p(&sft),
+            "--out",
+            &p(&ptq),
+            "--calib",
+            &p(&data.join("train.jsonl")),
+            "--calib-samples",
+            &b.calib_samples.to_string(),
+            "--device",
+            &d.device,
+            "--force",
+        ]))?;
+        Ok(json!({"export": p(&ptq)}))
+    })?;
+    results.insert("ptq".into(), r);
+    let qat_run = d.path("runs/qat");
+    let r = d.stage(next("qat"), "qat", |d| {
+        write_atomic(&recipes.join("qat.toml"), QAT_TOML.as_bytes())?;
+        let mut a = args(&["train", "--config", &p(&recipes.join("qat.toml"))]);
+        a.extend(common(&qat_run, &sft, b.qat_epochs));
+        a.extend(args(&["--calib-samples", &b.calib_samples.to_string()]));
+        d.run(&a)?;
+        Ok(json!({"checkpoint": p(&latest_checkpoint(&qat_run)?)}))
+    })?;
+    results.insert("qat".into(), r);
+    let qat = d.path("exports/qat");
+    let r = d.stage(next("export"), "export", |d| {
+        d.run(&args(&[
+            "export",
+            &p(&qat_run),
+            "--checkpoint",
+            "latest-valid",
+            "--out",
+            &p(&qat),
+            "--force",
+        ]))?;
+        Ok(json!({"export": p(&qat)}))
+    })?;
+    results.insert("export".into(), r);
+    let heldout = data.join("heldout.jsonl");
+    let r = d.stage(next("eval"), "eval", |d| {
+        let mut out = serde_json::Map::new();
+        for (name, dir) in [("ptq", &ptq), ("qat", &qat)] {
+            let kld: Value = serde_json::from_str(&d.output(&args(&[
+                "eval",
+                "kld",
+                "--base",
+                &p(&sft),
+                "--other",
+                &p(dir),
+                "--data",
+                &p(&heldout),
+                "--device",
+                &d.device,
+            ]))?)?;
+            out.insert(name.into(), kld);
+        }
+        for (name, dir) in [("sft", &sft), ("ptq", &ptq), ("qat", &qat)] {
+            let nll: Value = serde_json::from_str(&d.output(&args(&[
+                "eval",
+                "nll",
+                &p(dir),
+                "--data",
+                &p(&heldout),
+                "--device",
+                &d.device,
+            ]))?)?;
+            out.insert(
+                format!("{name}_nll"),
+                json!({"mean_nll": nll["mean_nll"], "perplexity": nll["perplexity"]}),
+            );
+        }
+        Ok(Value::Object(out))
+    })?;
+    results.insert("eval".into(), r);
+    let r = d.stage(next("replies"), "replies", |d| {
+        write_atomic(&d.path("system_prompt.txt"), SYSTEM_PROMPT.as_bytes())?;
+        let system = format!("@{}", p(&d.path("system_prompt.txt")));
+        let mut out = Vec::new();
+        for prompt in PROMPTS {
+            let mut row = serde_json::Map::new();
+            row.insert("prompt".into(), json!(prompt));
+            for (name, dir) in [("sft", &sft), ("ptq", &ptq), ("qat", &qat)] {
+                let reply = d.output(&args(&[
+                    "chat",
+                    &p(dir),
+                    prompt,
+                    "--system",
+                    &system,
+                    "--max-tokens",
+                    "96",
+                    "--device",
+                    &d.device,
+                ]))?;
+                row.insert(name.into(), json!(reply.trim()));
+            }
+            out.push(Value::Object(row));
+        }
+        Ok(Value::Array(out))
+    })?;
+    results.insert("replies".into(), r);
+    Ok(results)
+}
+
+/// The final table as Markdown.
+fn final_report(d: &Demo, r: &serde_json::Map<String, Value>, seconds: f64) -> String {
+    let eval = &r["eval"];
+    let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.4}"));
+    let pct = |v: &Value| {
+        v.as_f64()
+            .map_or("-".to_string(), |x| format!("{:.1} %", 100.0 * x))
+    };
+    let split = &r["split"];
+    let mut out = format!(
+        "# qatflow demo ({} budget, {})\n\n{} training conversations, {} held out; SmolLM2-135M-Instruct → behaviour SFT (BF16) → PTQ and QAT (NVFP4, W4A4 emulated).\n\n",
+        d.budget_name, d.device, split["train"], split["heldout"]
+    );
+    out.push_str("| model | NLL on held-out | KL vs SFT (mean) | KL vs SFT (p99) | top-1 agreement with SFT |\n|---|---|---|---|---|\n");
+    out.push_str(&format!(
+        "| BF16 SFT | {} | - | - | - |\n",
+        f(&eval["sft_nll"]["mean_nll"])
+    ));
+    for (label, key) in [("PTQ (NVFP4)", "ptq"), ("QAT (NVFP4)", "qat")] {
+        out.push_str(&format!(
+            "| {label} | {} | {} | {} | {} |\n",
+            f(&eval[format!("{key}_nll")]["mean_nll"]),
+            f(&eval[key]["mean_kld"]),
+            f(&eval[key]["p99_kld"]),
+            pct(&eval[key]["top1_agreement"])
+        ));
+    }
+    out.push_str("\n## Replies (production system prompt, greedy)\n");
+    for row in r["replies"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "\n**{}**\n\n",
+            row["prompt"].as_str().unwrap_or("")
+        ));
+        for (label, key) in [("SFT", "sft"), ("PTQ", "ptq"), ("QAT", "qat")] {
+            let reply = row[key].as_str().unwrap_or("").replace('\n', "\\n");
+            out.push_str(&format!("- {label}: {reply}\n"));
+        }
+    }
+    out.push_str(&format!(
+        "\nWall time of this run: {} (stages finished earlier are not counted). Stage results: {}/stages/.\n",
+        human(seconds),
+        d.dir.display()
+    ));
+    if d.budget_name == "smoke" {
+        out.push_str("\nThis was a smoke run: every stage ran, but on too little data and training for its numbers to mean much. Run `qatflow demo --budget full` on a GPU for the real comparison.\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_recipe_parses_and_the_split_is_disjoint() {
+        let b: Budgets = toml::from_str(DEMO_TOML).unwrap();
+        assert!(b.full.train_conversations >= 1000);
+        assert!(b.smoke.train_conversations < b.full.train_conversations);
+        let dir = tempfile::tempdir().unwrap();
+        let all = dir.path().join("all.jsonl");
+        let lines: Vec<String> = (0..100).map(|i| format!("{{\"i\": {i}}}")).collect();
+        std::fs::write(&all, lines.join("\n")).unwrap();
+        let (train, heldout) = split(&all, 50, 8).unwrap();
+        assert_eq!((train.len(), heldout.len()), (50, 8));
+        assert!(heldout.iter().all(|h| !train.contains(h)));
+        assert!(split(&all, 10, 100).is_err());
+    }
+}
