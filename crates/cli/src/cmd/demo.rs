@@ -139,16 +139,22 @@ impl Demo {
         c
     }
 
-    /// Runs a subcommand with its output on the terminal.
-    fn run(&self, args: &[String]) -> anyhow::Result<()> {
+    /// Runs a subcommand with its output on the terminal; `ok` lists the exit codes that
+    /// count as success.
+    fn run_ok(&self, args: &[String], ok: &[i32]) -> anyhow::Result<i32> {
         let status = self
             .command(args)
             .status()
             .with_context(|| format!("starting {}", self.exe.display()))?;
-        if !status.success() {
-            bail!("`qatflow {}` failed ({status})", args.join(" "));
+        match status.code() {
+            Some(code) if ok.contains(&code) => Ok(code),
+            _ => bail!("`qatflow {}` failed ({status})", args.join(" ")),
         }
-        Ok(())
+    }
+
+    /// Runs a subcommand with its output on the terminal; it must exit 0.
+    fn run(&self, args: &[String]) -> anyhow::Result<()> {
+        self.run_ok(args, &[0]).map(drop)
     }
 
     /// Runs a subcommand and returns its standard output.
@@ -327,21 +333,21 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
     results.insert("fetch".into(), r);
     let r = d.stage(next("generate"), "generate", |d| {
         let db = d.path("db");
-        d.run(&args(&[
-            "generate",
-            "--backend",
-            "offline",
-            "--resume",
-            "--seed",
-            "0",
-            "--db",
-            &p(&db),
-        ]))
-        .or_else(|e| {
-            // Exit 1 means a dataset gate failed; the conversations are stored all the same.
-            eprintln!("note: {e:#}");
-            Ok::<_, anyhow::Error>(())
-        })?;
+        // Exit 1 means a dataset gate failed; the conversations are stored all the same and
+        // the validate stage reports the gates.
+        d.run_ok(
+            &args(&[
+                "generate",
+                "--backend",
+                "offline",
+                "--resume",
+                "--seed",
+                "0",
+                "--db",
+                &p(&db),
+            ]),
+            &[0, 1],
+        )?;
         d.run(&args(&[
             "dataset",
             "export",
