@@ -142,8 +142,28 @@ enum Command {
     Demo(cmd::demo::Args),
 }
 
+/// Commands whose stdout is data for other tools end quietly when the reader closes the
+/// pipe (`qatflow validate --json | head -c0`), as Unix tools do: SIGPIPE gets its default
+/// action back. Network commands keep Rust's ignored SIGPIPE, so that a closed socket is
+/// an error they handle, not the end of the process.
+fn quiet_on_closed_pipe(command: &Command) {
+    if matches!(
+        command,
+        Command::Validate(_)
+            | Command::Dataset(_)
+            | Command::QuantCheck(_)
+            | Command::BenchGates(_)
+    ) {
+        // SAFETY: setting a signal's disposition to its default before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    quiet_on_closed_pipe(&cli.command);
     // Node processes report as their own service in Jaeger; spans carry `node.name` too.
     let service = match cli.command {
         Command::Node(_) => "qatflow-node",
@@ -152,6 +172,9 @@ fn main() -> ExitCode {
     let mut telemetry = qatflow_telemetry::TelemetryConfig::new(service);
     telemetry.log_level = cli.log_level.clone();
     telemetry.otlp_endpoint = cli.otlp_endpoint.clone().filter(|s| !s.is_empty());
+    if let Command::Node(args) = &cli.command {
+        telemetry.resource = cmd::node::resource_attributes(args);
+    }
     let _guard = match qatflow_telemetry::init(&telemetry) {
         Ok(g) => g,
         Err(e) => {

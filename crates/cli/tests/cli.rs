@@ -150,33 +150,37 @@ fn bad_input_never_panics() {
     std::fs::write(d.join("empty.jsonl"), b"").unwrap();
     std::fs::create_dir(d.join("adir")).unwrap();
 
-    let cases: [(&str, i32, &str); 6] = [
+    // Files with no usable conversation at all are unusable input (2), not failed gates.
+    let cases: [(&str, i32, &str, bool); 6] = [
         (
             "truncated.jsonl",
             1,
             "truncated.jsonl:2: invalid_json: EOF while parsing",
+            false,
         ),
         (
             "utf8.jsonl",
-            1,
+            2,
             "utf8.jsonl:1: invalid_json: invalid UTF-8 at byte",
+            false,
         ),
         (
             "big.jsonl",
-            1,
+            2,
             "big.jsonl:1: invalid_json: line is 52428802 bytes, longer than the 32 MiB limit",
+            false,
         ),
-        ("empty.jsonl", 2, "empty.jsonl: empty file"),
-        ("adir", 2, "adir: is a directory"),
-        ("missing.jsonl", 2, "missing.jsonl: cannot open"),
+        ("empty.jsonl", 2, "empty.jsonl: empty file", true),
+        ("adir", 2, "adir: is a directory", true),
+        ("missing.jsonl", 2, "missing.jsonl: cannot open", true),
     ];
-    for (file, code, expected) in cases {
+    for (file, code, expected, one_line) in cases {
         let out = qatflow(d).args(["validate", file]).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(code), "{file}: {stderr}");
         assert!(stderr.contains(expected), "{file}: {stderr}");
         assert!(!stderr.contains("panicked"), "{file}: {stderr}");
-        if code == 2 {
+        if one_line {
             assert_eq!(
                 stderr.trim_end().lines().count(),
                 1,
@@ -374,4 +378,212 @@ fn help_explains_every_command() {
     assert!(String::from_utf8(out.stdout)
         .unwrap()
         .starts_with("qatflow "));
+}
+
+/// Files with nothing importable: `dataset import` and `validate` both say so and exit 2.
+#[test]
+fn nothing_importable_is_unusable_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let files: [(&str, &[u8]); 5] = [
+        ("binary.jsonl", b"\x00\x01\x02\xff\xfe\n\x7fELF\x02\n"),
+        (
+            "gzip.jsonl.gz",
+            b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xcb\x48\xcd\xc9\xc9\x07\x00",
+        ),
+        ("types.jsonl", b"{\"messages\": 3}\n[1,2]\n\"text\"\n"),
+        (
+            "truncated.jsonl",
+            b"{\"messages\": [{\"role\": \"user\", \"con",
+        ),
+        ("bom_only.jsonl", b"\xEF\xBB\xBF"),
+    ];
+    for (name, bytes) in files {
+        std::fs::write(d.join(name), bytes).unwrap();
+        for args in [vec!["dataset", "import", name], vec!["validate", name]] {
+            let out = qatflow(d).args(&args).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+            assert!(stderr.contains(name), "{args:?} names the file: {stderr}");
+        }
+    }
+}
+
+/// One bad line never aborts an import halfway: every valid line is imported and every
+/// bad one is reported with its line number.
+#[test]
+fn a_bad_line_is_reported_by_number_and_the_rest_imported() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut text = String::new();
+    for i in 1..=1200 {
+        let mut v: Value = serde_json::from_str(&line(&format!("Reply {i}."))).unwrap();
+        v["category"] = json!(if i == 551 { "bad\u{0}cat" } else { "ok" });
+        text.push_str(&v.to_string());
+        text.push('\n');
+    }
+    std::fs::write(d.join("d.jsonl"), text).unwrap();
+    let out = qatflow(d)
+        .args(["dataset", "import", "d.jsonl"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("d.jsonl:551: skipped: category contains a NUL byte"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("1199 new conversations"), "{stdout}");
+}
+
+/// A UTF-8 byte order mark does not cost line 1.
+#[test]
+fn a_byte_order_mark_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    bytes.extend_from_slice(line("Hello.").as_bytes());
+    bytes.push(b'\n');
+    std::fs::write(d.join("bom.jsonl"), bytes).unwrap();
+    let out = qatflow(d)
+        .args(["validate", "bom.jsonl", "--json"])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["stats"]["conversations"], json!(1), "{report}");
+    let out = qatflow(d)
+        .args(["dataset", "import", "bom.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 new conversations"));
+}
+
+/// A reader that closes the pipe ends the command quietly, as Unix tools do.
+#[test]
+fn a_closed_pipe_is_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Enough flagged lines that the JSON report is far larger than a pipe's buffer.
+    let text: Vec<String> = (0..3000).map(|i| line(&format!("**bold {i}**"))).collect();
+    std::fs::write(d.join("d.jsonl"), text.join("\n")).unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("qatflow");
+    for args in [
+        vec!["validate", "d.jsonl", "--json"],
+        vec!["dataset", "import", "d.jsonl"],
+        vec!["dataset", "stats", "--json"],
+    ] {
+        let mut child = std::process::Command::new(&bin)
+            .current_dir(d)
+            .args(&args)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(101), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+/// `validate /dev/zero` (no line end, ever) returns with a clear error.
+#[test]
+fn an_endless_line_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = qatflow(dir.path())
+        .args(["validate", "/dev/zero"])
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("/dev/zero:1: no line end within"),
+        "{stderr}"
+    );
+}
+
+/// `dataset export --force` replaces only regular files: a symlink keeps pointing at its
+/// (replaced) target, a FIFO is written through and stays a FIFO.
+#[test]
+fn export_follows_symlinks_and_writes_through_special_files() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("one.jsonl"), line("Hi.")).unwrap();
+    let out = qatflow(d)
+        .args(["dataset", "import", "one.jsonl"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
+    std::fs::write(d.join("target.jsonl"), "old\n").unwrap();
+    std::os::unix::fs::symlink("target.jsonl", d.join("link.jsonl")).unwrap();
+    let out = qatflow(d)
+        .args(["dataset", "export", "--out", "link.jsonl", "--force"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta = std::fs::symlink_metadata(d.join("link.jsonl")).unwrap();
+    assert!(meta.file_type().is_symlink(), "the link is kept");
+    assert_eq!(
+        std::fs::read_to_string(d.join("target.jsonl")).unwrap(),
+        format!("{}\n", line("Hi."))
+    );
+
+    let fifo = d.join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+    };
+    let out = qatflow(d)
+        .args(["dataset", "export", "--out", "fifo", "--force"])
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(reader.join().unwrap(), format!("{}\n", line("Hi.")));
+    let kind = std::fs::symlink_metadata(&fifo).unwrap().file_type();
+    assert!(kind.is_fifo(), "the FIFO is not replaced by a file");
+}
+
+/// A node whose `auth.token_env` names an unset variable refuses to start (exit 2) and
+/// names the variable, instead of running without authentication.
+#[test]
+fn an_unset_token_variable_stops_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("spark.toml"),
+        "name = \"spark\"\nrole = \"spark\"\ndata_dir = \"data\"\n[server]\nlisten = \"127.0.0.1:0\"\n[auth]\ntoken_env = \"QATFLOW_TEST_TOKEN_NOT_SET\"\n",
+    )
+    .unwrap();
+    let out = qatflow(d)
+        .env_remove("QATFLOW_TEST_TOKEN_NOT_SET")
+        .args(["node", "--config", "spark.toml"])
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("QATFLOW_TEST_TOKEN_NOT_SET"), "{stderr}");
+    assert!(stderr.contains("unset or empty"), "{stderr}");
 }

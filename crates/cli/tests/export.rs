@@ -280,3 +280,60 @@ fn quantize_from_calibration_token_ids() {
         .assert()
         .code(2);
 }
+
+/// A checkpoint whose `config.json` says one size while its tensors have another (with a
+/// manifest that matches the changed file) is refused before anything is written; a
+/// missing checkpoint directory is called missing.
+#[test]
+fn a_checkpoint_whose_config_disagrees_with_its_tensors_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = checkpoint(&tmp.path().join("run"), 10);
+    let mut config = tiny_config();
+    config["hidden_size"] = json!(128);
+    let config_path = ckpt.join("config.json");
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let size = std::fs::metadata(&config_path).unwrap().len();
+    let sum = std::process::Command::new("sha256sum")
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let sha = String::from_utf8(sum.stdout).unwrap()[..64].to_string();
+    let manifest_path = ckpt.join("manifest.json");
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let mut found = false;
+    for entry in manifest["files"].as_array_mut().unwrap() {
+        if entry["name"] == json!("config.json") {
+            entry["sha256"] = json!(sha);
+            entry["size"] = json!(size);
+            found = true;
+        }
+    }
+    assert!(found, "{manifest}");
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+
+    let out_dir = tmp.path().join("out");
+    let out = qatflow(tmp.path())
+        .arg("export")
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("but hidden_size is 128"), "{stderr}");
+    assert!(!out_dir.exists(), "nothing written");
+
+    let out = qatflow(tmp.path())
+        .args(["export", "nonexist", "--out", "o"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("nonexist: does not exist"), "{stderr}");
+}

@@ -35,6 +35,10 @@ struct Cluster {
     ws: Option<Child>,
     spark: Option<Child>,
     otlp: Option<String>,
+    /// `--log-level` of the nodes.
+    log_level: &'static str,
+    /// Where the spark node's stderr goes (discarded when `None`).
+    spark_log: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -79,17 +83,30 @@ impl Cluster {
             ws: None,
             spark: None,
             otlp,
+            log_level: "info",
+            spark_log: None,
         }
     }
 
     fn spawn(&self, config: &str) -> Child {
         let mut c = Command::new(env!("CARGO_BIN_EXE_qatflow"));
+        let stderr = match &self.spark_log {
+            Some(path) if config == "spark.toml" => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .unwrap(),
+            ),
+            _ => Stdio::null(),
+        };
         c.current_dir(&self.dir)
-            .args(["--log-level", "info", "node", "--config", config])
+            .args(["--log-level", self.log_level, "node", "--config", config])
             .env_remove("QATFLOW_LOG")
             .env_remove("RUST_LOG")
+            .env_remove("QATFLOW_TRACE")
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(stderr);
         match &self.otlp {
             Some(url) => c.env("OTEL_EXPORTER_OTLP_ENDPOINT", url),
             None => c.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT"),
@@ -459,24 +476,40 @@ impl TraceService for Receiver {
     }
 }
 
-/// (name, trace id, node.name attribute) of every received span.
-fn spans(receiver: &Receiver) -> Vec<(String, Vec<u8>, String)> {
+/// (name, trace id, node.name attribute, node.name resource attribute) of every
+/// received span.
+fn spans(receiver: &Receiver) -> Vec<(String, Vec<u8>, String, String)> {
+    use opentelemetry_proto::tonic::common::v1::KeyValue;
+    fn text(attrs: &[KeyValue], key: &str) -> String {
+        attrs
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                AnyValue::StringValue(v) => Some(v.clone()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
     let reqs = receiver.requests.lock().unwrap().clone();
     reqs.iter()
         .flat_map(|r| r.resource_spans.iter())
-        .flat_map(|rs| rs.scope_spans.iter())
-        .flat_map(|ss| ss.spans.iter())
-        .map(|s| {
-            let node = s
-                .attributes
-                .iter()
-                .find(|kv| kv.key == "node.name")
-                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                    AnyValue::StringValue(v) => Some(v.clone()),
-                    _ => None,
-                })
+        .flat_map(|rs| {
+            let resource = rs
+                .resource
+                .as_ref()
+                .map(|r| text(&r.attributes, "node.name"))
                 .unwrap_or_default();
-            (s.name.clone(), s.trace_id.clone(), node)
+            rs.scope_spans
+                .iter()
+                .flat_map(|ss| ss.spans.iter())
+                .map(move |s| {
+                    (
+                        s.name.clone(),
+                        s.trace_id.clone(),
+                        text(&s.attributes, "node.name"),
+                        resource.clone(),
+                    )
+                })
         })
         .collect()
 }
@@ -504,9 +537,15 @@ fn one_trace_covers_both_nodes() {
     });
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::new(dir.path(), 1, 0, Some(format!("http://{addr}")));
+    // The default stderr level: it must not decide what is traced.
+    cluster.log_level = "warn";
     cluster.start_spark();
     cluster.start_ws();
-    cluster.wait_done(&runtime(), Duration::from_secs(60), "traces");
+    let rt = runtime();
+    cluster.wait_done(&rt, Duration::from_secs(60), "traces");
+    // Idle polls (every 100 ms) leave no trace.
+    std::thread::sleep(Duration::from_secs(2));
+    let sealed = cluster.status(&rt).unwrap()[0].shards_sealed;
     cluster.stop_all();
 
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -535,6 +574,34 @@ fn one_trace_covers_both_nodes() {
                 all.iter()
                     .any(|s| &s.1 == trace && s.0 == "ShardReceiver.Commit"),
                 "the receiver actor's span is in the trace"
+            );
+            // Generation, validation, shipping and commit: one trace.
+            for name in ["TeacherActor.Generate", "ValidatorActor.Validate"] {
+                assert!(
+                    all.iter().any(|s| &s.1 == trace && s.0 == name),
+                    "{name} is in the commit's trace"
+                );
+            }
+            // Each node names itself in its resource; shipping spans name the node.
+            for (name, node) in [
+                ("ShardShipper.Kick", "workstation"),
+                ("Shards/CommitShard", "spark"),
+            ] {
+                assert!(
+                    all.iter().any(|s| s.0 == name && s.3 == node),
+                    "{name} under resource node.name {node}"
+                );
+            }
+            assert!(
+                all.iter()
+                    .filter(|s| s.0 == "ship_shard")
+                    .all(|s| s.2 == "workstation"),
+                "ship_shard spans carry node.name"
+            );
+            let kicks = all.iter().filter(|s| s.0 == "ShardShipper.Kick").count() as u64;
+            assert!(
+                (1..=sealed).contains(&kicks),
+                "{kicks} kick spans for {sealed} shards: idle kicks are not recorded"
             );
             break;
         }
@@ -709,4 +776,149 @@ fn status_talks_mutual_tls_to_a_node_that_requires_it() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--tls-cert"), "{stderr}");
     Cluster::terminate(&mut cluster.spark);
+}
+
+/// `qatflow status` reports the peer's state (unreachable, unauthorized, up) in its output
+/// and its exit status; a workstation refused by its peer backs off and says so.
+#[test]
+fn status_shows_the_peer_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let mut cluster = Cluster::new(dir.path(), 1, 0, None);
+    cluster.start_ws();
+    let url = format!("http://127.0.0.1:{}", cluster.ws_port);
+    let status = |json: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_qatflow"));
+        c.args(["status", "--node", &url])
+            .env("QATFLOW_TOKEN", TOKEN);
+        if json {
+            c.arg("--json");
+        }
+        c.output().unwrap()
+    };
+    let wait_peer = |state: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = status(true);
+            let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if nodes[0]["peer"]["state"] == state {
+                return (out, nodes);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "peer never {state}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // The GPU node is down.
+    let (out, nodes) = wait_peer("unreachable");
+    assert_eq!(out.status.code(), Some(1), "{nodes}");
+    assert!(!nodes[0]["peer"]["error"].as_str().unwrap().is_empty());
+    let text = status(false);
+    assert_eq!(text.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&text.stdout).contains("peer: unreachable"));
+
+    // The GPU node is up with another token.
+    std::fs::write(dir.path().join("token2"), "another-token").unwrap();
+    let spark = std::fs::read_to_string(dir.path().join("spark.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("spark.toml"),
+        spark.replace("token_file = \"token\"", "token_file = \"token2\""),
+    )
+    .unwrap();
+    cluster.start_spark();
+    let (out, nodes) = wait_peer("unauthorized");
+    assert_eq!(out.status.code(), Some(1), "{nodes}");
+    // The shipper backs off and shows why.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let shipper = cluster
+            .status(&rt)
+            .map(|n| n[0].shipper.clone())
+            .unwrap_or_default();
+        if shipper.starts_with("unauthorized by the peer") {
+            assert!(shipper.contains("next try in"), "{shipper}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "shipper: {shipper}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The right token: up, exit 0.
+    Cluster::terminate(&mut cluster.spark);
+    std::fs::write(dir.path().join("spark.toml"), spark).unwrap();
+    cluster.start_spark();
+    let (out, nodes) = wait_peer("up");
+    assert_eq!(out.status.code(), Some(0), "{nodes}");
+    cluster.stop_all();
+}
+
+/// SIGTERM stops a node that is training: training stops at its next step and saves a
+/// checkpoint, and the process exits within the shutdown timeout, logging what it saved.
+#[test]
+fn sigterm_stops_a_training_node_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let trainer =
+        tiny_training(dir.path()).replace("[trainer]\n", "[trainer]\nauto_start = true\n");
+    // Long enough to be mid-run at the signal; no periodic checkpoint to be mistaken for
+    // the one saved at shutdown.
+    let recipe = std::fs::read_to_string(dir.path().join("train.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("train.toml"),
+        recipe
+            .replace("epochs = 2", "epochs = 1000")
+            .replace("checkpoint_every = 1", "checkpoint_every = 100000"),
+    )
+    .unwrap();
+    let mut cluster = Cluster::with_trainer(dir.path(), 1, 0, None, &trainer);
+    let log = dir.path().join("spark.log");
+    cluster.spark_log = Some(log.clone());
+    cluster.start_spark();
+    cluster.start_ws();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let t = cluster.training(&rt);
+        if t.as_ref().is_some_and(|t| t.step >= 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "training never ran: {t:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut spark = cluster.spark.take().unwrap();
+    let signalled = Instant::now();
+    let sent = Command::new("kill")
+        .args(["-TERM", &spark.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = loop {
+        if let Some(s) = spark.try_wait().unwrap() {
+            break s;
+        }
+        if signalled.elapsed() > Duration::from_secs(25) {
+            let _ = spark.kill();
+            panic!(
+                "the node still runs 25 s after SIGTERM:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = signalled.elapsed();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status:?}: {text}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert!(text.contains("training stopped for shutdown"), "{text}");
+    let checkpoints: Vec<_> = std::fs::read_dir(dir.path().join("run/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert!(!checkpoints.is_empty(), "a checkpoint saved at shutdown");
+    cluster.stop_all();
 }

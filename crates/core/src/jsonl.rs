@@ -4,7 +4,10 @@
 //! UTF-8, or longer than the reader's limit, comes back as a [`LineProblem`] for that line
 //! (the rest of the file is still read); the over-long line is skipped without being held
 //! in memory. Problems with the file itself (missing, a directory, an I/O error) are
-//! [`JsonlError`]s that name the path and, for read errors, the line.
+//! [`JsonlError`]s that name the path and, for read errors, the line. A line that runs on
+//! past [`SKIP_FACTOR`] times the limit (`/dev/zero`, a binary file without newlines)
+//! ends the reading with [`JsonlError::NoLineEnd`] instead of being skipped forever. A
+//! UTF-8 byte order mark at the start of the file is dropped.
 
 use std::fmt;
 use std::fs::File;
@@ -13,6 +16,13 @@ use std::path::{Path, PathBuf};
 
 /// Default longest line accepted: 32 MiB.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 32 << 20;
+
+/// An over-long line is skipped up to this many times the line limit; longer, reading
+/// stops with [`JsonlError::NoLineEnd`].
+pub const SKIP_FACTOR: usize = 8;
+
+/// The UTF-8 byte order mark some editors put at the start of a file.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// A problem with the JSONL file as a whole.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +40,16 @@ pub enum JsonlError {
     IsDirectory {
         /// The directory.
         path: PathBuf,
+    },
+    /// A line runs on past [`SKIP_FACTOR`] times the line limit without a newline.
+    #[error("{path}:{line}: no line end within {bytes} bytes; this is not a JSONL file (one JSON object per line)")]
+    NoLineEnd {
+        /// The file.
+        path: PathBuf,
+        /// The line.
+        line: usize,
+        /// Bytes read of that line before giving up.
+        bytes: usize,
     },
     /// Reading failed part-way.
     #[error("{path}:{line}: read error: {source}")]
@@ -92,6 +112,7 @@ pub struct JsonlReader<R> {
     line: usize,
     max_line_bytes: usize,
     buf: Vec<u8>,
+    done: bool,
 }
 
 impl JsonlReader<BufReader<File>> {
@@ -125,6 +146,7 @@ impl<R: BufRead> JsonlReader<R> {
             line: 0,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             buf: Vec::new(),
+            done: false,
         }
     }
 
@@ -140,7 +162,8 @@ impl<R: BufRead> JsonlReader<R> {
     }
 
     /// Reads the next line into `self.buf`; returns its full length (which may exceed what
-    /// was kept) or `None` at end of input.
+    /// was kept), `None` at end of input, or an `InvalidData` error once a line passes
+    /// [`SKIP_FACTOR`] times the limit.
     fn read_raw(&mut self) -> io::Result<Option<usize>> {
         self.buf.clear();
         let mut total = 0usize;
@@ -159,16 +182,33 @@ impl<R: BufRead> JsonlReader<R> {
                 Some(i) => (i, true),
                 None => (chunk.len(), false),
             };
-            let room = (self.max_line_bytes + 1).saturating_sub(self.buf.len());
+            // Line 1 keeps room for a byte order mark, which is dropped after reading.
+            let bom = if self.line == 1 { BOM.len() } else { 0 };
+            let room = (self.max_line_bytes + 1 + bom).saturating_sub(self.buf.len());
             self.buf.extend_from_slice(&chunk[..take.min(room)]);
             total += take;
             self.inner.consume(if done { take + 1 } else { take });
             if done {
                 return Ok(Some(total));
             }
+            if total > self.max_line_bytes.saturating_mul(SKIP_FACTOR) {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, NoLineEnd(total)));
+            }
         }
     }
 }
+
+/// The payload of the `InvalidData` error of a line without end: its length so far.
+#[derive(Debug)]
+struct NoLineEnd(usize);
+
+impl fmt::Display for NoLineEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "no line end within {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for NoLineEnd {}
 
 fn memchr_newline(bytes: &[u8]) -> Option<usize> {
     bytes.iter().position(|&b| b == b'\n')
@@ -178,11 +218,28 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
     type Item = Result<Line, JsonlError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
         loop {
             self.line += 1;
             let total = match self.read_raw() {
                 Ok(Some(n)) => n,
                 Ok(None) => return None,
+                Err(source) if source.get_ref().is_some_and(|e| e.is::<NoLineEnd>()) => {
+                    // Nothing after an endless line can be read: stop here.
+                    let bytes = source
+                        .get_ref()
+                        .and_then(|e| e.downcast_ref::<NoLineEnd>())
+                        .map_or(0, |n| n.0);
+                    let line = self.line;
+                    self.done = true;
+                    return Some(Err(JsonlError::NoLineEnd {
+                        path: self.path.clone(),
+                        line,
+                        bytes,
+                    }));
+                }
                 Err(source) => {
                     return Some(Err(JsonlError::Read {
                         path: self.path.clone(),
@@ -191,6 +248,11 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
                     }))
                 }
             };
+            let mut total = total;
+            if self.line == 1 && self.buf.starts_with(BOM) {
+                self.buf.drain(..BOM.len());
+                total -= BOM.len();
+            }
             let mut len = total;
             if len <= self.buf.len() && self.buf.last() == Some(&b'\r') {
                 len -= 1;
@@ -300,6 +362,34 @@ mod tests {
     }
 
     #[test]
+    fn a_leading_byte_order_mark_is_dropped() {
+        let got = lines(b"\xEF\xBB\xBF{\"a\":1}\n\xEF\xBB\xBFx\n", 100);
+        assert_eq!(got[0], (1, Ok("{\"a\":1}".into())));
+        // Only at the start of the file.
+        assert_eq!(got[1], (2, Ok("\u{feff}x".into())));
+        assert!(
+            lines(b"\xEF\xBB\xBF", 100).is_empty(),
+            "a BOM alone is an empty file"
+        );
+    }
+
+    #[test]
+    fn a_line_without_end_stops_the_reader() {
+        // An endless source, like /dev/zero.
+        let reader = JsonlReader::new(BufReader::with_capacity(64, io::repeat(0)), "zero")
+            .with_max_line_bytes(1000);
+        let got: Vec<_> = reader.collect();
+        assert_eq!(got.len(), 1);
+        let err = got[0].as_ref().unwrap_err().to_string();
+        assert!(err.contains("zero:1: no line end within"), "{err}");
+        // A long line that does end is still only skipped.
+        let mut data = vec![b'x'; 5 * 1000];
+        data.extend_from_slice(b"\nok\n");
+        let got = lines(&data, 1000);
+        assert_eq!(got[1], (2, Ok("ok".into())));
+    }
+
+    #[test]
     fn empty_input_yields_nothing() {
         assert!(lines(b"", 10).is_empty());
     }
@@ -313,6 +403,77 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("nope.jsonl: cannot open"), "{err}");
+    }
+
+    /// Fuzzing of the reader and the conversation parser with arbitrary bytes (run by
+    /// `cargo test`, so CI runs it on every build): nothing panics, line numbers only
+    /// grow, every line is within the limit, and the reader always ends.
+    mod fuzz {
+        use super::*;
+        use crate::Conversation;
+        use proptest::prelude::*;
+
+        fn check(data: &[u8], limit: usize, chunk: usize) {
+            let reader = JsonlReader::new(BufReader::with_capacity(chunk, Cursor::new(data)), "f")
+                .with_max_line_bytes(limit);
+            let mut last = 0;
+            let mut ended = false;
+            for line in reader {
+                assert!(!ended, "nothing is read after a line without end");
+                let line = match line {
+                    Ok(line) => line,
+                    // A line far past the limit: the only error of an in-memory reader.
+                    Err(JsonlError::NoLineEnd { .. }) => {
+                        ended = true;
+                        continue;
+                    }
+                    Err(e) => panic!("{e}"),
+                };
+                assert!(line.number > last);
+                last = line.number;
+                if let Ok(text) = &line.text {
+                    assert!(text.len() <= limit);
+                    let _ = Conversation::from_json(text);
+                }
+            }
+        }
+
+        fn jsonish() -> impl Strategy<Value = Vec<u8>> {
+            let pieces = prop::sample::select(vec![
+                &b"{\"messages\":["[..],
+                b"{\"role\":\"user\",\"content\":",
+                b"\"hi\"",
+                b"null",
+                b"}",
+                b"]",
+                b",",
+                b"\n",
+                b"\r\n",
+                b"\xEF\xBB\xBF",
+                b"\xff",
+                b"\\u0000",
+                b"{\"tool_calls\":[{\"function\":{\"name\":1}}]}",
+            ]);
+            prop::collection::vec(pieces, 0..40).prop_map(|v| v.concat())
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes(data in prop::collection::vec(any::<u8>(), 0..2048),
+                               limit in 1usize..300, chunk in 1usize..64) {
+                check(&data, limit, chunk);
+            }
+
+            #[test]
+            fn json_like_fragments(data in jsonish(), limit in 8usize..400) {
+                check(&data, limit, 16);
+            }
+
+            #[test]
+            fn arbitrary_text_never_panics_the_parser(text in "\\PC{0,200}") {
+                let _ = Conversation::from_json(&text);
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`modelopt`]: which tensors are quantized and the config blocks ModelOpt writes;
 //! - [`source`]: memory-mapped reading of source weights;
 //! - [`report`]: the `export_report.json` it writes;
+//! - [`shape`]: source tensor shapes checked against `config.json` before writing;
 //! - [`bench`]: random-init checkpoints for benchmarking.
 //!
 //! The codec itself is `qatflow-nvfp4`'s; nothing here re-implements NVFP4.
@@ -23,6 +24,7 @@ mod fast;
 pub mod modelopt;
 pub mod ptq;
 pub mod report;
+pub mod shape;
 pub mod source;
 pub mod writer;
 

@@ -431,6 +431,7 @@ pub(crate) fn write_export_then(
     };
     let config_path = src_dir.join("config.json");
     let source_config = read_json_object(&config_path)?;
+    crate::shape::check_shapes(&source_config, &config_path, tensors)?;
     let wrap = options.vl_wrapper.applies(&source_config, &config_path)?;
 
     // Plan: one job per source tensor, and the output tensors.

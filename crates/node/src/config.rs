@@ -75,6 +75,14 @@ pub struct NodeConfig {
     pub trainer: Option<TrainerSection>,
     /// Export (spark); no ExporterActor without it.
     pub exporter: Option<ExporterSection>,
+    /// On SIGTERM or Ctrl-C, how long to wait for training to save a checkpoint and for
+    /// an export process to stop before the process exits anyway, in seconds.
+    #[serde(default = "fifteen")]
+    pub shutdown_timeout_s: u64,
+}
+
+fn fifteen() -> u64 {
+    15
 }
 
 /// `[exporter]`: where the ExporterActor writes the NVFP4 export.
@@ -236,6 +244,11 @@ pub struct TeacherSection {
     pub per_batch: usize,
     /// Batches in flight.
     pub concurrency: usize,
+    /// Make at most this many teacher requests per node run (every attempt counts).
+    pub max_requests: Option<u64>,
+    /// Make no further teacher request once a node run's reported input + output tokens
+    /// reach this many.
+    pub max_total_tokens: Option<u64>,
 }
 
 impl Default for TeacherSection {
@@ -254,6 +267,8 @@ impl Default for TeacherSection {
             count: None,
             per_batch: 25,
             concurrency: 2,
+            max_requests: None,
+            max_total_tokens: None,
         }
     }
 }
@@ -294,12 +309,21 @@ impl Default for ShipperConfig {
 pub struct ReceiverConfig {
     /// Largest shard accepted, in bytes.
     pub max_shard_bytes: u64,
+    /// Largest decompressed shard accepted, in bytes (decoding also stops at 1000× the
+    /// compressed size).
+    pub max_decoded_bytes: u64,
+    /// Gate profile every received conversation is checked against (built-in name,
+    /// `config/gates/NAME.toml` or a path); its flags are stored, so training's clean-only
+    /// data means what the receiver's gates say, whatever the sender claimed.
+    pub profile: String,
 }
 
 impl Default for ReceiverConfig {
     fn default() -> ReceiverConfig {
         ReceiverConfig {
             max_shard_bytes: 64 << 20,
+            max_decoded_bytes: 256 << 20,
+            profile: "v4".into(),
         }
     }
 }
@@ -392,11 +416,16 @@ impl NodeConfig {
     }
 
     /// The bearer token, if one is configured: the environment variable when set and
-    /// non-empty, else the file.
+    /// non-empty, else the file. A configured source that yields nothing (`token_env`
+    /// naming an unset or empty variable and no `token_file`, an empty file) is an
+    /// error: a node never falls back to no authentication silently.
     pub fn token(&self) -> Result<Option<String>, NodeError> {
         if let Some(var) = &self.auth.token_env {
             if let Some(t) = std::env::var(var).ok().filter(|t| !t.trim().is_empty()) {
                 return Ok(Some(t.trim().to_string()));
+            }
+            if self.auth.token_file.is_none() {
+                return Err(NodeError::EmptyTokenEnv { var: var.clone() });
             }
         }
         match &self.auth.token_file {
@@ -504,6 +533,17 @@ mod tests {
         assert_eq!(c.token().unwrap().as_deref(), Some("secret"));
         std::fs::write(&file, "\n").unwrap();
         assert!(c.token().unwrap_err().to_string().contains("empty"));
+    }
+
+    #[test]
+    fn an_unset_token_variable_is_an_error_naming_it() {
+        let mut c = NodeConfig::from_toml(MINIMAL).unwrap();
+        c.auth.token_env = Some("QATFLOW_NODE_TEST_TOKEN_NEVER_SET".into());
+        let err = c.token().unwrap_err().to_string();
+        assert!(
+            err.contains("QATFLOW_NODE_TEST_TOKEN_NEVER_SET") && err.contains("empty"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -55,6 +55,13 @@ pub enum NodeError {
         /// The address.
         listen: SocketAddr,
     },
+    /// `auth.token_env` names a variable that is unset or empty (and no `auth.token_file`
+    /// is configured).
+    #[error("auth.token_env is {var:?}, but the variable {var} is unset or empty: export it with the token (or remove auth.token_env to run without authentication on 127.0.0.1)")]
+    EmptyTokenEnv {
+        /// The variable's name.
+        var: String,
+    },
     /// The listen address is unusable.
     #[error("cannot listen on {listen}: {source}; is another node running on that port?")]
     Bind {

@@ -29,16 +29,38 @@ pub struct RunningNode {
     pub addr: SocketAddr,
     shutdown: CancellationToken,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
+    jobs: Option<JobHub>,
+    grace: Duration,
 }
 
 impl RunningNode {
-    /// Stops generation and the server and waits for the server to finish.
+    /// Stops generation and the server, cancels training and export (training stops at
+    /// its next micro-step and saves a checkpoint; an export process is killed) and waits
+    /// for the server and for those jobs, the jobs for at most the config's
+    /// `shutdown_timeout_s`. A job still running then is an error naming it.
     pub async fn stop(self) -> Result<(), NodeError> {
         self.shutdown.cancel();
+        let left = match &self.jobs {
+            Some(jobs) => {
+                let ids = jobs.shut_down(&["train", "export"]);
+                if !ids.is_empty() {
+                    tracing::info!(jobs = ?ids, "stopping jobs");
+                }
+                jobs.wait_ended(&ids, self.grace).await
+            }
+            None => Vec::new(),
+        };
         self.server
             .await
             .map_err(|e| NodeError::Runtime(format!("server task: {e}")))?
-            .map_err(|e| NodeError::Runtime(format!("server: {e}")))
+            .map_err(|e| NodeError::Runtime(format!("server: {e}")))?;
+        if !left.is_empty() {
+            return Err(NodeError::Runtime(format!(
+                "jobs {left:?} did not stop within shutdown_timeout_s = {} s; exiting without them (a restart resumes from their last checkpoint)",
+                self.grace.as_secs()
+            )));
+        }
+        Ok(())
     }
 
     /// Waits until the server stops on its own (it does not, short of an error).
@@ -84,6 +106,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
         source,
     })?;
     let shutdown = CancellationToken::new();
+    let mut node_jobs = None;
     let role = config.role;
     let mut services = Services {
         name: config.name.clone(),
@@ -98,9 +121,18 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
         let store = Store::open(dir.join("db"))?;
         let limits = InboxLimits {
             max_shard_bytes: config.receiver.max_shard_bytes,
+            max_decoded_bytes: config.receiver.max_decoded_bytes,
             ..InboxLimits::default()
         };
-        let inbox = Inbox::open(&store, &dir.join("inbox"), limits)?;
+        let profile =
+            qatflow_gates::GateProfile::resolve(&config.receiver.profile).map_err(|e| {
+                NodeError::Config {
+                    path: config.data_dir.clone(),
+                    message: format!("receiver.profile: {e}"),
+                }
+            })?;
+        let checker = qatflow_gates::Checker::new(&profile);
+        let inbox = Inbox::open(&store, &dir.join("inbox"), limits, checker)?;
         let board = StatusBoard::new(&config.name, "spark");
         let jobs = JobHub::default();
         let receiver = {
@@ -169,6 +201,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
             }
             None => None,
         };
+        node_jobs = Some(jobs.clone());
         services.spark = Some(SparkView {
             store,
             inbox,
@@ -267,6 +300,8 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
         addr,
         shutdown,
         server,
+        jobs: node_jobs,
+        grace: Duration::from_secs(config.shutdown_timeout_s),
     })
 }
 
@@ -287,10 +322,13 @@ pub fn system(worker_threads: Option<usize>) -> actix::SystemRunner {
     })
 }
 
-/// Runs a node until Ctrl-C or SIGTERM on a [`system`].
+/// Runs a node until Ctrl-C or SIGTERM on a [`system`]; then stops it (see
+/// [`RunningNode::stop`]) and returns within about `shutdown_timeout_s`: blocking work
+/// still running then (a training step that never reaches its next check) is abandoned,
+/// not waited for.
 pub fn run(config: NodeConfig) -> Result<(), NodeError> {
     let system = system(None);
-    system.block_on(async move {
+    let result = system.block_on(async move {
         let mut node = start(&config).await?;
         eprintln!(
             "qatflow node {} ({}) listening on {}",
@@ -307,5 +345,9 @@ pub fn run(config: NodeConfig) -> Result<(), NodeError> {
         }
         tracing::info!("shutting down");
         node.stop().await
-    })
+    });
+    // Dropping the runtime would wait for every blocking task, however long it runs;
+    // after a shutdown every task that matters has ended or was given its time.
+    std::mem::forget(system);
+    result
 }

@@ -77,6 +77,9 @@ pub struct Services {
     pub peer: Option<NodeClient<AuthChannel>>,
 }
 
+/// How long the `Status` call waits for the peer's status.
+const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn mailbox(e: MailboxError) -> Status {
     Status::unavailable(format!("the shard receiver is restarting ({e}); retry"))
 }
@@ -88,9 +91,28 @@ fn receive_status(e: ReceiveError) -> Status {
     }
 }
 
+/// Metadata key on the answer about a shard the receiver rejected for good: the sender
+/// stops retrying it (see [`is_rejection`]).
+pub const REJECTED_HEADER: &str = "qatflow-shard-rejected";
+
+/// True when `status` says the receiver rejected the shard for good.
+pub fn is_rejection(status: &Status) -> bool {
+    status.metadata().get(REJECTED_HEADER).is_some()
+}
+
+fn rejection(text: String) -> Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(
+        REJECTED_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    Status::with_metadata(tonic::Code::FailedPrecondition, text, metadata)
+}
+
 fn shard_status(e: ShardError) -> Status {
     let text = e.to_string();
     match e {
+        ShardError::Rejected { .. } => rejection(text),
         ShardError::InvalidId { .. } | ShardError::TooLarge { .. } | ShardError::Format { .. } => {
             Status::invalid_argument(text)
         }
@@ -220,14 +242,23 @@ impl Node for Services {
             let mut peer_error = String::new();
             if let (true, Some(peer)) = (include_peer, self.peer.clone()) {
                 let mut peer = peer;
-                match peer
-                    .status(StatusRequest {
+                let asked = tokio::time::timeout(
+                    PEER_TIMEOUT,
+                    peer.status(StatusRequest {
                         include_peer: false,
-                    })
-                    .await
-                {
-                    Ok(resp) => nodes.extend(resp.into_inner().nodes),
-                    Err(s) => peer_error = format!("{}: {}", s.code(), s.message()),
+                    }),
+                )
+                .await;
+                match asked {
+                    Ok(Ok(resp)) => nodes.extend(resp.into_inner().nodes),
+                    Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => {
+                        peer_error = format!("unauthorized: {}", s.message())
+                    }
+                    Ok(Err(s)) => peer_error = format!("unreachable: {}", s.message()),
+                    Err(_) => {
+                        peer_error =
+                            format!("unreachable: no answer within {} s", PEER_TIMEOUT.as_secs())
+                    }
                 }
             }
             Ok(Response::new(StatusResponse { nodes, peer_error }))
@@ -246,6 +277,7 @@ impl Shards for Services {
         let span = rpc_span(&self.name, "Shards/QueryShard", r.metadata());
         let spark = self.spark()?;
         let id = parse_id(&r.into_inner().shard_id)?;
+        let id_text = id.to_string();
         let q = spark
             .receiver
             .send(Query {
@@ -256,6 +288,12 @@ impl Shards for Services {
             .await
             .map_err(mailbox)?
             .map_err(receive_status)?;
+        if let Some(reason) = q.rejected {
+            return Err(shard_status(ShardError::Rejected {
+                id: id_text,
+                reason,
+            }));
+        }
         Ok(Response::new(QueryShardResponse {
             committed_offset: q.committed_offset,
             committed: q.committed,

@@ -117,6 +117,58 @@ impl StatusBoard {
     }
 }
 
+/// A node's link to its peer, as its `Status` answer tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerState {
+    /// The peer answered.
+    Up,
+    /// The peer did not answer (down, unreachable, timed out); why.
+    Unreachable(String),
+    /// The peer refused this node's bearer token; why.
+    Unauthorized(String),
+}
+
+impl PeerState {
+    /// `up`, `unreachable` or `unauthorized`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PeerState::Up => "up",
+            PeerState::Unreachable(_) => "unreachable",
+            PeerState::Unauthorized(_) => "unauthorized",
+        }
+    }
+
+    /// Why the peer is not up (empty when it is).
+    pub fn error(&self) -> &str {
+        match self {
+            PeerState::Up => "",
+            PeerState::Unreachable(e) | PeerState::Unauthorized(e) => e,
+        }
+    }
+}
+
+/// The peer's state from one `Status` answer (`nodes`, `peer_error`); `None` when the
+/// node has no peer (role spark or all).
+pub fn peer_state(nodes: &[NodeStatus], peer_error: &str) -> Option<PeerState> {
+    if let Some(e) = peer_error.strip_prefix("unauthorized: ") {
+        return Some(PeerState::Unauthorized(e.to_string()));
+    }
+    if !peer_error.is_empty() {
+        let e = peer_error
+            .strip_prefix("unreachable: ")
+            .unwrap_or(peer_error);
+        return Some(PeerState::Unreachable(e.to_string()));
+    }
+    // A workstation-role node answers its own status first and its peer's after it; a
+    // node of role all names its two halves `NAME/workstation` and `NAME/spark`.
+    match nodes.first() {
+        Some(n) if n.role == "workstation" && !n.name.ends_with("/workstation") => {
+            (nodes.len() > 1).then_some(PeerState::Up)
+        }
+        _ => None,
+    }
+}
+
 /// Renders node states as the screen `qatflow status` prints.
 pub fn render(nodes: &[NodeStatus], peer_error: &str) -> String {
     let mut out = String::new();

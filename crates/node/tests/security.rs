@@ -218,5 +218,69 @@ fn a_public_bind_without_a_token_is_refused() {
     let err = system()
         .block_on(async { qatflow_node::start(&config).await.err().unwrap() })
         .to_string();
+    // A configured variable that is unset is named, never taken for "no auth".
+    assert!(
+        err.contains("QATFLOW_SECURITY_TEST_TOKEN") && err.contains("unset or empty"),
+        "{err}"
+    );
+    config.auth.token_env = None;
+    let err = system()
+        .block_on(async { qatflow_node::start(&config).await.err().unwrap() })
+        .to_string();
     assert!(err.contains("without a token"), "{err}");
+}
+
+/// A correctly checksummed shard whose content cannot be imported (a zstd bomb) is
+/// quarantined, and every later query or commit answers "rejected" with the marker the
+/// shipper stops on, instead of `offset = size, committed = false` forever.
+#[test]
+fn a_rejected_shard_is_answered_rejected_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = spark_config(dir.path());
+    system().block_on(async {
+        let node = qatflow_node::start(&config).await.unwrap();
+        let url = format!("http://{}", node.addr);
+        let mut c = client::shards(&url, Some(TOKEN)).unwrap();
+        // 32 MiB of JSONL that compresses to a few KiB: past the ratio cap.
+        let bomb = qatflow_shards::encode(&[ShardLine {
+            category: None,
+            source: None,
+            conversation: format!(r#"{{"pad":"{}"}}"#, "x".repeat(32 << 20)),
+        }])
+        .unwrap();
+        let id = ShardId::of_bytes(&bomb).to_string();
+        c.upload_shard(tokio_stream::iter(vec![chunk(
+            &id,
+            bomb.clone(),
+            bomb.len() as u64,
+        )]))
+        .await
+        .unwrap();
+        let commit = CommitShardRequest {
+            shard_id: id.clone(),
+            size: bomb.len() as u64,
+        };
+        for _ in 0..2 {
+            let err = c.commit_shard(commit.clone()).await.unwrap_err();
+            assert!(qatflow_node::server::is_rejection(&err), "{err}");
+            assert!(err.message().contains(&id), "names the shard: {err}");
+        }
+        let q = c
+            .query_shard(QueryShardRequest {
+                shard_id: id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert!(qatflow_node::server::is_rejection(&q), "{q}");
+        assert!(
+            files_under(dir.path()).is_empty(),
+            "no leftover in inbox/shards"
+        );
+        assert!(dir
+            .path()
+            .join("spark/inbox/quarantine")
+            .join(format!("{id}.jsonl.zst"))
+            .exists());
+        node.stop().await.unwrap();
+    });
 }

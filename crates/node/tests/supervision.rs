@@ -71,7 +71,13 @@ fn a_panicking_receiver_is_logged_and_restarted() {
     logs();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().join("db")).unwrap();
-    let inbox = Inbox::open(&store, &dir.path().join("inbox"), InboxLimits::default()).unwrap();
+    let inbox = Inbox::open(
+        &store,
+        &dir.path().join("inbox"),
+        InboxLimits::default(),
+        qatflow_gates::Checker::new(&qatflow_gates::GateProfile::builtin("v4").unwrap()),
+    )
+    .unwrap();
     let board = StatusBoard::new("spark", "spark");
     system().block_on(async {
         let b = board.clone();

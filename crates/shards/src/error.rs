@@ -82,6 +82,14 @@ pub enum ShardError {
         /// What is wrong.
         message: String,
     },
+    /// A verified shard whose content cannot be imported; it is quarantined for good.
+    #[error("shard {id} was rejected by the receiver: {reason}; it is kept in the receiver's inbox/quarantine and will not be imported, fix the sender's data")]
+    Rejected {
+        /// The shard id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
     /// A record in a shard ledger does not decode.
     #[error("{path}: shard ledger record {key} is corrupt: {message}")]
     Corrupt {

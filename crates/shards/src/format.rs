@@ -10,7 +10,7 @@
 use crate::ShardError;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use std::io::Read;
+use std::io::{BufRead, Read};
 
 /// zstd level of shard files (fast; JSONL compresses well at any level).
 const ZSTD_LEVEL: i32 = 3;
@@ -66,40 +66,60 @@ pub fn encode_jsonl(lines: &[ShardLine]) -> Result<Vec<u8>, ShardError> {
     Ok(out)
 }
 
-/// Decodes a shard file's bytes, refusing more than `max_decoded` bytes of JSONL (a
-/// compressed shard could otherwise expand without bound).
+/// Largest ratio of decoded to compressed bytes a shard may have. Real shards compress
+/// about 150× (every conversation repeats the long system prompt); a zstd bomb reaches
+/// tens of thousands.
+pub const MAX_RATIO: u64 = 1000;
+
+/// Decoded bytes allowed whatever the ratio (small shards compress less predictably).
+pub const RATIO_FLOOR: u64 = 8 << 20;
+
+/// The decoded size a shard of `compressed` bytes may reach: `max_decoded`, or less when
+/// [`MAX_RATIO`] (with a floor of [`RATIO_FLOOR`]) says so.
+pub fn decoded_limit(compressed: u64, max_decoded: u64) -> u64 {
+    max_decoded.min(compressed.saturating_mul(MAX_RATIO).max(RATIO_FLOOR))
+}
+
+/// Decodes a shard file's bytes as a stream, line by line, refusing more decoded bytes
+/// than [`decoded_limit`] allows (a compressed shard could otherwise expand without bound):
+/// memory stays within the limit whatever the file claims.
 pub fn decode(bytes: &[u8], max_decoded: u64) -> Result<Vec<ShardLine>, ShardError> {
     let err = |message: String| ShardError::Format {
         id: "-".into(),
         message,
     };
-    let mut decoder =
+    let limit = decoded_limit(bytes.len() as u64, max_decoded);
+    let decoder =
         zstd::stream::read::Decoder::new(bytes).map_err(|e| err(format!("not zstd: {e}")))?;
-    let mut jsonl = Vec::new();
-    (&mut decoder)
-        .take(max_decoded.saturating_add(1))
-        .read_to_end(&mut jsonl)
-        .map_err(|e| err(format!("zstd stream is corrupt: {e}")))?;
-    if jsonl.len() as u64 > max_decoded {
-        return Err(ShardError::TooLarge {
-            id: "-".into(),
-            what: "decompressed shard",
-            size: jsonl.len() as u64,
-            limit: max_decoded,
-        });
-    }
+    let mut reader = std::io::BufReader::new(decoder.take(limit.saturating_add(1)));
     let mut lines = Vec::new();
-    for (i, line) in jsonl.split(|&b| b == b'\n').enumerate() {
-        if line.is_empty() {
+    let mut line = Vec::new();
+    let mut total = 0u64;
+    for i in 1.. {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| err(format!("zstd stream is corrupt: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > limit {
+            return Err(ShardError::TooLarge {
+                id: "-".into(),
+                what: "decompressed shard",
+                size: total,
+                limit,
+            });
+        }
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        if text.is_empty() {
             continue;
         }
         let wire: Wire<'_> =
-            serde_json::from_slice(line).map_err(|e| err(format!("line {}: {e}", i + 1)))?;
+            serde_json::from_slice(text).map_err(|e| err(format!("line {i}: {e}")))?;
         if !wire.conversation.get().starts_with('{') {
-            return Err(err(format!(
-                "line {}: conversation is not a JSON object",
-                i + 1
-            )));
+            return Err(err(format!("line {i}: conversation is not a JSON object")));
         }
         lines.push(ShardLine {
             category: wire.category,
@@ -147,6 +167,12 @@ mod tests {
         }
 
         #[test]
+        fn compressed_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let compressed = zstd::bulk::compress(&bytes, 1).unwrap();
+            let _ = decode(&compressed, 1 << 16);
+        }
+
+        #[test]
         fn arbitrary_jsonl_never_panics(text in ".{0,300}") {
             let bytes = zstd::bulk::compress(text.as_bytes(), 1).unwrap();
             let _ = decode(&bytes, 1 << 16);
@@ -162,6 +188,23 @@ mod tests {
         };
         let back = decode(&encode(std::slice::from_ref(&line)).unwrap(), 1024).unwrap();
         assert_eq!(back, vec![line]);
+    }
+
+    #[test]
+    fn a_zstd_bomb_stops_at_the_ratio_cap() {
+        // 64 MiB of zeros compress to a few KiB: far past the ratio cap, while the
+        // configured maximum (1 GiB) would let it through.
+        let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).unwrap();
+        let limit = decoded_limit(bomb.len() as u64, 1 << 30);
+        assert!(limit < 64 << 20, "{limit}");
+        match decode(&bomb, 1 << 30) {
+            Err(ShardError::TooLarge {
+                what: "decompressed shard",
+                limit: l,
+                ..
+            }) => assert_eq!(l, limit),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -8,11 +8,19 @@
 //! fsync and rename it into `shards/` → import (the store dedupes by content hash, so a
 //! repeated import changes nothing) → record → flush. A crash at any point leaves a state
 //! from which the same commit call finishes the job.
+//!
+//! The checksum proves transport, not content: every imported conversation is checked
+//! again with the receiver's own gates and stored with the flags they find. A verified
+//! shard whose content cannot be imported (it does not decode, decodes past the limits, or
+//! holds a line that is not a conversation) is moved to `quarantine/<id>.jsonl.zst` and
+//! recorded in the tree `shards_rejected` (id → reason); queries, appends and commits of
+//! it then answer [`ShardError::Rejected`], so the sender stops retrying and reports it.
 
 use crate::fsutil::{io_err, rename_durable};
 use crate::{decode, ShardError, ShardId};
 use qatflow_core::Conversation;
-use qatflow_store::{InsertOutcome, NewConversation, Store};
+use qatflow_gates::Checker;
+use qatflow_store::{InsertOutcome, NewConversation, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -42,12 +50,15 @@ impl Default for InboxLimits {
 }
 
 /// What the receiver holds of a shard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueryState {
     /// Bytes received; the next chunk must start here.
     pub committed_offset: u64,
     /// The shard is committed and imported.
     pub committed: bool,
+    /// The shard was verified but its content was rejected (why); it is quarantined and
+    /// will never be committed.
+    pub rejected: Option<String>,
 }
 
 /// What a commit did.
@@ -78,35 +89,83 @@ pub struct CommitRecord {
 pub struct Inbox {
     partial_dir: PathBuf,
     shard_dir: PathBuf,
+    quarantine_dir: PathBuf,
     db_path: PathBuf,
     tree: sled::Tree,
+    rejected: sled::Tree,
     limits: InboxLimits,
+    checker: Arc<Checker>,
     lock: Arc<Mutex<()>>,
 }
 
 impl Inbox {
-    /// Opens the inbox of `store` with files under `dir` (created if needed). Stray
-    /// temporary files of an interrupted rename are removed.
-    pub fn open(store: &Store, dir: &Path, limits: InboxLimits) -> Result<Inbox, ShardError> {
+    /// Opens the inbox of `store` with files under `dir` (created if needed); every
+    /// imported conversation is checked with `checker` (the receiver's gate profile) and
+    /// stored with its flags.
+    pub fn open(
+        store: &Store,
+        dir: &Path,
+        limits: InboxLimits,
+        checker: Checker,
+    ) -> Result<Inbox, ShardError> {
         let partial_dir = dir.join("partial");
         let shard_dir = dir.join("shards");
-        for d in [&partial_dir, &shard_dir] {
+        let quarantine_dir = dir.join("quarantine");
+        for d in [&partial_dir, &shard_dir, &quarantine_dir] {
             std::fs::create_dir_all(d).map_err(io_err(d))?;
         }
-        let tree = store
-            .db()
-            .open_tree("shards_in")
-            .map_err(|source| ShardError::Sled {
-                path: store.path().to_path_buf(),
-                source,
-            })?;
+        let sled_err = |source| ShardError::Sled {
+            path: store.path().to_path_buf(),
+            source,
+        };
+        let tree = store.db().open_tree("shards_in").map_err(sled_err)?;
+        let rejected = store.db().open_tree("shards_rejected").map_err(sled_err)?;
         Ok(Inbox {
             partial_dir,
             shard_dir,
+            quarantine_dir,
             db_path: store.path().to_path_buf(),
             tree,
+            rejected,
             limits,
+            checker: Arc::new(checker),
             lock: Arc::new(Mutex::new(())),
+        })
+    }
+
+    /// Where a rejected shard's file is kept.
+    pub fn quarantine_path(&self, id: &ShardId) -> PathBuf {
+        self.quarantine_dir.join(id.file_name())
+    }
+
+    /// Why shard `id` was rejected, if it was.
+    pub fn rejection(&self, id: &ShardId) -> Result<Option<String>, ShardError> {
+        Ok(self
+            .rejected
+            .get(id.as_str())
+            .map_err(|e| self.sled_err(e))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Number of rejected (quarantined) shards.
+    pub fn rejected_count(&self) -> u64 {
+        self.rejected.len() as u64
+    }
+
+    /// Moves a verified shard whose content cannot be imported to the quarantine and
+    /// records why; returns the error to answer.
+    fn reject(&self, id: &ShardId, reason: String) -> Result<ShardError, ShardError> {
+        let from = self.shard_path(id);
+        if file_len(&from)?.is_some() {
+            rename_durable(&from, &self.quarantine_path(id))?;
+        }
+        self.rejected
+            .insert(id.as_str(), reason.as_bytes())
+            .map_err(|e| self.sled_err(e))?;
+        self.rejected.flush().map_err(|e| self.sled_err(e))?;
+        Ok(ShardError::Rejected {
+            id: id.to_string(),
+            reason,
         })
     }
 
@@ -155,6 +214,15 @@ impl Inbox {
             return Ok(QueryState {
                 committed_offset: size,
                 committed: true,
+                rejected: None,
+            });
+        }
+        if let Some(reason) = self.rejection(id)? {
+            let size = file_len(&self.quarantine_path(id))?.unwrap_or(0);
+            return Ok(QueryState {
+                committed_offset: size,
+                committed: false,
+                rejected: Some(reason),
             });
         }
         let offset = match file_len(&self.shard_path(id))? {
@@ -164,6 +232,7 @@ impl Inbox {
         Ok(QueryState {
             committed_offset: offset,
             committed: false,
+            rejected: None,
         })
     }
 
@@ -204,6 +273,12 @@ impl Inbox {
         }
         let _g = self.guard();
         let state = self.query_locked(id)?;
+        if let Some(reason) = state.rejected {
+            return Err(ShardError::Rejected {
+                id: id.to_string(),
+                reason,
+            });
+        }
         if state.committed_offset != offset || (state.committed && !data.is_empty()) {
             return Err(ShardError::OffsetMismatch {
                 id: id.to_string(),
@@ -236,8 +311,10 @@ impl Inbox {
     }
 
     /// Verifies shard `id` (its sha256 must be the id, its size `size`), moves it into place
-    /// and imports its conversations into `store`. Committing a committed shard does
-    /// nothing and says so. A shard whose bytes do not verify is discarded.
+    /// and imports its conversations into `store`, each with the flags of the receiver's
+    /// gates. Committing a committed shard does nothing and says so. A shard whose bytes do
+    /// not verify is discarded; one whose content cannot be imported is quarantined and
+    /// answered [`ShardError::Rejected`] (see the module docs).
     pub fn commit(
         &self,
         store: &Store,
@@ -249,6 +326,12 @@ impl Inbox {
             return Ok(CommitOutcome {
                 already_committed: true,
                 ..CommitOutcome::default()
+            });
+        }
+        if let Some(reason) = self.rejection(id)? {
+            return Err(ShardError::Rejected {
+                id: id.to_string(),
+                reason,
             });
         }
         let final_path = self.shard_path(id);
@@ -282,34 +365,57 @@ impl Inbox {
                 message: "the stored shard file no longer matches its id".into(),
             });
         }
-        let lines = decode(&bytes, self.limits.max_decoded_bytes).map_err(|e| match e {
-            ShardError::Format { message, .. } => ShardError::Format {
-                id: id.to_string(),
-                message,
-            },
-            other => other,
-        })?;
+        let lines = match decode(&bytes, self.limits.max_decoded_bytes) {
+            Ok(lines) => lines,
+            Err(ShardError::Format { message, .. }) => return Err(self.reject(id, message)?),
+            Err(ShardError::TooLarge {
+                what, size, limit, ..
+            }) => {
+                return Err(self.reject(
+                    id,
+                    format!("{what} of more than {size} bytes exceeds the limit of {limit} bytes"),
+                )?)
+            }
+            Err(other) => return Err(other),
+        };
+        drop(bytes);
         let mut conversations = Vec::with_capacity(lines.len());
+        let mut flags = Vec::with_capacity(lines.len());
         for (i, line) in lines.iter().enumerate() {
-            let c =
-                Conversation::from_json(&line.conversation).map_err(|e| ShardError::Format {
-                    id: id.to_string(),
-                    message: format!("line {}: not a conversation: {e}", i + 1),
-                })?;
+            let c = match Conversation::from_json(&line.conversation) {
+                Ok(c) => c,
+                Err(e) => {
+                    return Err(self.reject(id, format!("line {}: not a conversation: {e}", i + 1))?)
+                }
+            };
+            flags.push(
+                self.checker
+                    .check(&c)
+                    .flags()
+                    .into_iter()
+                    .map(|f| f.name().to_string())
+                    .collect::<Vec<_>>(),
+            );
             conversations.push(c);
         }
-        let outcomes =
-            store.insert_batch(
-                lines
-                    .iter()
-                    .zip(&conversations)
-                    .map(|(l, c)| NewConversation {
-                        conversation: c,
-                        category: l.category.as_deref(),
-                        source: l.source.as_deref(),
-                        flags: &[],
-                    }),
-            )?;
+        let inserted = store.insert_batch(lines.iter().zip(&conversations).zip(&flags).map(
+            |((l, c), f)| NewConversation {
+                conversation: c,
+                category: l.category.as_deref(),
+                source: l.source.as_deref(),
+                flags: f,
+            },
+        ));
+        let outcomes = match inserted {
+            Ok(o) => o,
+            Err(StoreError::InvalidName { what, name }) => {
+                return Err(self.reject(
+                    id,
+                    format!("invalid {what} name {name:?}: NUL bytes are not allowed"),
+                )?)
+            }
+            Err(e) => return Err(e.into()),
+        };
         let imported = outcomes
             .iter()
             .filter(|o| matches!(o, InsertOutcome::Inserted(_)))

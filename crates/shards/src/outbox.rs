@@ -56,6 +56,9 @@ pub struct ShardMeta {
     pub last_seq: u64,
     /// The receiver committed it.
     pub shipped: bool,
+    /// The receiver rejected its content for good (its reason); it is not shipped again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
 }
 
 /// The sending side's shard ledger and directory; see the module docs.
@@ -214,6 +217,7 @@ impl Outbox {
             first_seq,
             last_seq,
             shipped: false,
+            rejected: None,
         };
         let json = serde_json::to_vec(&meta).expect("shard meta serializes");
         (&self.shards, &self.order, &self.state)
@@ -250,13 +254,36 @@ impl Outbox {
         Ok(out)
     }
 
-    /// Sealed shards the receiver has not committed yet, in seal order.
+    /// Sealed shards the receiver has neither committed nor rejected yet, in seal order.
     pub fn pending(&self) -> Result<Vec<ShardMeta>, ShardError> {
-        Ok(self.all()?.into_iter().filter(|m| !m.shipped).collect())
+        Ok(self
+            .all()?
+            .into_iter()
+            .filter(|m| !m.shipped && m.rejected.is_none())
+            .collect())
+    }
+
+    /// Sealed shards the receiver rejected, in seal order.
+    pub fn rejected(&self) -> Result<Vec<ShardMeta>, ShardError> {
+        Ok(self
+            .all()?
+            .into_iter()
+            .filter(|m| m.rejected.is_some())
+            .collect())
     }
 
     /// Records that the receiver committed a shard (durable when this returns).
     pub fn mark_shipped(&self, id: &ShardId) -> Result<(), ShardError> {
+        self.update(id, |meta| meta.shipped = true)
+    }
+
+    /// Records that the receiver rejected a shard's content for good, and why (durable
+    /// when this returns); it leaves the pending shards.
+    pub fn mark_rejected(&self, id: &ShardId, reason: &str) -> Result<(), ShardError> {
+        self.update(id, |meta| meta.rejected = Some(reason.to_string()))
+    }
+
+    fn update(&self, id: &ShardId, change: impl FnOnce(&mut ShardMeta)) -> Result<(), ShardError> {
         let key = id.as_str().as_bytes();
         let bytes = self
             .shards
@@ -265,7 +292,7 @@ impl Outbox {
             .ok_or_else(|| self.corrupt(id.as_str(), "not a sealed shard"))?;
         let mut meta: ShardMeta =
             serde_json::from_slice(&bytes).map_err(|e| self.corrupt(id.as_str(), e.to_string()))?;
-        meta.shipped = true;
+        change(&mut meta);
         self.shards
             .insert(
                 key,

@@ -1,9 +1,153 @@
 //! Sealing on one store, shipping in chunks with interruptions, committing into another.
 
 use qatflow_core::{Conversation, ConversationId};
-use qatflow_shards::{Inbox, InboxLimits, Outbox, SealLimits, ShardError, ShardId};
+use qatflow_gates::{Checker, GateProfile};
+use qatflow_shards::{
+    encode, Inbox, InboxLimits, Outbox, SealLimits, ShardError, ShardId, ShardLine,
+};
 use qatflow_store::{Filter, NewConversation, Store};
 use std::collections::BTreeSet;
+
+/// The receiver's checks: the v4 profile without the system prompt gate, so the test
+/// conversations (which have no system prompt) are clean unless they break a rule.
+fn checker() -> Checker {
+    let mut profile = GateProfile::builtin("v4").unwrap();
+    profile.gates.min_system_prompt_chars = None;
+    Checker::new(&profile)
+}
+
+/// Uploads `bytes` as one shard and commits it.
+fn send(inbox: &Inbox, spark: &Store, bytes: &[u8]) -> (ShardId, Result<u64, ShardError>) {
+    let id = ShardId::of_bytes(bytes);
+    inbox.append(&id, 0, bytes, bytes.len() as u64).unwrap();
+    inbox.sync(&id).unwrap();
+    let out = inbox
+        .commit(spark, &id, bytes.len() as u64)
+        .map(|o| o.imported);
+    (id, out)
+}
+
+#[test]
+fn the_receiver_checks_what_it_imports_with_its_own_gates() {
+    let dir = tempfile::tempdir().unwrap();
+    let spark = Store::open(dir.path().join("spark")).unwrap();
+    let inbox = Inbox::open(
+        &spark,
+        &dir.path().join("inbox"),
+        InboxLimits::default(),
+        checker(),
+    )
+    .unwrap();
+    // A correctly checksummed shard whose sender called everything clean.
+    let line = |reply: &str| ShardLine {
+        category: Some("c".into()),
+        source: Some("sender".into()),
+        conversation: serde_json::json!({"messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": reply},
+        ]})
+        .to_string(),
+    };
+    let bytes = encode(&[
+        line("<think>\n</think>\nHello there."),
+        line("**Hello** 😀 there."),
+    ])
+    .unwrap();
+    let (_, imported) = send(&inbox, &spark, &bytes);
+    assert_eq!(imported.unwrap(), 2);
+    let stored: Vec<Vec<String>> = spark
+        .iter(&Filter::default())
+        .map(|s| s.unwrap().record.flags)
+        .collect();
+    assert!(stored[0].is_empty(), "{stored:?}");
+    for flag in ["emoji", "markdown", "think_prefix"] {
+        assert!(stored[1].iter().any(|f| f == flag), "{flag} in {stored:?}");
+    }
+    let clean = spark
+        .iter(&Filter {
+            clean_only: true,
+            ..Filter::default()
+        })
+        .count();
+    assert_eq!(clean, 1, "clean_only means what the receiver's gates say");
+}
+
+#[test]
+fn a_shard_whose_content_cannot_be_imported_is_quarantined_and_answered_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let spark = Store::open(dir.path().join("spark")).unwrap();
+    let inbox = Inbox::open(
+        &spark,
+        &dir.path().join("inbox"),
+        InboxLimits::default(),
+        checker(),
+    )
+    .unwrap();
+    // A zstd bomb: 64 MiB of zeros, a few KiB on the wire.
+    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).unwrap();
+    let (id, result) = send(&inbox, &spark, &bomb);
+    let err = result.unwrap_err();
+    assert!(matches!(err, ShardError::Rejected { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(id.as_str()),
+        "the error names the shard: {text}"
+    );
+    assert!(text.contains("exceeds the limit"), "{text}");
+    assert!(
+        !dir.path()
+            .join("inbox/shards")
+            .join(id.file_name())
+            .exists(),
+        "no leftover in inbox/shards"
+    );
+    assert!(
+        inbox.quarantine_path(&id).exists(),
+        "kept in the quarantine"
+    );
+    // The sender asking again learns that it was rejected, not that it may commit.
+    let q = inbox.query(&id).unwrap();
+    assert!(!q.committed);
+    assert!(q.rejected.as_deref().unwrap().contains("exceeds the limit"));
+    assert!(matches!(
+        inbox.commit(&spark, &id, bomb.len() as u64),
+        Err(ShardError::Rejected { .. })
+    ));
+    assert!(matches!(
+        inbox.append(&id, 0, &bomb[..10], bomb.len() as u64),
+        Err(ShardError::Rejected { .. })
+    ));
+    assert_eq!(inbox.rejected_count(), 1);
+
+    // A line that is not a conversation, and a category with a NUL byte: rejected too,
+    // with nothing of the shard imported.
+    let good = ShardLine {
+        category: None,
+        source: None,
+        conversation: r#"{"messages":[{"role":"user","content":"a"}]}"#.into(),
+    };
+    let not_conv = encode(&[
+        good.clone(),
+        ShardLine {
+            conversation: r#"{"messages":3}"#.into(),
+            ..good.clone()
+        },
+    ])
+    .unwrap();
+    let (_, r) = send(&inbox, &spark, &not_conv);
+    assert!(r.unwrap_err().to_string().contains("line 2"));
+    let nul = encode(&[
+        good.clone(),
+        ShardLine {
+            category: Some("a\0b".into()),
+            ..good
+        },
+    ])
+    .unwrap();
+    let (_, r) = send(&inbox, &spark, &nul);
+    assert!(matches!(r, Err(ShardError::Rejected { .. })));
+    assert!(spark.is_empty(), "nothing of a rejected shard is imported");
+}
 
 fn conv(i: usize) -> Conversation {
     Conversation::from_json(&format!(
@@ -82,7 +226,13 @@ fn accepted_conversations_arrive_exactly_once_in_order() {
     let ws = Store::open(dir.path().join("ws")).unwrap();
     let spark = Store::open(dir.path().join("spark")).unwrap();
     let outbox = Outbox::open(&ws, &dir.path().join("outbox")).unwrap();
-    let inbox = Inbox::open(&spark, &dir.path().join("inbox"), InboxLimits::default()).unwrap();
+    let inbox = Inbox::open(
+        &spark,
+        &dir.path().join("inbox"),
+        InboxLimits::default(),
+        checker(),
+    )
+    .unwrap();
     let limits = SealLimits {
         max_conversations: 7,
         max_bytes: 1 << 20,
@@ -148,7 +298,7 @@ fn bad_bytes_are_discarded_and_offsets_enforced() {
         max_chunk_bytes: 100,
         max_decoded_bytes: 1 << 20,
     };
-    let inbox = Inbox::open(&spark, &dir.path().join("inbox"), limits).unwrap();
+    let inbox = Inbox::open(&spark, &dir.path().join("inbox"), limits, checker()).unwrap();
     let id = ShardId::of_bytes(b"the real shard");
 
     assert!(matches!(

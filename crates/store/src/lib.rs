@@ -5,6 +5,10 @@
 //! - `by_seq`: import sequence number (u64) → content hash, so exports keep import order;
 //! - `idx_category`: `category \0 seq` → content hash;
 //! - `idx_flag`: `flag \0 seq` → content hash, one entry per distinct gate flag;
+//! - `idx_messages`: hash of the canonical `messages` array → content hash of the first
+//!   conversation stored with them; a later conversation with the same messages (it
+//!   differs only in other fields, such as its category) is stored with the flag
+//!   [`DUPLICATE_MESSAGES`];
 //! - `meta`: `schema_version` (u32) and `next_seq` (u64).
 //!
 //! Conversations are inserted in sled transactions over all trees ([`BATCH`] at a time),
@@ -22,6 +26,10 @@ use sled::Transactional;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The flag of a conversation whose messages equal those of a conversation stored before
+/// it (the two differ only outside `messages`).
+pub const DUPLICATE_MESSAGES: &str = "duplicate_messages";
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -167,6 +175,7 @@ pub struct Store {
     by_seq: sled::Tree,
     idx_category: sled::Tree,
     idx_flag: sled::Tree,
+    idx_messages: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -188,6 +197,7 @@ pub const BATCH: usize = 512;
 /// A conversation checked and serialized for insertion.
 struct Prepared {
     id: ConversationId,
+    messages: ConversationId,
     category: Option<String>,
     source: Option<String>,
     flags: Vec<String>,
@@ -205,8 +215,11 @@ impl Prepared {
         let mut flags: Vec<String> = new.flags.to_vec();
         flags.sort();
         flags.dedup();
+        let messages =
+            serde_json::to_value(&new.conversation.messages).expect("messages always serialize");
         Ok(Prepared {
             id: ConversationId::of(new.conversation),
+            messages: ConversationId::of_value(&messages),
             category: new.category.map(str::to_string),
             source: new.source.map(str::to_string),
             flags,
@@ -269,6 +282,7 @@ impl Store {
             by_seq: db.open_tree("by_seq").map_err(err)?,
             idx_category: db.open_tree("idx_category").map_err(err)?,
             idx_flag: db.open_tree("idx_flag").map_err(err)?,
+            idx_messages: db.open_tree("idx_messages").map_err(err)?,
             meta: db.open_tree("meta").map_err(err)?,
             db,
             path: path.clone(),
@@ -329,24 +343,22 @@ impl Store {
     }
 
     /// Inserts conversations in order, up to [`BATCH`] per sled transaction, and flushes
-    /// once at the end: when this returns `Ok`, every insert is durable. Each transaction
-    /// is atomic and an insert of a stored conversation is a no-op, so a batch cut off by
-    /// a crash can simply be inserted again.
+    /// once at the end: when this returns `Ok`, every insert is durable. Every item is
+    /// checked (names without NUL bytes) before the first is written, so an invalid item
+    /// refuses the whole batch instead of leaving half of it stored. Each transaction is
+    /// atomic and an insert of a stored conversation is a no-op, so a batch cut off by a
+    /// crash can simply be inserted again.
     pub fn insert_batch<'a>(
         &self,
         items: impl IntoIterator<Item = NewConversation<'a>>,
     ) -> Result<Vec<InsertOutcome>, StoreError> {
-        let mut outcomes = Vec::new();
-        let mut chunk = Vec::with_capacity(BATCH);
-        for item in items {
-            chunk.push(Prepared::new(item)?);
-            if chunk.len() == BATCH {
-                outcomes.extend(self.insert_prepared(&chunk)?);
-                chunk.clear();
-            }
-        }
-        if !chunk.is_empty() {
-            outcomes.extend(self.insert_prepared(&chunk)?);
+        let prepared = items
+            .into_iter()
+            .map(Prepared::new)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut outcomes = Vec::with_capacity(prepared.len());
+        for chunk in prepared.chunks(BATCH) {
+            outcomes.extend(self.insert_prepared(chunk)?);
         }
         self.flush()?;
         Ok(outcomes)
@@ -362,10 +374,12 @@ impl Store {
             &self.by_seq,
             &self.idx_category,
             &self.idx_flag,
+            &self.idx_messages,
             &self.meta,
         );
         let result = trees.transaction(
-            |(convs, by_seq, idx_cat, idx_flag, meta): &(
+            |(convs, by_seq, idx_cat, idx_flag, idx_msg, meta): &(
+                TransactionalTree,
                 TransactionalTree,
                 TransactionalTree,
                 TransactionalTree,
@@ -385,11 +399,23 @@ impl Store {
                         outcomes.push(InsertOutcome::Duplicate(item.id));
                         continue;
                     }
+                    let mut flags = item.flags.clone();
+                    match idx_msg.get(item.messages.0)? {
+                        Some(first) if first.as_ref() != item.id.0 => {
+                            flags.push(DUPLICATE_MESSAGES.to_string());
+                            flags.sort();
+                            flags.dedup();
+                        }
+                        Some(_) => {}
+                        None => {
+                            idx_msg.insert(&item.messages.0, &item.id.0)?;
+                        }
+                    }
                     let record = Record {
                         seq,
                         category: item.category.clone(),
                         source: item.source.clone(),
-                        flags: item.flags.clone(),
+                        flags: flags.clone(),
                         imported_at,
                         conversation: item.conversation.clone(),
                     };
@@ -401,7 +427,7 @@ impl Store {
                     if let Some(cat) = &item.category {
                         idx_cat.insert(index_key(cat, seq), &item.id.0)?;
                     }
-                    for f in &item.flags {
+                    for f in &flags {
                         idx_flag.insert(index_key(f, seq), &item.id.0)?;
                     }
                     outcomes.push(InsertOutcome::Inserted(item.id));
@@ -729,6 +755,42 @@ mod tests {
         }
         let err = Store::open(dir.path()).err().unwrap().to_string();
         assert!(err.contains("schema version 2 is newer"), "{err}");
+    }
+
+    #[test]
+    fn identical_messages_under_other_metadata_are_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = conv("same");
+        let mut b = a.clone();
+        b.extra
+            .insert("category".into(), serde_json::Value::String("other".into()));
+        assert_ne!(ConversationId::of(&a), ConversationId::of(&b));
+        let out = store
+            .insert_batch([new(&a, "x", &[]), new(&b, "y", &[])])
+            .unwrap();
+        assert!(out.iter().all(|o| matches!(o, InsertOutcome::Inserted(_))));
+        let first = store.get(&ConversationId::of(&a)).unwrap().unwrap();
+        let second = store.get(&ConversationId::of(&b)).unwrap().unwrap();
+        assert!(first.record.flags.is_empty());
+        assert_eq!(second.record.flags, [DUPLICATE_MESSAGES]);
+        assert_eq!(store.stats().unwrap().by_flag[DUPLICATE_MESSAGES], 1);
+    }
+
+    #[test]
+    fn an_invalid_item_refuses_the_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let convs: Vec<Conversation> = (0..BATCH + 10).map(|i| conv(&format!("n{i}"))).collect();
+        let items = convs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| new(c, if i == BATCH + 5 { "bad\0cat" } else { "ok" }, &[]));
+        assert!(matches!(
+            store.insert_batch(items),
+            Err(StoreError::InvalidName { .. })
+        ));
+        assert_eq!(store.len(), 0, "nothing of a refused batch is stored");
     }
 
     #[test]

@@ -4,7 +4,12 @@
 //! Trees (keys: `category \0 index` with the index as big-endian u64):
 //! - `teacher_ledger`: finished batches → [`LedgerEntry`];
 //! - `teacher_pending`: batches being committed → [`PendingBatch`] (a write-ahead record);
-//! - `teacher_plan`: category → the batch size its indexes were computed with.
+//! - `teacher_plan`: category → the batch size its indexes were computed with;
+//! - `teacher_spend`: `total` → the [`Usage`] of every teacher request ever made for this
+//!   store (requests, tokens, cost), added after each batch;
+//! - `teacher_raw_rejected`: `category \0 index \0 line` → [`RawRejected`]: output lines
+//!   that did not parse (`invalid_json`), kept verbatim with their batch, written in the
+//!   same transaction as the batch's ledger entry, so nothing a teacher wrote is lost.
 //!
 //! Committing a batch: (1) its conversations and flags are written to `teacher_pending`
 //! and flushed; (2) they are inserted into the store, which flushes; (3) the ledger entry
@@ -14,6 +19,7 @@
 //! either finished with all its conversations stored or not finished at all, whatever the
 //! backend: nothing is generated twice and nothing is lost.
 
+use crate::backend::Usage;
 use crate::error::TeacherError;
 use qatflow_core::Conversation;
 use qatflow_store::{NewConversation, Store};
@@ -42,6 +48,28 @@ pub struct LedgerEntry {
     pub finished_at: u64,
 }
 
+/// A teacher output line that did not parse, kept as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RawRejected {
+    /// Its category.
+    #[serde(default)]
+    pub category: String,
+    /// Its batch index.
+    #[serde(default)]
+    pub batch: u64,
+    /// 1-based line number in the batch's output.
+    pub line: usize,
+    /// Always `invalid_json`.
+    pub check: String,
+    /// The parse error.
+    pub error: String,
+    /// The line, verbatim.
+    pub text: String,
+    /// The batch's store `source` (`backend:category/index`).
+    #[serde(default)]
+    pub source: String,
+}
+
 /// One conversation of a pending batch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PendingItem {
@@ -60,6 +88,9 @@ pub struct PendingBatch {
     pub entry: LedgerEntry,
     /// Its conversations.
     pub items: Vec<PendingItem>,
+    /// Its output lines that did not parse.
+    #[serde(default)]
+    pub raw_rejected: Vec<RawRejected>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -75,7 +106,11 @@ pub struct Ledger {
     done: sled::Tree,
     pending: sled::Tree,
     plan: sled::Tree,
+    raw: sled::Tree,
+    spend: sled::Tree,
 }
+
+const SPEND_KEY: &[u8] = b"total";
 
 /// The ledger key of a batch.
 pub fn batch_key(category: &str, index: u64) -> Vec<u8> {
@@ -112,6 +147,8 @@ impl Ledger {
             done: open("teacher_ledger")?,
             pending: open("teacher_pending")?,
             plan: open("teacher_plan")?,
+            raw: open("teacher_raw_rejected")?,
+            spend: open("teacher_spend")?,
             db,
             path,
         })
@@ -158,6 +195,41 @@ impl Ledger {
         }
     }
 
+    /// What every run so far spent (zero when nothing was recorded).
+    pub fn spend(&self) -> Result<Usage, TeacherError> {
+        match self.spend.get(SPEND_KEY).map_err(|e| self.err(e))? {
+            Some(v) => serde_json::from_slice(&v)
+                .map_err(|e| self.err(format!("the spend record is corrupt: {e}"))),
+            None => Ok(Usage::default()),
+        }
+    }
+
+    /// Adds `usage` to the recorded spend (flushed); returns the new total.
+    pub fn add_spend(&self, usage: &Usage) -> Result<Usage, TeacherError> {
+        let mut total = self.spend()?;
+        total.add(usage);
+        self.spend
+            .insert(
+                SPEND_KEY,
+                serde_json::to_vec(&total).expect("usage serializes"),
+            )
+            .map_err(|e| self.err(e))?;
+        self.flush()?;
+        Ok(total)
+    }
+
+    /// Every teacher output line that did not parse, by category, batch and line.
+    pub fn raw_rejected(&self) -> Result<Vec<RawRejected>, TeacherError> {
+        self.raw
+            .iter()
+            .map(|item| {
+                let (_, v) = item.map_err(|e| self.err(e))?;
+                serde_json::from_slice(&v)
+                    .map_err(|e| self.err(format!("a raw rejected line is corrupt: {e}")))
+            })
+            .collect()
+    }
+
     /// The batch size a category's ledger was written with, if any.
     pub fn plan(&self, category: &str) -> Result<Option<u64>, TeacherError> {
         match self.plan.get(category).map_err(|e| self.err(e))? {
@@ -192,16 +264,39 @@ impl Ledger {
         self.flush()?;
         let duplicates = insert_items(store, &batch)?;
         batch.entry.duplicates = duplicates;
-        self.finish(&key, &batch.entry)?;
+        self.finish(&key, index, &batch)?;
         Ok(batch.entry)
     }
 
-    fn finish(&self, key: &[u8], entry: &LedgerEntry) -> Result<(), TeacherError> {
-        let bytes = serde_json::to_vec(entry).expect("an entry serializes");
-        (&self.done, &self.pending)
-            .transaction(|(done, pending)| {
+    fn finish(&self, key: &[u8], index: u64, batch: &PendingBatch) -> Result<(), TeacherError> {
+        let bytes = serde_json::to_vec(&batch.entry).expect("an entry serializes");
+        let raw: Vec<(Vec<u8>, Vec<u8>)> = batch
+            .raw_rejected
+            .iter()
+            .map(|r| {
+                let mut k = key.to_vec();
+                k.push(0);
+                k.extend_from_slice(&(r.line as u64).to_be_bytes());
+                let record = RawRejected {
+                    category: batch.category.clone(),
+                    batch: index,
+                    check: "invalid_json".into(),
+                    source: batch.entry.source.clone(),
+                    ..r.clone()
+                };
+                (
+                    k,
+                    serde_json::to_vec(&record).expect("a raw line serializes"),
+                )
+            })
+            .collect();
+        (&self.done, &self.pending, &self.raw)
+            .transaction(|(done, pending, raw_tree)| {
                 done.insert(key, bytes.clone())?;
                 pending.remove(key)?;
+                for (k, v) in &raw {
+                    raw_tree.insert(k.as_slice(), v.as_slice())?;
+                }
                 Ok::<(), ConflictableTransactionError<()>>(())
             })
             .map_err(|e: TransactionError<()>| self.err(format!("transaction failed: {e:?}")))?;
@@ -221,11 +316,12 @@ impl Ledger {
             let batch: PendingBatch = serde_json::from_slice(&bytes)
                 .map_err(|e| self.err(format!("a pending batch is corrupt: {e}")))?;
             insert_items(store, &batch)?;
-            self.finish(&key, &batch.entry)?;
             let idx: [u8; 8] = key[key.len() - 8..]
                 .try_into()
                 .map_err(|_| self.err("a pending key is too short"))?;
-            out.push((batch.category, u64::from_be_bytes(idx)));
+            let index = u64::from_be_bytes(idx);
+            self.finish(&key, index, &batch)?;
+            out.push((batch.category, index));
         }
         Ok(out)
     }
@@ -282,6 +378,7 @@ mod tests {
                     flags: vec![],
                 })
                 .collect(),
+            raw_rejected: Vec::new(),
         }
     }
 
@@ -343,6 +440,35 @@ mod tests {
         assert_eq!(e.duplicates, 2);
         assert_eq!(ledger.finished("c").unwrap(), [0, 1]);
         assert_eq!(store.len(), 3);
+        let mut with_bad = batch("y", 1);
+        with_bad.raw_rejected.push(RawRejected {
+            category: String::new(),
+            batch: 0,
+            line: 3,
+            check: String::new(),
+            error: "EOF while parsing".into(),
+            text: r#"{"messages":[{"role":"user","#.into(),
+            source: String::new(),
+        });
+        ledger.commit(&store, 2, with_bad).unwrap();
+        let raw = ledger.raw_rejected().unwrap();
+        assert_eq!(raw.len(), 1);
+        assert_eq!(
+            (raw[0].category.as_str(), raw[0].batch, raw[0].line),
+            ("c", 2, 3)
+        );
+        assert_eq!(raw[0].check, "invalid_json");
+        assert_eq!(raw[0].text, r#"{"messages":[{"role":"user","#);
+        assert_eq!(raw[0].source, "test:c/0");
+        let one = Usage {
+            requests: 2,
+            input_tokens: 10,
+            output_tokens: 5,
+            cost_usd: None,
+        };
+        ledger.add_spend(&one).unwrap();
+        assert_eq!(ledger.add_spend(&one).unwrap().requests, 4);
+        assert_eq!(ledger.spend().unwrap().output_tokens, 10);
         ledger.set_plan("c", 7).unwrap();
         assert_eq!(ledger.plan("c").unwrap(), Some(7));
         assert_eq!(ledger.plan("d").unwrap(), None);

@@ -20,7 +20,7 @@ pub use backend::{
 };
 pub use config::{Category, TeacherConfig, ToolSpec};
 pub use error::{BackendError, TeacherError};
-pub use ledger::{Ledger, LedgerEntry};
+pub use ledger::{Ledger, LedgerEntry, RawRejected};
 pub use run::{
     generate, run_generation, validate_store, CancellationToken, CategoryReport, EventSink,
     FailedBatch, GenerateOptions, GenerationEvent, GenerationReport, RetryRecord,

@@ -15,6 +15,8 @@ pub struct BadLine {
     pub line: usize,
     /// The parse error.
     pub error: String,
+    /// The line as the teacher wrote it.
+    pub text: String,
 }
 
 /// The conversations found in one output.
@@ -75,6 +77,7 @@ pub fn parse_output(
             Err(e) => out.bad_lines.push(BadLine {
                 line: i + 1,
                 error: e.to_string(),
+                text: raw.to_string(),
             }),
         }
     }

@@ -29,7 +29,7 @@
 use crate::backend::{Backend, BackendConfig, BatchRequest, Usage};
 use crate::config::{Category, TeacherConfig};
 use crate::error::{BackendError, TeacherError};
-use crate::ledger::{Ledger, LedgerEntry, PendingBatch, PendingItem};
+use crate::ledger::{Ledger, LedgerEntry, PendingBatch, PendingItem, RawRejected};
 use crate::parse::{parse_output, prepare, OutputProblem, ParsedOutput};
 use qatflow_core::Progress;
 use qatflow_gates::{Checker, DatasetStats, GateProfile, GateResult};
@@ -38,6 +38,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
@@ -103,6 +104,12 @@ pub struct GenerateOptions {
     pub validate_only: bool,
     /// Start no new batch once the reported cost reaches this many US dollars.
     pub max_cost_usd: Option<f64>,
+    /// Make at most this many teacher requests (every attempt counts) in this run: an
+    /// attempt past the cap is not made, its batch is left for a later `--resume`.
+    pub max_requests: Option<u64>,
+    /// Make no further request once the reported input + output tokens of this run reach
+    /// this many (`--max-total-tokens`).
+    pub max_tokens: Option<u64>,
     /// Live events, if wanted.
     pub events: Option<EventSink>,
 }
@@ -123,6 +130,8 @@ impl std::fmt::Debug for GenerateOptions {
             .field("resume", &self.resume)
             .field("validate_only", &self.validate_only)
             .field("max_cost_usd", &self.max_cost_usd)
+            .field("max_requests", &self.max_requests)
+            .field("max_tokens", &self.max_tokens)
             .finish_non_exhaustive()
     }
 }
@@ -145,6 +154,8 @@ impl GenerateOptions {
             resume: false,
             validate_only: false,
             max_cost_usd: None,
+            max_requests: None,
+            max_tokens: None,
             events: None,
         }
     }
@@ -220,8 +231,13 @@ pub struct GenerationReport {
     pub recovered_batches: u64,
     /// True when the run was cancelled before every batch was done.
     pub cancelled: bool,
-    /// True when the run stopped starting batches at `max_cost_usd`.
+    /// True when the run stopped at a spend cap (`max_cost_usd`, `max_requests` or
+    /// `max_tokens`).
     pub cost_cap_reached: bool,
+    /// Which cap stopped the run, and at what spend (empty when none did).
+    pub cap: String,
+    /// What the store's ledger has recorded as spent over every run, this one included.
+    pub total_usage: Usage,
     /// Wall time in seconds.
     pub elapsed_s: f64,
     /// Gate profile name.
@@ -295,12 +311,19 @@ impl GenerationReport {
                 cost,
                 self.elapsed_s,
                 if self.cancelled {
-                    " (cancelled)"
+                    " (cancelled)".to_string()
                 } else if self.cost_cap_reached {
-                    " (stopped at the cost cap)"
+                    format!(" (stopped: {})", self.cap)
                 } else {
-                    ""
+                    String::new()
                 }
+            );
+            let _ = writeln!(
+                s,
+                "spent on this store so far: {} requests, {} input tokens, {} output tokens",
+                self.total_usage.requests,
+                self.total_usage.input_tokens,
+                self.total_usage.output_tokens
             );
         }
         let _ = writeln!(
@@ -373,6 +396,8 @@ struct BatchResult {
 enum Outcome {
     Parsed(ParsedOutput),
     Failed(String),
+    /// A spend cap forbade the next request (why); the batch is left for a resume.
+    Capped(String),
     Fatal(BackendError),
     Cancelled,
 }
@@ -414,10 +439,53 @@ struct RetryPolicy {
     timeout: Duration,
 }
 
+/// A run's spend caps, shared by its batch tasks: requests are reserved before they are
+/// made, so the request cap holds exactly however many batches are in flight.
+#[derive(Debug, Default)]
+struct Budget {
+    max_requests: Option<u64>,
+    max_tokens: Option<u64>,
+    requests: AtomicU64,
+    tokens: AtomicU64,
+}
+
+impl Budget {
+    /// Reserves one request; the reason when a cap forbids it.
+    fn reserve(&self) -> Result<(), String> {
+        if let Some(max) = self.max_tokens {
+            let spent = self.tokens.load(Ordering::SeqCst);
+            if spent >= max {
+                return Err(format!(
+                    "token cap reached: {spent} of --max-total-tokens {max} tokens spent"
+                ));
+            }
+        }
+        if let Some(max) = self.max_requests {
+            let n = self.requests.fetch_add(1, Ordering::SeqCst);
+            if n >= max {
+                self.requests.fetch_sub(1, Ordering::SeqCst);
+                return Err(format!(
+                    "request cap reached: {n} of --max-requests {max} requests made"
+                ));
+            }
+        } else {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Records the tokens an answer reported.
+    fn spent(&self, usage: &Usage) {
+        self.tokens
+            .fetch_add(usage.input_tokens + usage.output_tokens, Ordering::SeqCst);
+    }
+}
+
 async fn run_batch(
     backend: Arc<dyn Backend>,
     mut request: BatchRequest,
     policy: Arc<RetryPolicy>,
+    budget: Arc<Budget>,
     markers: Arc<Vec<String>>,
     cancel: CancellationToken,
     events: Option<EventSink>,
@@ -432,6 +500,10 @@ async fn run_batch(
         outcome: Outcome::Cancelled,
     };
     for attempt in 0..=policy.max_retries {
+        if let Err(cap) = budget.reserve() {
+            result.outcome = Outcome::Capped(cap);
+            return result;
+        }
         request.attempt = attempt;
         result.attempts = attempt + 1;
         let call = tokio::time::timeout(policy.timeout, backend.generate(&request));
@@ -464,6 +536,7 @@ async fn run_batch(
             }
             Ok(Ok(out)) => {
                 result.usage.add(&out.usage);
+                budget.spent(&out.usage);
                 match parse_output(&out.text, &markers) {
                     Ok(parsed) => {
                         result.outcome = Outcome::Parsed(parsed);
@@ -556,6 +629,8 @@ pub async fn generate(
         recovered_batches: 0,
         cancelled: false,
         cost_cap_reached: false,
+        cap: String::new(),
+        total_usage: Usage::default(),
         elapsed_s: 0.0,
         profile: opts.profile.name.clone(),
         dataset: DatasetStats::default(),
@@ -664,6 +739,11 @@ async fn generate_batches(
         timeout: opts.timeout,
     });
     let markers = Arc::new(teacher.generation.planning_markers.clone());
+    let budget = Arc::new(Budget {
+        max_requests: opts.max_requests,
+        max_tokens: opts.max_tokens,
+        ..Budget::default()
+    });
     let checker = Checker::new(&opts.profile);
     let mut queue = jobs.into_iter();
     let mut set: JoinSet<BatchResult> = JoinSet::new();
@@ -674,6 +754,7 @@ async fn generate_batches(
                 backend.clone(),
                 request,
                 policy.clone(),
+                budget.clone(),
                 markers.clone(),
                 cancel.clone(),
                 opts.events.clone(),
@@ -699,12 +780,15 @@ async fn generate_batches(
             .or_default()
             .retries += result.retries.len() as u64;
         report.usage.add(&result.usage);
+        let (l, spend) = (ledger.clone(), result.usage);
+        report.total_usage = blocking(move || l.add_spend(&spend)).await?;
         if let (Some(cap), Some(cost)) = (opts.max_cost_usd, report.usage.cost_usd) {
             if cost >= cap && !report.cost_cap_reached {
                 warn!(
                     "reported cost ${cost:.4} reached the cap of ${cap:.4}: starting no new batch"
                 );
                 report.cost_cap_reached = true;
+                report.cap = format!("cost cap reached: ${cost:.4} of --max-cost-usd ${cap:.4}");
             }
         }
         report.retries.extend(result.retries);
@@ -720,6 +804,19 @@ async fn generate_batches(
                         ..LedgerEntry::default()
                     },
                     items: Vec::new(),
+                    raw_rejected: parsed
+                        .bad_lines
+                        .iter()
+                        .map(|b| RawRejected {
+                            category: result.category.clone(),
+                            batch: result.index,
+                            line: b.line,
+                            check: "invalid_json".into(),
+                            error: b.error.clone(),
+                            text: b.text.clone(),
+                            source: String::new(),
+                        })
+                        .collect(),
                 };
                 let short = result.size.saturating_sub(parsed.conversations.len()) as u64;
                 if short > 0 {
@@ -805,6 +902,13 @@ async fn generate_batches(
                         result.category, result.index
                     ),
                 });
+            }
+            Outcome::Capped(cap) => {
+                if !report.cost_cap_reached {
+                    warn!("{cap}: starting no new batch; rerun with --resume and a higher cap to go on");
+                    report.cost_cap_reached = true;
+                    report.cap = cap;
+                }
             }
             Outcome::Cancelled => report.cancelled = true,
         }

@@ -193,6 +193,61 @@ fn half_a_line_loses_only_that_line() {
     assert_eq!((cat.accepted, cat.unparsed_lines, cat.retries), (2, 1, 0));
     assert_eq!(cat.missing, 1);
     assert_eq!(user_texts(&store), expected("half", 2));
+    // The broken line is kept verbatim as rejected (invalid_json), with its batch.
+    let raw = qatflow_teacher::Ledger::open(&store)
+        .unwrap()
+        .raw_rejected()
+        .unwrap();
+    assert_eq!(raw.len(), 1, "{raw:?}");
+    assert_eq!(raw[0].text, &broken[..broken.len() / 2]);
+    assert_eq!(raw[0].check, "invalid_json");
+    assert_eq!(
+        (raw[0].category.as_str(), raw[0].batch, raw[0].line),
+        ("topic_switch", 0, 3)
+    );
+    assert!(
+        raw[0].source.ends_with("topic_switch/0"),
+        "{}",
+        raw[0].source
+    );
+}
+
+/// The spend caps: no request past `max_requests`, and the spend is in the ledger.
+#[test]
+fn the_request_cap_stops_a_run_and_the_spend_is_recorded() {
+    let server = start(vec![], Step::ok(lines("cap", 3)));
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut opts = options(openai(&server.openai_base()), 30);
+    opts.max_requests = Some(2);
+    let report = run(&opts, &store);
+    assert_eq!(server.requests().len(), 2, "no request past the cap");
+    assert!(report.cost_cap_reached);
+    assert!(report.cap.contains("--max-requests 2"), "{}", report.cap);
+    assert!(!report.complete());
+    assert_eq!(report.total_usage.requests, 2);
+    let ledger = qatflow_teacher::Ledger::open(&store).unwrap();
+    assert_eq!(ledger.spend().unwrap().requests, 2);
+
+    // A resume with a token cap: stops once the reported tokens reach it.
+    let mut opts = options(openai(&server.openai_base()), 30);
+    opts.resume = true;
+    opts.max_tokens = Some(1);
+    let report = run(&opts, &store);
+    assert!(
+        report.cap.contains("--max-total-tokens 1"),
+        "{}",
+        report.cap
+    );
+    assert!(
+        server.requests().len() <= 2 + 2,
+        "{}",
+        server.requests().len()
+    );
+    assert_eq!(
+        ledger.spend().unwrap().requests,
+        server.requests().len() as u64
+    );
 }
 
 #[test]

@@ -3,9 +3,11 @@
 //! [`init`] installs a subscriber with human-readable logs on stderr (filtered by
 //! `QATFLOW_LOG`, then `RUST_LOG`, else the configured level) and, when an OTLP endpoint
 //! is configured, a `tracing-opentelemetry` layer that exports spans over OTLP/gRPC (the
-//! protocol Jaeger accepts on port 4317) under the configured service name. It also
-//! installs the W3C trace-context propagator, without which nothing crosses a process
-//! boundary.
+//! protocol Jaeger accepts on port 4317) under the configured service name and resource
+//! attributes. Each layer has its own filter: the stderr level never decides what is
+//! traced (the trace filter is `QATFLOW_TRACE`, else the configured trace level, `info`).
+//! It also installs the W3C trace-context propagator, without which nothing crosses a
+//! process boundary.
 //!
 //! The OTLP exporter's gRPC channel runs on a small runtime owned by the returned
 //! [`TelemetryGuard`], not on the caller's: the batch exporter deadlocks on single-threaded
@@ -20,6 +22,7 @@ use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 
 /// The environment variable that enables OTLP export (standard OpenTelemetry name).
 pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
@@ -57,13 +60,18 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<String>,
     /// Default log level or directive, used when no environment filter is set.
     pub log_level: String,
+    /// Level or directive of the spans exported over OTLP (overridden by
+    /// `QATFLOW_TRACE`); independent of `log_level`.
+    pub trace_level: String,
+    /// More resource attributes of exported spans (`node.name`, `node.role`, …).
+    pub resource: Vec<(String, String)>,
     /// Colours in the stderr log.
     pub ansi: bool,
 }
 
 impl TelemetryConfig {
-    /// A config for `service_name`: level `info`, OTLP enabled when
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    /// A config for `service_name`: log and trace level `info`, OTLP enabled when
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, no extra resource attributes.
     pub fn new(service_name: impl Into<String>) -> TelemetryConfig {
         TelemetryConfig {
             service_name: service_name.into(),
@@ -71,6 +79,8 @@ impl TelemetryConfig {
                 .ok()
                 .filter(|s| !s.is_empty()),
             log_level: "info".into(),
+            trace_level: "info".into(),
+            resource: Vec::new(),
             ansi: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         }
     }
@@ -114,7 +124,12 @@ impl Drop for TelemetryGuard {
 }
 
 fn env_filter(default: &str) -> Result<EnvFilter, TelemetryError> {
-    let text = ["QATFLOW_LOG", "RUST_LOG"]
+    filter_from(&["QATFLOW_LOG", "RUST_LOG"], default)
+}
+
+/// The filter of the first non-empty variable of `vars`, else of `default`.
+fn filter_from(vars: &[&str], default: &str) -> Result<EnvFilter, TelemetryError> {
+    let text = vars
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| default.to_string());
@@ -128,6 +143,7 @@ fn env_filter(default: &str) -> Result<EnvFilter, TelemetryError> {
 fn otlp_provider(
     endpoint: &str,
     service_name: &str,
+    attributes: &[(String, String)],
 ) -> Result<(SdkTracerProvider, tokio::runtime::Runtime), TelemetryError> {
     let otlp_err = |message: String| TelemetryError::Otlp {
         endpoint: endpoint.to_string(),
@@ -148,7 +164,13 @@ fn otlp_provider(
             .map_err(|e| otlp_err(e.to_string()))?
     };
     let resource = Resource::builder()
-        .with_attributes([KeyValue::new("service.name", service_name.to_string())])
+        .with_attributes(
+            std::iter::once(KeyValue::new("service.name", service_name.to_string())).chain(
+                attributes
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+            ),
+        )
         .build();
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
@@ -166,14 +188,21 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(config.ansi)
-        .with_target(false);
+        .with_target(false)
+        .with_filter(filter);
     let (otel_layer, provider, runtime) = match &config.otlp_endpoint {
         Some(endpoint) => {
-            let (provider, runtime) = otlp_provider(endpoint, &config.service_name)?;
+            let trace_filter = filter_from(&["QATFLOW_TRACE"], &config.trace_level)?;
+            let (provider, runtime) =
+                otlp_provider(endpoint, &config.service_name, &config.resource)?;
             let tracer = provider.tracer("qatflow");
             opentelemetry::global::set_tracer_provider(provider.clone());
             (
-                Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+                Some(
+                    tracing_opentelemetry::layer()
+                        .with_tracer(tracer)
+                        .with_filter(trace_filter),
+                ),
                 Some(provider),
                 Some(runtime),
             )
@@ -181,7 +210,6 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
         None => (None, None, None),
     };
     tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(otel_layer)
         .try_init()
@@ -201,7 +229,10 @@ mod tests {
 
     #[test]
     fn a_bad_endpoint_is_a_clear_error() {
-        let err = otlp_provider("not a url", "t").err().unwrap().to_string();
+        let err = otlp_provider("not a url", "t", &[])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("cannot set up OTLP export to not a url"),
             "{err}"

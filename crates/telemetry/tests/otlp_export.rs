@@ -1,5 +1,6 @@
 //! Spans recorded through `tracing` reach a real OTLP/gRPC receiver on loopback, under the
-//! configured service name. The receiver implements the OpenTelemetry collector's trace
+//! configured service name and resource attributes, whatever the stderr log level (the
+//! CLI's default `warn` must not drop info spans before they are traced). The receiver implements the OpenTelemetry collector's trace
 //! service with tonic, as Jaeger does on port 4317.
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -51,7 +52,13 @@ fn spans_reach_an_otlp_receiver_with_the_service_name() {
     let config = qatflow_telemetry::TelemetryConfig {
         service_name: "qatflow-test".into(),
         otlp_endpoint: Some(format!("http://{addr}")),
-        log_level: "info".into(),
+        // The CLI's default stderr level: it must not filter what is traced.
+        log_level: "warn".into(),
+        trace_level: "info".into(),
+        resource: vec![
+            ("node.name".into(), "gpu-1".into()),
+            ("node.role".into(), "spark".into()),
+        ],
         ansi: false,
     };
     let guard = qatflow_telemetry::init(&config).unwrap();
@@ -70,12 +77,14 @@ fn spans_reach_an_otlp_receiver_with_the_service_name() {
             .iter()
             .flat_map(|r| r.resource_spans.iter())
             .flat_map(|rs| {
-                let service = rs
-                    .resource
-                    .iter()
-                    .flat_map(|r| r.attributes.iter())
-                    .find(|kv| kv.key == "service.name")
-                    .and_then(|kv| kv.value.as_ref()?.value.clone());
+                let attr = |key: &str| {
+                    rs.resource
+                        .iter()
+                        .flat_map(|r| r.attributes.iter())
+                        .find(|kv| kv.key == key)
+                        .and_then(|kv| kv.value.as_ref()?.value.clone())
+                };
+                let service = (attr("service.name"), attr("node.name"), attr("node.role"));
                 rs.scope_spans
                     .iter()
                     .flat_map(|ss| ss.spans.iter())
@@ -102,7 +111,14 @@ fn spans_reach_an_otlp_receiver_with_the_service_name() {
         .iter()
         .find(|s| s.1 == "check_line")
         .expect("inner span exported");
-    assert_eq!(outer.0, Some(Value::StringValue("qatflow-test".into())));
+    assert_eq!(
+        outer.0,
+        (
+            Some(Value::StringValue("qatflow-test".into())),
+            Some(Value::StringValue("gpu-1".into())),
+            Some(Value::StringValue("spark".into()))
+        )
+    );
     assert_eq!(outer.2, inner.2, "both spans share one trace id");
     assert!(outer.3.is_empty(), "outer span is a root");
     assert!(!inner.3.is_empty(), "inner span has a parent");

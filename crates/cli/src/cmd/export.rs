@@ -218,6 +218,12 @@ fn summarize(report: &ExportReport, out: &Path, json: bool) -> anyhow::Result<Ex
 
 /// Runs `qatflow export`.
 pub fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
+    if !a.checkpoint_dir.exists() {
+        bail!(
+            "{}: does not exist; pass a checkpoint directory (RUN_DIR/checkpoints/step-N) or a run directory with --checkpoint latest-valid",
+            a.checkpoint_dir.display()
+        );
+    }
     let opts = ExportOptions {
         vl_wrapper: a.vl_wrapper.into(),
         threads: a.threads,

@@ -2,6 +2,7 @@
 //! state on one screen).
 
 use anyhow::Context;
+use qatflow_node::status::{peer_state, PeerState};
 use qatflow_node::NodeConfig;
 use qatflow_proto::v1::StatusRequest;
 use std::path::PathBuf;
@@ -46,6 +47,20 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// The node's name and role as trace resource attributes (`node.name`, `node.role`,
+/// `service.instance.id`), so the two nodes' spans are told apart in Jaeger; empty when
+/// the config does not load (`run_node` then reports why).
+pub fn resource_attributes(a: &NodeArgs) -> Vec<(String, String)> {
+    match NodeConfig::from_file(&a.config) {
+        Ok(c) => vec![
+            ("node.name".into(), c.name.clone()),
+            ("node.role".into(), c.role.as_str().into()),
+            ("service.instance.id".into(), c.name),
+        ],
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Runs `qatflow node`.
 pub fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
     let config = NodeConfig::from_file(&a.config)?;
@@ -71,7 +86,8 @@ fn token(a: &StatusArgs) -> anyhow::Result<Option<String>> {
     }
 }
 
-/// Runs `qatflow status`; exit 1 when a node does not answer.
+/// Runs `qatflow status`; exit 1 when a node does not answer or a node's peer is
+/// unreachable or refuses its token.
 pub fn run_status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let token = token(&a)?;
     // Checked like a node config's [tls] section: errors name the file and the field.
@@ -129,12 +145,25 @@ pub fn run_status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    let peers: Vec<Option<PeerState>> = all
+        .iter()
+        .map(|r| peer_state(&r.nodes, &r.peer_error))
+        .collect();
+    failed |= peers
+        .iter()
+        .any(|p| p.as_ref().is_some_and(|p| *p != PeerState::Up));
     if a.json {
         let nodes: Vec<serde_json::Value> = all
             .iter()
-            .flat_map(|r| r.nodes.iter())
-            .map(|n| {
-                serde_json::json!({
+            .zip(&peers)
+            .flat_map(|(r, peer)| {
+                r.nodes
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, n)| (n, peer.as_ref().filter(|_| i == 0)))
+            })
+            .map(|(n, peer)| {
+                let mut v = serde_json::json!({
                     "name": n.name, "role": n.role, "uptime_s": n.uptime_s,
                     "stored_conversations": n.stored_conversations,
                     "accepted_conversations": n.accepted_conversations,
@@ -146,7 +175,12 @@ pub fn run_status(a: StatusArgs) -> anyhow::Result<ExitCode> {
                         "loss": t.loss, "eta_s": t.eta_s})),
                     "export": n.export, "serving": n.serving,
                     "actor_restarts": n.actor_restarts,
-                })
+                });
+                // The asked node's link to its peer, on the asked node's entry.
+                if let Some(p) = peer {
+                    v["peer"] = serde_json::json!({"state": p.name(), "error": p.error()});
+                }
+                v
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&nodes)?);

@@ -65,6 +65,26 @@ pub fn validate_file(file: &Path, profile: &GateProfile) -> anyhow::Result<Valid
     Ok(report)
 }
 
+/// Fails (exit 2) when no line of the report is a usable conversation: the input is not
+/// a dataset at all, which is not the same as a dataset that fails its gates.
+fn require_usable(file: &Path, report: &ValidationReport) -> anyhow::Result<()> {
+    if report.stats.conversations == 0 {
+        let first = report
+            .flagged_lines
+            .first()
+            .and_then(|l| l.findings.first().map(|f| (l.line, f.detail.clone())));
+        let why = first
+            .map(|(n, d)| format!(" (line {n}: {})", truncate(&d, 160)))
+            .unwrap_or_default();
+        bail!(
+            "{}: no usable conversation in {} lines{why}; expected OpenAI chat JSONL, one {{\"messages\": [...]}} object per line",
+            file.display(),
+            report.stats.lines
+        );
+    }
+    Ok(())
+}
+
 /// Runs the command.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let profile = load_profile(&args.profile, args.tools)?;
@@ -75,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         validate_file(&args.file, &profile)?
     };
     report_unreadable_lines(&args.file, &report);
+    require_usable(&args.file, &report)?;
     let audit = match &args.template {
         Some(dir) => Some(super::render_audit::audit_file(&args.file, dir)?),
         None => None,

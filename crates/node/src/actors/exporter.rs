@@ -193,7 +193,13 @@ impl Handler<Ended> for ExporterActor {
     type Result = ();
 
     fn handle(&mut self, msg: Ended, _ctx: &mut Context<Self>) {
-        self.set_intent(&msg.text);
+        // An export stopped by the node's shutdown stays `running`: the restarted node
+        // runs it again.
+        if msg.state == JobState::Cancelled && self.jobs.is_shutting_down() {
+            tracing::info!(actor = "ExporterActor", job = %msg.job, "export process stopped for shutdown; it runs again when the node restarts");
+        } else {
+            self.set_intent(&msg.text);
+        }
         if let Some(job) = self.current.take_if(|j| j.id == msg.job) {
             job.state(msg.state);
         }

@@ -4,7 +4,9 @@
 
 use qatflow_proto::v1::{job_event, JobEvent, JobState};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -12,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 const HISTORY: usize = 256;
 
 struct Job {
+    kind: String,
     cancel: CancellationToken,
     events: broadcast::Sender<JobEvent>,
     history: Vec<JobEvent>,
@@ -23,6 +26,7 @@ struct Job {
 pub struct JobHub {
     jobs: Arc<Mutex<HashMap<String, Job>>>,
     next: Arc<Mutex<u64>>,
+    shutting_down: Arc<AtomicBool>,
 }
 
 /// A job's handle for the code that runs it.
@@ -53,6 +57,7 @@ impl JobHub {
         self.lock().insert(
             id.clone(),
             Job {
+                kind: kind.to_string(),
                 cancel: cancel.clone(),
                 events,
                 history: Vec::new(),
@@ -74,6 +79,45 @@ impl JobHub {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// The node is shutting down: cancels every running job of the given kinds (their
+    /// code stops at its next check and saves what it must) and returns their ids. Jobs
+    /// cancelled this way keep their recorded intent, so a restarted node resumes them.
+    pub fn shut_down(&self, kinds: &[&str]) -> Vec<String> {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let jobs = self.lock();
+        jobs.iter()
+            .filter(|(_, j)| !j.ended && kinds.contains(&j.kind.as_str()))
+            .map(|(id, j)| {
+                j.cancel.cancel();
+                id.clone()
+            })
+            .collect()
+    }
+
+    /// True once [`JobHub::shut_down`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Waits until every job in `ids` has ended, for at most `limit`; the ids still
+    /// running then (empty when all ended).
+    pub async fn wait_ended(&self, ids: &[String], limit: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let running: Vec<String> = {
+                let jobs = self.lock();
+                ids.iter()
+                    .filter(|id| jobs.get(*id).is_some_and(|j| !j.ended))
+                    .cloned()
+                    .collect()
+            };
+            if running.is_empty() || tokio::time::Instant::now() >= deadline {
+                return running;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -141,5 +185,33 @@ mod tests {
         assert!(!hub.cancel("serve-1"), "ended jobs are not cancelled again");
         assert!(hub.watch("serve-1").unwrap().1.is_none());
         assert!(hub.watch("nope").is_none());
+    }
+
+    #[tokio::test]
+    async fn shutting_down_cancels_the_named_kinds_and_waits_for_them() {
+        let hub = JobHub::default();
+        let train = hub.create("train");
+        train.state(JobState::Running);
+        let serve = hub.create("serve");
+        serve.state(JobState::Running);
+        let ids = hub.shut_down(&["train", "export"]);
+        assert_eq!(ids, vec![train.id.clone()]);
+        assert!(hub.is_shutting_down());
+        assert!(train.cancel.is_cancelled());
+        assert!(
+            !serve.cancel.is_cancelled(),
+            "a server survives a node restart"
+        );
+        let left = hub.wait_ended(&ids, Duration::from_millis(100)).await;
+        assert_eq!(left, ids, "still running");
+        let t = train.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            t.state(JobState::Cancelled);
+        });
+        assert!(hub
+            .wait_ended(&ids, Duration::from_secs(5))
+            .await
+            .is_empty());
     }
 }

@@ -14,7 +14,7 @@
 use super::blocking;
 use crate::client::{AuthChannel, ShardsClient};
 use crate::status::{Field, StatusBoard};
-use crate::trace::actor_span;
+use crate::trace::actor_span_in;
 use crate::watchdog::{self, Heartbeat};
 use actix::prelude::*;
 use qatflow_proto::v1::{CommitShardRequest, QueryShardRequest, ShardChunk};
@@ -22,7 +22,7 @@ use qatflow_proto::MAX_CHUNK_BYTES;
 use qatflow_shards::{Outbox, SealLimits, ShardMeta};
 use qatflow_store::Store;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 use tracing::Instrument;
 
@@ -50,6 +50,8 @@ pub struct ShardShipper {
     again: Option<bool>,
     idle_len: usize,
     heartbeat: Heartbeat,
+    backoff: Option<Backoff>,
+    parent: Option<tracing::Span>,
 }
 
 impl ShardShipper {
@@ -62,6 +64,8 @@ impl ShardShipper {
             again: None,
             idle_len: usize::MAX,
             heartbeat: Heartbeat::default(),
+            backoff: None,
+            parent: None,
         }
     }
 }
@@ -84,9 +88,15 @@ impl Actor for ShardShipper {
             let len = act.parts.store.len();
             let flush = len == act.idle_len;
             act.idle_len = len;
-            ctx.notify(Kick { flush });
+            ctx.notify(Kick {
+                flush,
+                parent: None,
+            });
         });
-        ctx.notify(Kick { flush: false });
+        ctx.notify(Kick {
+            flush: false,
+            parent: None,
+        });
     }
 }
 
@@ -97,41 +107,88 @@ impl Supervised for ShardShipper {
 }
 
 /// Seal and ship now; `flush` also seals a last, partial shard.
-#[derive(Message, Clone, Copy)]
+#[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub struct Kick {
     /// Seal a partial shard too (generation finished or idle).
     pub flush: bool,
+    /// The span of the work that produced the data (the teacher's generation), so the
+    /// shipping round, and through `traceparent` the receiver's commit, join its trace.
+    pub parent: Option<tracing::Span>,
 }
 
 impl Handler<Kick> for ShardShipper {
     type Result = ();
 
     fn handle(&mut self, msg: Kick, ctx: &mut Context<Self>) {
+        if msg.parent.is_some() {
+            self.parent = msg.parent.clone();
+        }
         if self.busy {
             self.again = Some(self.again.unwrap_or(false) || msg.flush);
             return;
         }
+        if self
+            .backoff
+            .as_ref()
+            .is_some_and(|b| Instant::now() < b.until)
+        {
+            return;
+        }
         self.busy = true;
-        let span = actor_span(self.board.name(), "ShardShipper", "Kick");
         let hb = self.heartbeat.clone();
+        // Created by the round only when it has shards to ship: an idle poll leaves no
+        // trace.
+        let span = (
+            self.board.name().to_string(),
+            self.parent.clone().unwrap_or_else(tracing::Span::current),
+        );
         let work = round(
             self.parts.clone(),
             self.board.clone(),
             msg.flush,
             hb.clone(),
-        )
-        .instrument(span);
+            span,
+        );
         let round = tokio::spawn(work);
         hb.start(round.abort_handle());
         ctx.spawn(round.into_actor(self).map(|result, act, ctx| {
             act.busy = false;
             act.heartbeat.finish();
             match result {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => act.backoff = None,
+                Ok(Err(e)) if e.unauthorized => {
+                    // A wrong token does not fix itself: retry less and less often, and
+                    // warn only when the wait grows.
+                    let wait = act
+                        .backoff
+                        .as_ref()
+                        .map_or(AUTH_BACKOFF_MIN, |b| (b.wait * 2).min(AUTH_BACKOFF_MAX));
+                    if act.backoff.as_ref().is_none_or(|b| b.wait != wait) {
+                        tracing::warn!(
+                            actor = "ShardShipper",
+                            "{}; the peer refuses this node's token, next try in {} s",
+                            e.text,
+                            wait.as_secs()
+                        );
+                    }
+                    act.backoff = Some(Backoff {
+                        until: Instant::now() + wait,
+                        wait,
+                    });
+                    act.board.set(
+                        Field::Shipper,
+                        format!(
+                            "unauthorized by the peer (check auth.token_* on both nodes): {}; next try in {} s",
+                            e.text,
+                            wait.as_secs()
+                        ),
+                    );
+                }
                 Ok(Err(e)) => {
-                    tracing::warn!(actor = "ShardShipper", "{e}; retrying");
-                    act.board.set(Field::Shipper, format!("retrying: {e}"));
+                    act.backoff = None;
+                    tracing::warn!(actor = "ShardShipper", "{}; retrying", e.text);
+                    act.board.set(Field::Shipper, format!("retrying: {}", e.text));
                 }
                 // Aborted by the watchdog, which already stopped the actor.
                 Err(e) if e.is_cancelled() => return,
@@ -142,19 +199,52 @@ impl Handler<Kick> for ShardShipper {
                 }
             }
             if let Some(flush) = act.again.take() {
-                ctx.notify(Kick { flush });
+                ctx.notify(Kick {
+                    flush,
+                    parent: None,
+                });
             }
         }));
     }
 }
 
-/// One round: seal, then ship every pending shard in order.
+/// First wait after the peer refused the token.
+const AUTH_BACKOFF_MIN: Duration = Duration::from_secs(5);
+/// Longest wait between tries while the peer refuses the token.
+const AUTH_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Rounds are skipped until `until` (the peer refused the token).
+struct Backoff {
+    until: Instant,
+    wait: Duration,
+}
+
+/// Why a round failed.
+struct RoundError {
+    text: String,
+    /// The peer refused the bearer token.
+    unauthorized: bool,
+}
+
+impl From<String> for RoundError {
+    fn from(text: String) -> RoundError {
+        RoundError {
+            text,
+            unauthorized: false,
+        }
+    }
+}
+
+/// One round: seal, then ship every pending shard in order, inside a
+/// `ShardShipper.Kick` span of node `span.0` (child of `span.1`) that exists only when
+/// there is something to ship.
 async fn round(
     parts: Arc<ShipperParts>,
     board: StatusBoard,
     flush: bool,
     hb: Heartbeat,
-) -> Result<(), String> {
+    span: (String, tracing::Span),
+) -> Result<(), RoundError> {
     let p = parts.clone();
     blocking(move || p.outbox.seal(&p.store, &p.limits, flush))
         .await?
@@ -164,27 +254,117 @@ async fn round(
     let pending = blocking(move || p.outbox.pending())
         .await?
         .map_err(|e| e.to_string())?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let kick = actor_span_in(&span.1, &span.0, "ShardShipper", "Kick");
+    ship_all(parts, board, pending, hb, span.0)
+        .instrument(kick)
+        .await
+}
+
+/// Ships `pending` in order, then reports the shipper idle (with the rejected shards).
+async fn ship_all(
+    parts: Arc<ShipperParts>,
+    board: StatusBoard,
+    pending: Vec<ShardMeta>,
+    hb: Heartbeat,
+    node: String,
+) -> Result<(), RoundError> {
     for meta in pending {
         hb.beat();
         board.set(Field::Shipper, format!("shipping {}", meta.id));
-        let span = tracing::info_span!("ship_shard", shard.id = %meta.id, shard.size = meta.size);
+        let span = tracing::info_span!(
+            "ship_shard",
+            node.name = %node,
+            shard.id = %meta.id,
+            shard.size = meta.size
+        );
         ship(&parts, &meta, &hb).instrument(span).await?;
     }
-    board.set(Field::Shipper, "idle");
+    let p = parts.clone();
+    let rejected = blocking(move || p.outbox.rejected())
+        .await?
+        .map_err(|e| e.to_string())?;
+    match rejected.last().and_then(|m| m.rejected.as_ref()) {
+        None => board.set(Field::Shipper, "idle"),
+        Some(last) => board.set(
+            Field::Shipper,
+            format!(
+                "idle; {} shard(s) rejected by the receiver, last: {last}",
+                rejected.len()
+            ),
+        ),
+    }
     Ok(())
 }
 
-/// Ships one shard: query the committed offset, upload the rest, commit, record.
-async fn ship(parts: &Arc<ShipperParts>, meta: &ShardMeta, hb: &Heartbeat) -> Result<(), String> {
+/// Ships one shard: query the committed offset, upload the rest, commit, record. Answers
+/// the receiver's reason when it rejected the shard for good (recorded in the outbox).
+async fn ship(
+    parts: &Arc<ShipperParts>,
+    meta: &ShardMeta,
+    hb: &Heartbeat,
+) -> Result<Option<String>, RoundError> {
     let mut client = parts.client.clone();
     let id = meta.id.to_string();
     let rpc = |what: &str, s: tonic::Status| format!("{what} of shard {id}: {}", s.message());
+    match ship_rpcs(parts, meta, hb, &mut client, &id).await {
+        Err(Failure::Rpc(_, s)) if crate::server::is_rejection(&s) => {
+            // Rejected for good: recorded, so no round retries it.
+            let reason = s.message().to_string();
+            tracing::error!(shard = %meta.id, "{reason}");
+            let (p, shard, r) = (parts.clone(), meta.id.clone(), reason.clone());
+            blocking(move || p.outbox.mark_rejected(&shard, &r))
+                .await?
+                .map_err(|e| e.to_string())?;
+            return Ok(Some(reason));
+        }
+        Err(Failure::Rpc(what, s)) => {
+            return Err(RoundError {
+                unauthorized: s.code() == tonic::Code::Unauthenticated,
+                text: rpc(what, s),
+            })
+        }
+        Err(Failure::Other(e)) => return Err(e.into()),
+        Ok(()) => {}
+    }
+    let (p, shard) = (parts.clone(), meta.id.clone());
+    blocking(move || p.outbox.mark_shipped(&shard))
+        .await?
+        .map_err(|e| e.to_string())?;
+    Ok(None)
+}
+
+/// Why shipping one shard stopped.
+enum Failure {
+    /// An RPC (named) failed.
+    Rpc(&'static str, tonic::Status),
+    /// Something local failed.
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Failure {
+        Failure::Other(e)
+    }
+}
+
+/// The RPCs of shipping one shard: query, upload the rest, commit.
+async fn ship_rpcs(
+    parts: &Arc<ShipperParts>,
+    meta: &ShardMeta,
+    hb: &Heartbeat,
+    client: &mut ShardsClient<AuthChannel>,
+    id: &str,
+) -> Result<(), Failure> {
+    let rpc = |what: &'static str| move |s: tonic::Status| Failure::Rpc(what, s);
     let q = client
         .query_shard(QueryShardRequest {
-            shard_id: id.clone(),
+            shard_id: id.to_string(),
         })
         .await
-        .map_err(|s| rpc("query", s))?
+        .map_err(rpc("query"))?
         .into_inner();
     hb.beat();
     if !q.committed {
@@ -198,7 +378,7 @@ async fn ship(parts: &Arc<ShipperParts>, meta: &ShardMeta, hb: &Heartbeat) -> Re
                 .chunks(MAX_CHUNK_BYTES)
                 .enumerate()
                 .map(|(i, data)| ShardChunk {
-                    shard_id: id.clone(),
+                    shard_id: id.to_string(),
                     offset: (start + i * MAX_CHUNK_BYTES) as u64,
                     data: data.to_vec(),
                     total_size: meta.size,
@@ -210,22 +390,16 @@ async fn ship(parts: &Arc<ShipperParts>, meta: &ShardMeta, hb: &Heartbeat) -> Re
                 beat.beat();
                 c
             });
-            client
-                .upload_shard(chunks)
-                .await
-                .map_err(|s| rpc("upload", s))?;
+            client.upload_shard(chunks).await.map_err(rpc("upload"))?;
         }
         client
             .commit_shard(CommitShardRequest {
-                shard_id: id.clone(),
+                shard_id: id.to_string(),
                 size: meta.size,
             })
             .await
-            .map_err(|s| rpc("commit", s))?;
+            .map_err(rpc("commit"))?;
         hb.beat();
     }
-    let (p, shard) = (parts.clone(), meta.id.clone());
-    blocking(move || p.outbox.mark_shipped(&shard))
-        .await?
-        .map_err(|e| e.to_string())
+    Ok(())
 }

@@ -71,6 +71,8 @@ pub fn generate_options(t: &TeacherSection) -> Result<GenerateOptions, NodeError
     opts.count = t.count;
     opts.per_batch = t.per_batch;
     opts.concurrency = t.concurrency;
+    opts.max_requests = t.max_requests;
+    opts.max_tokens = t.max_total_tokens;
     opts.resume = true;
     Ok(opts)
 }
@@ -134,19 +136,46 @@ impl Handler<Generate> for TeacherActor {
         let mut options = self.options.clone();
         let batches = Arc::new(AtomicU64::new(0));
         let (shipper, board, seen) = (self.shipper.clone(), self.board.clone(), batches.clone());
+        let in_generation = span.clone();
+        let ledger = qatflow_teacher::Ledger::open(&self.store).ok();
         options.events = Some(Arc::new(move |e: &GenerationEvent| {
             if let GenerationEvent::BatchStored { .. } = e {
                 let n = seen.fetch_add(1, Ordering::Relaxed) + 1;
-                board.set(Field::Teacher, format!("generating: {n} batches stored"));
-                shipper.do_send(Kick { flush: false });
+                let spent = ledger
+                    .as_ref()
+                    .and_then(|l| l.spend().ok())
+                    .map(|u| {
+                        format!(
+                            "; spent {} requests, {} tokens in all",
+                            u.requests,
+                            u.input_tokens + u.output_tokens
+                        )
+                    })
+                    .unwrap_or_default();
+                board.set(
+                    Field::Teacher,
+                    format!("generating: {n} batches stored{spent}"),
+                );
+                shipper.do_send(Kick {
+                    flush: false,
+                    parent: Some(in_generation.clone()),
+                });
             }
         }));
         let (store, cancel) = (self.store.clone(), self.cancel.clone());
+        let generation = span.clone();
+        let inside = span.clone();
         let work = blocking(move || {
+            // The library's logs and spans belong to this generation's trace.
+            let _entered = inside.enter();
             qatflow_teacher::run_generation(&options, &store, &qatflow_core::NoProgress, &cancel)
         })
         .instrument(span);
-        Box::pin(work.into_actor(self).map(|result, act, ctx| {
+        Box::pin(work.into_actor(self).map(move |result, act, ctx| {
+            let after = |flush| Kick {
+                flush,
+                parent: Some(generation.clone()),
+            };
             match result {
                 Ok(Ok(report)) => {
                     let (accepted, rejected) = report
@@ -154,26 +183,33 @@ impl Handler<Generate> for TeacherActor {
                         .values()
                         .fold((0, 0), |(a, r), c| (a + c.accepted, r + c.rejected));
                     let state = if report.cancelled {
-                        "cancelled"
+                        "cancelled".to_string()
+                    } else if report.cost_cap_reached {
+                        format!("stopped ({})", report.cap)
                     } else if report.complete() {
-                        "finished"
+                        "finished".to_string()
                     } else {
-                        "incomplete"
+                        "incomplete".to_string()
                     };
+                    let spent = report.total_usage;
                     act.board.set(
                         Field::Teacher,
                         format!(
-                            "{state}: {accepted} accepted, {rejected} rejected this run, {} failed batches",
-                            report.failed_batches.len()
+                            "{state}: {accepted} accepted, {rejected} rejected this run, {} failed batches; spent {} requests, {} tokens in all",
+                            report.failed_batches.len(),
+                            spent.requests,
+                            spent.input_tokens + spent.output_tokens
                         ),
                     );
-                    act.validator.do_send(Validate);
-                    act.shipper.do_send(Kick { flush: true });
+                    act.validator.do_send(Validate {
+                        parent: generation.clone(),
+                    });
+                    act.shipper.do_send(after(true));
                 }
                 Ok(Err(e)) => {
                     tracing::error!(actor = "TeacherActor", "generation failed: {e}");
                     act.board.set(Field::Teacher, format!("failed: {e}"));
-                    act.shipper.do_send(Kick { flush: true });
+                    act.shipper.do_send(after(true));
                 }
                 Err(panic) => {
                     tracing::error!(actor = "TeacherActor", "generation {panic}; restarting");

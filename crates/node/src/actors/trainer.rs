@@ -199,8 +199,12 @@ impl Handler<StartTraining> for TrainerActor {
             state: "starting".into(),
             ..TrainingStatus::default()
         });
-        let (config, follow, store) =
-            (self.config.clone(), self.follow.clone(), self.store.clone());
+        let (config, follow, store, jobs) = (
+            self.config.clone(),
+            self.follow.clone(),
+            self.store.clone(),
+            self.jobs.clone(),
+        );
         let cancel = job.cancel.clone();
         let work = blocking(move || -> Result<_, String> {
             set_intent(&store, "running")?;
@@ -218,14 +222,29 @@ impl Handler<StartTraining> for TrainerActor {
                 &cancel,
             )
             .map_err(|e| e.to_string())?;
-            set_intent(
-                &store,
-                if summary.cancelled {
-                    "cancelled"
-                } else {
-                    "finished"
-                },
-            )?;
+            let saved = summary
+                .last_checkpoint
+                .as_ref()
+                .map_or("no checkpoint".to_string(), |d| d.display().to_string());
+            if summary.cancelled && jobs.is_shutting_down() {
+                // Stopped by the node's shutdown: the intent stays `running`, so the
+                // restarted node resumes from this checkpoint.
+                tracing::info!(
+                    actor = "TrainerActor",
+                    step = summary.steps,
+                    "training stopped for shutdown at step {}; saved {saved}",
+                    summary.steps
+                );
+            } else {
+                set_intent(
+                    &store,
+                    if summary.cancelled {
+                        "cancelled"
+                    } else {
+                        "finished"
+                    },
+                )?;
+            }
             Ok(summary)
         })
         .instrument(span);

@@ -3,7 +3,7 @@
 
 use super::blocking;
 use crate::status::{Field, StatusBoard};
-use crate::trace::actor_span;
+use crate::trace::actor_span_in;
 use actix::prelude::*;
 use qatflow_gates::GateProfile;
 use qatflow_store::Store;
@@ -40,13 +40,17 @@ impl Supervised for ValidatorActor {
 /// Evaluate the dataset gates now.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Validate;
+pub struct Validate {
+    /// The span of the work that asked (the teacher's generation), so the validation
+    /// joins its trace.
+    pub parent: tracing::Span,
+}
 
 impl Handler<Validate> for ValidatorActor {
     type Result = ResponseActFuture<Self, ()>;
 
-    fn handle(&mut self, _msg: Validate, _ctx: &mut Context<Self>) -> Self::Result {
-        let span = actor_span(self.board.name(), "ValidatorActor", "Validate");
+    fn handle(&mut self, msg: Validate, _ctx: &mut Context<Self>) -> Self::Result {
+        let span = actor_span_in(&msg.parent, self.board.name(), "ValidatorActor", "Validate");
         let (store, profile) = (self.store.clone(), self.profile.clone());
         let work = blocking(move || qatflow_teacher::validate_store(&store, &profile, None))
             .instrument(span);

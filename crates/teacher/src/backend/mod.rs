@@ -27,7 +27,7 @@ pub use offline::OfflineConfig;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Tokens and cost a backend reported.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Usage {
     /// Calls made (every attempt counts).
     pub requests: u64,

@@ -8,7 +8,10 @@
 //! `j`-th of that shape, variant `(j·P + offset) mod N`, with `P` a prime coprime to `N`
 //! and `offset` derived from the seed, category and shape: a bijection, so a category
 //! never repeats a conversation, and batch `(category, index)` always yields the same
-//! conversations, whatever ran before it.
+//! conversations, whatever ran before it. A shape that several categories (or one
+//! category twice) list would make the same conversations in each: its `k` owners share
+//! one offset and owner `i` takes only the rounds `j·k + i`, so no two owners ever write
+//! the same messages.
 //!
 //! Output is JSONL text with the short generation prompt as system message, exactly like a
 //! model's output, so it takes the same parse, inject, check and store path.
@@ -590,9 +593,34 @@ impl Writer {
 #[derive(Debug, Clone)]
 struct Sequence {
     scenes: Vec<String>,
+    /// Conversations this owner of the shape makes.
     size: u64,
+    /// Variants of the shape as a whole.
+    full: u64,
+    /// Owners of the shape (categories listing it), and this one's place among them.
+    stride: u64,
+    slot: u64,
     prime: u128,
     offset: u128,
+}
+
+/// Who lists which shape: for each scene list, its owners `(category, position)` in order.
+type Owners = BTreeMap<Vec<String>, Vec<(String, usize)>>;
+
+/// The owners of every shape of `categories` (name, scene lists).
+fn owners<'a>(categories: impl IntoIterator<Item = (&'a str, &'a [Vec<String>])>) -> Owners {
+    let mut out = Owners::new();
+    for (name, sequences) in categories {
+        for (k, seq) in sequences.iter().enumerate() {
+            out.entry(seq.clone())
+                .or_default()
+                .push((name.to_string(), k));
+        }
+    }
+    for v in out.values_mut() {
+        v.sort();
+    }
+    out
 }
 
 /// One category's conversation space.
@@ -603,7 +631,12 @@ struct Space {
 }
 
 impl Space {
-    fn new(category: &str, sequences: &[Vec<String>], seed: u64) -> Result<Space, TeacherError> {
+    fn new(
+        category: &str,
+        sequences: &[Vec<String>],
+        seed: u64,
+        owners: &Owners,
+    ) -> Result<Space, TeacherError> {
         let err = |message: String| TeacherError::Offline {
             category: category.to_string(),
             message,
@@ -633,12 +666,26 @@ impl Space {
                 .into_iter()
                 .find(|p| u128::from(size) % p != 0)
                 .expect("a size below 2^60 is not divisible by four primes above 2^19");
-            let digest = Sha256::digest(format!("{seed}\0{category}\0{k}").as_bytes());
+            let sharing = owners.get(seq).map_or(&[][..], Vec::as_slice);
+            let (stride, slot) = match sharing.iter().position(|(c, i)| c == category && *i == k) {
+                Some(slot) if sharing.len() > 1 => (sharing.len() as u64, slot as u64),
+                _ => (1, 0),
+            };
+            // Owners of a shared shape share its offset, so their rounds never meet.
+            let key = if stride > 1 {
+                format!("{seed}\0shared\0{}", seq.join("+"))
+            } else {
+                format!("{seed}\0{category}\0{k}")
+            };
+            let digest = Sha256::digest(key.as_bytes());
             let offset = u128::from(u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")))
                 % u128::from(size);
             out.push(Sequence {
                 scenes: seq.clone(),
-                size,
+                size: (size + stride - 1 - slot) / stride,
+                full: size,
+                stride,
+                slot,
                 prime,
                 offset,
             });
@@ -674,7 +721,8 @@ impl Space {
 
     fn conversation(&self, g: u64, system: &str) -> Value {
         let (seq, j) = self.locate(g);
-        let mut idx = ((u128::from(j) * seq.prime + seq.offset) % u128::from(seq.size)) as u64;
+        let round = u128::from(j) * u128::from(seq.stride) + u128::from(seq.slot);
+        let mut idx = ((round * seq.prime + seq.offset) % u128::from(seq.full)) as u64;
         let mut w = Writer {
             messages: vec![json!({"role": "system", "content": system})],
             calls: 0,
@@ -701,8 +749,14 @@ impl OfflineBackend {
     /// categories asking for more conversations than their scenes can make distinct.
     pub fn new(config: &OfflineConfig, teacher: &TeacherConfig) -> Result<Self, TeacherError> {
         let mut spaces = BTreeMap::new();
+        let owners = owners(
+            teacher
+                .categories
+                .iter()
+                .map(|c| (c.name.as_str(), c.offline.as_slice())),
+        );
         for c in teacher.categories.iter().filter(|c| !c.offline.is_empty()) {
-            let space = Space::new(&c.name, &c.offline, config.seed)?;
+            let space = Space::new(&c.name, &c.offline, config.seed, &owners)?;
             if space.total < c.count {
                 return Err(TeacherError::Offline {
                     category: c.name.clone(),
@@ -818,6 +872,36 @@ mod tests {
     }
 
     #[test]
+    fn no_two_categories_write_the_same_messages() {
+        let b = backend(0);
+        let mut seen = std::collections::HashMap::new();
+        for c in TeacherConfig::builtin().categories {
+            let text = b.render(&c.name, 0, c.count as usize).unwrap();
+            for line in text.lines() {
+                let messages = serde_json::from_str::<Value>(line).unwrap()["messages"].to_string();
+                if let Some(other) = seen.insert(messages, c.name.clone()) {
+                    panic!("{} repeats a conversation of {other}: {line}", c.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn owners_of_a_shared_shape_split_its_rounds() {
+        let shared = vec![vec!["greeting".to_string()]];
+        let o = owners([("a", &shared[..]), ("b", &shared[..])]);
+        let a = Space::new("a", &shared, 5, &o).unwrap();
+        let b = Space::new("b", &shared, 5, &o).unwrap();
+        // greeting has 8 variants: 4 each, all different.
+        assert_eq!((a.total, b.total), (4, 4));
+        let mut all = HashSet::new();
+        for g in 0..4 {
+            assert!(all.insert(a.conversation(g, "s").to_string()));
+            assert!(all.insert(b.conversation(g, "s").to_string()));
+        }
+    }
+
+    #[test]
     fn shapes_are_dealt_round_robin_until_used_up() {
         let space = Space::new(
             "x",
@@ -827,6 +911,7 @@ mod tests {
                 vec!["greeting".into(), "task".into()],
             ],
             3,
+            &Owners::new(),
         )
         .unwrap();
         let shapes: Vec<String> = (0..50)
@@ -848,11 +933,11 @@ mod tests {
 
     #[test]
     fn bad_scene_lists_are_errors() {
-        let err = Space::new("x", &[vec!["nope".into()]], 0)
+        let err = Space::new("x", &[vec!["nope".into()]], 0, &Owners::new())
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown offline scene `nope`"), "{err}");
-        let err = Space::new("x", &[vec!["switch".into()]], 0)
+        let err = Space::new("x", &[vec!["switch".into()]], 0, &Owners::new())
             .unwrap_err()
             .to_string();
         assert!(err.contains("cannot open"), "{err}");
