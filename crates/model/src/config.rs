@@ -1,4 +1,5 @@
-//! Model hyperparameters read from a Hugging Face `config.json` (Llama and Qwen3 dense),
+//! Model hyperparameters read from a Hugging Face `config.json` (Llama, Qwen3 dense and the
+//! Qwen3.5 hybrid, text-only `qwen3_5_text` or the `text_config` of a `qwen3_5` VL config),
 //! accepting both transformers v4 (`rope_theta`, `rope_scaling`) and v5
 //! (`rope_parameters`) spellings of the rotary embedding settings.
 
@@ -52,6 +53,57 @@ pub enum Architecture {
     Llama,
     /// `Qwen3ForCausalLM` (dense Qwen3: per-head q/k RMSNorm).
     Qwen3,
+    /// Qwen3.5 (`qwen3_5_text`, or a `qwen3_5` VL config's text model): Gated DeltaNet
+    /// linear-attention layers mixed with gated full-attention layers.
+    Qwen35,
+}
+
+/// The token mixer of one Qwen3.5 decoder layer (`layer_types`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum LayerKind {
+    /// `linear_attention`: a Gated DeltaNet.
+    LinearAttention,
+    /// `full_attention`: gated softmax attention with partial RoPE.
+    FullAttention,
+}
+
+/// The Qwen3.5-specific hyperparameters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HybridConfig {
+    /// The mixer of each layer (`layer_types`, or every `full_attention_interval`-th layer
+    /// full attention when absent).
+    pub layer_types: Vec<LayerKind>,
+    /// Gated DeltaNet key (query/key) heads (`linear_num_key_heads`).
+    pub linear_num_key_heads: usize,
+    /// Gated DeltaNet value heads (`linear_num_value_heads`, a multiple of the key heads).
+    pub linear_num_value_heads: usize,
+    /// Width of a key head (`linear_key_head_dim`).
+    pub linear_key_head_dim: usize,
+    /// Width of a value head (`linear_value_head_dim`).
+    pub linear_value_head_dim: usize,
+    /// Kernel width of the depthwise causal convolution (`linear_conv_kernel_dim`).
+    pub linear_conv_kernel_dim: usize,
+    /// Rotated dimensions of each attention head: `head_dim × partial_rotary_factor`.
+    pub rotary_dim: usize,
+    /// `q_proj` also produces a sigmoid output gate per head (`attn_output_gate`).
+    pub attn_output_gate: bool,
+}
+
+impl HybridConfig {
+    /// Total key width `linear_num_key_heads × linear_key_head_dim` (of q and of k).
+    pub fn key_dim(&self) -> usize {
+        self.linear_num_key_heads * self.linear_key_head_dim
+    }
+
+    /// Total value width `linear_num_value_heads × linear_value_head_dim`.
+    pub fn value_dim(&self) -> usize {
+        self.linear_num_value_heads * self.linear_value_head_dim
+    }
+
+    /// Channels of `in_proj_qkv` and the convolution: `2 × key_dim + value_dim`.
+    pub fn conv_dim(&self) -> usize {
+        2 * self.key_dim() + self.value_dim()
+    }
 }
 
 /// Frequency scaling of the rotary embedding (`rope_type`).
@@ -115,6 +167,9 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// End-of-sequence ids from config.json (`eos_token_id`, number or list).
     pub eos_token_ids: Vec<u32>,
+    /// Qwen3.5's layer pattern and Gated DeltaNet shapes (`None` for other architectures).
+    #[serde(default)]
+    pub hybrid: Option<HybridConfig>,
 }
 
 struct Fields<'a> {
@@ -223,6 +278,67 @@ fn id_list(value: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// Qwen3.5's fields, with transformers' defaults (`configuration_qwen3_5.py`) where absent.
+fn hybrid_config(f: &Fields<'_>, base: &ModelConfig) -> Result<HybridConfig, ConfigError> {
+    let usize_or = |field: &str, default: usize| match f.json.get(field) {
+        None | Some(Value::Null) => Ok(default),
+        Some(_) => f.usize(field),
+    };
+    let layer_types = match f.json.get("layer_types") {
+        None | Some(Value::Null) => {
+            let interval = usize_or("full_attention_interval", 4)?.max(1);
+            (0..base.num_layers)
+                .map(|i| {
+                    if (i + 1) % interval == 0 {
+                        LayerKind::FullAttention
+                    } else {
+                        LayerKind::LinearAttention
+                    }
+                })
+                .collect()
+        }
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v.as_str() {
+                Some("linear_attention") => Ok(LayerKind::LinearAttention),
+                Some("full_attention") => Ok(LayerKind::FullAttention),
+                _ => Err(f.unsupported(format!(
+                    "layer_types entry {v} is not implemented; supported: linear_attention, full_attention"
+                ))),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(f.missing("layer_types", "an array of strings")),
+    };
+    // v5 puts partial_rotary_factor into rope_parameters as well; either place counts.
+    let factor = match f
+        .json
+        .get("rope_parameters")
+        .and_then(|p| p.get("partial_rotary_factor"))
+    {
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| f.missing("rope_parameters.partial_rotary_factor", "a number"))?,
+        None => f.f64_or("partial_rotary_factor", 0.25)?,
+    };
+    // `mrope_section` (M-RoPE) is ignored: text-only positions give every section the
+    // same 1-D position, which is exactly ordinary RoPE.
+    let linear_num_key_heads = usize_or("linear_num_key_heads", 16)?;
+    Ok(HybridConfig {
+        layer_types,
+        linear_num_key_heads,
+        linear_num_value_heads: usize_or("linear_num_value_heads", 32)?,
+        linear_key_head_dim: usize_or("linear_key_head_dim", 128)?,
+        linear_value_head_dim: usize_or("linear_value_head_dim", 128)?,
+        linear_conv_kernel_dim: usize_or("linear_conv_kernel_dim", 4)?,
+        rotary_dim: (base.head_dim as f64 * factor) as usize,
+        attn_output_gate: f
+            .json
+            .get("attn_output_gate")
+            .and_then(Value::as_bool)
+            .unwrap_or(true),
+    })
+}
+
 impl ModelConfig {
     /// Reads `config.json` of a model directory.
     pub fn from_file(path: &Path) -> Result<ModelConfig, ConfigError> {
@@ -239,17 +355,53 @@ impl ModelConfig {
 
     /// Parses a config.json value; `path` is only used in error messages.
     pub fn from_json(json: &Value, path: &Path) -> Result<ModelConfig, ConfigError> {
-        let f = Fields { json, path };
+        let outer = Fields { json, path };
         let model_type = json
             .get("model_type")
             .and_then(Value::as_str)
-            .ok_or_else(|| f.missing("model_type", "a string"))?;
+            .ok_or_else(|| outer.missing("model_type", "a string"))?;
+        if model_type == "qwen3_5" {
+            // The VL wrapper: the language model is described by `text_config`; its
+            // end-of-sequence ids and tying may also be set at the top level.
+            let text = json
+                .get("text_config")
+                .filter(|t| t.is_object())
+                .ok_or_else(|| outer.missing("text_config", "an object"))?;
+            let mut text = text.clone();
+            if text.get("model_type").is_none() {
+                text["model_type"] = Value::from("qwen3_5_text");
+            }
+            let mut config = ModelConfig::from_json(&text, path)?;
+            if config.architecture != Architecture::Qwen35 {
+                return Err(outer.unsupported(format!(
+                    "text_config.model_type of a qwen3_5 config must be qwen3_5_text, not {:?}",
+                    text["model_type"]
+                )));
+            }
+            if text
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .is_none()
+            {
+                if let Some(tie) = json.get("tie_word_embeddings").and_then(Value::as_bool) {
+                    config.tie_word_embeddings = tie;
+                }
+            }
+            for id in id_list(json.get("eos_token_id")) {
+                if !config.eos_token_ids.contains(&id) {
+                    config.eos_token_ids.push(id);
+                }
+            }
+            return Ok(config);
+        }
+        let f = outer;
         let architecture = match model_type {
             "llama" => Architecture::Llama,
             "qwen3" => Architecture::Qwen3,
+            "qwen3_5_text" => Architecture::Qwen35,
             other => {
                 return Err(f.unsupported(format!(
-                    "model_type {other:?} is not implemented; supported: llama, qwen3"
+                    "model_type {other:?} is not implemented; supported: llama, qwen3, qwen3_5_text, qwen3_5"
                 )))
             }
         };
@@ -301,6 +453,14 @@ impl ModelConfig {
                 .and_then(Value::as_u64)
                 .map_or(4096, |v| v as usize),
             eos_token_ids: id_list(json.get("eos_token_id")),
+            hybrid: None,
+        };
+        let config = ModelConfig {
+            hybrid: match architecture {
+                Architecture::Qwen35 => Some(hybrid_config(&f, &config)?),
+                _ => None,
+            },
+            ..config
         };
         config.validate(path)?;
         Ok(config)
@@ -328,6 +488,37 @@ impl ModelConfig {
             return Err(bad(
                 "vocab_size, hidden_size and num_hidden_layers must be positive".into(),
             ));
+        }
+        if let Some(h) = &self.hybrid {
+            if h.layer_types.len() != self.num_layers {
+                return Err(bad(format!(
+                    "layer_types has {} entries for num_hidden_layers {}",
+                    h.layer_types.len(),
+                    self.num_layers
+                )));
+            }
+            if h.linear_num_key_heads == 0 || h.linear_num_value_heads % h.linear_num_key_heads != 0
+            {
+                return Err(bad(format!(
+                    "linear_num_value_heads {} must be a positive multiple of linear_num_key_heads {}",
+                    h.linear_num_value_heads, h.linear_num_key_heads
+                )));
+            }
+            if h.linear_key_head_dim == 0
+                || h.linear_value_head_dim == 0
+                || h.linear_conv_kernel_dim == 0
+            {
+                return Err(bad(
+                    "linear_key_head_dim, linear_value_head_dim and linear_conv_kernel_dim must be positive"
+                        .into(),
+                ));
+            }
+            if h.rotary_dim % 2 != 0 || h.rotary_dim > self.head_dim {
+                return Err(bad(format!(
+                    "head_dim {} × partial_rotary_factor gives {} rotary dimensions; it must be even and at most head_dim",
+                    self.head_dim, h.rotary_dim
+                )));
+            }
         }
         Ok(())
     }

@@ -37,11 +37,20 @@ pub enum InitError {
 }
 
 /// Names accepted by [`named_config`].
-pub const NAMED_CONFIGS: &[&str] = &["smollm2-135m", "qwen3-1.7b", "tiny-llama", "tiny-qwen3"];
+pub const NAMED_CONFIGS: &[&str] = &[
+    "smollm2-135m",
+    "qwen3-1.7b",
+    "qwen3.5-9b",
+    "qwen3.5-2b",
+    "tiny-llama",
+    "tiny-qwen3",
+];
 
 /// The `config.json` of a named configuration: `smollm2-135m` (SmolLM2-135M-Instruct's),
-/// `qwen3-1.7b` (Qwen3-1.7B's), or the tiny two-layer test models `tiny-llama` /
-/// `tiny-qwen3` (vocabulary 49152, SmolLM2's, so they can use its tokenizer).
+/// `qwen3-1.7b` (Qwen3-1.7B's), `qwen3.5-9b` / `qwen3.5-2b` (the text model of Qwen3.5-9B /
+/// Qwen3.5-2B: 32 / 24 layers, three Gated DeltaNet layers per full-attention layer), or the
+/// tiny two-layer test models `tiny-llama` / `tiny-qwen3` (vocabulary 49152, SmolLM2's, so
+/// they can use its tokenizer).
 pub fn named_config(name: &str) -> Result<Value, InitError> {
     let v = match name {
         "smollm2-135m" => json!({
@@ -61,6 +70,8 @@ pub fn named_config(name: &str) -> Result<Value, InitError> {
             "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
             "torch_dtype": "bfloat16"
         }),
+        "qwen3.5-9b" => qwen35_json(4096, 12288, 32, (16, 4), (16, 32), false),
+        "qwen3.5-2b" => qwen35_json(2048, 6144, 24, (8, 2), (16, 16), true),
         "tiny-llama" => tiny_json(Architecture::Llama, 49152),
         "tiny-qwen3" => tiny_json(Architecture::Qwen3, 49152),
         other => return Err(InitError::UnknownConfig(other.to_string())),
@@ -68,10 +79,47 @@ pub fn named_config(name: &str) -> Result<Value, InitError> {
     Ok(v)
 }
 
+/// A Qwen3.5 text config (`Qwen3_5ForCausalLM`) of the released family's shape: head_dim
+/// 256 with a quarter rotated (theta 1e7), Gated DeltaNet heads of 128, kernel 4, full
+/// attention every fourth layer, vocabulary 248320.
+fn qwen35_json(
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    (heads, kv_heads): (usize, usize),
+    (linear_k_heads, linear_v_heads): (usize, usize),
+    tied: bool,
+) -> Value {
+    let layer_types: Vec<&str> = (0..layers)
+        .map(|i| {
+            if (i + 1) % 4 == 0 {
+                "full_attention"
+            } else {
+                "linear_attention"
+            }
+        })
+        .collect();
+    json!({
+        "architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text",
+        "vocab_size": 248320, "hidden_size": hidden, "intermediate_size": intermediate,
+        "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": 256, "rms_norm_eps": 1e-6,
+        "attn_output_gate": true, "full_attention_interval": 4, "layer_types": layer_types,
+        "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+        "linear_num_key_heads": linear_k_heads, "linear_num_value_heads": linear_v_heads,
+        "linear_value_head_dim": 128, "partial_rotary_factor": 0.25,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0,
+                            "partial_rotary_factor": 0.25},
+        "tie_word_embeddings": tied, "max_position_embeddings": 262144,
+        "hidden_act": "silu", "eos_token_id": 248044, "dtype": "bfloat16"
+    })
+}
+
 fn tiny_json(arch: Architecture, vocab: usize) -> Value {
     let (arch_name, model_type) = match arch {
         Architecture::Llama => ("LlamaForCausalLM", "llama"),
         Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        Architecture::Qwen35 => return tiny_qwen35_json(vocab),
     };
     json!({
         "architectures": [arch_name], "model_type": model_type,
@@ -83,7 +131,26 @@ fn tiny_json(arch: Architecture, vocab: usize) -> Value {
     })
 }
 
-/// A tiny two-layer configuration of `arch` with `vocab` rows (for unit tests).
+/// A tiny Qwen3.5 (three Gated DeltaNet layers with 2 key / 4 value heads, then one gated
+/// attention layer) with `vocab` rows.
+fn tiny_qwen35_json(vocab: usize) -> Value {
+    json!({
+        "architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text",
+        "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "rms_norm_eps": 1e-6, "attn_output_gate": true,
+        "layer_types": ["linear_attention", "linear_attention", "linear_attention",
+                        "full_attention"],
+        "linear_conv_kernel_dim": 4, "linear_key_head_dim": 16, "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4, "linear_value_head_dim": 16,
+        "partial_rotary_factor": 0.25, "rope_theta": 10000.0,
+        "tie_word_embeddings": true, "max_position_embeddings": 4096,
+        "hidden_act": "silu", "eos_token_id": 2, "torch_dtype": "float32"
+    })
+}
+
+/// A tiny two-layer configuration of `arch` with `vocab` rows (for unit tests; Qwen3.5's
+/// has four layers, three of them linear attention).
 pub fn tiny_config(arch: Architecture, vocab: usize) -> ModelConfig {
     ModelConfig::from_json(&tiny_json(arch, vocab), Path::new("<tiny>"))
         .expect("the tiny configuration is valid")
@@ -176,12 +243,19 @@ pub fn write_random_model(
         .map_err(io(&path))?;
     let mut rng = Normal::new(seed);
     let mut buf = Vec::with_capacity(1 << 20);
-    for (_, shape, _) in &tensors {
+    let qwen35 = config.architecture == Architecture::Qwen35;
+    for (name, shape, _) in &tensors {
         let n: usize = shape.iter().product();
         let is_norm = shape.len() == 1;
+        // Qwen3.5's (1 + w) norms start at zero, as transformers initializes them.
+        let constant = if qwen35 && crate::qwen35::is_offset_norm(name) {
+            0.0
+        } else {
+            1.0
+        };
         for _ in 0..n {
             let v = if is_norm {
-                1.0
+                constant
             } else {
                 (rng.sample() * 0.02) as f32
             };
@@ -269,8 +343,9 @@ pub fn config_json(config: &ModelConfig) -> Value {
     let (arch_name, model_type) = match config.architecture {
         Architecture::Llama => ("LlamaForCausalLM", "llama"),
         Architecture::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        Architecture::Qwen35 => ("Qwen3_5ForCausalLM", "qwen3_5_text"),
     };
-    json!({
+    let mut json = json!({
         "architectures": [arch_name], "model_type": model_type,
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -280,7 +355,31 @@ pub fn config_json(config: &ModelConfig) -> Value {
         "tie_word_embeddings": config.tie_word_embeddings,
         "max_position_embeddings": config.max_position_embeddings,
         "hidden_act": "silu", "eos_token_id": config.eos_token_ids,
-    })
+    });
+    if let Some(h) = &config.hybrid {
+        let layer_types: Vec<&str> = h
+            .layer_types
+            .iter()
+            .map(|k| match k {
+                crate::config::LayerKind::LinearAttention => "linear_attention",
+                crate::config::LayerKind::FullAttention => "full_attention",
+            })
+            .collect();
+        let extra = json!({
+            "layer_types": layer_types,
+            "linear_num_key_heads": h.linear_num_key_heads,
+            "linear_num_value_heads": h.linear_num_value_heads,
+            "linear_key_head_dim": h.linear_key_head_dim,
+            "linear_value_head_dim": h.linear_value_head_dim,
+            "linear_conv_kernel_dim": h.linear_conv_kernel_dim,
+            "partial_rotary_factor": h.rotary_dim as f64 / config.head_dim as f64,
+            "attn_output_gate": h.attn_output_gate,
+        });
+        if let (Some(o), Value::Object(e)) = (json.as_object_mut(), extra) {
+            o.extend(e);
+        }
+    }
+    json
 }
 
 #[cfg(test)]

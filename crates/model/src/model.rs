@@ -12,6 +12,7 @@ use crate::layers::KvCache;
 use crate::linear::{matmul_wt, QLinear};
 use crate::llama::Llama;
 use crate::qwen3::Qwen3;
+use crate::qwen35::{self, Qwen35};
 use crate::tokenizer::{ModelFamily, Tokenizer};
 use crate::weights::{Checkpoint, LoadError, Precision, Weights};
 
@@ -41,6 +42,11 @@ pub enum CausalLm<B: Backend> {
     Llama(Llama<B>),
     /// Dense Qwen3.
     Qwen3(Qwen3<B>),
+    /// Qwen3.5 with text-checkpoint tensor names (`model.layers.…`).
+    Qwen35(Qwen35<B>),
+    /// Qwen3.5 read from a VL checkpoint (`model.language_model.layers.…`); its parameters
+    /// keep those names.
+    Qwen35Vl(Qwen35<B>),
 }
 
 impl<B: Backend> CausalLm<B> {
@@ -58,7 +64,12 @@ impl<B: Backend> CausalLm<B> {
         options: LoadOptions,
         device: &B::Device,
     ) -> Result<Self, LoadError> {
-        ckpt.check(config)?;
+        let prefix = qwen35::checkpoint_prefix(ckpt);
+        if config.architecture == Architecture::Qwen35 {
+            ckpt.check_tensors(&qwen35::expected_tensors(config, prefix))?;
+        } else {
+            ckpt.check(config)?;
+        }
         let w = Weights::new(
             ckpt,
             options.precision,
@@ -68,6 +79,10 @@ impl<B: Backend> CausalLm<B> {
         Ok(match config.architecture {
             Architecture::Llama => CausalLm::Llama(Llama::load(config, &w)?),
             Architecture::Qwen3 => CausalLm::Qwen3(Qwen3::load(config, &w)?),
+            Architecture::Qwen35 if prefix == qwen35::VL_PREFIX => {
+                CausalLm::Qwen35Vl(Qwen35::load(config, &w, prefix)?)
+            }
+            Architecture::Qwen35 => CausalLm::Qwen35(Qwen35::load(config, &w, prefix)?),
         })
     }
 
@@ -76,6 +91,7 @@ impl<B: Backend> CausalLm<B> {
         match self {
             CausalLm::Llama(m) => &m.config,
             CausalLm::Qwen3(m) => &m.config,
+            CausalLm::Qwen35(m) | CausalLm::Qwen35Vl(m) => &m.config,
         }
     }
 
@@ -84,6 +100,7 @@ impl<B: Backend> CausalLm<B> {
         match self {
             CausalLm::Llama(m) => m.embed_tokens.val(),
             CausalLm::Qwen3(m) => m.embed_tokens.val(),
+            CausalLm::Qwen35(m) | CausalLm::Qwen35Vl(m) => m.embed_tokens.val(),
         }
     }
 
@@ -92,6 +109,7 @@ impl<B: Backend> CausalLm<B> {
         let head = match self {
             CausalLm::Llama(m) => m.lm_head.as_ref(),
             CausalLm::Qwen3(m) => m.lm_head.as_ref(),
+            CausalLm::Qwen35(m) | CausalLm::Qwen35Vl(m) => m.lm_head.as_ref(),
         };
         head.map_or_else(|| self.embed_weight(), |p| p.val())
     }
@@ -124,6 +142,7 @@ impl<B: Backend> CausalLm<B> {
         match self {
             CausalLm::Llama(m) => m.forward_hidden(ids, lengths, cache),
             CausalLm::Qwen3(m) => m.forward_hidden(ids, lengths, cache),
+            CausalLm::Qwen35(m) | CausalLm::Qwen35Vl(m) => m.forward_hidden(ids, lengths, cache),
         }
     }
 
@@ -139,7 +158,9 @@ impl<B: Backend> CausalLm<B> {
         self.logits(self.forward_hidden(ids, lengths, None))
     }
 
-    /// Every NVFP4-quantizable linear (q, k, v, o, gate, up, down of each layer).
+    /// Every NVFP4-quantizable linear (q, k, v, o, gate, up, down of each layer; in Qwen3.5's
+    /// linear-attention layers `in_proj_qkv`, `in_proj_z` and `out_proj` instead of q/k/v/o,
+    /// never `in_proj_a`, `in_proj_b` or `conv1d`).
     pub fn linears_mut(&mut self) -> Vec<&mut QLinear<B>> {
         let mut out = Vec::new();
         macro_rules! collect {
@@ -155,6 +176,11 @@ impl<B: Backend> CausalLm<B> {
         match self {
             CausalLm::Llama(m) => collect!(m.layers),
             CausalLm::Qwen3(m) => collect!(m.layers),
+            CausalLm::Qwen35(m) | CausalLm::Qwen35Vl(m) => {
+                for l in m.layers.iter_mut() {
+                    out.extend(l.linears_mut());
+                }
+            }
         }
         out
     }

@@ -12,19 +12,24 @@ use crate::model::CausalLm;
 
 /// The Hugging Face tensor name of a burn module path (`["Llama", "layers", "0",
 /// "self_attn", "q_proj", "weight"]` → `model.layers.0.self_attn.q_proj.weight`).
+/// Qwen3.5 read from a VL checkpoint keeps its `model.language_model.` names.
 pub fn hf_name(path: &[String]) -> String {
+    let prefix = match path.first().map(String::as_str) {
+        Some("Qwen35Vl") => crate::qwen35::VL_PREFIX,
+        _ => "model",
+    };
     let rest: Vec<&str> = path
         .iter()
         .map(String::as_str)
-        .skip_while(|p| matches!(*p, "Llama" | "Qwen3"))
+        .skip_while(|p| matches!(*p, "Llama" | "Qwen3" | "Qwen35" | "Qwen35Vl"))
         .collect();
     let joined = rest.join(".");
     if rest.first() == Some(&"lm_head") {
         "lm_head.weight".to_string()
     } else if rest.first() == Some(&"embed_tokens") {
-        "model.embed_tokens.weight".to_string()
+        format!("{prefix}.embed_tokens.weight")
     } else {
-        format!("model.{joined}")
+        format!("{prefix}.{joined}")
     }
 }
 

@@ -248,8 +248,14 @@ impl Checkpoint {
     /// Checks every tensor `config` needs (names, dtypes, shapes) without converting any,
     /// and reports all problems at once.
     pub fn check(&self, config: &ModelConfig) -> Result<(), LoadError> {
+        self.check_tensors(&expected_tensors(config))
+    }
+
+    /// Checks the listed tensors (`(name, shape, is_quantizable_linear)`, linears named
+    /// without `.weight`, as [`expected_tensors`] lists them) and reports all problems at once.
+    pub fn check_tensors(&self, tensors: &[(String, Vec<usize>, bool)]) -> Result<(), LoadError> {
         let mut problems = Vec::new();
-        for (name, shape, linear) in expected_tensors(config) {
+        for (name, shape, linear) in tensors.iter().cloned() {
             if linear {
                 self.check_linear(&name, &shape, &mut problems);
             } else {
@@ -337,6 +343,9 @@ impl Checkpoint {
 /// Every tensor a configuration needs: `(name, shape, is_quantizable_linear)`; linears
 /// are named without the `.weight` suffix.
 pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
+    if config.architecture == crate::config::Architecture::Qwen35 {
+        return crate::qwen35::expected_tensors(config, crate::qwen35::TEXT_PREFIX);
+    }
     let (h, hd, i) = (
         config.hidden_size,
         config.head_dim,
@@ -465,6 +474,22 @@ impl<'a, B: Backend> Weights<'a, B> {
             return Err(self.missing(name, format!("unsupported dtype {:?}", s.info.dtype)));
         }
         Ok(self.make(decode_floats(s.info.dtype, s.bytes), shape))
+    }
+
+    /// A float tensor of the given shape in float32 whatever the load precision (for
+    /// parameters such as Qwen3.5's `A_log` that stay float32 in mixed precision).
+    pub fn tensor_f32<const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Result<Tensor<B, D>, LoadError> {
+        let converter = Weights {
+            ckpt: self.ckpt,
+            device: self.device.clone(),
+            dtype: DType::F32,
+            emulate_activations: self.emulate_activations,
+        };
+        converter.tensor(name, shape)
     }
 
     /// The quantizable linear `{prefix}.weight` `[out, inp]`: a float weight, or an NVFP4
