@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod calib;
 pub mod config;
 pub mod eval;
