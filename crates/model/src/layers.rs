@@ -124,6 +124,14 @@ impl<B: Backend> KvCache<B> {
         self.len == 0
     }
 
+    /// Forgets every position from `len` on (a no-op when `len` is not below the length),
+    /// so a cache filled for one prompt serves another that shares its first `len` tokens:
+    /// the next forward writes over the forgotten positions and the mask hides them until
+    /// then.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Makes room for `n` more positions (growing by whole [`CACHE_CHUNK`]s) and returns the
     /// number of key positions the layers will hold, the width of the attention mask.
     pub(crate) fn reserve(&mut self, n: usize) -> usize {

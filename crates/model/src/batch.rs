@@ -1,0 +1,232 @@
+//! Step-level batched decoding for a server: one forward that advances many sequences by
+//! one token each, every sequence with its own [`KvCache`] (and so its own length). The
+//! projections, norms and MLPs run once over all sequences as one matrix; only RoPE
+//! positions and attention are per sequence. Architectures without a batched step here
+//! run each sequence on its own ([`decode_step`] does that transparently).
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+
+use crate::layers::{self, to_dtype, KvCache, Mlp, RmsNorm};
+use crate::linear::QLinear;
+use crate::model::CausalLm;
+use crate::rope::{self, Rope};
+
+/// One decoder layer's parts, whatever the architecture.
+struct Layer<'a, B: Backend> {
+    input_norm: &'a RmsNorm<B>,
+    q: &'a QLinear<B>,
+    k: &'a QLinear<B>,
+    v: &'a QLinear<B>,
+    o: &'a QLinear<B>,
+    /// Qwen3's per-head query and key norms.
+    qk_norm: Option<(&'a RmsNorm<B>, &'a RmsNorm<B>)>,
+    post_norm: &'a RmsNorm<B>,
+    mlp: &'a Mlp<B>,
+}
+
+struct Parts<'a, B: Backend> {
+    layers: Vec<Layer<'a, B>>,
+    norm: &'a RmsNorm<B>,
+    rope: &'a Rope,
+}
+
+macro_rules! layer_parts {
+    ($m:expr, $l:ident => $qk:expr) => {
+        Parts {
+            layers: $m
+                .layers
+                .iter()
+                .map(|$l| Layer {
+                    input_norm: &$l.input_layernorm,
+                    q: &$l.self_attn.q_proj,
+                    k: &$l.self_attn.k_proj,
+                    v: &$l.self_attn.v_proj,
+                    o: &$l.self_attn.o_proj,
+                    qk_norm: $qk,
+                    post_norm: &$l.post_attention_layernorm,
+                    mlp: &$l.mlp,
+                })
+                .collect(),
+            norm: &$m.norm,
+            rope: &$m.rope,
+        }
+    };
+}
+
+/// The batched-step parts of `model`, `None` for architectures that decode one sequence
+/// at a time.
+fn parts<B: Backend>(model: &CausalLm<B>) -> Option<Parts<'_, B>> {
+    if let CausalLm::Llama(m) = model {
+        Some(layer_parts!(m, l => None))
+    } else if let CausalLm::Qwen3(m) = model {
+        Some(layer_parts!(m, l => Some((&l.self_attn.q_norm, &l.self_attn.k_norm))))
+    } else {
+        None
+    }
+}
+
+/// Feeds `tokens[i]` to the sequence of `caches[i]` (one token each, appended to its
+/// cache) and returns each sequence's float32 next-token logits. Equivalent to
+/// [`crate::generate::next_logits`] on every sequence alone, up to float rounding.
+///
+/// # Panics
+/// When `tokens` and `caches` differ in length.
+pub fn decode_step<B: Backend>(
+    model: &CausalLm<B>,
+    tokens: &[u32],
+    caches: &mut [&mut KvCache<B>],
+) -> Vec<Vec<f32>> {
+    assert_eq!(tokens.len(), caches.len(), "one token per cache");
+    let n = tokens.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let Some(parts) = parts(model) else {
+        return tokens
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(&t, c)| crate::generate::next_logits(model, &[t], c))
+            .collect();
+    };
+    let config = model.config();
+    let (heads, kv_heads, hd) = (config.num_heads, config.num_kv_heads, config.head_dim);
+    let weight = model.embed_weight();
+    let device = weight.device();
+    let dtype = weight.dtype();
+    // The sequences stand in the length dimension of one batch row: [1, n, hidden].
+    let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+    let mut x = layers::embed(weight, ids);
+    let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut masks = Vec::with_capacity(n);
+    for c in caches.iter_mut() {
+        let past = c.len();
+        let (co, si) = parts.rope.tables::<B>(past, 1, dtype, &device);
+        cos.push(co);
+        sin.push(si);
+        let keys = c.reserve(1);
+        masks.push(layers::attention_mask::<B>(1, 1, past, keys, None, &device));
+    }
+    let (cos, sin) = (Tensor::cat(cos, 0), Tensor::cat(sin, 0));
+    for (li, layer) in parts.layers.iter().enumerate() {
+        let h = layer.input_norm.forward(x.clone());
+        let split = |t: Tensor<B, 3>, count: usize| t.reshape([1, n, count, hd]);
+        let (mut q, mut k) = (
+            split(layer.q.forward(h.clone()), heads),
+            split(layer.k.forward(h.clone()), kv_heads),
+        );
+        if let Some((qn, kn)) = layer.qk_norm {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
+        let v = split(layer.v.forward(h), kv_heads).swap_dims(1, 2);
+        let q = rope::apply(q.swap_dims(1, 2), &cos, &sin);
+        let k = rope::apply(k.swap_dims(1, 2), &cos, &sin);
+        let mut outs = Vec::with_capacity(n);
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let (keys, values) = layers::update_cache(
+                Some(cache.layer_mut(li)),
+                k.clone().narrow(2, i, 1),
+                v.clone().narrow(2, i, 1),
+            );
+            outs.push(layers::attention(
+                q.clone().narrow(2, i, 1),
+                keys,
+                values,
+                masks[i].as_ref(),
+            ));
+        }
+        let attn = Tensor::cat(outs, 1);
+        let x1 = x + layer.o.forward(attn);
+        x = x1.clone() + layer.mlp.forward(layer.post_norm.forward(x1));
+    }
+    for c in caches.iter_mut() {
+        c.advance(1);
+    }
+    let logits = to_dtype(model.logits(parts.norm.forward(x)), DType::F32);
+    let vocab = logits.dims()[2];
+    let flat: Vec<f32> = logits.into_data().iter::<f32>().collect();
+    flat.chunks(vocab).map(<[f32]>::to_vec).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Architecture;
+    use crate::generate::next_logits;
+    use crate::init::write_random_model;
+    use crate::model::LoadOptions;
+    use crate::weights::Precision;
+    use burn::backend::Flex;
+
+    type B = Flex;
+
+    fn tiny(arch: Architecture, dir: &std::path::Path) -> CausalLm<B> {
+        let name = if arch == Architecture::Llama {
+            "tiny-llama"
+        } else {
+            "tiny-qwen3"
+        };
+        let mut json = crate::init::named_config(name).unwrap();
+        json["vocab_size"] = 96.into();
+        write_random_model(&json, 7, safetensors::Dtype::F32, dir).unwrap();
+        CausalLm::load(
+            dir,
+            LoadOptions {
+                precision: Precision::F32,
+                emulate_nvfp4_activations: true,
+            },
+            &Default::default(),
+        )
+        .unwrap()
+    }
+
+    /// Sequences of different lengths (one past a cache chunk), one of them resumed from a
+    /// truncated copy of another's cache, decode in a batch exactly as they do alone.
+    #[test]
+    fn a_batched_step_matches_single_sequence_decoding() {
+        for arch in [Architecture::Llama, Architecture::Qwen3] {
+            let dir = tempfile::tempdir().unwrap();
+            let model = tiny(arch, dir.path());
+            let prompts: Vec<Vec<u32>> = vec![
+                (0..5).collect(),
+                (0..layers::CACHE_CHUNK as u32 + 3)
+                    .map(|i| i % 90)
+                    .collect(),
+                vec![9],
+            ];
+            let mut solo: Vec<KvCache<B>> = Vec::new();
+            let mut batched: Vec<KvCache<B>> = Vec::new();
+            for p in &prompts {
+                let mut c = model.new_cache();
+                next_logits(&model, p, &mut c);
+                solo.push(c.clone());
+                batched.push(c);
+            }
+            // A fourth sequence shares the first 3 tokens of the first prompt.
+            let mut shared = batched[0].clone();
+            shared.truncate(3);
+            next_logits(&model, &[40, 41], &mut shared);
+            let mut fresh = model.new_cache();
+            next_logits(&model, &[0, 1, 2, 40, 41], &mut fresh);
+            solo.push(fresh);
+            batched.push(shared);
+            for step in 0..3u32 {
+                let tokens: Vec<u32> = (0..4).map(|i| 10 + i * 7 + step).collect();
+                let mut refs: Vec<&mut KvCache<B>> = batched.iter_mut().collect();
+                let got = decode_step(&model, &tokens, &mut refs);
+                for (i, t) in tokens.iter().enumerate() {
+                    let want = next_logits(&model, &[*t], &mut solo[i]);
+                    let diff = got[i]
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(diff < 1e-4, "{arch:?} step {step} seq {i}: max diff {diff}");
+                    assert_eq!(batched[i].len(), solo[i].len());
+                }
+            }
+        }
+    }
+}
