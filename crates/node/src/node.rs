@@ -22,6 +22,9 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// How long a stopping node waits for open gRPC connections to close.
+const SERVER_GRACE: Duration = Duration::from_secs(3);
+
 /// A started node.
 pub struct RunningNode {
     /// The address the gRPC server listens on (the configured one, with the real port when
@@ -50,10 +53,21 @@ impl RunningNode {
             }
             None => Vec::new(),
         };
-        self.server
-            .await
-            .map_err(|e| NodeError::Runtime(format!("server task: {e}")))?
-            .map_err(|e| NodeError::Runtime(format!("server: {e}")))?;
+        // A graceful shutdown waits for every open connection to close, and a peer's client
+        // may keep its connection open: wait a little, then drop the rest.
+        let mut server = self.server;
+        match tokio::time::timeout(SERVER_GRACE, &mut server).await {
+            Ok(joined) => joined
+                .map_err(|e| NodeError::Runtime(format!("server task: {e}")))?
+                .map_err(|e| NodeError::Runtime(format!("server: {e}")))?,
+            Err(_) => {
+                tracing::warn!(
+                    "open connections did not close within {} s of the shutdown; closing them",
+                    SERVER_GRACE.as_secs()
+                );
+                server.abort();
+            }
+        }
         if !left.is_empty() {
             return Err(NodeError::Runtime(format!(
                 "jobs {left:?} did not stop within shutdown_timeout_s = {} s; exiting without them (a restart resumes from their last checkpoint)",
