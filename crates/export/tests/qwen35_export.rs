@@ -3,7 +3,8 @@
 //! `conv1d` / `in_proj_a` / `in_proj_b` left in BF16), the same header order, and
 //! `config.json` / `hf_quant_config.json` equal to ModelOpt's apart from the producer version
 //! with `--vl-wrapper off`; with `auto` the same weights under vLLM's VL wrapper config and a
-//! `preprocessor_config.json` stub. PTQ of it is refused with an error that says what to do.
+//! `preprocessor_config.json` stub. PTQ of it (calibrated by the model crate's Qwen3.5
+//! forward) gives ModelOpt's weights and scales byte for byte, input scales within 2 %.
 
 mod common;
 
@@ -15,9 +16,7 @@ use qatflow_checkpoint::{
 };
 use qatflow_core::NoProgress;
 use qatflow_export::modelopt::{preprocessor_config, quantized_module, vl_wrapper_config};
-use qatflow_export::{
-    export_checkpoint, quantize_hf, CancellationToken, ExportError, ExportOptions, VlWrapper,
-};
+use qatflow_export::{export_checkpoint, quantize_hf, CancellationToken, ExportOptions, VlWrapper};
 use serde_json::Value;
 
 fn meta() -> Value {
@@ -176,36 +175,105 @@ fn qwen35_export_gets_the_vl_wrapper_by_default() {
     );
 }
 
-#[test]
-fn ptq_of_qwen35_is_refused_with_what_to_do() {
-    let tmp = tempfile::tempdir().unwrap();
-    let hf = tmp.path().join("hf");
+/// `dir/hf`: the tiny Qwen3.5 as a Hugging Face directory.
+fn qwen35_hf_dir(dir: &Path) -> PathBuf {
+    let hf = dir.join("hf");
     std::fs::create_dir(&hf).unwrap();
     std::fs::copy(
         fixture("qwen35_tiny_bf16.safetensors"),
         hf.join("model.safetensors"),
     )
     .unwrap();
+    let m = meta();
     std::fs::write(
         hf.join("config.json"),
-        serde_json::to_vec_pretty(&meta()["source_config.json"]).unwrap(),
+        serde_json::to_vec_pretty(&m["source_config.json"]).unwrap(),
     )
     .unwrap();
-    let err = quantize_hf(
+    std::fs::write(
+        hf.join("generation_config.json"),
+        serde_json::to_vec_pretty(&m["export/generation_config.json"]).unwrap(),
+    )
+    .unwrap();
+    hf
+}
+
+#[test]
+fn ptq_of_qwen35_matches_modelopt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = qwen35_hf_dir(tmp.path());
+    let calib: Vec<Vec<u32>> = serde_json::from_value(meta()["ids"].clone()).unwrap();
+    let out = tmp.path().join("out");
+    let report = quantize_hf(
         &hf,
-        &[vec![1, 2, 3]],
-        &tmp.path().join("out"),
-        &ExportOptions::default(),
+        &calib,
+        &out,
+        &ExportOptions {
+            vl_wrapper: VlWrapper::Off,
+            ..ExportOptions::default()
+        },
         &NoProgress,
         &NoProgress,
         &CancellationToken::new(),
     )
-    .unwrap_err();
-    assert!(matches!(err, ExportError::UnsupportedPtq { .. }), "{err}");
-    let text = err.to_string();
-    assert!(
-        text.contains("qwen3_5_text") && text.contains("qatflow export"),
-        "{text}"
+    .unwrap();
+    assert_eq!(report.totals.quantized_linears, 25);
+    let ours = tensors(&out.join("model.safetensors"));
+    let want = tensors(&fixture("qwen35_tiny_nvfp4.safetensors"));
+    assert_eq!(
+        ours.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "tensor names"
     );
-    assert!(!tmp.path().join("out").exists());
+    let mut worst_input = 0f64;
+    for (name, (dtype, shape, bytes)) in &want {
+        let (d, s, b) = &ours[name];
+        assert_eq!((d, s), (dtype, shape), "{name}: dtype/shape");
+        if name.ends_with(".input_scale") {
+            let a = scalar(b) as f64;
+            let w = scalar(bytes) as f64;
+            let rel = (a - w).abs() / w;
+            worst_input = worst_input.max(rel);
+            assert!(rel <= 0.02, "{name}: input_scale {a} vs ModelOpt's {w}");
+        } else {
+            // Packed weights, weight_scale, weight_scale_2 and the BF16 tensors.
+            assert!(b == bytes, "{name}: bytes differ from ModelOpt's export");
+        }
+    }
+    println!("largest input_scale deviation from ModelOpt: {worst_input:.5}");
+    assert_eq!(
+        header_order(&out.join("model.safetensors")),
+        header_order(&fixture("qwen35_tiny_nvfp4.safetensors"))
+    );
+    assert_configs_match_modelopt(&out, &meta());
+}
+
+#[test]
+fn exported_qwen35_evaluates_close_to_the_bf16_model() {
+    // Both layouts vLLM may get (text config, VL wrapper) load back into the model crate's
+    // Qwen3.5 and give an NLL close to the BF16 source's.
+    let tmp = tempfile::tempdir().unwrap();
+    let info = qwen35_checkpoint(&tmp.path().join("run"));
+    let ids: Vec<Vec<u32>> = serde_json::from_value(meta()["ids"].clone()).unwrap();
+    let hf = qwen35_hf_dir(tmp.path());
+    let options = qatflow_model::LoadOptions::default();
+    let device = Default::default();
+    let bf16 = qatflow_model::CausalLm::<burn::backend::Flex>::load(&hf, options, &device).unwrap();
+    let reference = qatflow_model::eval_nll(&bf16, ids.clone())
+        .unwrap()
+        .mean_nll;
+    for (label, wrapper) in [("plain", VlWrapper::Off), ("wrapped", VlWrapper::Auto)] {
+        let out = tmp.path().join(label);
+        export(&info, &out, wrapper);
+        let model =
+            qatflow_model::CausalLm::<burn::backend::Flex>::load(&out, options, &device).unwrap();
+        let nll = qatflow_model::eval_nll(&model, ids.clone())
+            .unwrap()
+            .mean_nll;
+        println!("{label} export: NLL {nll:.5} (W4A4 emulated), BF16 model {reference:.5}");
+        assert!(
+            nll.is_finite() && (nll - reference).abs() < 0.05,
+            "{label}: {nll}"
+        );
+    }
 }

@@ -397,6 +397,21 @@ mod tests {
     }
 
     #[test]
+    fn qwen35_9b_has_the_published_parameter_count() {
+        // 8,953,803,264 text parameters (embedding, untied head, 24 Gated DeltaNet and 8
+        // gated attention layers), the count of Qwen3.5-9B's text stack.
+        let config =
+            ModelConfig::from_json(&named_config("qwen3.5-9b").unwrap(), Path::new("9b")).unwrap();
+        let params: usize = expected_tensors(&config)
+            .iter()
+            .map(|(_, s, _)| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(params, 8_953_803_264);
+        let h = config.hybrid.unwrap();
+        assert_eq!((h.rotary_dim, h.conv_dim()), (64, 8192));
+    }
+
+    #[test]
     fn same_seed_same_weights_and_loadable() {
         let tmp = tempfile::tempdir().unwrap();
         let json = tiny_json(Architecture::Qwen3, 256);
