@@ -37,10 +37,17 @@ pub enum InitError {
 }
 
 /// Names accepted by [`named_config`].
-pub const NAMED_CONFIGS: &[&str] = &["smollm2-135m", "qwen3-1.7b", "tiny-llama", "tiny-qwen3"];
+pub const NAMED_CONFIGS: &[&str] = &[
+    "smollm2-135m",
+    "qwen3-1.7b",
+    "qwen3-4b",
+    "qwen3-8b",
+    "tiny-llama",
+    "tiny-qwen3",
+];
 
 /// The `config.json` of a named configuration: `smollm2-135m` (SmolLM2-135M-Instruct's),
-/// `qwen3-1.7b` (Qwen3-1.7B's), or the tiny two-layer test models `tiny-llama` /
+/// `qwen3-1.7b`, `qwen3-4b`, `qwen3-8b` (those Qwen3 models' shapes), or the tiny two-layer test models `tiny-llama` /
 /// `tiny-qwen3` (vocabulary 49152, SmolLM2's, so they can use its tokenizer).
 pub fn named_config(name: &str) -> Result<Value, InitError> {
     let v = match name {
@@ -58,6 +65,25 @@ pub fn named_config(name: &str) -> Result<Value, InitError> {
             "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
             "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
             "tie_word_embeddings": true, "max_position_embeddings": 40960,
+            "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
+            "torch_dtype": "bfloat16"
+        }),
+        // Qwen3-4B's and Qwen3-8B's shapes (the 8B has an untied LM head).
+        "qwen3-4b" => json!({
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728,
+            "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "tie_word_embeddings": true, "max_position_embeddings": 40960,
+            "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
+            "torch_dtype": "bfloat16"
+        }),
+        "qwen3-8b" => json!({
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+            "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "tie_word_embeddings": false, "max_position_embeddings": 40960,
             "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
             "torch_dtype": "bfloat16"
         }),
