@@ -12,7 +12,15 @@
 
 use std::any::{Any, TypeId};
 
-use burn::backend::autodiff::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
+use burn::backend::autodiff::checkpoint::state::BackwardStates;
+use burn::backend::autodiff::checkpoint::strategy::{
+    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops};
+use burn::backend::autodiff::{Autodiff, NodeId};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
@@ -29,23 +37,130 @@ use qatflow_nvfp4::fake_quant::fake_quantize_value as tensor_ops_fake_quantize;
 use crate::{launch_fake_quantize, Result};
 
 /// The CUDA backend without fusion.
-type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
+pub(crate) type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
 /// The CUDA backend with BF16 as its default float type.
-type CubeBf16 = CubeBackend<CudaRuntime, bf16, i32, u8>;
+pub(crate) type CubeBf16 = CubeBackend<CudaRuntime, bf16, i32, u8>;
 /// Fusion's handle type for CUDA.
-type FusedRuntime = FusionCubeRuntime<CudaRuntime>;
+pub(crate) type FusedRuntime = FusionCubeRuntime<CudaRuntime>;
 
 /// NVFP4 fake quantization with the straight-through estimator: the same contract as
 /// `qatflow_nvfp4::fake_quant::fake_quantize` (shape `[.., K]` with `K % 16 == 0`, the
 /// calibrated global `amax`, identity gradient), with the CubeCL kernel on CUDA.
+///
+/// Under autodiff on CUDA it is one operation whose backward passes the gradient through
+/// and which, under burn's balanced checkpointing, is recomputed in backward rather than
+/// stored (same values and gradient as the composed form elsewhere).
 pub fn fake_quantize<B: Backend, const D: usize>(
     name: &str,
     x: Tensor<B, D>,
     amax: f32,
 ) -> Result<Tensor<B, D>> {
+    let dims = x.dims();
+    let n: usize = dims.iter().product();
+    qatflow_nvfp4::codec::check_shape(name, &dims, n)?;
+    let scale_2 = qatflow_nvfp4::codec::global_scale(name, amax)?;
+    let x = if matches!(x.dtype(), DType::F32 | DType::BF16) {
+        match ste_on_cuda::<B>(x.into_primitive().tensor(), scale_2) {
+            Ok(out) => return Ok(Tensor::from_primitive(TensorPrimitive::Float(out))),
+            Err(x) => Tensor::from_primitive(TensorPrimitive::Float(x)),
+        }
+    } else {
+        x
+    };
     qatflow_nvfp4::fake_quant::straight_through(x, |detached| {
         fake_quantize_value(name, detached, amax)
     })
+}
+
+/// A CUDA backend the fake-quant kernel runs on (with or without fusion).
+pub(crate) trait CudaFakeQuant: Backend {
+    /// The kernel's values for `x` with global scale `scale_2`.
+    fn fake_quantize(x: FloatTensor<Self>, scale_2: f32) -> FloatTensor<Self>;
+}
+
+impl CudaFakeQuant for Fusion<Cube> {
+    fn fake_quantize(x: FloatTensor<Self>, scale_2: f32) -> FloatTensor<Self> {
+        fused_fake_quantize(x, scale_2)
+    }
+}
+
+impl CudaFakeQuant for Fusion<CubeBf16> {
+    fn fake_quantize(x: FloatTensor<Self>, scale_2: f32) -> FloatTensor<Self> {
+        fused_fake_quantize(x, scale_2)
+    }
+}
+
+/// Backward of the straight-through fake quantization: the identity.
+#[derive(Debug)]
+struct SteBackward;
+
+impl<I: Backend> Backward<I, 1> for SteBackward {
+    type State = ();
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<I>(&ops.node);
+        let [parent] = ops.parents;
+        if let Some(node) = parent {
+            grads.register::<I>(node.id, grad);
+        }
+    }
+}
+
+/// Recomputes the fake-quantized values from the saved input in backward.
+#[derive(Debug)]
+struct RetroFakeQuantize<I> {
+    input: NodeId,
+    scale_2: f32,
+    _backend: std::marker::PhantomData<I>,
+}
+
+impl<I: CudaFakeQuant> RetroForward for RetroFakeQuantize<I> {
+    fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
+        let x = states.get_state::<FloatTensor<I>>(&self.input);
+        states.save(out_node, I::fake_quantize(x, self.scale_2));
+    }
+}
+
+/// The straight-through operation under `Autodiff<I, C>`.
+fn autodiff_ste<I: CudaFakeQuant, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<I, C>>,
+    scale_2: f32,
+) -> FloatTensor<Autodiff<I, C>> {
+    let retro = RetroFakeQuantize::<I> {
+        input: x.node.id,
+        scale_2,
+        _backend: std::marker::PhantomData,
+    };
+    let out = I::fake_quantize(x.primitive.clone(), scale_2);
+    SteBackward
+        .prepare::<C>([x.node.clone()])
+        .memory_bound()
+        .retro_forward(retro)
+        .parents([&x])
+        .stateless(out)
+}
+
+/// Runs [`autodiff_ste`] when `B` is `Autodiff<I, C>`.
+fn ste_when<B: Backend, I: CudaFakeQuant, C: CheckpointStrategy>(
+    x: FloatTensor<B>,
+    scale_2: f32,
+) -> std::result::Result<FloatTensor<B>, FloatTensor<B>> {
+    if TypeId::of::<B>() != TypeId::of::<Autodiff<I, C>>() {
+        return Err(x);
+    }
+    let x = downcast::<_, FloatTensor<Autodiff<I, C>>>(x)?;
+    Ok(upcast(autodiff_ste::<I, C>(x, scale_2)))
+}
+
+/// The straight-through operation on the CUDA autodiff backends qatflow trains on.
+fn ste_on_cuda<B: Backend>(
+    x: FloatTensor<B>,
+    scale_2: f32,
+) -> std::result::Result<FloatTensor<B>, FloatTensor<B>> {
+    ste_when::<B, Fusion<Cube>, BalancedCheckpointing>(x, scale_2)
+        .or_else(|x| ste_when::<B, Fusion<Cube>, NoCheckpointing>(x, scale_2))
+        .or_else(|x| ste_when::<B, Fusion<CubeBf16>, BalancedCheckpointing>(x, scale_2))
+        .or_else(|x| ste_when::<B, Fusion<CubeBf16>, NoCheckpointing>(x, scale_2))
 }
 
 /// The forward value of [`fake_quantize`] (no gradient path).
@@ -115,7 +230,7 @@ fn under_autodiff<B: Backend, I: Backend>(
 }
 
 /// `t` as a `U` when `T` is `U`.
-fn downcast<T: 'static, U: 'static>(t: T) -> std::result::Result<U, T> {
+pub(crate) fn downcast<T: 'static, U: 'static>(t: T) -> std::result::Result<U, T> {
     if TypeId::of::<T>() == TypeId::of::<U>() {
         let boxed: Box<dyn Any> = Box::new(t);
         Ok(*boxed.downcast::<U>().expect("same TypeId"))
@@ -125,7 +240,7 @@ fn downcast<T: 'static, U: 'static>(t: T) -> std::result::Result<U, T> {
 }
 
 /// The inverse of [`downcast`], for a type already known to match.
-fn upcast<T: 'static, U: 'static>(t: T) -> U {
+pub(crate) fn upcast<T: 'static, U: 'static>(t: T) -> U {
     downcast::<T, U>(t).unwrap_or_else(|_| unreachable!("called only after a successful downcast"))
 }
 

@@ -1,13 +1,28 @@
 //! GPU kernels of qatflow, with the reference codec as the CPU path.
 //!
+//! - [`attention`]: training attention on CUDA that recomputes its scores in backward
+//!   instead of storing them.
+//! - [`cache`]: CubeCL's compiled-kernel cache, on by default in a user cache directory.
 //! - [`kernel`]: CubeCL kernels for NVFP4 weight fake quantization and export quantization.
+//! - [`cublaslt`]: the cuBLASLt entry points, loaded at run time.
 //! - [`fake_quant`]: fake quantization of burn tensors, the kernel on CUDA and tensor
 //!   operations elsewhere (what the model's linear layers call).
+//! - [`gemm`]: the linear layers' GEMMs (`x · wᵀ` and its backward) through cuBLASLt on
+//!   CUDA, burn's matmul elsewhere.
 //! - [`Quantizer`]: picks the path by device — the CubeCL kernels on a CUDA device, the
 //!   reference codec (`qatflow_nvfp4::codec`) on the CPU — with bit-identical results.
+//! - [`loss`]: the LM head and cross-entropy as one chunked operation on CUDA.
+//! - [`recompute`]: layer-level activation checkpointing (a decoder block keeps only its
+//!   input; backward recomputes the block).
 
+pub mod attention;
+pub mod cache;
+pub mod cublaslt;
 pub mod fake_quant;
+pub mod gemm;
 pub mod kernel;
+pub mod loss;
+pub mod recompute;
 
 use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cubecl::prelude::*;

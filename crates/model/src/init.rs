@@ -40,6 +40,8 @@ pub enum InitError {
 pub const NAMED_CONFIGS: &[&str] = &[
     "smollm2-135m",
     "qwen3-1.7b",
+    "qwen3-4b",
+    "qwen3-8b",
     "qwen3.5-9b",
     "qwen3.5-2b",
     "tiny-llama",
@@ -47,10 +49,11 @@ pub const NAMED_CONFIGS: &[&str] = &[
 ];
 
 /// The `config.json` of a named configuration: `smollm2-135m` (SmolLM2-135M-Instruct's),
-/// `qwen3-1.7b` (Qwen3-1.7B's), `qwen3.5-9b` / `qwen3.5-2b` (the text model of Qwen3.5-9B /
-/// Qwen3.5-2B: 32 / 24 layers, three Gated DeltaNet layers per full-attention layer), or the
-/// tiny two-layer test models `tiny-llama` / `tiny-qwen3` (vocabulary 49152, SmolLM2's, so
-/// they can use its tokenizer).
+/// `qwen3-1.7b`, `qwen3-4b`, `qwen3-8b` (those Qwen3 models' shapes; the 8B has an untied LM
+/// head), `qwen3.5-9b` / `qwen3.5-2b` (the text model of Qwen3.5-9B / Qwen3.5-2B: 32 / 24
+/// layers, three Gated DeltaNet layers per full-attention layer), or the tiny two-layer test
+/// models `tiny-llama` / `tiny-qwen3` (vocabulary 49152, SmolLM2's, so they can use its
+/// tokenizer).
 pub fn named_config(name: &str) -> Result<Value, InitError> {
     let v = match name {
         "smollm2-135m" => json!({
@@ -67,6 +70,25 @@ pub fn named_config(name: &str) -> Result<Value, InitError> {
             "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
             "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
             "tie_word_embeddings": true, "max_position_embeddings": 40960,
+            "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
+            "torch_dtype": "bfloat16"
+        }),
+        // Qwen3-4B's and Qwen3-8B's shapes (the 8B has an untied LM head).
+        "qwen3-4b" => json!({
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728,
+            "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "tie_word_embeddings": true, "max_position_embeddings": 40960,
+            "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
+            "torch_dtype": "bfloat16"
+        }),
+        "qwen3-8b" => json!({
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+            "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "tie_word_embeddings": false, "max_position_embeddings": 40960,
             "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
             "torch_dtype": "bfloat16"
         }),

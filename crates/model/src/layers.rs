@@ -240,7 +240,8 @@ pub fn attention_mask<B: Backend>(
 /// query head `h` reads key/value head `h / (heads / kv_heads)` (HF `repeat_kv`). Scores
 /// are computed in the activation dtype, softmax in float32 with the additive `mask`, and
 /// the probabilities cast back before multiplying by `v`. Returns `[batch, len, heads *
-/// head_dim]`.
+/// head_dim]`. Under autodiff on CUDA with BF16 activations this is
+/// `qatflow_kernels::attention` (scores recomputed in backward, GEMMs through cuBLASLt).
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -251,6 +252,11 @@ pub fn attention<B: Backend>(
     let [_, kv_heads, keys, _] = k.dims();
     let rep = heads / kv_heads;
     let dtype = q.dtype();
+    // Training on CUDA: one operation that recomputes the scores in backward.
+    let (q, k, v) = match qatflow_kernels::attention::try_attention(q, k, v, mask) {
+        Ok(out) => return out.swap_dims(1, 2).reshape([batch, len, heads * head_dim]),
+        Err(qkv) => qkv,
+    };
     // Query heads of one KV head are adjacent: fold them into the row dimension so the
     // shared keys are never copied.
     let q = q.reshape([batch, kv_heads, rep * len, head_dim]);

@@ -108,16 +108,19 @@ impl<B: Backend> QLinear<B> {
     }
 }
 
-/// `x · wᵀ` for `x` `[.., in]` and `w` `[out, in]`: the GEMM every [`QLinear`] runs.
+/// `x · wᵀ` for `x` `[.., in]` and `w` `[out, in]`: the GEMM every [`QLinear`] and the LM
+/// head run.
 ///
 /// The leading dimensions are flattened into one 2-D GEMM against the transposed view of
 /// `w` (a broadcast batched matmul makes CPU backends copy the whole weight every call).
+/// On CUDA with BF16 operands the GEMM and its backward go through cuBLASLt
+/// (`qatflow_kernels::gemm`); elsewhere it is burn's `matmul`.
 pub fn matmul_wt<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 2>) -> Tensor<B, D> {
     let mut dims = x.dims();
     let inp = dims[D - 1];
     let rows = dims[..D - 1].iter().product();
     dims[D - 1] = w.dims()[0];
-    x.reshape([rows, inp]).matmul(w.transpose()).reshape(dims)
+    qatflow_kernels::gemm::matmul_xwt(x.reshape([rows, inp]), w).reshape(dims)
 }
 
 #[cfg(test)]

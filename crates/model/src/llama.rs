@@ -171,7 +171,8 @@ impl<B: Backend> Llama<B> {
         let mut x = layers::embed(weight, ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
-            x = layer.forward(x, &cos, &sin, mask.as_ref(), slot);
+            let x_in = qatflow_kernels::recompute::block_input(x);
+            x = layer.forward(x_in, &cos, &sin, mask.as_ref(), slot);
         }
         if let Some(c) = cache {
             c.advance(len);

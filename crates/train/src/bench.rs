@@ -1,6 +1,8 @@
 //! `qatflow bench-train`: QAT throughput of a randomly initialized model of a named
 //! configuration (`smollm2-135m`, `qwen3-1.7b`, ...) at batch 1 on random token sequences,
-//! through the same optimizer step as training. Reports the median step time and tokens/s.
+//! through the same optimizer step as training. Reports the median step time and tokens/s,
+//! the time of the cuBLASLt GEMMs within a step, and the peak device memory of the process
+//! as `nvidia-smi` counts it (CubeCL's pool and the CUDA context included).
 
 use std::time::Instant;
 
@@ -61,6 +63,120 @@ pub struct BenchReport {
     pub median_optimizer_s: f64,
     /// Peak resident memory of the process (host side).
     pub peak_rss_bytes: u64,
+    /// Median seconds per step spent in cuBLASLt GEMMs (0 on the burn matmul path).
+    pub median_gemm_s: f64,
+    /// Median seconds per step spent waiting for burn's queued kernels before a GEMM.
+    pub median_gemm_wait_s: f64,
+    /// cuBLASLt GEMMs per step.
+    pub gemms_per_step: u64,
+    /// Peak device memory of this process while the model was loaded and trained, in MiB,
+    /// as `nvidia-smi --query-compute-apps` reports it (`None` without `nvidia-smi`, or
+    /// when it lists no process with this pid, as inside some containers).
+    pub peak_process_gpu_mib: Option<u64>,
+    /// Peak of `nvidia-smi --query-gpu=memory.used` over the same time, in MiB: the whole
+    /// device, other processes included (`None` without `nvidia-smi`).
+    pub peak_device_gpu_mib: Option<u64>,
+    /// `memory.used` before the model was loaded, in MiB (what other processes held).
+    pub device_gpu_mib_before: Option<u64>,
+    /// GEMM path: `cublaslt` or `burn` (`QATFLOW_GEMM=burn`).
+    pub gemm_path: String,
+}
+
+/// Samples `nvidia-smi` in a background thread until dropped or stopped.
+struct GpuMemorySampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(Option<u64>, Option<u64>)>>,
+}
+
+/// One `nvidia-smi` query's CSV lines (`None` when it cannot run).
+fn nvidia_smi(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `memory.used` of every GPU, summed, in MiB.
+fn device_used_mib() -> Option<u64> {
+    parse_used_sum(&nvidia_smi(&[
+        "--query-gpu=memory.used",
+        "--format=csv,noheader,nounits",
+    ])?)
+}
+
+/// The sum of the first column of `nvidia-smi` CSV lines.
+fn parse_used_sum(csv: &str) -> Option<u64> {
+    csv.lines()
+        .map(|l| l.trim().parse::<u64>().ok())
+        .sum::<Option<u64>>()
+}
+
+/// The `used_memory` of `pid` in `pid, used_memory` CSV lines (summed over GPUs).
+fn parse_process_mib(csv: &str, pid: u32) -> Option<u64> {
+    let mut found = None;
+    for line in csv.lines() {
+        let mut cols = line.split(',').map(str::trim);
+        let (Some(p), Some(m)) = (cols.next(), cols.next()) else {
+            continue;
+        };
+        if p.parse::<u32>().ok() == Some(pid) {
+            if let Ok(m) = m.parse::<u64>() {
+                found = Some(found.unwrap_or(0) + m);
+            }
+        }
+    }
+    found
+}
+
+impl GpuMemorySampler {
+    fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let pid = std::process::id();
+        let thread = std::thread::spawn(move || {
+            let (mut process, mut device) = (None::<u64>, None::<u64>);
+            loop {
+                let done = flag.load(std::sync::atomic::Ordering::Relaxed);
+                let apps = nvidia_smi(&[
+                    "--query-compute-apps=pid,used_memory",
+                    "--format=csv,noheader,nounits",
+                ]);
+                if let Some(m) = apps.as_deref().and_then(|c| parse_process_mib(c, pid)) {
+                    process = Some(process.map_or(m, |p| p.max(m)));
+                }
+                if let Some(m) = device_used_mib() {
+                    device = Some(device.map_or(m, |d| d.max(m)));
+                }
+                if done || apps.is_none() {
+                    return (process, device);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        });
+        GpuMemorySampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; returns the peaks `(process, device)` in MiB.
+    fn finish(mut self) -> (Option<u64>, Option<u64>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or((None, None))
+    }
+}
+
+impl Drop for GpuMemorySampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Runs the benchmark on backend `B`.
@@ -72,6 +188,9 @@ pub fn bench_train_on<B: AutodiffBackend>(
     let json = named_config(&options.config).map_err(|e| TrainError::Quantizers {
         problem: e.to_string(),
     })?;
+    let on_gpu = device_name.starts_with("cuda");
+    let device_before = on_gpu.then(device_used_mib).flatten();
+    let sampler = on_gpu.then(GpuMemorySampler::start);
     let dir = tempfile_dir()?;
     let config = write_random_model(&json, 1, safetensors::Dtype::BF16, &dir).map_err(|e| {
         TrainError::Quantizers {
@@ -135,8 +254,10 @@ pub fn bench_train_on<B: AutodiffBackend>(
     let cancel = CancellationToken::new();
     let micro = vec![vec![&example]];
     let (mut times, mut fb, mut opt) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut gemm, mut wait, mut calls) = (Vec::new(), Vec::new(), 0);
     for i in 0..options.warmup + options.steps {
         let t0 = Instant::now();
+        let g0 = qatflow_kernels::gemm::stats();
         let StepOutcome::Done(next, stats) =
             optimizer_step(model, &mut optimizer, &micro, 1e-5, i as u64, &cancel)
         else {
@@ -147,9 +268,15 @@ pub fn bench_train_on<B: AutodiffBackend>(
             times.push(t0.elapsed().as_secs_f64());
             fb.push(stats.forward_backward_s);
             opt.push(stats.optimizer_s);
+            let g = qatflow_kernels::gemm::stats().since(&g0);
+            gemm.push(g.gemm_s);
+            wait.push(g.wait_s);
+            calls = g.calls;
         }
     }
     let median = median_of(&times);
+    let (peak_process_gpu_mib, peak_device_gpu_mib) =
+        sampler.map_or((None, None), GpuMemorySampler::finish);
     Ok(BenchReport {
         config: options.config.clone(),
         parameters,
@@ -163,6 +290,18 @@ pub fn bench_train_on<B: AutodiffBackend>(
         median_forward_backward_s: median_of(&fb),
         median_optimizer_s: median_of(&opt),
         peak_rss_bytes: crate::run::proc_memory_bytes("VmHWM:"),
+        median_gemm_s: median_of(&gemm),
+        median_gemm_wait_s: median_of(&wait),
+        gemms_per_step: calls,
+        peak_process_gpu_mib,
+        peak_device_gpu_mib,
+        device_gpu_mib_before: device_before,
+        gemm_path: if qatflow_kernels::gemm::enabled() {
+            "cublaslt"
+        } else {
+            "burn"
+        }
+        .to_string(),
     })
 }
 
@@ -179,4 +318,25 @@ fn tempfile_dir() -> Result<std::path::PathBuf, TrainError> {
         source,
     })?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvidia_smi_lines_are_parsed() {
+        let apps = "1234, 5000\n42, 700\n1234, 300\nbad line\n";
+        assert_eq!(parse_process_mib(apps, 1234), Some(5300));
+        assert_eq!(parse_process_mib(apps, 42), Some(700));
+        assert_eq!(parse_process_mib(apps, 7), None);
+        assert_eq!(parse_used_sum("81000\n12\n"), Some(81012));
+        assert_eq!(parse_used_sum("N/A\n"), None);
+    }
+
+    #[test]
+    fn median_takes_the_middle() {
+        assert_eq!(median_of(&[3.0, 1.0, 2.0]), 2.0);
+        assert!(median_of(&[]).is_nan());
+    }
 }

@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use burn::backend::{Autodiff, Cuda, Flex};
 pub use config::{ConfigError, DeviceSpec, OptimPrecision, TrainConfig};
 pub use data::{Dataset, Example};
+pub use qatflow_kernels::cache::{enable_compilation_cache, CacheSetting};
 pub use run::{train_on, Follow, RunOptions};
 pub use tokio_util::sync::CancellationToken;
 

@@ -1,7 +1,8 @@
 //! The assistant-only loss: next-token cross-entropy summed over exactly the positions
 //! whose *target* token the model generates when serving (the `model` crate's assistant
 //! mask), computed from hidden states in row chunks so the `[tokens, vocab]` logits never
-//! exist at once in f32 for the whole batch.
+//! exist at once in f32 for the whole batch. On CUDA the LM head and the loss are one
+//! operation (`qatflow_kernels::loss`) that also recomputes the chunks in backward.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
@@ -70,6 +71,21 @@ pub fn nll_sum_from_hidden<B: Backend>(
     let flat = hidden.reshape([b * w, h]);
     let vocab = model.config().vocab_size;
     let chunk = (MAX_CHUNK_LOGITS / vocab.max(1)).max(1);
+    if !batch.rows.is_empty() && qatflow_kernels::loss::supported::<B>(&device, flat.dtype()) {
+        // Training on CUDA: one operation that recomputes each chunk's logits in backward.
+        let n = batch.rows.len();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(batch.rows.clone(), [n]), &device);
+        let rows = flat.clone().select(0, idx);
+        match qatflow_kernels::loss::try_nll_sum(
+            rows,
+            model.lm_head_weight(),
+            &batch.targets,
+            chunk,
+        ) {
+            Ok(total) => return total,
+            Err(_) => unreachable!("`supported` said the chunked loss runs here"),
+        }
+    }
     let mut total = Tensor::<B, 1>::zeros([1], (&device, DType::F32));
     for (rows, targets) in batch.rows.chunks(chunk).zip(batch.targets.chunks(chunk)) {
         let n = rows.len();

@@ -206,6 +206,7 @@ impl TrainSink for BarSink {
 /// Runs `qatflow train`.
 pub fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let config = a.config()?;
+    kernel_cache();
     let dataset = match (&config.data.jsonl, &config.data.store) {
         (Some(p), _) => Dataset::Jsonl(p.clone()),
         (None, Some(p)) => Dataset::Store {
@@ -323,6 +324,20 @@ pub struct BenchTrainArgs {
     /// Write the JSON report here as well as to stdout.
     #[arg(long, value_name = "FILE.json")]
     out: Option<PathBuf>,
+    /// What to run: `both` (plain, then QAT, in one process), `plain` or `qat` (one
+    /// process each gives each its own peak-memory figure).
+    #[arg(long, default_value = "both", value_parser = ["both", "plain", "qat"])]
+    mode: String,
+}
+
+/// Turns CubeCL's compiled-kernel cache on before any GPU work and says where it is.
+fn kernel_cache() {
+    match qatflow_train::enable_compilation_cache() {
+        qatflow_train::CacheSetting::On(dir) => {
+            tracing::info!(dir = %dir.display(), "CubeCL kernel cache (QATFLOW_KERNEL_CACHE=off disables it)")
+        }
+        other => tracing::info!(setting = ?other, "CubeCL kernel cache"),
+    }
 }
 
 fn bench_one(a: &BenchTrainArgs, quant: bool) -> anyhow::Result<BenchReport> {
@@ -353,14 +368,24 @@ fn bench_one(a: &BenchTrainArgs, quant: bool) -> anyhow::Result<BenchReport> {
     })
 }
 
-/// Runs `qatflow bench-train`: plain fine-tuning and QAT side by side in one process.
+/// Runs `qatflow bench-train`: plain fine-tuning and QAT side by side in one process (or
+/// one of them, `--mode`).
 pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<ExitCode> {
-    let plain = bench_one(&a, false)?;
-    let qat = bench_one(&a, true)?;
+    kernel_cache();
+    let plain = (a.mode != "qat")
+        .then(|| bench_one(&a, false))
+        .transpose()?;
+    let qat = (a.mode != "plain")
+        .then(|| bench_one(&a, true))
+        .transpose()?;
+    let ratio = match (&plain, &qat) {
+        (Some(p), Some(q)) => Some(q.median_step_s / p.median_step_s),
+        _ => None,
+    };
     let out = serde_json::json!({
         "plain": plain,
         "qat": qat,
-        "qat_over_plain_step_time": qat.median_step_s / plain.median_step_s,
+        "qat_over_plain_step_time": ratio,
         "gradient_checkpointing": a.gradient_checkpointing,
     });
     let text = serde_json::to_string_pretty(&out)?;

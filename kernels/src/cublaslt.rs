@@ -1,0 +1,172 @@
+//! The few cuBLASLt entry points the GEMM path needs, loaded at run time from
+//! `libcublasLt.so` (or its versioned names 13, 12, 11), so building needs no
+//! CUDA toolkit and a machine without cuBLASLt only loses the fast path. Types and
+//! constants are those of `cublasLt.h` (CUDA 12 and 13 agree on all of them).
+
+use std::ffi::{c_int, c_void};
+use std::sync::OnceLock;
+
+/// `cublasLtHandle_t` and the descriptor handles: opaque pointers.
+pub type Opaque = *mut c_void;
+/// `cublasStatus_t`.
+pub type Status = c_int;
+
+/// `CUBLAS_COMPUTE_32F`.
+pub const COMPUTE_32F: c_int = 68;
+/// `CUDA_R_32F`.
+pub const R_32F: c_int = 0;
+/// `CUDA_R_16BF`.
+pub const R_16BF: c_int = 14;
+/// `CUBLAS_OP_N`.
+pub const OP_N: c_int = 0;
+/// `CUBLAS_OP_T`.
+pub const OP_T: c_int = 1;
+/// `CUBLASLT_MATMUL_DESC_TRANSA`.
+pub const DESC_TRANSA: c_int = 3;
+/// `CUBLASLT_MATMUL_DESC_TRANSB`.
+pub const DESC_TRANSB: c_int = 4;
+/// `CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT` (int32).
+pub const LAYOUT_BATCH_COUNT: c_int = 5;
+/// `CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET` (int64).
+pub const LAYOUT_STRIDED_BATCH_OFFSET: c_int = 6;
+/// `CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES` (uint64).
+pub const PREF_MAX_WORKSPACE_BYTES: c_int = 1;
+
+/// `cublasLtMatmulAlgo_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Algo {
+    /// Opaque algorithm data.
+    pub data: [u64; 8],
+}
+
+/// `cublasLtMatmulHeuristicResult_t`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Heuristic {
+    /// The algorithm.
+    pub algo: Algo,
+    /// Workspace it needs.
+    pub workspace_size: usize,
+    /// `CUBLAS_STATUS_SUCCESS` (0) when usable.
+    pub state: Status,
+    /// Waves count.
+    pub waves_count: f32,
+    /// Reserved.
+    pub reserved: [c_int; 4],
+}
+
+/// The loaded entry points.
+#[allow(missing_docs)]
+pub struct Lib {
+    _lib: libloading::Library,
+    pub create: unsafe extern "C" fn(*mut Opaque) -> Status,
+    pub desc_create: unsafe extern "C" fn(*mut Opaque, c_int, c_int) -> Status,
+    pub desc_set: unsafe extern "C" fn(Opaque, c_int, *const c_void, usize) -> Status,
+    pub layout_create: unsafe extern "C" fn(*mut Opaque, c_int, u64, u64, i64) -> Status,
+    pub layout_set: unsafe extern "C" fn(Opaque, c_int, *const c_void, usize) -> Status,
+    pub pref_create: unsafe extern "C" fn(*mut Opaque) -> Status,
+    pub pref_set: unsafe extern "C" fn(Opaque, c_int, *const c_void, usize) -> Status,
+    pub pref_destroy: unsafe extern "C" fn(Opaque) -> Status,
+    #[allow(clippy::type_complexity)]
+    pub heuristic: unsafe extern "C" fn(
+        Opaque,
+        Opaque,
+        Opaque,
+        Opaque,
+        Opaque,
+        Opaque,
+        Opaque,
+        c_int,
+        *mut Heuristic,
+        *mut c_int,
+    ) -> Status,
+    #[allow(clippy::type_complexity)]
+    pub matmul: unsafe extern "C" fn(
+        Opaque,
+        Opaque,
+        *const c_void,
+        *const c_void,
+        Opaque,
+        *const c_void,
+        Opaque,
+        *const c_void,
+        *const c_void,
+        Opaque,
+        *mut c_void,
+        Opaque,
+        *const Algo,
+        *mut c_void,
+        usize,
+        *mut c_void,
+    ) -> Status,
+}
+
+// SAFETY: the library handle and function pointers are immutable after loading.
+unsafe impl Send for Lib {}
+// SAFETY: as above.
+unsafe impl Sync for Lib {}
+
+impl Lib {
+    fn open() -> Result<Lib, String> {
+        let names = [
+            "libcublasLt.so",
+            "libcublasLt.so.13",
+            "libcublasLt.so.12",
+            "libcublasLt.so.11",
+        ];
+        let mut last = String::new();
+        for name in names {
+            // SAFETY: loading cuBLASLt runs only its own initializers.
+            match unsafe { libloading::Library::new(name) } {
+                Ok(lib) => return Self::resolve(lib),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(format!(
+            "libcublasLt not found (tried {} names, last error: {last}); put the CUDA \
+             libraries' directory on LD_LIBRARY_PATH, or set QATFLOW_GEMM=burn",
+            names.len()
+        ))
+    }
+
+    fn resolve(lib: libloading::Library) -> Result<Lib, String> {
+        macro_rules! sym {
+            ($name:literal) => {
+                // SAFETY: the symbol has the signature of the field it is stored in, as
+                // declared by cublasLt.h.
+                *unsafe { lib.get($name) }.map_err(|e| {
+                    format!("libcublasLt lacks {}: {e}", String::from_utf8_lossy($name))
+                })?
+            };
+        }
+        Ok(Lib {
+            create: sym!(b"cublasLtCreate"),
+            desc_create: sym!(b"cublasLtMatmulDescCreate"),
+            desc_set: sym!(b"cublasLtMatmulDescSetAttribute"),
+            layout_create: sym!(b"cublasLtMatrixLayoutCreate"),
+            layout_set: sym!(b"cublasLtMatrixLayoutSetAttribute"),
+            pref_create: sym!(b"cublasLtMatmulPreferenceCreate"),
+            pref_set: sym!(b"cublasLtMatmulPreferenceSetAttribute"),
+            pref_destroy: sym!(b"cublasLtMatmulPreferenceDestroy"),
+            heuristic: sym!(b"cublasLtMatmulAlgoGetHeuristic"),
+            matmul: sym!(b"cublasLtMatmul"),
+            _lib: lib,
+        })
+    }
+}
+
+/// cuBLASLt, loaded on first use (the error says why it could not be).
+pub fn lib() -> Result<&'static Lib, String> {
+    static LIB: OnceLock<Result<Lib, String>> = OnceLock::new();
+    LIB.get_or_init(Lib::open).as_ref().map_err(Clone::clone)
+}
+
+/// `Ok` for `CUBLAS_STATUS_SUCCESS`, else an error naming the call.
+pub fn check(status: Status, what: &str) -> Result<(), String> {
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(format!("{what} failed with cuBLAS status {status}"))
+    }
+}
