@@ -529,7 +529,7 @@ impl<'a, B: Backend> Weights<'a, B> {
             if let Some(input_scale) = self.ckpt.scalar(&format!("{prefix}.input_scale")) {
                 layer.set_fake_quant(FakeQuant {
                     weight: None,
-                    input: Some(input_scale * qatflow_nvfp4::codec::GLOBAL_SCALE_DIVISOR),
+                    input: Some(qatflow_nvfp4::codec::amax_for_global_scale(input_scale)),
                 })?;
             }
         }

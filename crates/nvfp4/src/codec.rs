@@ -71,6 +71,33 @@ pub fn global_scale(name: &str, amax: f32) -> Result<f32> {
     }
 }
 
+/// An amax whose [`global_scale`] is exactly `scale_2` (bit for bit), for loading a stored
+/// `input_scale` / `weight_scale_2` back into an amax-driven fake quantizer: a plain
+/// `scale_2 × 2688` rounds twice and can move the global scale by an ulp, which flips FP8
+/// block scales. Searches the floats next to `scale_2 × 2688`; when none maps back exactly
+/// (possible where the product's ulp is coarser than `scale_2`'s), returns the one whose
+/// scale is closest.
+pub fn amax_for_global_scale(scale_2: f32) -> f32 {
+    let guess = scale_2 * GLOBAL_SCALE_DIVISOR;
+    if !guess.is_finite() || guess <= 0.0 {
+        return guess;
+    }
+    let mut best = guess;
+    let mut best_err = f32::INFINITY;
+    for step in -8i32..=8 {
+        let candidate = f32::from_bits((guess.to_bits() as i64 + step as i64) as u32);
+        let err = (candidate * RECIP_GLOBAL_SCALE_DIVISOR - scale_2).abs();
+        if err < best_err || (err == best_err && step == 0) {
+            best = candidate;
+            best_err = err;
+        }
+        if err == 0.0 && step >= 0 {
+            break;
+        }
+    }
+    best
+}
+
 /// `weight_scale_2` of a weight whose quantizer calibrated `amax` (for PTQ: `max|W|`; for a
 /// group of linears reading the same input: the group's largest amax).
 pub fn weight_scale_2(name: &str, amax: f32) -> Result<f32> {
@@ -488,5 +515,22 @@ mod tests {
         fn pack_unpack_inverse(codes in proptest::collection::vec(0u8..16, 0..64usize).prop_map(|mut v| { if v.len() % 2 == 1 { v.pop(); } v })) {
             prop_assert_eq!(unpack_nibbles(&pack_nibbles(&codes)), codes);
         }
+    }
+
+    #[test]
+    fn stored_scales_load_back_to_the_same_global_scale() {
+        let mut exact = 0;
+        let n = 20_000u32;
+        for i in 0..n {
+            // Amaxes over many binades, as calibration produces them.
+            let amax = f32::from_bits(0x3a00_0000 + i.wrapping_mul(0x0003_1337) % 0x0a00_0000);
+            let scale_2 = global_scale("t", amax).unwrap();
+            let back = amax_for_global_scale(scale_2);
+            let again = back * RECIP_GLOBAL_SCALE_DIVISOR;
+            assert!((again - scale_2).abs() <= scale_2 * f32::EPSILON, "{amax}");
+            exact += usize::from(again.to_bits() == scale_2.to_bits());
+        }
+        // Every scale that came from an amax has an exact preimage: that amax.
+        assert_eq!(exact, n as usize);
     }
 }

@@ -153,7 +153,10 @@ fn export_computes_the_trained_fake_quantized_model(
         CausalLm::<B>::load(dir, options, &Default::default()).unwrap()
     };
     let plain = eval_nll(&load(ckpt), ids.clone()).unwrap().mean_nll;
-    let mut fq = load(ckpt);
+    // The export stores every tensor it does not quantize (embedding, norms, LM head) in
+    // BF16, as ModelOpt does: compare with the trained model rounded the same way.
+    let rounded = bf16_unquantized_copy(ckpt, quant, &tmp.join("rounded"));
+    let mut fq = load(&rounded);
     for l in fq.linears_mut() {
         l.set_fake_quant(quant[&l.name]).unwrap();
     }
@@ -164,6 +167,55 @@ fn export_computes_the_trained_fake_quantized_model(
         "export {exported} vs fake-quantized checkpoint {fq} (unquantized {plain})"
     );
     assert!((plain - fq).abs() > 3e-3, "{plain} vs {fq}");
+}
+
+/// A copy of checkpoint `ckpt` whose F32 tensors outside the quantized linears are rounded
+/// through BF16 (still stored as F32).
+fn bf16_unquantized_copy(
+    ckpt: &Path,
+    quant: &std::collections::BTreeMap<String, qatflow_model::FakeQuant>,
+    out: &Path,
+) -> PathBuf {
+    use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+    std::fs::create_dir_all(out).unwrap();
+    for entry in std::fs::read_dir(ckpt).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            std::fs::copy(&path, out.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let bytes = std::fs::read(ckpt.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let quantized = name
+            .strip_suffix(".weight")
+            .is_some_and(|m| quant.contains_key(m));
+        let raw = view.data().to_vec();
+        let raw = if view.dtype() == Dtype::F32 && !quantized {
+            raw.chunks_exact(4)
+                .flat_map(|c| {
+                    let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    half::bf16::from_f32(v).to_f32().to_le_bytes()
+                })
+                .collect()
+        } else {
+            raw
+        };
+        data.push((name, view.shape().to_vec(), raw));
+    }
+    let views: Vec<(String, TensorView<'_>)> = data
+        .iter()
+        .map(|(n, shape, raw)| {
+            let dtype = st.tensor(n).unwrap().dtype();
+            (
+                n.clone(),
+                TensorView::new(dtype, shape.clone(), raw).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
+    out.to_path_buf()
 }
 
 #[test]
