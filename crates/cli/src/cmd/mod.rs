@@ -8,5 +8,6 @@ pub mod infer;
 pub mod model;
 pub mod node;
 pub mod quant_check;
+pub mod serve;
 pub mod train;
 pub mod validate;
