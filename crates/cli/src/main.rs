@@ -68,6 +68,14 @@ enum Command {
     /// Chat with a model directory (Hugging Face or NVFP4 export): prints the reply.
     Chat(cmd::infer::ChatArgs),
 
+    /// Serve a model directory over an OpenAI-compatible HTTP API (Chat Completions).
+    ///
+    /// POST /v1/chat/completions (streaming or not, tools, stop, seed,
+    /// chat_template_kwargs.enable_thinking), GET /v1/models, GET /health, GET /metrics
+    /// (Prometheus). Listens on 127.0.0.1 unless --host is given with --token. Prints
+    /// `listening on http://ADDR` on stdout once ready; Ctrl-C stops it.
+    Serve(cmd::serve::ServeArgs),
+
     /// Measure what quantization costs a model: NLL/perplexity, or KL divergence.
     #[command(subcommand)]
     Eval(cmd::infer::EvalCommand),
@@ -190,6 +198,7 @@ fn main() -> ExitCode {
         Command::Model(c) => cmd::model::run(c),
         Command::QuantCheck(args) => cmd::quant_check::run(args),
         Command::Chat(args) => cmd::infer::chat(args),
+        Command::Serve(args) => cmd::serve::run(args),
         Command::Eval(c) => cmd::infer::eval(c),
         Command::Train(args) => cmd::train::train(args),
         Command::Report(args) => cmd::train::report(args),

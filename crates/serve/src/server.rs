@@ -33,7 +33,7 @@ use crate::toolcall::{ToolCall, ToolCallFormat};
 use crate::ServeError;
 
 /// How to load and serve a model directory.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
     /// The name clients put in `model` (default: the directory's name).
     pub model_name: Option<String>,
@@ -47,19 +47,6 @@ pub struct ServeOptions {
     pub load: LoadOptions,
     /// Bearer token required on `/v1/*` and `/metrics` (`/health` stays open).
     pub token: Option<String>,
-}
-
-impl Default for ServeOptions {
-    fn default() -> Self {
-        ServeOptions {
-            model_name: None,
-            max_model_len: None,
-            engine: EngineConfig::default(),
-            tool_format: None,
-            load: LoadOptions::default(),
-            token: None,
-        }
-    }
 }
 
 /// Refuses a bind address beyond loopback without a bearer token (the node's rule).

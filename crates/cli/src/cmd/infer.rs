@@ -49,7 +49,8 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn options(&self) -> LoadOptions {
+    /// The load options these flags ask for.
+    pub fn options(&self) -> LoadOptions {
         let precision = match (self.precision.as_deref(), self.device) {
             (Some("bf16"), _) | (None, Device::Cuda(_)) => Precision::Bf16,
             _ => Precision::F32,

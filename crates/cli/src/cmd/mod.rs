@@ -10,5 +10,6 @@ pub mod model;
 pub mod node;
 pub mod quant_check;
 pub mod render_audit;
+pub mod serve;
 pub mod train;
 pub mod validate;
