@@ -139,9 +139,11 @@ impl Handler<Kick> for ShardShipper {
         let hb = self.heartbeat.clone();
         // Created by the round only when it has shards to ship: an idle poll leaves no
         // trace.
+        // Taken, not cloned: a span is exported only once every handle to it is dropped,
+        // so keeping the generation's span here would keep its trace from ever closing.
         let span = (
             self.board.name().to_string(),
-            self.parent.clone().unwrap_or_else(tracing::Span::current),
+            self.parent.take().unwrap_or_else(tracing::Span::current),
         );
         let work = round(
             self.parts.clone(),
