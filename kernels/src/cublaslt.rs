@@ -125,7 +125,7 @@ impl Lib {
         }
         Err(format!(
             "libcublasLt not found (tried {} names, last error: {last}); put the CUDA \
-             libraries' directory on LD_LIBRARY_PATH, or set QATFLOW_GEMM=burn",
+             libraries' directory on LD_LIBRARY_PATH, or unset QATFLOW_GEMM",
             names.len()
         ))
     }

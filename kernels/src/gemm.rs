@@ -11,8 +11,9 @@
 //! every GEMM is ordered by synchronizing: CubeCL's queue is drained before the GEMM and
 //! the GEMM's own stream after it.
 //!
-//! Anything else (CPU backends, F32 tensors, mixed dtypes, a machine without cuBLASLt, or
-//! `QATFLOW_GEMM=burn` in the environment) takes burn's own `matmul`.
+//! The path is opt-in while it is unverified on a GPU: `QATFLOW_GEMM=cublaslt` turns it on.
+//! Anything else (no such setting, CPU backends, F32 tensors, mixed dtypes, a machine without
+//! cuBLASLt) takes burn's own `matmul`.
 //!
 //! [`QLinear`]: https://docs.rs/qatflow-model (the `qatflow-model` crate's linear layer)
 
@@ -201,9 +202,11 @@ fn add_ns(counter: &AtomicU64, since: Instant) {
     counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
-/// True unless `QATFLOW_GEMM=burn` asks for burn's matmul.
+/// True when `QATFLOW_GEMM=cublaslt` asks for this path. It is opt-in until it has been
+/// checked on a GPU against burn's path (correctness, loss curves, speed); without it every
+/// GEMM, attention and loss runs through burn as before.
 pub fn enabled() -> bool {
-    std::env::var(GEMM_ENV).map_or(true, |v| v != "burn")
+    std::env::var(GEMM_ENV).is_ok_and(|v| v == "cublaslt")
 }
 
 /// Sets cuBLASLt up on CUDA device `index` (once) and says whether it can be used; the

@@ -7,6 +7,7 @@
 //! input is kept and the recomputation of one block stops there. Backward then recomputes
 //! one block at a time: activation memory grows with one layer, not with the depth.
 //!
+//! It works with the cuBLASLt path only (opt-in, `QATFLOW_GEMM=cublaslt`);
 //! `QATFLOW_RECOMPUTE=off` keeps the GEMM outputs instead (burn's own balanced strategy,
 //! which recomputes only element-wise work).
 
@@ -25,9 +26,9 @@ use crate::fake_quant::{downcast, upcast, Cube, CubeBf16};
 /// Environment variable: `off` keeps the GEMM outputs instead of recomputing blocks.
 pub const RECOMPUTE_ENV: &str = "QATFLOW_RECOMPUTE";
 
-/// True unless `QATFLOW_RECOMPUTE=off`.
+/// True on the cuBLASLt path ([`crate::gemm::enabled`]) unless `QATFLOW_RECOMPUTE=off`.
 pub fn layer_recompute() -> bool {
-    std::env::var(RECOMPUTE_ENV).map_or(true, |v| v != "off")
+    crate::gemm::enabled() && std::env::var(RECOMPUTE_ENV).map_or(true, |v| v != "off")
 }
 
 /// Backward of the marker: the identity.
