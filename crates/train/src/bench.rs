@@ -78,7 +78,7 @@ pub struct BenchReport {
     pub peak_device_gpu_mib: Option<u64>,
     /// `memory.used` before the model was loaded, in MiB (what other processes held).
     pub device_gpu_mib_before: Option<u64>,
-    /// GEMM path: `cublaslt` or `burn` (`QATFLOW_GEMM=burn`).
+    /// GEMM path: `cublaslt` (opt-in with `QATFLOW_GEMM=cublaslt`) or `burn`.
     pub gemm_path: String,
 }
 
