@@ -127,6 +127,18 @@ enum Command {
     /// Benchmark the exporter on a random-init checkpoint (Qwen3-1.7B config): wall time
     /// (median of --runs) and peak memory of `qatflow export`, as JSON.
     BenchExport(cmd::export::BenchArgs),
+
+    /// Run the behaviour suite (config/bench/) against a served model: thinking leaks,
+    /// tool calls, markdown, facts, reasoning, follow-up questions, verbosity, TTFT and
+    /// decode speed.
+    ///
+    /// Every prompt is sent with the production system prompt and tools of config/teacher/
+    /// as a streaming request to --endpoint (any OpenAI-compatible server: vLLM, qatflow
+    /// serve) or to `qatflow serve MODEL_DIR` started for the run, and checked with the
+    /// data gates' definitions. Prints a table per category (and writes --out JSON);
+    /// --compare A.json B.json prints saved runs side by side. Exit status 0 when every
+    /// gate passes, 1 when one fails, 2 on unusable input or an unreachable server.
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -164,6 +176,7 @@ fn main() -> ExitCode {
         Command::Export(args) => cmd::export::export(args),
         Command::Quantize(args) => cmd::export::quantize(args),
         Command::BenchExport(args) => cmd::export::bench(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(code) => code,
