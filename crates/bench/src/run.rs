@@ -7,7 +7,7 @@ use crate::client::{Client, Sample};
 use crate::report::{
     CategoryResult, Latency, LatencyGateResult, Report, SampleReport, Stat, REPORT_FORMAT,
 };
-use crate::suite::{Prompt, Suite};
+use crate::suite::{CategorySuite, Prompt, Suite};
 use crate::BenchError;
 use qatflow_core::Progress;
 use qatflow_gates::GateProfile;
@@ -121,6 +121,17 @@ pub fn request_body(
     body
 }
 
+/// Every prompt with its category, in suite order.
+fn all_prompts(suite: &Suite) -> Vec<(&CategorySuite, &Prompt)> {
+    let mut out = Vec::new();
+    for c in &suite.categories {
+        for p in &c.prompts {
+            out.push((c, p));
+        }
+    }
+    out
+}
+
 async fn send(
     client: &Client,
     body: &serde_json::Value,
@@ -148,11 +159,7 @@ pub async fn run(
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let all: Vec<(&str, &Prompt)> = suite
-        .categories
-        .iter()
-        .flat_map(|c| c.prompts.iter().map(|p| (c.category.name.as_str(), p)))
-        .collect();
+    let all = all_prompts(suite);
     for i in 0..opts.warmup as usize {
         let (_, prompt) = all[i % all.len()];
         let body = request_body(suite, setup, &opts.model, prompt);
@@ -170,11 +177,7 @@ pub async fn run(
     let mut samples = Vec::new();
     let mut first_error = None;
     for run in 0..opts.runs {
-        for (c, prompt) in suite
-            .categories
-            .iter()
-            .flat_map(|c| c.prompts.iter().map(move |p| (c, p)))
-        {
+        for (c, prompt) in all_prompts(suite) {
             if cancel.is_cancelled() {
                 return Err(BenchError::Cancelled);
             }

@@ -148,6 +148,18 @@ enum Command {
     /// (also written to DIR/report.md). Each stage prints the qatflow command it runs. A
     /// second run skips finished stages; --from STAGE redoes one and all after it.
     Demo(cmd::demo::Args),
+
+    /// Run the behaviour suite (config/bench/) against a served model: thinking leaks,
+    /// tool calls, markdown, facts, reasoning, follow-up questions, verbosity, TTFT and
+    /// decode speed.
+    ///
+    /// Every prompt is sent with the production system prompt and tools of config/teacher/
+    /// as a streaming request to --endpoint (any OpenAI-compatible server: vLLM, qatflow
+    /// serve) or to `qatflow serve MODEL_DIR` started for the run, and checked with the
+    /// data gates' definitions. Prints a table per category (and writes --out JSON);
+    /// --compare A.json B.json prints saved runs side by side. Exit status 0 when every
+    /// gate passes, 1 when one fails, 2 on unusable input or an unreachable server.
+    Bench(cmd::bench::Args),
 }
 
 /// Commands whose stdout is data for other tools end quietly when the reader closes the
@@ -210,6 +222,7 @@ fn main() -> ExitCode {
         Command::Quantize(args) => cmd::export::quantize(args),
         Command::BenchExport(args) => cmd::export::bench(args),
         Command::Demo(args) => cmd::demo::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(code) => code,

@@ -328,12 +328,307 @@ impl Default for ReceiverConfig {
     }
 }
 
-/// `[serving]`: the command the ServingSupervisor starts for a serve job.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[serving]`: what the ServingSupervisor runs. With `engine` set (`vllm` or `embedded`)
+/// the command is rendered from these fields and the server is supervised (health ladder,
+/// restarts with backoff, promote/rollback); with only `command`, that command is run as
+/// given and only its process is watched.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServingConfig {
-    /// Program and arguments (`["vllm", "serve", "models/export"]`); none disables serving.
+    /// Program and arguments run as given (`["vllm", "serve", "models/export"]`), without
+    /// health checks; ignored when `engine` is set.
     pub command: Vec<String>,
+    /// `vllm` or `embedded` (`qatflow serve`); none runs `command`.
+    pub engine: Option<Engine>,
+    /// The model directory served (a promoted candidate replaces it; the node remembers).
+    pub model: Option<PathBuf>,
+    /// The executable: `vllm` (found on PATH) or the running qatflow by default.
+    pub program: Option<PathBuf>,
+    /// The model name clients request (vLLM's `--served-model-name`).
+    pub served_model_name: String,
+    /// Address the server listens on.
+    pub host: String,
+    /// Port of the serving model.
+    pub port: u16,
+    /// Port a candidate is served on while it is benchmarked.
+    pub candidate_port: u16,
+    /// Model family (`qwen3`, `qwen3_5`, `llama`); default: `model_type` of config.json.
+    pub family: Option<String>,
+    /// vLLM's `--tool-call-parser`; default by family (hermes; qwen3_coder for Qwen3.5).
+    pub tool_call_parser: Option<String>,
+    /// vLLM's `--max-model-len`.
+    pub max_model_len: Option<u32>,
+    /// vLLM's `--gpu-memory-utilization`.
+    pub gpu_memory_utilization: Option<f64>,
+    /// Arguments appended to the rendered command.
+    pub extra_args: Vec<String>,
+    /// Start serving when the node starts, instead of on a SERVE job.
+    pub auto_start: bool,
+    /// The health ladder and restarts.
+    pub health: HealthConfig,
+    /// Promote/rollback of candidates.
+    pub promote: PromoteConfig,
+}
+
+impl Default for ServingConfig {
+    fn default() -> ServingConfig {
+        ServingConfig {
+            command: Vec::new(),
+            engine: None,
+            model: None,
+            program: None,
+            served_model_name: "qatflow".into(),
+            host: "127.0.0.1".into(),
+            port: 8000,
+            candidate_port: 8001,
+            family: None,
+            tool_call_parser: None,
+            max_model_len: None,
+            gpu_memory_utilization: None,
+            extra_args: Vec::new(),
+            auto_start: false,
+            health: HealthConfig::default(),
+            promote: PromoteConfig::default(),
+        }
+    }
+}
+
+/// The server a supervised `[serving]` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// vLLM's OpenAI server (`vllm serve`).
+    Vllm,
+    /// qatflow's own server (`qatflow serve`).
+    Embedded,
+}
+
+/// `[serving.health]`: the ladder (process alive → `/health` → `/v1/models` lists the
+/// model → a smoke completion) and stall detection in service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// How long a starting server may take to pass the ladder, in seconds.
+    pub startup_timeout_s: u64,
+    /// Time between checks, in milliseconds.
+    pub interval_ms: u64,
+    /// Timeout of `/health` and `/v1/models`, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// A probe completion with no token for this long means the engine is stalled.
+    pub stall_timeout_ms: u64,
+    /// Consecutive failed `/health` checks in service before a restart.
+    pub failures_before_restart: u32,
+    /// Restarts without reaching health before the supervisor gives up.
+    pub max_restarts: u32,
+    /// First wait before a restart, in milliseconds; doubles up to `backoff_max_ms`.
+    pub backoff_initial_ms: u64,
+    /// Longest wait before a restart, in milliseconds.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> HealthConfig {
+        HealthConfig {
+            startup_timeout_s: 900,
+            interval_ms: 5_000,
+            request_timeout_ms: 5_000,
+            stall_timeout_ms: 60_000,
+            failures_before_restart: 3,
+            max_restarts: 5,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 60_000,
+        }
+    }
+}
+
+/// `[serving.promote]`: a candidate export is served on `candidate_port`, benchmarked with
+/// the suite next to the serving model, and promoted only when it passes the suite's gates
+/// and is not worse beyond the margins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromoteConfig {
+    /// Suite directory (default: config/bench or built-in).
+    pub suite: Option<PathBuf>,
+    /// Only these categories of the suite.
+    pub categories: Vec<String>,
+    /// Directory of the production system prompt and tools (default: config/teacher or
+    /// built-in).
+    pub teacher_dir: Option<PathBuf>,
+    /// Percentage points a pass rate may drop against the serving model.
+    pub margin_pct: f64,
+    /// Percent the median TTFT may grow (and decode speed shrink).
+    pub latency_margin_pct: f64,
+    /// Measured repetitions of each prompt.
+    pub runs: u32,
+    /// Longest wait for any chunk of a bench response, in milliseconds.
+    pub idle_timeout_ms: u64,
+    /// Benchmark every finished export as a candidate (needs `[exporter]`).
+    pub on_export: bool,
+    /// The candidate a PROMOTE job benchmarks (default: `[exporter] out`).
+    pub candidate: Option<PathBuf>,
+}
+
+impl Default for PromoteConfig {
+    fn default() -> PromoteConfig {
+        PromoteConfig {
+            suite: None,
+            categories: Vec::new(),
+            teacher_dir: None,
+            margin_pct: 5.0,
+            latency_margin_pct: 20.0,
+            runs: 1,
+            idle_timeout_ms: 60_000,
+            on_export: false,
+            candidate: None,
+        }
+    }
+}
+
+/// A model directory's `config.json` facts that decide the serving flags.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ModelFacts {
+    /// `model_type` (of `text_config` for a VL wrapper).
+    pub family: Option<String>,
+    /// NVFP4 weights (`hf_quant_config.json` or a modelopt `quantization_config`).
+    pub nvfp4: bool,
+    /// Qwen3.5's VL wrapper config (`text_config` inside a `qwen3_5` config).
+    pub vl_wrapper: bool,
+}
+
+impl ModelFacts {
+    /// Reads `dir/config.json` and `dir/hf_quant_config.json`; a missing or unreadable
+    /// config gives no facts (the server itself reports what is wrong with the model).
+    pub fn read(dir: &Path) -> ModelFacts {
+        let config: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let text = config.get("text_config").filter(|t| t.is_object());
+        let family = text
+            .and_then(|t| t["model_type"].as_str())
+            .or_else(|| config["model_type"].as_str())
+            .map(|f| f.trim_end_matches("_text").to_string());
+        let nvfp4 = dir.join("hf_quant_config.json").is_file()
+            || config["quantization_config"]["quant_method"] == "modelopt";
+        ModelFacts {
+            family,
+            nvfp4,
+            vl_wrapper: text.is_some() && config["model_type"] == "qwen3_5",
+        }
+    }
+}
+
+impl ServingConfig {
+    /// The command serving `model` on `port`: rendered for `engine`, or `command` as given.
+    pub fn render(&self, model: &Path, port: u16) -> Vec<String> {
+        let Some(engine) = self.engine else {
+            return self.command.clone();
+        };
+        let facts = ModelFacts::read(model);
+        let family = self.family.clone().or(facts.family);
+        let model = model.display().to_string();
+        let mut cmd = match engine {
+            Engine::Vllm => {
+                let program = self
+                    .program
+                    .as_ref()
+                    .map_or("vllm".into(), |p| p.display().to_string());
+                let mut c = vec![
+                    program,
+                    "serve".into(),
+                    model,
+                    "--served-model-name".into(),
+                    self.served_model_name.clone(),
+                    "--host".into(),
+                    self.host.clone(),
+                    "--port".into(),
+                    port.to_string(),
+                ];
+                if facts.nvfp4 {
+                    c.extend(["--quantization".into(), "modelopt_fp4".into()]);
+                }
+                let qwen = family.as_deref().is_some_and(|f| f.starts_with("qwen3"));
+                if qwen {
+                    c.extend(["--reasoning-parser".into(), "qwen3".into()]);
+                }
+                let parser = self.tool_call_parser.clone().unwrap_or_else(|| {
+                    match family.as_deref() {
+                        Some("qwen3_5") => "qwen3_coder",
+                        _ => "hermes",
+                    }
+                    .into()
+                });
+                c.extend([
+                    "--enable-auto-tool-choice".into(),
+                    "--tool-call-parser".into(),
+                    parser,
+                ]);
+                if let Some(n) = self.max_model_len {
+                    c.extend(["--max-model-len".into(), n.to_string()]);
+                }
+                if let Some(u) = self.gpu_memory_utilization {
+                    c.extend(["--gpu-memory-utilization".into(), u.to_string()]);
+                }
+                if facts.vl_wrapper {
+                    c.push("--language-model-only".into());
+                }
+                c
+            }
+            Engine::Embedded => {
+                let program = self.program.as_ref().map_or_else(
+                    || {
+                        std::env::current_exe()
+                            .map_or("qatflow".into(), |p| p.display().to_string())
+                    },
+                    |p| p.display().to_string(),
+                );
+                vec![
+                    program,
+                    "serve".into(),
+                    model,
+                    "--port".into(),
+                    port.to_string(),
+                ]
+            }
+        };
+        cmd.extend(self.extra_args.iter().cloned());
+        cmd
+    }
+
+    /// The base URL of a server of this config on `port`.
+    pub fn url(&self, port: u16) -> String {
+        let host = if self.host == "0.0.0.0" || self.host == "::" {
+            "127.0.0.1"
+        } else {
+            self.host.as_str()
+        };
+        format!("http://{host}:{port}")
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.engine.is_some() {
+            if self.model.is_none() {
+                return Err(
+                    "serving.model is required with serving.engine (the model directory to serve)"
+                        .into(),
+                );
+            }
+            if self.port == self.candidate_port {
+                return Err(format!(
+                    "serving.port and serving.candidate_port are both {}: a candidate needs its own port",
+                    self.port
+                ));
+            }
+        }
+        let h = &self.health;
+        if h.interval_ms == 0 || h.request_timeout_ms == 0 || h.stall_timeout_ms == 0 {
+            return Err("serving.health intervals and timeouts must be at least 1 ms".into());
+        }
+        if self.promote.runs == 0 {
+            return Err("serving.promote.runs must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 impl NodeConfig {
@@ -377,8 +672,23 @@ impl NodeConfig {
         if let Some(t) = config.trainer.as_mut() {
             rebase(&mut t.config);
         }
+        let serving = &mut config.serving;
+        for p in [
+            &mut serving.model,
+            &mut serving.promote.candidate,
+            &mut serving.promote.suite,
+            &mut serving.promote.teacher_dir,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            rebase(p);
+        }
         if let Some(e) = config.exporter.as_mut() {
             rebase(&mut e.out);
+            if config.serving.promote.candidate.is_none() {
+                config.serving.promote.candidate = Some(e.out.clone());
+            }
             if let Some(p) = e.run_dir.as_mut() {
                 rebase(p);
             }
@@ -404,6 +714,7 @@ impl NodeConfig {
             return Err("shipper.peer is required for role workstation (the GPU node's URL, e.g. http://127.0.0.1:7441)".into());
         }
         config.tls.check(config.role)?;
+        config.serving.check()?;
         if let Some(peer) = &config.shipper.peer {
             let https = peer.starts_with("https://");
             if https != config.tls.server_ca.is_some() {
@@ -533,6 +844,78 @@ mod tests {
         assert_eq!(c.token().unwrap().as_deref(), Some("secret"));
         std::fs::write(&file, "\n").unwrap();
         assert!(c.token().unwrap_err().to_string().contains("empty"));
+    }
+
+    fn model_dir(config: serde_json::Value, nvfp4: bool) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        if nvfp4 {
+            std::fs::write(dir.path().join("hf_quant_config.json"), "{}").unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn the_vllm_command_follows_the_model_family() {
+        let c = NodeConfig::from_toml(&format!(
+            "{MINIMAL}[serving]\nengine = \"vllm\"\nmodel = \"m\"\nmax_model_len = 32768\n\
+             gpu_memory_utilization = 0.15\nextra_args = [\"--enforce-eager\"]\n"
+        ))
+        .unwrap()
+        .serving;
+        let qwen35 = model_dir(
+            serde_json::json!({"model_type": "qwen3_5", "text_config": {"model_type": "qwen3_5_text"}}),
+            true,
+        );
+        let cmd = c.render(qwen35.path(), 8001).join(" ");
+        let want = format!(
+            "vllm serve {} --served-model-name qatflow --host 127.0.0.1 --port 8001 \
+             --quantization modelopt_fp4 --reasoning-parser qwen3 --enable-auto-tool-choice \
+             --tool-call-parser qwen3_coder --max-model-len 32768 --gpu-memory-utilization 0.15 \
+             --language-model-only --enforce-eager",
+            qwen35.path().display()
+        );
+        assert_eq!(cmd, want);
+        let qwen3 = model_dir(serde_json::json!({"model_type": "qwen3"}), false);
+        let cmd = c.render(qwen3.path(), 8000).join(" ");
+        assert!(
+            cmd.contains(
+                "--reasoning-parser qwen3 --enable-auto-tool-choice --tool-call-parser hermes"
+            ),
+            "{cmd}"
+        );
+        assert!(
+            !cmd.contains("modelopt_fp4") && !cmd.contains("--language-model-only"),
+            "{cmd}"
+        );
+        let llama = model_dir(serde_json::json!({"model_type": "llama"}), true);
+        let cmd = c.render(llama.path(), 8000).join(" ");
+        assert!(!cmd.contains("--reasoning-parser"), "{cmd}");
+        assert!(
+            cmd.contains("--quantization modelopt_fp4") && cmd.contains("hermes"),
+            "{cmd}"
+        );
+        assert_eq!(c.url(8000), "http://127.0.0.1:8000");
+    }
+
+    #[test]
+    fn serving_mistakes_are_named() {
+        let err =
+            NodeConfig::from_toml(&format!("{MINIMAL}[serving]\nengine = \"vllm\"\n")).unwrap_err();
+        assert!(err.contains("serving.model is required"), "{err}");
+        let err = NodeConfig::from_toml(&format!(
+            "{MINIMAL}[serving]\nengine = \"vllm\"\nmodel = \"m\"\ncandidate_port = 8000\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("own port"), "{err}");
+        let err =
+            NodeConfig::from_toml(&format!("{MINIMAL}[serving]\nengine = \"tgi\"\n")).unwrap_err();
+        assert!(err.contains("tgi"), "{err}");
+        let c = NodeConfig::from_toml(&format!(
+            "{MINIMAL}[serving]\ncommand = [\"sleep\", \"1\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.serving.render(Path::new("ignored"), 1), ["sleep", "1"]);
     }
 
     #[test]

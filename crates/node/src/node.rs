@@ -155,7 +155,7 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
         };
         let serving = {
             let (command, store, log, jobs, board) = (
-                config.serving.command.clone(),
+                config.serving.clone(),
                 store.clone(),
                 dir.join("serving.log"),
                 jobs.clone(),
@@ -209,8 +209,17 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
                     out: e.out.clone(),
                 };
                 let (store, jobs, board) = (store.clone(), jobs.clone(), board.clone());
+                let promote = config
+                    .serving
+                    .promote
+                    .on_export
+                    .then(|| serving.clone().recipient());
                 Some(Supervisor::start(move |_| {
-                    ExporterActor::new(plan, store, jobs, board)
+                    let exporter = ExporterActor::new(plan, store, jobs, board);
+                    match promote.clone() {
+                        Some(to) => exporter.promote_to(to),
+                        None => exporter,
+                    }
                 }))
             }
             None => None,

@@ -8,7 +8,7 @@ use crate::actors::blocking;
 use crate::actors::exporter::{ExporterActor, StartExport};
 use crate::actors::jobs::JobHub;
 use crate::actors::receiver::{Append, Commit, Query, ReceiveError, ShardReceiver, Sync};
-use crate::actors::serving::{ServingSupervisor, StartServing};
+use crate::actors::serving::{Promote, ServingSupervisor, StartServing};
 use crate::actors::trainer::{StartTraining, TrainerActor};
 use crate::auth::ServerAuth;
 use crate::client::{AuthChannel, NodeClient};
@@ -449,8 +449,25 @@ impl Jobs for Services {
                     .map_err(Status::failed_precondition)?;
                 Ok(Response::new(StartJobResponse { job_id: id }))
             }
+            Ok(JobKind::Promote) => {
+                let id = spark
+                    .serving
+                    .send(Promote {
+                        candidate: None,
+                        take: true,
+                    })
+                    .instrument(span)
+                    .await
+                    .map_err(|e| {
+                        Status::unavailable(format!(
+                            "the serving supervisor is restarting ({e}); retry"
+                        ))
+                    })?
+                    .map_err(Status::failed_precondition)?;
+                Ok(Response::new(StartJobResponse { job_id: id }))
+            }
             _ => Err(Status::invalid_argument(format!(
-                "unknown job kind {kind}; use TRAIN, EXPORT or SERVE"
+                "unknown job kind {kind}; use TRAIN, EXPORT, SERVE or PROMOTE"
             ))),
         }
     }

@@ -13,6 +13,8 @@ struct States {
     validation: String,
     shipper: String,
     serving: String,
+    serving_bench: String,
+    candidate: String,
     export: String,
     training: Option<TrainingStatus>,
 }
@@ -44,6 +46,10 @@ pub enum Field {
     Serving,
     /// The ExporterActor.
     Export,
+    /// The serving model's last bench (ServingSupervisor).
+    ServingBench,
+    /// The last candidate's bench and verdict (ServingSupervisor).
+    Candidate,
 }
 
 impl StatusBoard {
@@ -79,6 +85,8 @@ impl StatusBoard {
             Field::Shipper => s.shipper = text,
             Field::Serving => s.serving = text,
             Field::Export => s.export = text,
+            Field::ServingBench => s.serving_bench = text,
+            Field::Candidate => s.candidate = text,
         }
     }
 
@@ -112,6 +120,8 @@ impl StatusBoard {
             export: s.export,
             training: s.training,
             actor_restarts: self.restarts(),
+            serving_bench: s.serving_bench,
+            candidate: s.candidate,
             ..NodeStatus::default()
         }
     }
@@ -237,6 +247,8 @@ pub fn render(nodes: &[NodeStatus], peer_error: &str) -> String {
                     &n.serving
                 },
             );
+            line(&mut out, "serving bench", &n.serving_bench);
+            line(&mut out, "candidate", &n.candidate);
         }
         line(&mut out, "actor restarts", &n.actor_restarts.to_string());
     }
@@ -265,6 +277,8 @@ mod tests {
             loss: 1.5,
             eta_s: 7,
         });
+        spark.set(Field::ServingBench, "10/10 passed");
+        spark.set(Field::Candidate, "export: rolled back: markdown 0/10");
         let mut b = spark.snapshot();
         b.shards_committed = 2;
         let text = render(&[a, b], "");
@@ -276,6 +290,8 @@ mod tests {
             "shards committed       2",
             "running step 5/10 loss 1.5000 eta 7s",
             "serving                stopped",
+            "serving bench          10/10 passed",
+            "candidate              export: rolled back: markdown 0/10",
         ] {
             assert!(text.contains(needle), "{needle:?} in\n{text}");
         }

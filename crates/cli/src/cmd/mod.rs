@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod bench;
 pub mod bench_gates;
 pub mod dataset;
 pub mod demo;

@@ -6,6 +6,7 @@
 //! when complete, so a cut-off export leaves no output).
 
 use super::jobs::{JobHandle, JobHub};
+use super::serving::Promote;
 use crate::status::{Field, StatusBoard};
 use crate::trace::actor_span;
 use actix::prelude::*;
@@ -37,6 +38,7 @@ pub struct ExporterActor {
     jobs: JobHub,
     board: StatusBoard,
     current: Option<JobHandle>,
+    on_finished: Option<Recipient<Promote>>,
 }
 
 impl ExporterActor {
@@ -48,7 +50,15 @@ impl ExporterActor {
             jobs,
             board,
             current: None,
+            on_finished: None,
         }
+    }
+
+    /// Sends every finished export to `serving` as a candidate (`[serving.promote]
+    /// on_export`).
+    pub fn promote_to(mut self, serving: Recipient<Promote>) -> ExporterActor {
+        self.on_finished = Some(serving);
+        self
     }
 
     fn set_intent(&self, state: &str) {
@@ -202,6 +212,12 @@ impl Handler<Ended> for ExporterActor {
         }
         if let Some(job) = self.current.take_if(|j| j.id == msg.job) {
             job.state(msg.state);
+        }
+        if let (JobState::Finished, Some(serving)) = (msg.state, &self.on_finished) {
+            serving.do_send(Promote {
+                candidate: Some(self.plan.out.clone()),
+                take: true,
+            });
         }
         self.board.set(Field::Export, msg.text);
     }
