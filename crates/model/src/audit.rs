@@ -418,9 +418,11 @@ mod tests {
         let rendered =
             "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nThe answer.<|im_end|>\n";
         let start = rendered.find("The answer").unwrap();
-        audit_render(&conv, rendered, &[start..rendered.len() - 1]).unwrap();
+        let reply = start..rendered.len() - 1;
+        audit_render(&conv, rendered, std::slice::from_ref(&reply)).unwrap();
         // The reply outside the span (e.g. a mask off by a turn) is caught.
-        assert!(audit_render(&conv, rendered, &[0..start]).is_err());
+        let before = 0..start;
+        assert!(audit_render(&conv, rendered, std::slice::from_ref(&before)).is_err());
     }
 
     #[test]
@@ -428,6 +430,7 @@ mod tests {
         let conv = vec![json!({"role": "assistant", "content": "", "tool_calls": [
             {"function": {"name": "say", "arguments": {"text": "He said \"hi\" — ok"}}}]})];
         let text = hermes_call("say", &json!({"text": "He said \"hi\" — ok"}));
-        audit_render(&conv, &text, &[0..text.len()]).unwrap();
+        let all = 0..text.len();
+        audit_render(&conv, &text, std::slice::from_ref(&all)).unwrap();
     }
 }
