@@ -46,7 +46,12 @@ fn expectations(name: &str, s: &Sizes) -> Vec<(usize, &'static str, Option<usize
         "embed_tokens" | "lm_head" => {
             vec![(0, "vocab_size", s.vocab), (1, "hidden_size", s.hidden)]
         }
-        "norm" | "input_layernorm" | "post_attention_layernorm" if name.ends_with(".weight") => {
+        // The final norm and the per-layer norms around each block; norms inside a block
+        // (Qwen3.5's `linear_attn.norm`, q/k norms) have head sizes.
+        "norm" if name.ends_with(".weight") && layer_index(name).is_none() => {
+            vec![(0, "hidden_size", s.hidden)]
+        }
+        "input_layernorm" | "post_attention_layernorm" if name.ends_with(".weight") => {
             vec![(0, "hidden_size", s.hidden)]
         }
         "q_proj" | "k_proj" | "v_proj" if name.ends_with(".weight") => {
