@@ -202,6 +202,16 @@ fn add_ns(counter: &AtomicU64, since: Instant) {
     counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
+/// Environment variable: `off` keeps the GEMM outputs instead of recomputing blocks
+/// ([`crate::recompute`]).
+pub const RECOMPUTE_ENV: &str = "QATFLOW_RECOMPUTE";
+
+/// True on the cuBLASLt path ([`enabled`]) unless `QATFLOW_RECOMPUTE=off`: the GEMMs are then
+/// recomputed in backward, and [`crate::recompute::block_input`] keeps each block's input.
+pub fn layer_recompute() -> bool {
+    enabled() && std::env::var(RECOMPUTE_ENV).map_or(true, |v| v != "off")
+}
+
 /// True when `QATFLOW_GEMM=cublaslt` asks for this path. It is opt-in until it has been
 /// checked on a GPU against burn's path (correctness, loss curves, speed); without it every
 /// GEMM, attention and loss runs through burn as before.
@@ -648,7 +658,7 @@ fn autodiff_gemm<I: CudaGemm, C: CheckpointStrategy>(
 ) -> FloatTensor<Autodiff<I, C>> {
     let (a_tracked, b_tracked) = (a.is_tracked(), b.is_tracked());
     let prep = GemmBackward.prepare::<C>([a.node.clone(), b.node.clone()]);
-    let prep = if crate::recompute::layer_recompute() {
+    let prep = if layer_recompute() {
         let retro = RetroGemm::<I> {
             a: a.node.id,
             b: b.node.id,

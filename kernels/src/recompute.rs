@@ -23,14 +23,6 @@ use burn_fusion::Fusion;
 
 use crate::fake_quant::{downcast, upcast, Cube, CubeBf16};
 
-/// Environment variable: `off` keeps the GEMM outputs instead of recomputing blocks.
-pub const RECOMPUTE_ENV: &str = "QATFLOW_RECOMPUTE";
-
-/// True on the cuBLASLt path ([`crate::gemm::enabled`]) unless `QATFLOW_RECOMPUTE=off`.
-pub fn layer_recompute() -> bool {
-    crate::gemm::enabled() && std::env::var(RECOMPUTE_ENV).map_or(true, |v| v != "off")
-}
-
 /// Backward of the marker: the identity.
 #[derive(Debug)]
 struct MarkerBackward;
@@ -73,7 +65,7 @@ fn mark_when<B: Backend, I: Backend, C: CheckpointStrategy>(
 /// the block's own operations are recomputed; unchanged everywhere else.
 pub fn block_input<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing as Balanced;
-    if !layer_recompute() {
+    if !crate::gemm::layer_recompute() {
         return x;
     }
     let prim = x.into_primitive().tensor();
