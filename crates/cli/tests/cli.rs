@@ -508,6 +508,33 @@ fn an_endless_line_is_a_clear_error() {
     );
 }
 
+/// `dataset export --out DIR/FILE` creates a missing DIR (the demo writes `data/all.jsonl`
+/// into a fresh working directory).
+#[test]
+fn export_creates_missing_parent_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("one.jsonl"), line("Hi.")).unwrap();
+    let out = qatflow(d)
+        .args(["dataset", "import", "one.jsonl"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = qatflow(d)
+        .args(["dataset", "export", "--out", "new/deeper/all.jsonl"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("new/deeper/all.jsonl")).unwrap(),
+        format!("{}\n", line("Hi."))
+    );
+}
+
 /// `dataset export --force` replaces only regular files: a symlink keeps pointing at its
 /// (replaced) target, a FIFO is written through and stays a FIFO.
 #[test]

@@ -320,6 +320,8 @@ fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("{}: cannot create the directory", dir.display()))?;
             let mut tmp = tempfile::Builder::new()
                 .prefix(".qatflow-export-")
                 .tempfile_in(dir)

@@ -3,7 +3,8 @@
 //! teaches the commands): fetch SmolLM2-135M-Instruct → offline teacher → gates and render
 //! audit → behaviour SFT in BF16 (the "production model") → PTQ of it → QAT of it → NVFP4
 //! export → KL and NLL of PTQ and QAT against the SFT model on held-out conversations →
-//! replies of all three to the same prompts → a final table.
+//! replies of all three to the same prompts → the behaviour suite (`qatflow bench`, each
+//! model served by `qatflow serve`) → a final table.
 //!
 //! Every finished stage leaves `DIR/stages/NAME.json` (its result and wall time), written
 //! atomically after the stage's own outputs: a second run skips finished stages, and a run
@@ -32,6 +33,7 @@ const PROMPTS: &[&str] = &[
 /// The stages, in order (names of `--from`).
 const STAGES: &[&str] = &[
     "fetch", "generate", "split", "validate", "sft", "ptq", "qat", "export", "eval", "replies",
+    "bench",
 ];
 
 /// `--budget`.
@@ -58,7 +60,7 @@ pub struct Args {
     #[arg(long)]
     pub device: Option<String>,
     /// Redo this stage and every later one (fetch, generate, split, validate, sft, ptq,
-    /// qat, export, eval, replies).
+    /// qat, export, eval, replies, bench).
     #[arg(long, value_name = "STAGE")]
     pub from: Option<String>,
     /// Budgets file (default: the shipped config/demo/demo.toml).
@@ -76,6 +78,8 @@ struct Budget {
     qat_epochs: u32,
     max_seq_len: usize,
     calib_samples: usize,
+    /// Behaviour-suite categories the bench stage runs (empty: all of them).
+    bench_categories: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -538,6 +542,31 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
         Ok(Value::Array(out))
     })?;
     results.insert("replies".into(), r);
+    let r = d.stage(next("bench"), "bench", |d| {
+        let reports = d.path("bench");
+        std::fs::create_dir_all(&reports)
+            .with_context(|| format!("creating {}", reports.display()))?;
+        let mut out = serde_json::Map::new();
+        for (name, dir) in [("sft", &sft), ("ptq", &ptq), ("qat", &qat)] {
+            let report = reports.join(format!("{name}.json"));
+            let mut a = args(&["bench", &p(dir), "--label", name, "--out", &p(&report)]);
+            a.push("--serve-arg=--device".into());
+            a.push(format!("--serve-arg={}", d.device));
+            if !b.bench_categories.is_empty() {
+                a.push("--category".into());
+                a.push(b.bench_categories.join(","));
+            }
+            // Exit 1 means a behaviour gate failed: a result of the comparison, not an error.
+            d.run_ok(&a, &[0, 1])?;
+            let text = std::fs::read_to_string(&report)
+                .with_context(|| format!("reading {}", report.display()))?;
+            let v: Value = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a bench report", report.display()))?;
+            out.insert(name.into(), v);
+        }
+        Ok(Value::Object(out))
+    })?;
+    results.insert("bench".into(), r);
     Ok(results)
 }
 
@@ -568,6 +597,7 @@ fn final_report(d: &Demo, r: &serde_json::Map<String, Value>, seconds: f64) -> S
             pct(&eval[key]["top1_agreement"])
         ));
     }
+    out.push_str(&behaviour_table(&r["bench"]));
     out.push_str("\n## Replies (production system prompt, greedy)\n");
     for row in r["replies"].as_array().into_iter().flatten() {
         out.push_str(&format!(
@@ -590,6 +620,45 @@ fn final_report(d: &Demo, r: &serde_json::Map<String, Value>, seconds: f64) -> S
     out
 }
 
+/// The behaviour suite's pass rates per category and decode speed, one column per model.
+fn behaviour_table(bench: &Value) -> String {
+    let models = [("BF16 SFT", "sft"), ("PTQ", "ptq"), ("QAT", "qat")];
+    let Some(first) = bench["sft"]["categories"].as_array() else {
+        return String::new();
+    };
+    let mut out = String::from(
+        "\n## Behaviour suite (`qatflow bench`, pass rate per category)\n\n| category |",
+    );
+    for (label, _) in models {
+        out.push_str(&format!(" {label} |"));
+    }
+    out.push_str("\n|---|---|---|---|\n");
+    for category in first {
+        let name = category["name"].as_str().unwrap_or("");
+        out.push_str(&format!("| {name} |"));
+        for (_, key) in models {
+            let cell = bench[key]["categories"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+                .map_or("-".to_string(), |c| {
+                    format!("{}/{}", c["passed"], c["total"])
+                });
+            out.push_str(&format!(" {cell} |"));
+        }
+        out.push('\n');
+    }
+    out.push_str("| decode tok/s (median) |");
+    for (_, key) in models {
+        let v = &bench[key]["latency"]["decode_tok_s"]["p50"];
+        out.push_str(&format!(
+            " {} |",
+            v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"))
+        ));
+    }
+    out.push('\n');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,5 +676,34 @@ mod tests {
         assert_eq!((train.len(), heldout.len()), (50, 8));
         assert!(heldout.iter().all(|h| !train.contains(h)));
         assert!(split(&all, 10, 100).is_err());
+    }
+
+    #[test]
+    fn behaviour_table_has_a_column_per_model_and_a_row_per_category() {
+        let report = |tools: u64, decode: f64| {
+            json!({
+                "categories": [
+                    {"name": "tool_calling", "passed": tools, "total": 8},
+                    {"name": "thinking_leak", "passed": 6, "total": 6},
+                ],
+                "latency": {"decode_tok_s": {"p50": decode}},
+            })
+        };
+        let bench =
+            json!({"sft": report(8, 20.0), "ptq": report(1, 21.5), "qat": report(7, 19.24)});
+        let table = behaviour_table(&bench);
+        assert!(
+            table.contains("| tool_calling | 8/8 | 1/8 | 7/8 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| thinking_leak | 6/6 | 6/6 | 6/6 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| decode tok/s (median) | 20.0 | 21.5 | 19.2 |"),
+            "{table}"
+        );
+        assert_eq!(behaviour_table(&json!({})), "");
     }
 }
