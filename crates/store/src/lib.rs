@@ -9,7 +9,8 @@
 //!   conversation stored with them; a later conversation with the same messages (it
 //!   differs only in other fields, such as its category) is stored with the flag
 //!   [`DUPLICATE_MESSAGES`];
-//! - `meta`: `schema_version` (u32) and `next_seq` (u64).
+//! - `meta`: `schema_version` (u32) and `next_seq` (u64);
+//! - `node_jobs`: the node's job records ([`JobRecords`], through [`Store::jobs`]).
 //!
 //! Conversations are inserted in sled transactions over all trees ([`BATCH`] at a time),
 //! keyed by their content hash, so re-importing the same line is a no-op. [`Store::insert_batch`] flushes before it
@@ -17,7 +18,10 @@
 //! after `flush`). The schema version is checked at open; a database written by a newer
 //! qatflow is refused.
 
+pub mod jobs;
 pub mod manifest;
+
+pub use jobs::JobRecords;
 
 use qatflow_core::{Conversation, ConversationId};
 use serde::{Deserialize, Serialize};
@@ -317,6 +321,11 @@ impl Store {
     /// The underlying sled database, for crates that keep their own trees beside the store's.
     pub fn db(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// The node's job records (tree `node_jobs`).
+    pub fn jobs(&self) -> Result<JobRecords, StoreError> {
+        JobRecords::open(&self.db, self.path.clone())
     }
 
     /// The database directory.

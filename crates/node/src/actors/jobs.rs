@@ -10,6 +10,33 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+/// Why a job did not start (the answer of the actors' start messages; `StartJob` sends
+/// its text back as a failed precondition).
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// A job of the same kind is running.
+    #[error("already {doing} as job {job}; cancel it first")]
+    Busy {
+        /// What the node is doing (`serving`, `training`, `exporting`).
+        doing: &'static str,
+        /// The running job's id.
+        job: String,
+    },
+    /// A promotion is running.
+    #[error("candidate job {job} is still running; wait for it or cancel it")]
+    Promoting {
+        /// The running promotion's id.
+        job: String,
+    },
+    /// The node's config or the job's input lacks what the job needs; the text says what
+    /// to set or do.
+    #[error("{0}")]
+    Precondition(String),
+    /// The job's process could not be started.
+    #[error("{0}")]
+    Start(String),
+}
+
 /// Events kept per job for watchers that come late.
 const HISTORY: usize = 256;
 

@@ -26,7 +26,7 @@
 //! with that pid and that start time is still running; otherwise it starts the command
 //! anew. The record is removed when the process is stopped or has exited.
 
-use super::jobs::{JobHandle, JobHub};
+use super::jobs::{JobError, JobHandle, JobHub};
 use crate::config::{Engine, ServingConfig};
 use crate::status::{Field, StatusBoard};
 use crate::trace::actor_span;
@@ -43,9 +43,9 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-const RECORD_TREE: &str = "node_jobs";
-const RECORD_KEY: &[u8] = b"serve";
-const STATE_KEY: &[u8] = b"serving_state";
+/// Job record keys of the serving process and of the serving state.
+const RECORD_KEY: &str = "serve";
+const STATE_KEY: &str = "serving_state";
 /// How long a process has after SIGTERM before it gets SIGKILL.
 const GRACE: Duration = Duration::from_secs(10);
 /// How often an adopted process and the log are polled.
@@ -61,24 +61,24 @@ pub struct ServingRecord {
     pub start_time: u64,
 }
 
-fn tree(store: &Store) -> Result<sled::Tree, String> {
-    store.db().open_tree(RECORD_TREE).map_err(|e| e.to_string())
+fn get(store: &Store, key: &str) -> Result<Option<Vec<u8>>, String> {
+    store
+        .jobs()
+        .and_then(|j| j.get(key))
+        .map_err(|e| e.to_string())
 }
 
-fn put(store: &Store, key: &[u8], value: Option<Vec<u8>>) -> Result<(), String> {
-    let t = tree(store)?;
-    match value {
-        Some(v) => t.insert(key, v).map(|_| ()),
-        None => t.remove(key).map(|_| ()),
-    }
-    .map_err(|e| e.to_string())?;
-    t.flush().map(|_| ()).map_err(|e| e.to_string())
+fn put(store: &Store, key: &str, value: Option<Vec<u8>>) -> Result<(), String> {
+    store
+        .jobs()
+        .and_then(|j| j.set(key, value.as_deref()))
+        .map_err(|e| e.to_string())
 }
 
 impl ServingRecord {
     /// The recorded serving process, if any.
     pub fn load(store: &Store) -> Result<Option<ServingRecord>, String> {
-        match tree(store)?.get(RECORD_KEY).map_err(|e| e.to_string())? {
+        match get(store, RECORD_KEY)? {
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
                 .map_err(|e| format!("node_jobs/serve: {e}")),
@@ -120,7 +120,7 @@ pub struct ServingState {
 impl ServingState {
     /// The stored state (default when none).
     pub fn load(store: &Store) -> Result<ServingState, String> {
-        match tree(store)?.get(STATE_KEY).map_err(|e| e.to_string())? {
+        match get(store, STATE_KEY)? {
             Some(v) => {
                 serde_json::from_slice(&v).map_err(|e| format!("node_jobs/serving_state: {e}"))
             }
@@ -868,7 +868,7 @@ impl ServingSupervisor {
         &mut self,
         ctx: &mut Context<Self>,
         adopted: Option<ServingRecord>,
-    ) -> Result<String, String> {
+    ) -> Result<String, JobError> {
         let job = self.jobs.create("serve");
         let me = ctx.address();
         let handle = job.clone();
@@ -905,7 +905,7 @@ impl ServingSupervisor {
                         Ok(c) => c,
                         Err(e) => {
                             job.state(JobState::Failed);
-                            return Err(e);
+                            return Err(JobError::Start(e));
                         }
                     };
                 if let Some(start_time) = process_start_time(pid) {
@@ -998,13 +998,13 @@ impl Supervised for ServingSupervisor {
 
 /// Start serving; answers the job id.
 #[derive(Message)]
-#[rtype(result = "Result<String, String>")]
+#[rtype(result = "Result<String, JobError>")]
 pub struct StartServing;
 
 /// Benchmark a candidate model directory beside the serving model and promote it or roll
 /// it back; answers the job id (`promote-N`), whose last message and the status say why.
 #[derive(Message)]
-#[rtype(result = "Result<String, String>")]
+#[rtype(result = "Result<String, JobError>")]
 pub struct Promote {
     /// The candidate model directory; `None` for `[serving.promote] candidate` (by
     /// default the exporter's output directory).
@@ -1030,48 +1030,47 @@ struct Promoted {
 }
 
 impl Handler<StartServing> for ServingSupervisor {
-    type Result = Result<String, String>;
+    type Result = Result<String, JobError>;
 
     fn handle(&mut self, _msg: StartServing, ctx: &mut Context<Self>) -> Self::Result {
         let _span =
             actor_span(self.ctx.board.name(), "ServingSupervisor", "StartServing").entered();
         if let Some(job) = &self.current {
-            return Err(format!(
-                "already serving as job {}; cancel it first",
-                job.id
-            ));
+            return Err(JobError::Busy {
+                doing: "serving",
+                job: job.id.clone(),
+            });
         }
         self.start(ctx, None)
     }
 }
 
 impl Handler<Promote> for ServingSupervisor {
-    type Result = Result<String, String>;
+    type Result = Result<String, JobError>;
 
     fn handle(&mut self, msg: Promote, ctx: &mut Context<Self>) -> Self::Result {
         let _span = actor_span(self.ctx.board.name(), "ServingSupervisor", "Promote").entered();
         if !self.supervised() {
-            return Err("promotion needs a supervised server: set [serving] engine and model in the node config".into());
+            return Err(JobError::Precondition("promotion needs a supervised server: set [serving] engine and model in the node config".into()));
         }
         if let Some(job) = &self.promoting {
-            return Err(format!(
-                "candidate job {} is still running; wait for it or cancel it",
-                job.id
-            ));
+            return Err(JobError::Promoting {
+                job: job.id.clone(),
+            });
         }
         let Some(candidate) = msg
             .candidate
             .or_else(|| self.ctx.config.promote.candidate.clone())
         else {
-            return Err(
+            return Err(JobError::Precondition(
                 "no candidate: set [serving.promote] candidate or an [exporter] section".into(),
-            );
+            ));
         };
         if !candidate.join("config.json").is_file() {
-            return Err(format!(
+            return Err(JobError::Precondition(format!(
                 "{}: not a model directory (no config.json); export a checkpoint first",
                 candidate.display()
-            ));
+            )));
         }
         let job = self.jobs.create("promote");
         job.state(JobState::Running);

@@ -7,7 +7,7 @@
 //! resumes the run by itself.
 
 use super::blocking;
-use super::jobs::{JobHandle, JobHub};
+use super::jobs::{JobError, JobHandle, JobHub};
 use crate::status::StatusBoard;
 use crate::trace::actor_span;
 use actix::prelude::*;
@@ -53,25 +53,20 @@ impl TrainerActor {
     }
 }
 
-const INTENT_TREE: &str = "node_jobs";
-const INTENT_KEY: &[u8] = b"train";
+/// The job record key of the training run's state (`running`, `finished`, `cancelled`).
+const INTENT_KEY: &str = "train";
 
-/// Records the training run's state (`running`, `finished`, `cancelled`) durably.
+/// Records the training run's state durably.
 fn set_intent(store: &Store, state: &str) -> Result<(), String> {
-    let tree = store
-        .db()
-        .open_tree(INTENT_TREE)
-        .map_err(|e| e.to_string())?;
-    tree.insert(INTENT_KEY, state.as_bytes())
-        .map_err(|e| e.to_string())?;
-    tree.flush().map(|_| ()).map_err(|e| e.to_string())
+    store
+        .jobs()
+        .and_then(|j| j.set(INTENT_KEY, Some(state.as_bytes())))
+        .map_err(|e| e.to_string())
 }
 
 /// The recorded state of the training run, if any.
 fn intent(store: &Store) -> Option<String> {
-    let tree = store.db().open_tree(INTENT_TREE).ok()?;
-    let v = tree.get(INTENT_KEY).ok()??;
-    Some(String::from_utf8_lossy(&v).into_owned())
+    store.jobs().ok()?.text(INTENT_KEY)
 }
 
 impl Actor for TrainerActor {
@@ -93,7 +88,7 @@ impl Supervised for TrainerActor {
 
 /// Start (or resume) training; answers the job id.
 #[derive(Message)]
-#[rtype(result = "Result<String, String>")]
+#[rtype(result = "Result<String, JobError>")]
 pub struct StartTraining;
 
 /// Forwards trainer events to the job and the status board.
@@ -171,15 +166,15 @@ impl TrainSink for JobSink {
 }
 
 impl Handler<StartTraining> for TrainerActor {
-    type Result = Result<String, String>;
+    type Result = Result<String, JobError>;
 
     fn handle(&mut self, _msg: StartTraining, ctx: &mut Context<Self>) -> Self::Result {
         let span = actor_span(self.board.name(), "TrainerActor", "StartTraining");
         if let Some(job) = &self.current {
-            return Err(format!(
-                "already training as job {}; cancel it first",
-                job.id
-            ));
+            return Err(JobError::Busy {
+                doing: "training",
+                job: job.id.clone(),
+            });
         }
         let job = self.jobs.create("train");
         job.state(JobState::Running);
