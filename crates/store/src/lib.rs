@@ -12,6 +12,12 @@
 //! - `meta`: `schema_version` (u32) and `next_seq` (u64);
 //! - `node_jobs`: the node's job records ([`JobRecords`], through [`Store::jobs`]).
 //!
+//! Other crates keep their own trees in the same database (through [`Store::db`]), each
+//! opened only by its owner: the teacher's batch ledger (`teacher_ledger`,
+//! `teacher_pending`, `teacher_plan`, `teacher_raw_rejected`), the shard outbox
+//! (`shards_out`, `shards_out_order`, `shards_out_state`; it reads the conversations
+//! through [`Store::iter_since`]) and the shard inbox (`shards_in`, `shards_rejected`).
+//!
 //! Conversations are inserted in sled transactions over all trees ([`BATCH`] at a time),
 //! keyed by their content hash, so re-importing the same line is a no-op. [`Store::insert_batch`] flushes before it
 //! returns: a caller that is told a write succeeded can rely on it (sled is only durable
@@ -19,7 +25,6 @@
 //! qatflow is refused.
 
 pub mod jobs;
-pub mod manifest;
 
 pub use jobs::JobRecords;
 
@@ -251,12 +256,12 @@ fn check_name(what: &'static str, name: &str) -> Result<(), StoreError> {
 /// How long [`open_db`] waits for a database lock that a just-closed handle may still hold.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
-/// Opens (creating if needed) the sled database at `path`, waiting up to [`LOCK_WAIT`] for its
+/// Opens (creating if needed) the sled database at `path`, waiting up to 5 s for its
 /// file lock. sled releases the lock of a closed database only when its background flusher
 /// next wakes (every 500 ms by default), so reopening right after a drop, in this process or
 /// in a restarted one, can find the lock still held. A lock held longer than that belongs to
 /// another live process and is reported.
-pub(crate) fn open_db(path: &Path) -> sled::Result<sled::Db> {
+pub fn open_db(path: &Path) -> sled::Result<sled::Db> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
         match sled::Config::new().path(path).open() {
@@ -539,6 +544,32 @@ impl Store {
                 }
                 Err(e) => Some(Err(e)),
             }
+        })
+    }
+
+    /// Every stored conversation from import sequence number `seq` on, in import order,
+    /// with its sequence number: the feed of the shard outbox, which resumes where it left.
+    pub fn iter_since(
+        &self,
+        seq: u64,
+    ) -> impl Iterator<Item = Result<(u64, StoredConversation), StoreError>> + '_ {
+        let corrupt = move |id: String, message: &str| StoreError::Corrupt {
+            path: self.path.clone(),
+            id,
+            message: message.into(),
+        };
+        self.by_seq.range(seq.to_be_bytes()..).map(move |entry| {
+            let (k, v) = entry.map_err(|e| self.sled_err(e))?;
+            let seq = k
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt("by_seq".into(), "key is not a big-endian u64"))?;
+            let id = self.id_from(&v)?;
+            let stored = self
+                .get(&id)?
+                .ok_or_else(|| corrupt(id.to_hex(), "indexed but not stored"))?;
+            Ok((seq, stored))
         })
     }
 
