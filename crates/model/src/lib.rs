@@ -12,8 +12,6 @@
 //! - [`linear`] (the quantizable linear layer and its input hook), [`config`] and [`rng`]
 //!   at the bottom.
 
-#![warn(missing_docs)]
-
 pub mod arch;
 pub mod config;
 pub mod io;
