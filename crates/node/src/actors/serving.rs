@@ -33,7 +33,8 @@ use crate::trace::actor_span;
 use actix::prelude::*;
 use qatflow_bench::{Client, Report, RunOptions, Setup, Suite};
 use qatflow_proto::v1::{job_event, JobState};
-use qatflow_store::Store;
+use qatflow_store::{Store, StoreError};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -61,43 +62,55 @@ pub struct ServingRecord {
     pub start_time: u64,
 }
 
-fn get(store: &Store, key: &str) -> Result<Option<Vec<u8>>, String> {
-    store
-        .jobs()
-        .and_then(|j| j.get(key))
-        .map_err(|e| e.to_string())
+/// Errors of the serving supervisor's records in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A record does not decode (or encode) as JSON.
+    #[error("node_jobs/{key}: {source}")]
+    Json {
+        /// The record's key.
+        key: &'static str,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
 }
 
-fn put(store: &Store, key: &str, value: Option<Vec<u8>>) -> Result<(), String> {
+fn get<T: DeserializeOwned>(store: &Store, key: &'static str) -> Result<Option<T>, RecordError> {
     store
-        .jobs()
-        .and_then(|j| j.set(key, value.as_deref()))
-        .map_err(|e| e.to_string())
+        .jobs()?
+        .get(key)?
+        .map(|v| serde_json::from_slice(&v).map_err(|source| RecordError::Json { key, source }))
+        .transpose()
+}
+
+fn put<T: Serialize>(
+    store: &Store,
+    key: &'static str,
+    value: Option<&T>,
+) -> Result<(), RecordError> {
+    let bytes = value
+        .map(|v| serde_json::to_vec(v).map_err(|source| RecordError::Json { key, source }))
+        .transpose()?;
+    Ok(store.jobs()?.set(key, bytes.as_deref())?)
 }
 
 impl ServingRecord {
     /// The recorded serving process, if any.
-    pub fn load(store: &Store) -> Result<Option<ServingRecord>, String> {
-        match get(store, RECORD_KEY)? {
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| format!("node_jobs/serve: {e}")),
-            None => Ok(None),
-        }
+    pub fn load(store: &Store) -> Result<Option<ServingRecord>, RecordError> {
+        get(store, RECORD_KEY)
     }
 
     /// Records this process durably.
-    pub fn save(&self, store: &Store) -> Result<(), String> {
-        put(
-            store,
-            RECORD_KEY,
-            Some(serde_json::to_vec(self).map_err(|e| e.to_string())?),
-        )
+    pub fn save(&self, store: &Store) -> Result<(), RecordError> {
+        put(store, RECORD_KEY, Some(self))
     }
 
     /// Removes the record durably.
-    pub fn clear(store: &Store) -> Result<(), String> {
-        put(store, RECORD_KEY, None)
+    pub fn clear(store: &Store) -> Result<(), RecordError> {
+        put::<ServingRecord>(store, RECORD_KEY, None)
     }
 
     /// Whether this very process (same pid, same start time) is still running.
@@ -119,22 +132,13 @@ pub struct ServingState {
 
 impl ServingState {
     /// The stored state (default when none).
-    pub fn load(store: &Store) -> Result<ServingState, String> {
-        match get(store, STATE_KEY)? {
-            Some(v) => {
-                serde_json::from_slice(&v).map_err(|e| format!("node_jobs/serving_state: {e}"))
-            }
-            None => Ok(ServingState::default()),
-        }
+    pub fn load(store: &Store) -> Result<ServingState, RecordError> {
+        Ok(get(store, STATE_KEY)?.unwrap_or_default())
     }
 
     /// Stores the state durably.
-    pub fn save(&self, store: &Store) -> Result<(), String> {
-        put(
-            store,
-            STATE_KEY,
-            Some(serde_json::to_vec(self).map_err(|e| e.to_string())?),
-        )
+    pub fn save(&self, store: &Store) -> Result<(), RecordError> {
+        put(store, STATE_KEY, Some(self))
     }
 }
 

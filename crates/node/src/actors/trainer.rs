@@ -12,7 +12,7 @@ use crate::status::StatusBoard;
 use crate::trace::actor_span;
 use actix::prelude::*;
 use qatflow_proto::v1::{job_event, JobState, Metric, Progress, TrainingStatus};
-use qatflow_store::{Filter, Store};
+use qatflow_store::{Filter, Store, StoreError};
 use qatflow_train::{Dataset, Follow, RunOptions, TrainConfig, TrainEvent, TrainSink};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -56,12 +56,20 @@ impl TrainerActor {
 /// The job record key of the training run's state (`running`, `finished`, `cancelled`).
 const INTENT_KEY: &str = "train";
 
+/// Why a training run stopped with an error.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    /// Recording the run's state failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The trainer failed.
+    #[error(transparent)]
+    Train(#[from] qatflow_train::TrainError),
+}
+
 /// Records the training run's state durably.
-fn set_intent(store: &Store, state: &str) -> Result<(), String> {
-    store
-        .jobs()
-        .and_then(|j| j.set(INTENT_KEY, Some(state.as_bytes())))
-        .map_err(|e| e.to_string())
+fn set_intent(store: &Store, state: &str) -> Result<(), StoreError> {
+    store.jobs()?.set(INTENT_KEY, Some(state.as_bytes()))
 }
 
 /// The recorded state of the training run, if any.
@@ -201,7 +209,7 @@ impl Handler<StartTraining> for TrainerActor {
             self.jobs.clone(),
         );
         let cancel = job.cancel.clone();
-        let work = blocking(move || -> Result<_, String> {
+        let work = blocking(move || -> Result<_, RunError> {
             set_intent(&store, "running")?;
             let summary = qatflow_train::train(
                 &config,
@@ -215,8 +223,7 @@ impl Handler<StartTraining> for TrainerActor {
                 },
                 &sink,
                 &cancel,
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             let saved = summary
                 .last_checkpoint
                 .as_ref()
