@@ -80,17 +80,12 @@ impl Outbox {
     /// checks that every unshipped shard's file is present and matches its digest.
     pub fn open(store: &Store, dir: &Path) -> Result<Outbox, ShardError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let db = store.db();
-        let err = |source| ShardError::Sled {
-            path: store.path().to_path_buf(),
-            source,
-        };
         let outbox = Outbox {
             dir: dir.to_path_buf(),
             db_path: store.path().to_path_buf(),
-            shards: db.open_tree("shards_out").map_err(err)?,
-            order: db.open_tree("shards_out_order").map_err(err)?,
-            state: db.open_tree("shards_out_state").map_err(err)?,
+            shards: store.tree("shards_out")?,
+            order: store.tree("shards_out_order")?,
+            state: store.tree("shards_out_state")?,
         };
         for meta in outbox.pending()? {
             let bytes = outbox.read(&meta)?;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use crate::StoreError;
 
 /// The tree's name.
-const TREE: &str = "node_jobs";
+pub(crate) const TREE: &str = "node_jobs";
 
 /// The node's job records; cheap to clone.
 #[derive(Clone)]

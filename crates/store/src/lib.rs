@@ -12,9 +12,9 @@
 //! - `meta`: `schema_version` (u32) and `next_seq` (u64);
 //! - `node_jobs`: the node's job records ([`JobRecords`], through [`Store::jobs`]).
 //!
-//! Other crates keep their own trees in the same database (through [`Store::db`]), each
+//! Other crates keep their own trees in the same database (through [`Store::tree`]), each
 //! opened only by its owner: the teacher's batch ledger (`teacher_ledger`,
-//! `teacher_pending`, `teacher_plan`, `teacher_raw_rejected`), the shard outbox
+//! `teacher_pending`, `teacher_plan`, `teacher_raw_rejected`, `teacher_spend`), the shard outbox
 //! (`shards_out`, `shards_out_order`, `shards_out_state`; it reads the conversations
 //! through [`Store::iter_since`]) and the shard inbox (`shards_in`, `shards_rejected`).
 //!
@@ -76,6 +76,12 @@ pub enum StoreError {
         id: String,
         /// What is wrong.
         message: String,
+    },
+    /// Another crate asked for one of the store's own trees.
+    #[error("tree {name:?} belongs to the store; read it through qatflow_store::Store")]
+    OwnTree {
+        /// The tree's name.
+        name: String,
     },
     /// A category or flag name contains a NUL byte, which index keys use as separator.
     #[error("invalid {what} name {name:?}: NUL bytes are not allowed")]
@@ -187,6 +193,17 @@ pub struct Store {
     idx_messages: sled::Tree,
     meta: sled::Tree,
 }
+
+/// The trees the store owns; [`Store::tree`] refuses them.
+const OWN_TREES: [&str; 7] = [
+    "conversations",
+    "by_seq",
+    "idx_category",
+    "idx_flag",
+    "idx_messages",
+    "meta",
+    jobs::TREE,
+];
 
 const KEY_SCHEMA: &[u8] = b"schema_version";
 const KEY_NEXT_SEQ: &[u8] = b"next_seq";
@@ -323,9 +340,16 @@ impl Store {
         Ok(store)
     }
 
-    /// The underlying sled database, for crates that keep their own trees beside the store's.
-    pub fn db(&self) -> &sled::Db {
-        &self.db
+    /// Opens (creating if needed) tree `name` of the store's database, for a crate that
+    /// keeps its own records beside the store's (the module doc lists every such tree and
+    /// its owner). The store's own trees are refused: they are read through its methods.
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        if OWN_TREES.contains(&name) {
+            return Err(StoreError::OwnTree {
+                name: name.to_string(),
+            });
+        }
+        self.db.open_tree(name).map_err(|e| self.sled_err(e))
     }
 
     /// The node's job records (tree `node_jobs`).
@@ -634,6 +658,24 @@ mod tests {
             "{err}"
         );
         drop(held);
+    }
+
+    #[test]
+    fn other_crates_get_their_own_trees_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("db")).unwrap();
+        for own in OWN_TREES {
+            assert!(
+                matches!(store.tree(own), Err(StoreError::OwnTree { .. })),
+                "{own}"
+            );
+        }
+        store.tree("shards_in").unwrap();
+        let jobs = store.jobs().unwrap();
+        jobs.set("train", Some(b"running")).unwrap();
+        assert_eq!(jobs.text("train").as_deref(), Some("running"));
+        jobs.set("train", None).unwrap();
+        assert_eq!(jobs.get("train").unwrap(), None);
     }
 
     #[test]
