@@ -87,6 +87,28 @@ pub struct BackendSettings {
 }
 
 impl BackendSettings {
+    /// The options both HTTP backends take, over their defaults.
+    fn http(
+        &self,
+        base_url: &mut String,
+        model: &mut String,
+        temperature: &mut f32,
+        max_tokens: &mut u32,
+    ) {
+        if let Some(v) = &self.base_url {
+            base_url.clone_from(v);
+        }
+        if let Some(v) = &self.model {
+            model.clone_from(v);
+        }
+        if let Some(v) = self.temperature {
+            *temperature = v;
+        }
+        if let Some(v) = self.max_tokens {
+            *max_tokens = v;
+        }
+    }
+
     /// The backend these settings choose, with their options over the backend's defaults.
     /// Fails only on a `command` that is not a valid command line (the text says why).
     pub fn config(&self) -> Result<BackendConfig, String> {
@@ -100,39 +122,27 @@ impl BackendSettings {
             }
             BackendKind::Openai => {
                 let mut c = OpenAiConfig::default();
-                if let Some(v) = &self.base_url {
-                    c.base_url = v.clone();
-                }
-                if let Some(v) = &self.model {
-                    c.model = v.clone();
-                }
+                self.http(
+                    &mut c.base_url,
+                    &mut c.model,
+                    &mut c.temperature,
+                    &mut c.max_tokens,
+                );
                 if let Some(v) = &self.api_key_env {
                     c.api_key_env = Some(v.clone()).filter(|s| !s.is_empty());
-                }
-                if let Some(v) = self.temperature {
-                    c.temperature = v;
-                }
-                if let Some(v) = self.max_tokens {
-                    c.max_tokens = v;
                 }
                 BackendConfig::OpenAi(c)
             }
             BackendKind::Anthropic => {
                 let mut c = AnthropicConfig::default();
-                if let Some(v) = &self.base_url {
-                    c.base_url = v.clone();
-                }
-                if let Some(v) = &self.model {
-                    c.model = v.clone();
-                }
+                self.http(
+                    &mut c.base_url,
+                    &mut c.model,
+                    &mut c.temperature,
+                    &mut c.max_tokens,
+                );
                 if let Some(v) = &self.api_key_env {
                     c.api_key_env = v.clone();
-                }
-                if let Some(v) = self.temperature {
-                    c.temperature = v;
-                }
-                if let Some(v) = self.max_tokens {
-                    c.max_tokens = v;
                 }
                 BackendConfig::Anthropic(c)
             }
