@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::StoreError;
+use crate::error::StoreError;
 
 /// The tree's name.
 pub(crate) const TREE: &str = "node_jobs";
