@@ -14,6 +14,7 @@ use crate::server::{Services, SparkView, WorkstationView};
 use crate::status::StatusBoard;
 use crate::{client, NodeError};
 use actix::Supervisor;
+use qatflow_proto::v1::JobKind;
 use qatflow_shards::{Inbox, InboxLimits, Outbox, SealLimits};
 use qatflow_store::Store;
 use std::net::SocketAddr;
@@ -45,7 +46,7 @@ impl RunningNode {
         self.shutdown.cancel();
         let left = match &self.jobs {
             Some(jobs) => {
-                let ids = jobs.shut_down(&["train", "export"]);
+                let ids = jobs.shut_down(&[JobKind::Train, JobKind::Export]);
                 if !ids.is_empty() {
                     tracing::info!(jobs = ?ids, "stopping jobs");
                 }

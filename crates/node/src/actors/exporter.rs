@@ -10,7 +10,7 @@ use super::serving::Promote;
 use crate::status::{Field, StatusBoard};
 use crate::trace::actor_span;
 use actix::prelude::*;
-use qatflow_proto::v1::{job_event, JobState};
+use qatflow_proto::v1::{job_event, JobKind, JobState};
 use qatflow_store::Store;
 use std::path::PathBuf;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -141,7 +141,7 @@ impl Handler<StartExport> for ExporterActor {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| JobError::Start(format!("cannot start {}: {e}", p.program.display())))?;
-        let job = self.jobs.create("export");
+        let job = self.jobs.create(JobKind::Export);
         job.state(JobState::Running);
         self.board
             .set(Field::Export, format!("running (job {})", job.id));

@@ -32,7 +32,7 @@ use crate::status::{Field, StatusBoard};
 use crate::trace::actor_span;
 use actix::prelude::*;
 use qatflow_bench::{Client, Report, RunOptions, Setup, Suite};
-use qatflow_proto::v1::{job_event, JobState};
+use qatflow_proto::v1::{job_event, JobKind, JobState};
 use qatflow_store::{Store, StoreError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -873,7 +873,7 @@ impl ServingSupervisor {
         ctx: &mut Context<Self>,
         adopted: Option<ServingRecord>,
     ) -> Result<String, JobError> {
-        let job = self.jobs.create("serve");
+        let job = self.jobs.create(JobKind::Serve);
         let me = ctx.address();
         let handle = job.clone();
         if self.supervised() {
@@ -1076,7 +1076,7 @@ impl Handler<Promote> for ServingSupervisor {
                 candidate.display()
             )));
         }
-        let job = self.jobs.create("promote");
+        let job = self.jobs.create(JobKind::Promote);
         job.state(JobState::Running);
         self.promoting = Some(job.clone());
         let (c, me, handle) = (self.ctx.clone(), ctx.address(), job.clone());

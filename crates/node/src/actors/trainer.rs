@@ -11,7 +11,7 @@ use super::jobs::{JobError, JobHandle, JobHub};
 use crate::status::StatusBoard;
 use crate::trace::actor_span;
 use actix::prelude::*;
-use qatflow_proto::v1::{job_event, JobState, Metric, Progress, TrainingStatus};
+use qatflow_proto::v1::{job_event, JobKind, JobState, Metric, Progress, TrainingStatus};
 use qatflow_store::{Filter, Store, StoreError};
 use qatflow_train::{Dataset, Follow, RunOptions, TrainConfig, TrainEvent, TrainSink};
 use std::sync::{Arc, Mutex};
@@ -184,7 +184,7 @@ impl Handler<StartTraining> for TrainerActor {
                 job: job.id.clone(),
             });
         }
-        let job = self.jobs.create("train");
+        let job = self.jobs.create(JobKind::Train);
         job.state(JobState::Running);
         self.current = Some(job.clone());
         let sink = JobSink {
