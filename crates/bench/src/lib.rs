@@ -8,8 +8,6 @@
 //! - [`decide`]: the promote/rollback rule of the serving supervisor;
 //! - [`server`]: `qatflow serve MODEL_DIR` as a child process for a run.
 
-#![warn(missing_docs)]
-
 pub mod checks;
 pub mod client;
 pub mod decide;

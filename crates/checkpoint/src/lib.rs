@@ -13,11 +13,10 @@
 //! [`CheckpointWriter::commit`] fsyncs every file, writes the manifest, renames the directory
 //! into place and fsyncs `checkpoints/`: a checkpoint directory either verifies or does not
 //! exist. Committed checkpoints are also recorded in the run's sled index
-//! (`RUN_DIR/manifest.sled`, [`qatflow_store::manifest`]), but files are the truth: readers
+//! (`RUN_DIR/manifest.sled`, [`manifest`]), but files are the truth: readers
 //! use [`verify`] / [`latest_valid`], which check every byte against the manifest.
 
-#![warn(missing_docs)]
-
+pub mod manifest;
 pub mod st;
 
 use std::borrow::Cow;
@@ -26,13 +25,13 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use qatflow_store::manifest::{CheckpointManifest, CheckpointRecord};
+use crate::manifest::{CheckpointManifest, CheckpointRecord};
 use qatflow_store::StoreError;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use qatflow_store::manifest::FileEntry;
+pub use manifest::FileEntry;
 
 /// Value of the manifest's `format` field.
 pub const FORMAT: &str = "qatflow-checkpoint";

@@ -5,11 +5,11 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
+use qatflow_checkpoint::manifest::CheckpointManifest;
 use qatflow_checkpoint::{
     latest_valid, list, prune, verify, CheckpointError, CheckpointWriter, Manifest, TensorEntry,
     MANIFEST,
 };
-use qatflow_store::manifest::CheckpointManifest;
 use safetensors::{Dtype, SafeTensors};
 
 fn write_step(run: &Path, step: u64) -> PathBuf {

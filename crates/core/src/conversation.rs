@@ -281,210 +281,189 @@ impl<'de, T: Deserialize<'de>> de::DeserializeSeed<'de> for NullableSeed<T> {
     }
 }
 
-fn duplicate<E: de::Error>(field: &'static str) -> E {
-    E::duplicate_field(field)
-}
-
 impl<'de> Deserialize<'de> for Role {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         Ok(Role::from_string(String::deserialize(d)?))
     }
 }
 
-impl<'de> Deserialize<'de> for Conversation {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Conversation;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a conversation object {\"messages\": [...]}")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Conversation, A::Error> {
-                let mut messages = None;
-                let mut extra = Map::new();
-                while let Some(key) = a.next_key::<String>()? {
-                    if key == "messages" {
-                        if messages.is_some() {
-                            return Err(duplicate("messages"));
-                        }
-                        messages = Some(a.next_value()?);
-                    } else {
-                        let v = a.next_value()?;
-                        extra.insert(key, v);
+/// A JSON object type read key by key: each of its [`FIELDS`](Object::FIELDS) at most once
+/// (a repeated one is an error), every other key kept in order in its `extra` map.
+trait Object: Sized {
+    /// What the parser expected, for its error message.
+    const EXPECTING: &'static str;
+    /// The keys the type reads itself.
+    const FIELDS: &'static [&'static str];
+    /// The fields read so far.
+    type Partial: Default;
+    /// Reads the value of `key` (one of [`Object::FIELDS`]) into `partial`.
+    fn read<'de, A: MapAccess<'de>>(
+        partial: &mut Self::Partial,
+        key: &str,
+        a: &mut A,
+    ) -> Result<(), A::Error>;
+    /// The object, or the error of a missing required field.
+    fn finish<E: de::Error>(partial: Self::Partial, extra: Map<String, Value>) -> Result<Self, E>;
+}
+
+struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: Object> Visitor<'de> for ObjectVisitor<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(T::EXPECTING)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<T, A::Error> {
+        let mut partial = T::Partial::default();
+        let mut seen = vec![false; T::FIELDS.len()];
+        let mut extra = Map::new();
+        while let Some(key) = a.next_key::<String>()? {
+            match T::FIELDS.iter().position(|f| *f == key) {
+                Some(i) => {
+                    if std::mem::replace(&mut seen[i], true) {
+                        return Err(de::Error::duplicate_field(T::FIELDS[i]));
                     }
+                    T::read(&mut partial, &key, &mut a)?;
                 }
-                let messages = messages.ok_or_else(|| de::Error::missing_field("messages"))?;
-                Ok(Conversation { messages, extra })
+                None => {
+                    let v = a.next_value()?;
+                    extra.insert(key, v);
+                }
             }
         }
-        d.deserialize_map(V)
+        T::finish(partial, extra)
     }
 }
 
-impl<'de> Deserialize<'de> for Message {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Message;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a message object {\"role\": ..., \"content\": ...}")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Message, A::Error> {
-                let mut role = None;
-                let mut content = Nullable::Missing;
-                let mut tool_calls = None;
-                let mut tool_call_id = None;
-                let mut name = None;
-                let mut extra = Map::new();
-                while let Some(key) = a.next_key::<String>()? {
-                    match key.as_str() {
-                        "role" => {
-                            if role.is_some() {
-                                return Err(duplicate("role"));
-                            }
-                            role = Some(a.next_value()?);
-                        }
-                        "content" => {
-                            if !content.is_missing() {
-                                return Err(duplicate("content"));
-                            }
-                            content = a.next_value_seed(NullableSeed(Default::default()))?;
-                        }
-                        "tool_calls" => {
-                            if tool_calls.is_some() {
-                                return Err(duplicate("tool_calls"));
-                            }
-                            tool_calls = Some(a.next_value()?);
-                        }
-                        "tool_call_id" => {
-                            if tool_call_id.is_some() {
-                                return Err(duplicate("tool_call_id"));
-                            }
-                            tool_call_id = Some(a.next_value()?);
-                        }
-                        "name" => {
-                            if name.is_some() {
-                                return Err(duplicate("name"));
-                            }
-                            name = Some(a.next_value()?);
-                        }
-                        _ => {
-                            let v = a.next_value()?;
-                            extra.insert(key, v);
-                        }
-                    }
-                }
-                let role = role.ok_or_else(|| de::Error::missing_field("role"))?;
-                Ok(Message {
-                    role,
-                    content,
-                    tool_calls,
-                    tool_call_id,
-                    name,
-                    extra,
-                })
-            }
-        }
-        d.deserialize_map(V)
+/// Deserializes an [`Object`] type from a map.
+fn deserialize_object<'de, T: Object, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+    d.deserialize_map(ObjectVisitor::<T>(std::marker::PhantomData))
+}
+
+fn required<T, E: de::Error>(value: Option<T>, field: &'static str) -> Result<T, E> {
+    value.ok_or_else(|| de::Error::missing_field(field))
+}
+
+impl Object for Conversation {
+    const EXPECTING: &'static str = "a conversation object {\"messages\": [...]}";
+    const FIELDS: &'static [&'static str] = &["messages"];
+    type Partial = Option<Vec<Message>>;
+    fn read<'de, A: MapAccess<'de>>(
+        p: &mut Self::Partial,
+        _: &str,
+        a: &mut A,
+    ) -> Result<(), A::Error> {
+        *p = Some(a.next_value()?);
+        Ok(())
+    }
+    fn finish<E: de::Error>(p: Self::Partial, extra: Map<String, Value>) -> Result<Self, E> {
+        Ok(Conversation {
+            messages: required(p, "messages")?,
+            extra,
+        })
     }
 }
 
-impl<'de> Deserialize<'de> for ToolCall {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = ToolCall;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(
-                    "a tool call {\"id\", \"type\", \"function\": {\"name\", \"arguments\"}}",
-                )
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<ToolCall, A::Error> {
-                let mut id = None;
-                let mut kind = None;
-                let mut function = None;
-                let mut extra = Map::new();
-                while let Some(key) = a.next_key::<String>()? {
-                    match key.as_str() {
-                        "id" => {
-                            if id.is_some() {
-                                return Err(duplicate("id"));
-                            }
-                            id = Some(a.next_value()?);
-                        }
-                        "type" => {
-                            if kind.is_some() {
-                                return Err(duplicate("type"));
-                            }
-                            kind = Some(a.next_value()?);
-                        }
-                        "function" => {
-                            if function.is_some() {
-                                return Err(duplicate("function"));
-                            }
-                            function = Some(a.next_value()?);
-                        }
-                        _ => {
-                            let v = a.next_value()?;
-                            extra.insert(key, v);
-                        }
-                    }
-                }
-                let function = function.ok_or_else(|| de::Error::missing_field("function"))?;
-                Ok(ToolCall {
-                    id,
-                    kind,
-                    function,
-                    extra,
-                })
-            }
+impl Object for Message {
+    const EXPECTING: &'static str = "a message object {\"role\": ..., \"content\": ...}";
+    const FIELDS: &'static [&'static str] =
+        &["role", "content", "tool_calls", "tool_call_id", "name"];
+    type Partial = (
+        Option<Role>,
+        Nullable<String>,
+        Option<Vec<ToolCall>>,
+        Option<String>,
+        Option<String>,
+    );
+    fn read<'de, A: MapAccess<'de>>(
+        p: &mut Self::Partial,
+        key: &str,
+        a: &mut A,
+    ) -> Result<(), A::Error> {
+        match key {
+            "role" => p.0 = Some(a.next_value()?),
+            "content" => p.1 = a.next_value_seed(NullableSeed(Default::default()))?,
+            "tool_calls" => p.2 = Some(a.next_value()?),
+            "tool_call_id" => p.3 = Some(a.next_value()?),
+            _ => p.4 = Some(a.next_value()?),
         }
-        d.deserialize_map(V)
+        Ok(())
+    }
+    fn finish<E: de::Error>(p: Self::Partial, extra: Map<String, Value>) -> Result<Self, E> {
+        Ok(Message {
+            role: required(p.0, "role")?,
+            content: p.1,
+            tool_calls: p.2,
+            tool_call_id: p.3,
+            name: p.4,
+            extra,
+        })
     }
 }
 
-impl<'de> Deserialize<'de> for FunctionCall {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = FunctionCall;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a function object {\"name\": ..., \"arguments\": \"<JSON string>\"}")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<FunctionCall, A::Error> {
-                let mut name = None;
-                let mut arguments = None;
-                let mut extra = Map::new();
-                while let Some(key) = a.next_key::<String>()? {
-                    match key.as_str() {
-                        "name" => {
-                            if name.is_some() {
-                                return Err(duplicate("name"));
-                            }
-                            name = Some(a.next_value()?);
-                        }
-                        "arguments" => {
-                            if arguments.is_some() {
-                                return Err(duplicate("arguments"));
-                            }
-                            arguments = Some(a.next_value()?);
-                        }
-                        _ => {
-                            let v = a.next_value()?;
-                            extra.insert(key, v);
-                        }
-                    }
-                }
-                Ok(FunctionCall {
-                    name: name.ok_or_else(|| de::Error::missing_field("name"))?,
-                    arguments: arguments.ok_or_else(|| de::Error::missing_field("arguments"))?,
-                    extra,
-                })
-            }
+impl Object for ToolCall {
+    const EXPECTING: &'static str =
+        "a tool call {\"id\", \"type\", \"function\": {\"name\", \"arguments\"}}";
+    const FIELDS: &'static [&'static str] = &["id", "type", "function"];
+    type Partial = (Option<String>, Option<String>, Option<FunctionCall>);
+    fn read<'de, A: MapAccess<'de>>(
+        p: &mut Self::Partial,
+        key: &str,
+        a: &mut A,
+    ) -> Result<(), A::Error> {
+        match key {
+            "id" => p.0 = Some(a.next_value()?),
+            "type" => p.1 = Some(a.next_value()?),
+            _ => p.2 = Some(a.next_value()?),
         }
-        d.deserialize_map(V)
+        Ok(())
+    }
+    fn finish<E: de::Error>(p: Self::Partial, extra: Map<String, Value>) -> Result<Self, E> {
+        Ok(ToolCall {
+            id: p.0,
+            kind: p.1,
+            function: required(p.2, "function")?,
+            extra,
+        })
     }
 }
+
+impl Object for FunctionCall {
+    const EXPECTING: &'static str =
+        "a function object {\"name\": ..., \"arguments\": \"<JSON string>\"}";
+    const FIELDS: &'static [&'static str] = &["name", "arguments"];
+    type Partial = (Option<String>, Option<String>);
+    fn read<'de, A: MapAccess<'de>>(
+        p: &mut Self::Partial,
+        key: &str,
+        a: &mut A,
+    ) -> Result<(), A::Error> {
+        match key {
+            "name" => p.0 = Some(a.next_value()?),
+            _ => p.1 = Some(a.next_value()?),
+        }
+        Ok(())
+    }
+    fn finish<E: de::Error>(p: Self::Partial, extra: Map<String, Value>) -> Result<Self, E> {
+        Ok(FunctionCall {
+            name: required(p.0, "name")?,
+            arguments: required(p.1, "arguments")?,
+            extra,
+        })
+    }
+}
+
+macro_rules! deserialize_as_object {
+    ($($t:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                deserialize_object(d)
+            }
+        }
+    )*};
+}
+
+deserialize_as_object!(Conversation, Message, ToolCall, FunctionCall);
 
 #[cfg(test)]
 mod tests {

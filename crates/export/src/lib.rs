@@ -15,8 +15,6 @@
 //!
 //! The codec itself is `qatflow-nvfp4`'s; nothing here re-implements NVFP4.
 
-#![warn(missing_docs)]
-
 pub mod bench;
 pub mod checkpoint;
 pub mod error;

@@ -407,34 +407,14 @@ pub fn write_export(
     )
 }
 
-/// [`write_export`] that runs `before_commit` after everything is written and read back,
-/// and renames the output into place only if it succeeds (the checkpoint export checks the
-/// source's checksums there, computed while the export ran).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn write_export_then(
-    src_dir: &Path,
-    tensors: &SourceTensors,
+/// The export plan: one job per source tensor (quantize, convert to BF16, or copy) and
+/// the output tensors' specs; refuses unreadable dtypes, quantized linears without an
+/// amax and amaxes of no quantized linear.
+fn plan<'a>(
+    tensors: &'a SourceTensors,
     amax: &BTreeMap<String, LinearAmax>,
     amax_origin: &Path,
-    source: SourceDescription,
-    out: &Path,
-    options: &ExportOptions,
-    progress: &dyn Progress,
-    cancel: &CancellationToken,
-    before_commit: impl FnOnce() -> Result<(), ExportError>,
-) -> Result<ExportReport, ExportError> {
-    let started = Instant::now();
-    let threads = if options.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        options.threads
-    };
-    let config_path = src_dir.join("config.json");
-    let source_config = read_json_object(&config_path)?;
-    crate::shape::check_shapes(&source_config, &config_path, tensors)?;
-    let wrap = options.vl_wrapper.applies(&source_config, &config_path)?;
-
-    // Plan: one job per source tensor, and the output tensors.
+) -> Result<Plan<'a>, ExportError> {
     let mut jobs: Vec<(&str, &SourceInfo, Job<'_>)> = Vec::new();
     let mut specs = Vec::new();
     for (name, info) in tensors.tensors() {
@@ -493,9 +473,19 @@ pub(crate) fn write_export_then(
             tensor: format!("{extra}{}", qatflow_checkpoint::WEIGHT_AMAX_SUFFIX),
         });
     }
-    let exclude = modelopt::exclude_modules(tensors.tensors().keys().map(String::as_str));
+    Ok((jobs, specs))
+}
 
-    let dir = OutDir::prepare(out, src_dir, options.force)?;
+/// The jobs (tensor name, its source, what to do) and the output tensors' specs.
+type Plan<'a> = (Vec<(&'a str, &'a SourceInfo, Job<'a>)>, Vec<TensorSpec>);
+
+/// Opens one stream writer per output shard in `tmp`; answers the writers and each
+/// shard's file name and layout.
+fn open_shards(
+    tmp: &Path,
+    specs: Vec<TensorSpec>,
+    max_shard_bytes: u64,
+) -> Result<(Sharded, Vec<(String, Layout)>), ExportError> {
     let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     let mut layouts = Vec::new();
     let mut sharded = Sharded {
@@ -503,21 +493,31 @@ pub(crate) fn write_export_then(
         files: Vec::new(),
         of: BTreeMap::new(),
     };
-    for (i, (file, specs)) in shard(specs, options.max_shard_bytes)
-        .into_iter()
-        .enumerate()
-    {
+    for (i, (file, specs)) in shard(specs, max_shard_bytes).into_iter().enumerate() {
         for s in &specs {
             sharded.of.insert(s.name.clone(), i);
         }
         let layout = Layout::new(specs, Some(&meta))?;
         sharded
             .writers
-            .push(StreamWriter::create(&dir.tmp.join(&file), layout.clone())?);
+            .push(StreamWriter::create(&tmp.join(&file), layout.clone())?);
         sharded.files.push(file.clone());
         layouts.push((file, layout));
     }
+    Ok((sharded, layouts))
+}
 
+/// Runs every job into the shard writers (quantizing on `threads` threads) and finishes
+/// the writers; answers a report per tensor.
+fn write_tensors(
+    jobs: &[(&str, &SourceInfo, Job<'_>)],
+    tensors: &SourceTensors,
+    sharded: &mut Sharded,
+    threads: usize,
+    options: &ExportOptions,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<Vec<TensorReport>, ExportError> {
     progress.set_total(jobs.iter().map(|(_, i, _)| i.byte_len() as u64).sum());
     let mut reports = Vec::with_capacity(jobs.len());
     for (done, (name, info, job)) in jobs.iter().enumerate() {
@@ -621,31 +621,55 @@ pub(crate) fn write_export_then(
     for w in sharded.writers.drain(..) {
         w.finish()?;
     }
+    Ok(reports)
+}
 
-    // Everything besides the weights.
+/// What the files besides the weights are made from.
+struct SideFiles<'a> {
+    src_dir: &'a Path,
+    source_config: &'a serde_json::Map<String, Value>,
+    exclude: &'a [String],
+    wrap: bool,
+}
+
+/// Writes everything besides the weights into `tmp`: the shard index (when sharded),
+/// `config.json`, `hf_quant_config.json`, and the copied generation, tokenizer and
+/// preprocessor files.
+fn write_side_files(
+    tmp: &Path,
+    side: &SideFiles<'_>,
+    sharded: &Sharded,
+    layouts: &[(String, Layout)],
+) -> Result<(), ExportError> {
+    let SideFiles {
+        src_dir,
+        source_config,
+        exclude,
+        wrap,
+    } = *side;
     if layouts.len() > 1 {
         let mut weight_map = serde_json::Map::new();
         let mut total = 0u64;
         for (name, &i) in &sharded.of {
             weight_map.insert(name.clone(), Value::String(sharded.files[i].clone()));
         }
-        for (_, l) in &layouts {
+        for (_, l) in layouts {
             total += l.placements().iter().map(|p| p.len).sum::<u64>();
         }
         let index =
             serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        write_json(&dir.tmp.join("model.safetensors.index.json"), &index, b"  ")?;
+        write_json(&tmp.join("model.safetensors.index.json"), &index, b"  ")?;
     }
-    let config = modelopt::export_config(&source_config, &exclude);
+    let config = modelopt::export_config(source_config, exclude);
     let config = if wrap {
         modelopt::vl_wrapper_config(config)
     } else {
         config
     };
-    write_json(&dir.tmp.join("config.json"), &config, b"  ")?;
+    write_json(&tmp.join("config.json"), &config, b"  ")?;
     write_json(
-        &dir.tmp.join("hf_quant_config.json"),
-        &modelopt::hf_quant_config(&exclude),
+        &tmp.join("hf_quant_config.json"),
+        &modelopt::hf_quant_config(exclude),
         b"    ",
     )?;
     let mut copied = vec!["generation_config.json"];
@@ -656,20 +680,23 @@ pub(crate) fn write_export_then(
     for name in copied {
         let src = src_dir.join(name);
         if src.is_file() {
-            let dst = dir.tmp.join(name);
+            let dst = tmp.join(name);
             std::fs::copy(&src, &dst).map_err(|e| ExportError::io(&src, e))?;
             std::fs::File::open(&dst)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| ExportError::io(&dst, e))?;
         } else if name == PREPROCESSOR_CONFIG {
-            write_json(&dir.tmp.join(name), &modelopt::preprocessor_config(), b"  ")?;
+            write_json(&tmp.join(name), &modelopt::preprocessor_config(), b"  ")?;
         }
     }
-    verify_written(&dir.tmp, &layouts)?;
+    Ok(())
+}
 
+/// The files in `tmp`, by name, with their sizes.
+fn output_files(tmp: &Path) -> Result<Vec<OutputFile>, ExportError> {
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(&dir.tmp).map_err(|e| ExportError::io(&dir.tmp, e))? {
-        let entry = entry.map_err(|e| ExportError::io(&dir.tmp, e))?;
+    for entry in std::fs::read_dir(tmp).map_err(|e| ExportError::io(tmp, e))? {
+        let entry = entry.map_err(|e| ExportError::io(tmp, e))?;
         let size = entry
             .metadata()
             .map_err(|e| ExportError::io(&entry.path(), e))?
@@ -680,6 +707,64 @@ pub(crate) fn write_export_then(
         });
     }
     files.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(files)
+}
+
+/// [`write_export`] that runs `before_commit` after everything is written and read back,
+/// and renames the output into place only if it succeeds (the checkpoint export checks the
+/// source's checksums there, computed while the export ran).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_export_then(
+    src_dir: &Path,
+    tensors: &SourceTensors,
+    amax: &BTreeMap<String, LinearAmax>,
+    amax_origin: &Path,
+    source: SourceDescription,
+    out: &Path,
+    options: &ExportOptions,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+    before_commit: impl FnOnce() -> Result<(), ExportError>,
+) -> Result<ExportReport, ExportError> {
+    let started = Instant::now();
+    let threads = if options.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        options.threads
+    };
+    let config_path = src_dir.join("config.json");
+    let source_config = read_json_object(&config_path)?;
+    crate::shape::check_shapes(&source_config, &config_path, tensors)?;
+    let wrap = options.vl_wrapper.applies(&source_config, &config_path)?;
+
+    // Plan: one job per source tensor, and the output tensors.
+    let (jobs, specs) = plan(tensors, amax, amax_origin)?;
+    let exclude = modelopt::exclude_modules(tensors.tensors().keys().map(String::as_str));
+
+    let dir = OutDir::prepare(out, src_dir, options.force)?;
+    let (mut sharded, layouts) = open_shards(&dir.tmp, specs, options.max_shard_bytes)?;
+
+    let reports = write_tensors(
+        &jobs,
+        tensors,
+        &mut sharded,
+        threads,
+        options,
+        progress,
+        cancel,
+    )?;
+
+    // Everything besides the weights.
+    let side = SideFiles {
+        src_dir,
+        source_config: &source_config,
+        exclude: &exclude,
+        wrap,
+    };
+    write_side_files(&dir.tmp, &side, &sharded, &layouts)?;
+    verify_written(&dir.tmp, &layouts)?;
+
+    let files = output_files(&dir.tmp)?;
     let q: Vec<f64> = reports
         .iter()
         .filter(|r| r.exported_as == "NVFP4")

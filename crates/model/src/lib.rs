@@ -1,46 +1,40 @@
 //! qatflow-model: decoder architectures as burn modules (Llama/SmolLM2, dense Qwen3, the
-//! Qwen3.5 Gated DeltaNet hybrid),
-//! Hugging Face and NVFP4 checkpoint loading, generation and evaluation, plus tokenizers,
-//! Hugging Face chat templates, assistant-only loss masks, GGUF import and model fetching.
+//! Qwen3.5 Gated DeltaNet hybrid), Hugging Face and NVFP4 checkpoint loading, generation
+//! and evaluation, plus tokenizers, Hugging Face chat templates, assistant-only loss masks,
+//! GGUF import and model fetching.
+//!
+//! By topic, each folder importing only those below it:
+//! - [`run`]: generation, batched decoding, evaluation and calibration of a loaded model;
+//! - [`arch`]: the architectures, their shared layers, the one [`CausalLm`] type, parameters
+//!   by Hugging Face name and randomly initialized models;
+//! - [`io`]: weights on disk (safetensors, GGUF, the GGUF import, fetching);
+//! - [`text`]: tokenizers, chat templates, loss masks and the render audit;
+//! - [`linear`] (the quantizable linear layer and its input hook), [`config`] and [`rng`]
+//!   at the bottom.
 
-#![warn(missing_docs)]
-
-pub mod audit;
-pub mod batch;
-pub mod calib;
+pub mod arch;
 pub mod config;
-pub mod deltanet;
-pub mod eval;
-pub mod fetch;
-pub mod generate;
-pub mod gguf;
-pub mod import;
-pub mod init;
-pub mod layers;
+pub mod io;
 pub mod linear;
-pub mod llama;
-pub mod mask;
-pub mod model;
-pub mod params;
-pub mod pyjson;
-pub mod qwen3;
-pub mod qwen35;
 pub mod rng;
-pub mod rope;
-pub mod template;
-pub mod tokenizer;
-pub mod toolcall;
-pub mod weights;
+pub mod run;
+pub mod text;
 
-pub use calib::{apply_group_rule, calibrate_inputs, weight_amax, CalibError};
+// The flat module paths of before the folders, for the crates that use them.
+pub use arch::{deltanet, dense, init, layers, model, params, qwen35, rope};
+pub use io::{fetch, gguf, import, weights};
+pub use run::{batch, calib, eval, generate};
+pub use text::{audit, mask, pyjson, template, tokenizer, toolcall};
+
+pub use arch::layers::{CacheSlot, KvCache};
+pub use arch::model::{expected_tensors, load_with_tokenizer, CausalLm, LoadOptions};
 pub use config::{Architecture, ConfigError, HybridConfig, LayerKind, ModelConfig};
-pub use eval::{eval_kld, eval_nll, EvalError, KldReport, NllReport};
-pub use fetch::{cached_smollm2, fetch_model, fetch_smollm2, FetchError};
-pub use generate::{generate, GenerateError, GenerateOptions, Reply};
-pub use import::{import_gguf, ImportError, ImportSummary};
-pub use layers::{CacheSlot, KvCache};
+pub use io::fetch::{cached_smollm2, fetch_model, fetch_smollm2, FetchError};
+pub use io::import::{import_gguf, ImportError, ImportSummary};
+pub use io::weights::{Checkpoint, LoadError, Precision};
 pub use linear::{FakeQuant, QLinear};
-pub use model::{load_with_tokenizer, CausalLm, LoadOptions};
-pub use template::{ChatTemplate, TemplateError};
-pub use tokenizer::{EncodedConversation, ModelFamily, Tokenizer, TokenizerError};
-pub use weights::{Checkpoint, LoadError, Precision};
+pub use run::calib::{apply_group_rule, calibrate_inputs, weight_amax, CalibError};
+pub use run::eval::{eval_kld, eval_nll, EvalError, KldReport, NllReport};
+pub use run::generate::{generate, GenerateError, GenerateOptions, Reply};
+pub use text::template::{ChatTemplate, TemplateError};
+pub use text::tokenizer::{EncodedConversation, ModelFamily, Tokenizer, TokenizerError};

@@ -5,6 +5,10 @@
 //! goes through `qatflow_kernels::fake_quant`: the one-pass CubeCL kernel on CUDA, burn
 //! tensor operations elsewhere, bit-identical values.
 
+mod hook;
+
+pub use hook::InputAmaxHook;
+
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
@@ -93,7 +97,7 @@ impl<B: Backend> QLinear<B> {
     /// Applies the layer to `[.., in_features]`, fake-quantizing the input and/or weight
     /// (straight-through gradients) when configured.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        crate::calib::observe_input(&self.name, &x);
+        hook::observe_input(&self.name, &x);
         let mut w = self.weight.val();
         let mut x = x;
         if let Some(amax) = self.quant.weight {

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use qatflow_model::weights::{expected_tensors, Checkpoint};
+use qatflow_model::expected_tensors;
+use qatflow_model::weights::Checkpoint;
 use qatflow_model::{CausalLm, LoadError, LoadOptions, ModelConfig, Precision};
 use serde_json::json;
 

@@ -2,6 +2,7 @@
 //! `config/local.toml`) and the checks made before anything starts.
 
 use crate::NodeError;
+use qatflow_teacher::BackendKind;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -221,7 +222,7 @@ pub struct TeacherSection {
     /// Generate at start-up (resuming whatever an earlier run left).
     pub enabled: bool,
     /// `offline`, `claude-cli`, `openai` or `anthropic`.
-    pub backend: String,
+    pub backend: BackendKind,
     /// Teacher model (claude-cli, openai, anthropic).
     pub model: Option<String>,
     /// Base URL of the HTTP backends.
@@ -255,7 +256,7 @@ impl Default for TeacherSection {
     fn default() -> TeacherSection {
         TeacherSection {
             enabled: true,
-            backend: "offline".into(),
+            backend: BackendKind::Offline,
             model: None,
             base_url: None,
             api_key_env: None,

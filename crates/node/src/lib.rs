@@ -18,8 +18,6 @@
 //! The actors only schedule work: the teacher, the gates and the shard libraries do it, on
 //! blocking threads, so a panic there becomes an error the actor logs before it restarts.
 
-#![warn(missing_docs)]
-
 pub mod actors;
 pub mod auth;
 pub mod bench;

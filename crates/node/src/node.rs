@@ -14,6 +14,7 @@ use crate::server::{Services, SparkView, WorkstationView};
 use crate::status::StatusBoard;
 use crate::{client, NodeError};
 use actix::Supervisor;
+use qatflow_proto::v1::JobKind;
 use qatflow_shards::{Inbox, InboxLimits, Outbox, SealLimits};
 use qatflow_store::Store;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::ClientTlsConfig;
 
 /// How long a stopping node waits for open gRPC connections to close.
 const SERVER_GRACE: Duration = Duration::from_secs(3);
@@ -45,7 +47,7 @@ impl RunningNode {
         self.shutdown.cancel();
         let left = match &self.jobs {
             Some(jobs) => {
-                let ids = jobs.shut_down(&["train", "export"]);
+                let ids = jobs.shut_down(&[JobKind::Train, JobKind::Export]);
                 if !ids.is_empty() {
                     tracing::info!(jobs = ?ids, "stopping jobs");
                 }
@@ -120,191 +122,26 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
         source,
     })?;
     let shutdown = CancellationToken::new();
-    let mut node_jobs = None;
     let role = config.role;
-    let mut services = Services {
+    let spark = if role.receives() {
+        Some(start_spark(config)?)
+    } else {
+        None
+    };
+    let (workstation, peer) = if role.generates() {
+        let (w, peer) = start_workstation(config, addr, token.as_deref(), client_tls, &shutdown)?;
+        (Some(w), peer)
+    } else {
+        (None, None)
+    };
+    let node_jobs = spark.as_ref().map(|s| s.jobs.clone());
+    let services = Services {
         name: config.name.clone(),
         role: role.as_str().into(),
-        workstation: None,
-        spark: None,
-        peer: None,
+        workstation,
+        spark,
+        peer,
     };
-
-    if role.receives() {
-        let dir = config.data_dir.join("spark");
-        let store = Store::open(dir.join("db"))?;
-        let limits = InboxLimits {
-            max_shard_bytes: config.receiver.max_shard_bytes,
-            max_decoded_bytes: config.receiver.max_decoded_bytes,
-            ..InboxLimits::default()
-        };
-        let profile =
-            qatflow_gates::GateProfile::resolve(&config.receiver.profile).map_err(|e| {
-                NodeError::Config {
-                    path: config.data_dir.clone(),
-                    message: format!("receiver.profile: {e}"),
-                }
-            })?;
-        let checker = qatflow_gates::Checker::new(&profile);
-        let inbox = Inbox::open(&store, &dir.join("inbox"), limits, checker)?;
-        let board = StatusBoard::new(&config.name, "spark");
-        let jobs = JobHub::default();
-        let receiver = {
-            let (inbox, store, board) = (inbox.clone(), store.clone(), board.clone());
-            Supervisor::start(move |_| ShardReceiver::new(inbox, store, board))
-        };
-        let serving = {
-            let (command, store, log, jobs, board) = (
-                config.serving.clone(),
-                store.clone(),
-                dir.join("serving.log"),
-                jobs.clone(),
-                board.clone(),
-            );
-            Supervisor::start(move |_| ServingSupervisor::new(command, store, log, jobs, board))
-        };
-        let mut train_run_dir = None;
-        let trainer = match &config.trainer {
-            Some(t) => {
-                let train_config =
-                    qatflow_train::TrainConfig::from_file(&t.config).map_err(|e| {
-                        NodeError::Config {
-                            path: t.config.clone(),
-                            message: format!("trainer.config: {e}"),
-                        }
-                    })?;
-                train_run_dir = Some(train_config.run.output_dir.clone());
-                let follow = qatflow_train::Follow {
-                    min_conversations: t.min_conversations,
-                    poll: Duration::from_millis(t.poll_ms.max(10)),
-                };
-                let (store, jobs, board, auto) =
-                    (store.clone(), jobs.clone(), board.clone(), t.auto_start);
-                Some(Supervisor::start(move |_| {
-                    TrainerActor::new(store, train_config, follow, auto, jobs, board)
-                }))
-            }
-            None => None,
-        };
-        let exporter = match &config.exporter {
-            Some(e) => {
-                let run_dir =
-                    e.run_dir
-                        .clone()
-                        .or(train_run_dir)
-                        .ok_or_else(|| NodeError::Config {
-                            path: config.data_dir.clone(),
-                            message: "exporter.run_dir is required without a [trainer] section"
-                                .into(),
-                        })?;
-                let program = match &e.program {
-                    Some(p) => p.clone(),
-                    None => std::env::current_exe().map_err(|e| {
-                        NodeError::Runtime(format!("cannot find the qatflow executable: {e}"))
-                    })?,
-                };
-                let plan = ExportPlan {
-                    program,
-                    run_dir,
-                    out: e.out.clone(),
-                };
-                let (store, jobs, board) = (store.clone(), jobs.clone(), board.clone());
-                let promote = config
-                    .serving
-                    .promote
-                    .on_export
-                    .then(|| serving.clone().recipient());
-                Some(Supervisor::start(move |_| {
-                    let exporter = ExporterActor::new(plan, store, jobs, board);
-                    match promote.clone() {
-                        Some(to) => exporter.promote_to(to),
-                        None => exporter,
-                    }
-                }))
-            }
-            None => None,
-        };
-        node_jobs = Some(jobs.clone());
-        services.spark = Some(SparkView {
-            store,
-            inbox,
-            board,
-            receiver,
-            serving,
-            trainer,
-            exporter,
-            jobs,
-        });
-    }
-
-    if role.generates() {
-        let dir = config.data_dir.join("workstation");
-        let store = Store::open(dir.join("db"))?;
-        let outbox = Outbox::open(&store, &dir.join("outbox"))?;
-        let board = StatusBoard::new(&config.name, "workstation");
-        let peer_url = match role {
-            crate::Role::All => format!("{}://{addr}", config.scheme()),
-            _ => config.peer_url(),
-        };
-        let parts = Arc::new(ShipperParts {
-            store: store.clone(),
-            outbox: outbox.clone(),
-            limits: SealLimits {
-                max_conversations: config.shipper.max_conversations,
-                max_bytes: config.shipper.max_bytes,
-            },
-            client: client::ShardsClient::new(client::secure_channel(
-                &peer_url,
-                token.as_deref(),
-                client_tls.clone(),
-            )?),
-            poll: Duration::from_millis(config.shipper.poll_ms.max(10)),
-            stall_timeout: Duration::from_millis(config.shipper.stall_timeout_ms),
-        });
-        let shipper = {
-            let board = board.clone();
-            Supervisor::start(move |_| ShardShipper::new(parts.clone(), board.clone()))
-        };
-        let options = generate_options(&config.teacher)?;
-        let validator = {
-            let (store, profile, board) = (store.clone(), options.profile.clone(), board.clone());
-            Supervisor::start(move |_| {
-                ValidatorActor::new(store.clone(), profile.clone(), board.clone())
-            })
-        };
-        if config.teacher.enabled {
-            let (store, shipper, board, cancel) = (
-                store.clone(),
-                shipper.clone(),
-                board.clone(),
-                shutdown.clone(),
-            );
-            Supervisor::start(move |_| {
-                TeacherActor::new(
-                    store.clone(),
-                    options.clone(),
-                    shipper.clone(),
-                    validator.clone(),
-                    board.clone(),
-                    cancel.clone(),
-                )
-            });
-        } else {
-            board.set(crate::status::Field::Teacher, "disabled");
-        }
-        if role == crate::Role::Workstation {
-            services.peer = Some(client::NodeClient::new(client::secure_channel(
-                &peer_url,
-                token.as_deref(),
-                client_tls,
-            )?));
-        }
-        services.workstation = Some(WorkstationView {
-            store,
-            outbox,
-            board,
-        });
-    }
 
     let router = services
         .router(token.as_deref(), server_tls)
@@ -326,6 +163,198 @@ pub async fn start(config: &NodeConfig) -> Result<RunningNode, NodeError> {
         jobs: node_jobs,
         grace: Duration::from_secs(config.shutdown_timeout_s),
     })
+}
+
+/// The GPU node's half: its store and inbox, the receiver, the serving supervisor, and the
+/// trainer and exporter when configured.
+fn start_spark(config: &NodeConfig) -> Result<SparkView, NodeError> {
+    let dir = config.data_dir.join("spark");
+    let store = Store::open(dir.join("db"))?;
+    let limits = InboxLimits {
+        max_shard_bytes: config.receiver.max_shard_bytes,
+        max_decoded_bytes: config.receiver.max_decoded_bytes,
+        ..InboxLimits::default()
+    };
+    let profile = qatflow_gates::GateProfile::resolve(&config.receiver.profile).map_err(|e| {
+        NodeError::Config {
+            path: config.data_dir.clone(),
+            message: format!("receiver.profile: {e}"),
+        }
+    })?;
+    let checker = qatflow_gates::Checker::new(&profile);
+    let inbox = Inbox::open(&store, &dir.join("inbox"), limits, checker)?;
+    let board = StatusBoard::new(&config.name, "spark");
+    let jobs = JobHub::default();
+    let receiver = {
+        let (inbox, store, board) = (inbox.clone(), store.clone(), board.clone());
+        Supervisor::start(move |_| ShardReceiver::new(inbox, store, board))
+    };
+    let serving = {
+        let (command, store, log, jobs, board) = (
+            config.serving.clone(),
+            store.clone(),
+            dir.join("serving.log"),
+            jobs.clone(),
+            board.clone(),
+        );
+        Supervisor::start(move |_| ServingSupervisor::new(command, store, log, jobs, board))
+    };
+    let mut train_run_dir = None;
+    let trainer = match &config.trainer {
+        Some(t) => {
+            let train_config = qatflow_train::TrainConfig::from_file(&t.config).map_err(|e| {
+                NodeError::Config {
+                    path: t.config.clone(),
+                    message: format!("trainer.config: {e}"),
+                }
+            })?;
+            train_run_dir = Some(train_config.run.output_dir.clone());
+            let follow = qatflow_train::Follow {
+                min_conversations: t.min_conversations,
+                poll: Duration::from_millis(t.poll_ms.max(10)),
+            };
+            let (store, jobs, board, auto) =
+                (store.clone(), jobs.clone(), board.clone(), t.auto_start);
+            Some(Supervisor::start(move |_| {
+                TrainerActor::new(store, train_config, follow, auto, jobs, board)
+            }))
+        }
+        None => None,
+    };
+    let exporter = match &config.exporter {
+        Some(e) => {
+            let run_dir = e
+                .run_dir
+                .clone()
+                .or(train_run_dir)
+                .ok_or_else(|| NodeError::Config {
+                    path: config.data_dir.clone(),
+                    message: "exporter.run_dir is required without a [trainer] section".into(),
+                })?;
+            let program = match &e.program {
+                Some(p) => p.clone(),
+                None => std::env::current_exe().map_err(|e| {
+                    NodeError::Runtime(format!("cannot find the qatflow executable: {e}"))
+                })?,
+            };
+            let plan = ExportPlan {
+                program,
+                run_dir,
+                out: e.out.clone(),
+            };
+            let (store, jobs, board) = (store.clone(), jobs.clone(), board.clone());
+            let promote = config
+                .serving
+                .promote
+                .on_export
+                .then(|| serving.clone().recipient());
+            Some(Supervisor::start(move |_| {
+                let exporter = ExporterActor::new(plan, store, jobs, board);
+                match promote.clone() {
+                    Some(to) => exporter.promote_to(to),
+                    None => exporter,
+                }
+            }))
+        }
+        None => None,
+    };
+    Ok(SparkView {
+        store,
+        inbox,
+        board,
+        receiver,
+        serving,
+        trainer,
+        exporter,
+        jobs,
+    })
+}
+
+/// The workstation's half: its store and outbox, the shipper (to the peer, or to this
+/// node's own server for role `all`), the validator and, when enabled, the teacher; plus
+/// the status client of the peer for role `workstation`.
+fn start_workstation(
+    config: &NodeConfig,
+    addr: SocketAddr,
+    token: Option<&str>,
+    client_tls: Option<ClientTlsConfig>,
+    shutdown: &CancellationToken,
+) -> Result<
+    (
+        WorkstationView,
+        Option<client::NodeClient<client::AuthChannel>>,
+    ),
+    NodeError,
+> {
+    let role = config.role;
+    let dir = config.data_dir.join("workstation");
+    let store = Store::open(dir.join("db"))?;
+    let outbox = Outbox::open(&store, &dir.join("outbox"))?;
+    let board = StatusBoard::new(&config.name, "workstation");
+    let peer_url = match role {
+        crate::Role::All => format!("{}://{addr}", config.scheme()),
+        _ => config.peer_url(),
+    };
+    let parts = Arc::new(ShipperParts {
+        store: store.clone(),
+        outbox: outbox.clone(),
+        limits: SealLimits {
+            max_conversations: config.shipper.max_conversations,
+            max_bytes: config.shipper.max_bytes,
+        },
+        client: client::ShardsClient::new(client::secure_channel(
+            &peer_url,
+            token,
+            client_tls.clone(),
+        )?),
+        poll: Duration::from_millis(config.shipper.poll_ms.max(10)),
+        stall_timeout: Duration::from_millis(config.shipper.stall_timeout_ms),
+    });
+    let shipper = {
+        let board = board.clone();
+        Supervisor::start(move |_| ShardShipper::new(parts.clone(), board.clone()))
+    };
+    let options = generate_options(&config.teacher)?;
+    let validator = {
+        let (store, profile, board) = (store.clone(), options.profile.clone(), board.clone());
+        Supervisor::start(move |_| {
+            ValidatorActor::new(store.clone(), profile.clone(), board.clone())
+        })
+    };
+    if config.teacher.enabled {
+        let (store, shipper, board, cancel) = (
+            store.clone(),
+            shipper.clone(),
+            board.clone(),
+            shutdown.clone(),
+        );
+        Supervisor::start(move |_| {
+            TeacherActor::new(
+                store.clone(),
+                options.clone(),
+                shipper.clone(),
+                validator.clone(),
+                board.clone(),
+                cancel.clone(),
+            )
+        });
+    } else {
+        board.set(crate::status::Field::Teacher, "disabled");
+    }
+    let peer = match role {
+        crate::Role::Workstation => Some(client::NodeClient::new(client::secure_channel(
+            &peer_url, token, client_tls,
+        )?)),
+        _ => None,
+    };
+    Ok((
+        WorkstationView {
+            store,
+            outbox,
+            board,
+        },
+        peer,
+    ))
 }
 
 /// An actix System on a multi-thread tokio runtime, never a single-threaded one: the OTLP

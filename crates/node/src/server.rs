@@ -6,7 +6,7 @@
 
 use crate::actors::blocking;
 use crate::actors::exporter::{ExporterActor, StartExport};
-use crate::actors::jobs::JobHub;
+use crate::actors::jobs::{JobError, JobHub};
 use crate::actors::receiver::{Append, Commit, Query, ReceiveError, ShardReceiver, Sync};
 use crate::actors::serving::{Promote, ServingSupervisor, StartServing};
 use crate::actors::trainer::{StartTraining, TrainerActor};
@@ -14,7 +14,8 @@ use crate::auth::ServerAuth;
 use crate::client::{AuthChannel, NodeClient};
 use crate::status::StatusBoard;
 use crate::trace::rpc_span;
-use actix::{Addr, MailboxError};
+use actix::dev::ToEnvelope;
+use actix::{Actor, Addr, Handler, MailboxError, Message};
 use qatflow_proto::v1::jobs_server::{Jobs, JobsServer};
 use qatflow_proto::v1::node_server::{Node, NodeServer};
 use qatflow_proto::v1::shards_server::{Shards, ShardsServer};
@@ -393,6 +394,30 @@ impl Shards for Services {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
 
+/// Sends a start message to the actor that runs the job (`missing` answers when the node
+/// has no such actor) and answers the job id; `who` names the actor in a retry hint.
+async fn start<A, M>(
+    actor: Option<Addr<A>>,
+    missing: &str,
+    who: &str,
+    msg: M,
+    span: tracing::Span,
+) -> Result<Response<StartJobResponse>, Status>
+where
+    A: Actor + Handler<M>,
+    A::Context: ToEnvelope<A, M>,
+    M: Message<Result = Result<String, JobError>> + Send + 'static,
+{
+    let actor = actor.ok_or_else(|| Status::failed_precondition(missing))?;
+    let id = actor
+        .send(msg)
+        .instrument(span)
+        .await
+        .map_err(|e| Status::unavailable(format!("{who} is restarting ({e}); retry")))?
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    Ok(Response::new(StartJobResponse { job_id: id }))
+}
+
 #[tonic::async_trait]
 impl Jobs for Services {
     async fn start_job(
@@ -402,69 +427,35 @@ impl Jobs for Services {
         let span = rpc_span(&self.name, "Jobs/StartJob", r.metadata());
         let spark = self.spark()?;
         let kind = r.into_inner().kind;
+        let serving = || Some(spark.serving.clone());
         match JobKind::try_from(kind) {
-            Ok(JobKind::Serve) => {
-                let id = spark
-                    .serving
-                    .send(StartServing)
-                    .instrument(span)
-                    .await
-                    .map_err(|e| {
-                        Status::unavailable(format!(
-                            "the serving supervisor is restarting ({e}); retry"
-                        ))
-                    })?
-                    .map_err(Status::failed_precondition)?;
-                Ok(Response::new(StartJobResponse { job_id: id }))
-            }
+            Ok(JobKind::Serve) => start(serving(), "", "the serving supervisor", StartServing, span).await,
             Ok(JobKind::Train) => {
-                let trainer = spark.trainer.as_ref().ok_or_else(|| {
-                    Status::failed_precondition(
-                        "this node has no [trainer] section in its config; add one with the training recipe",
-                    )
-                })?;
-                let id = trainer
-                    .send(StartTraining)
-                    .instrument(span)
-                    .await
-                    .map_err(|e| {
-                        Status::unavailable(format!("the trainer is restarting ({e}); retry"))
-                    })?
-                    .map_err(Status::failed_precondition)?;
-                Ok(Response::new(StartJobResponse { job_id: id }))
+                start(
+                    spark.trainer.clone(),
+                    "this node has no [trainer] section in its config; add one with the training recipe",
+                    "the trainer",
+                    StartTraining,
+                    span,
+                )
+                .await
             }
             Ok(JobKind::Export) => {
-                let exporter = spark.exporter.as_ref().ok_or_else(|| {
-                    Status::failed_precondition(
-                        "this node has no [exporter] section in its config; add one with the output directory",
-                    )
-                })?;
-                let id = exporter
-                    .send(StartExport)
-                    .instrument(span)
-                    .await
-                    .map_err(|e| {
-                        Status::unavailable(format!("the exporter is restarting ({e}); retry"))
-                    })?
-                    .map_err(Status::failed_precondition)?;
-                Ok(Response::new(StartJobResponse { job_id: id }))
+                start(
+                    spark.exporter.clone(),
+                    "this node has no [exporter] section in its config; add one with the output directory",
+                    "the exporter",
+                    StartExport,
+                    span,
+                )
+                .await
             }
             Ok(JobKind::Promote) => {
-                let id = spark
-                    .serving
-                    .send(Promote {
-                        candidate: None,
-                        take: true,
-                    })
-                    .instrument(span)
-                    .await
-                    .map_err(|e| {
-                        Status::unavailable(format!(
-                            "the serving supervisor is restarting ({e}); retry"
-                        ))
-                    })?
-                    .map_err(Status::failed_precondition)?;
-                Ok(Response::new(StartJobResponse { job_id: id }))
+                let promote = Promote {
+                    candidate: None,
+                    take: true,
+                };
+                start(serving(), "", "the serving supervisor", promote, span).await
             }
             _ => Err(Status::invalid_argument(format!(
                 "unknown job kind {kind}; use TRAIN, EXPORT, SERVE or PROMOTE"

@@ -305,7 +305,8 @@ fn a_worse_candidate_is_rolled_back_and_a_better_one_promoted() {
             })
             .await
             .unwrap()
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(again.contains("still running"), "{again}");
         let s = wait_for(&r.board, 60, |s| s.candidate.contains("rolled back")).await;
         assert!(
@@ -346,7 +347,8 @@ fn a_worse_candidate_is_rolled_back_and_a_better_one_promoted() {
             })
             .await
             .unwrap()
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(missing.contains("no config.json"), "{missing}");
 
         r.addr

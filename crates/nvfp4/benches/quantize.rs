@@ -1,7 +1,7 @@
 //! CPU throughput of the reference codec: BF16 weight → packed NVFP4 (export) and
 //! BF16 weight → dequantized f32 (fake quantization), in bytes of BF16 input per second.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use qatflow_nvfp4::{codec, fake_quantize, quantize};
 
@@ -37,9 +37,16 @@ fn bench_quantize(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group! {
-    name = benches;
-    config = Criterion::default().sample_size(10);
-    targets = bench_quantize
+// `criterion_group!` defines a public function it cannot document.
+#[allow(missing_docs)]
+mod group {
+    use criterion::{criterion_group, Criterion};
+
+    criterion_group! {
+        name = benches;
+        config = Criterion::default().sample_size(10);
+        targets = super::bench_quantize
+    }
 }
-criterion_main!(benches);
+
+criterion_main!(group::benches);

@@ -4,8 +4,6 @@
 //! prefix cache, Prometheus metrics, and the tool-call parsers of each model family
 //! ([`toolcall`]), which the benchmark uses too. It knows nothing of actors or gRPC.
 
-#![warn(missing_docs)]
-
 pub mod api;
 pub mod engine;
 pub mod metrics;

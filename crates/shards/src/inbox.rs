@@ -114,12 +114,8 @@ impl Inbox {
         for d in [&partial_dir, &shard_dir, &quarantine_dir] {
             std::fs::create_dir_all(d).map_err(io_err(d))?;
         }
-        let sled_err = |source| ShardError::Sled {
-            path: store.path().to_path_buf(),
-            source,
-        };
-        let tree = store.db().open_tree("shards_in").map_err(sled_err)?;
-        let rejected = store.db().open_tree("shards_rejected").map_err(sled_err)?;
+        let tree = store.tree("shards_in")?;
+        let rejected = store.tree("shards_rejected")?;
         Ok(Inbox {
             partial_dir,
             shard_dir,

@@ -13,8 +13,6 @@
 //! written, fsynced and renamed into place, its directory fsynced, and only then recorded.
 //! Nothing here knows about actors or gRPC.
 
-#![warn(missing_docs)]
-
 pub mod error;
 pub mod format;
 mod fsutil;

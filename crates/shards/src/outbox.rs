@@ -66,7 +66,6 @@ pub struct ShardMeta {
 pub struct Outbox {
     dir: PathBuf,
     db_path: PathBuf,
-    by_seq: sled::Tree,
     shards: sled::Tree,
     order: sled::Tree,
     state: sled::Tree,
@@ -81,18 +80,12 @@ impl Outbox {
     /// checks that every unshipped shard's file is present and matches its digest.
     pub fn open(store: &Store, dir: &Path) -> Result<Outbox, ShardError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let db = store.db();
-        let err = |source| ShardError::Sled {
-            path: store.path().to_path_buf(),
-            source,
-        };
         let outbox = Outbox {
             dir: dir.to_path_buf(),
             db_path: store.path().to_path_buf(),
-            by_seq: db.open_tree("by_seq").map_err(err)?,
-            shards: db.open_tree("shards_out").map_err(err)?,
-            order: db.open_tree("shards_out_order").map_err(err)?,
-            state: db.open_tree("shards_out_state").map_err(err)?,
+            shards: store.tree("shards_out")?,
+            order: store.tree("shards_out_order")?,
+            state: store.tree("shards_out_state")?,
         };
         for meta in outbox.pending()? {
             let bytes = outbox.read(&meta)?;
@@ -161,20 +154,9 @@ impl Outbox {
         let mut first_seq = 0u64;
         let mut scanned_to = 0u64;
         let start = self.counter(KEY_NEXT_SEQ)?;
-        for entry in self.by_seq.range(start.to_be_bytes()..) {
-            let (k, v) = entry.map_err(|e| self.sled_err(e))?;
-            let seq = be_u64(&k).ok_or_else(|| self.corrupt("by_seq", "key is not a u64"))?;
+        for entry in store.iter_since(start) {
+            let (seq, stored) = entry?;
             scanned_to = seq;
-            let id = qatflow_core::ConversationId(
-                v.as_ref()
-                    .try_into()
-                    .map_err(|_| self.corrupt("by_seq", "value is not a 32-byte id"))?,
-            );
-            let Some(stored) = store.get(&id)? else {
-                return Err(
-                    self.corrupt("by_seq", format!("{} indexed but not stored", id.to_hex()))
-                );
-            };
             if !stored.record.flags.is_empty() {
                 continue;
             }

@@ -9,7 +9,14 @@
 //!   conversation stored with them; a later conversation with the same messages (it
 //!   differs only in other fields, such as its category) is stored with the flag
 //!   [`DUPLICATE_MESSAGES`];
-//! - `meta`: `schema_version` (u32) and `next_seq` (u64).
+//! - `meta`: `schema_version` (u32) and `next_seq` (u64);
+//! - `node_jobs`: the node's job records ([`JobRecords`], through [`Store::jobs`]).
+//!
+//! Other crates keep their own trees in the same database (through [`Store::tree`]), each
+//! opened only by its owner: the teacher's batch ledger (`teacher_ledger`,
+//! `teacher_pending`, `teacher_plan`, `teacher_raw_rejected`, `teacher_spend`), the shard outbox
+//! (`shards_out`, `shards_out_order`, `shards_out_state`; it reads the conversations
+//! through [`Store::iter_since`]) and the shard inbox (`shards_in`, `shards_rejected`).
 //!
 //! Conversations are inserted in sled transactions over all trees ([`BATCH`] at a time),
 //! keyed by their content hash, so re-importing the same line is a no-op. [`Store::insert_batch`] flushes before it
@@ -17,7 +24,11 @@
 //! after `flush`). The schema version is checked at open; a database written by a newer
 //! qatflow is refused.
 
-pub mod manifest;
+pub mod error;
+pub mod jobs;
+
+pub use error::StoreError;
+pub use jobs::JobRecords;
 
 use qatflow_core::{Conversation, ConversationId};
 use serde::{Deserialize, Serialize};
@@ -36,47 +47,6 @@ pub const SCHEMA_VERSION: u32 = 1;
 
 /// Default database directory, relative to the working directory.
 pub const DEFAULT_DB_PATH: &str = "qatflow-data/db";
-
-/// Errors of the dataset store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// sled failed (I/O, corruption, a lock held by another process).
-    #[error("{path}: database error: {source}; is another qatflow process using it?")]
-    Sled {
-        /// The database directory.
-        path: PathBuf,
-        /// The sled error.
-        source: sled::Error,
-    },
-    /// The database was written by a newer qatflow.
-    #[error("{path}: database schema version {found} is newer than this qatflow understands ({supported}); upgrade qatflow or use another --db")]
-    NewerSchema {
-        /// The database directory.
-        path: PathBuf,
-        /// Version found in the database.
-        found: u32,
-        /// Version this build supports.
-        supported: u32,
-    },
-    /// A stored record does not decode.
-    #[error("{path}: record {id} is corrupt: {message}; re-import the dataset into a fresh --db")]
-    Corrupt {
-        /// The database directory.
-        path: PathBuf,
-        /// The record's id.
-        id: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// A category or flag name contains a NUL byte, which index keys use as separator.
-    #[error("invalid {what} name {name:?}: NUL bytes are not allowed")]
-    InvalidName {
-        /// `category` or `flag`.
-        what: &'static str,
-        /// The offending name.
-        name: String,
-    },
-}
 
 /// What is stored per conversation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,6 +149,17 @@ pub struct Store {
     meta: sled::Tree,
 }
 
+/// The trees the store owns; [`Store::tree`] refuses them.
+const OWN_TREES: [&str; 7] = [
+    "conversations",
+    "by_seq",
+    "idx_category",
+    "idx_flag",
+    "idx_messages",
+    "meta",
+    jobs::TREE,
+];
+
 const KEY_SCHEMA: &[u8] = b"schema_version";
 const KEY_NEXT_SEQ: &[u8] = b"next_seq";
 
@@ -247,12 +228,12 @@ fn check_name(what: &'static str, name: &str) -> Result<(), StoreError> {
 /// How long [`open_db`] waits for a database lock that a just-closed handle may still hold.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
-/// Opens (creating if needed) the sled database at `path`, waiting up to [`LOCK_WAIT`] for its
+/// Opens (creating if needed) the sled database at `path`, waiting up to 5 s for its
 /// file lock. sled releases the lock of a closed database only when its background flusher
 /// next wakes (every 500 ms by default), so reopening right after a drop, in this process or
 /// in a restarted one, can find the lock still held. A lock held longer than that belongs to
 /// another live process and is reported.
-pub(crate) fn open_db(path: &Path) -> sled::Result<sled::Db> {
+pub fn open_db(path: &Path) -> sled::Result<sled::Db> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
         match sled::Config::new().path(path).open() {
@@ -314,9 +295,21 @@ impl Store {
         Ok(store)
     }
 
-    /// The underlying sled database, for crates that keep their own trees beside the store's.
-    pub fn db(&self) -> &sled::Db {
-        &self.db
+    /// Opens (creating if needed) tree `name` of the store's database, for a crate that
+    /// keeps its own records beside the store's (the module doc lists every such tree and
+    /// its owner). The store's own trees are refused: they are read through its methods.
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        if OWN_TREES.contains(&name) {
+            return Err(StoreError::OwnTree {
+                name: name.to_string(),
+            });
+        }
+        self.db.open_tree(name).map_err(|e| self.sled_err(e))
+    }
+
+    /// The node's job records (tree `node_jobs`).
+    pub fn jobs(&self) -> Result<JobRecords, StoreError> {
+        JobRecords::open(&self.db, self.path.clone())
     }
 
     /// The database directory.
@@ -533,6 +526,32 @@ impl Store {
         })
     }
 
+    /// Every stored conversation from import sequence number `seq` on, in import order,
+    /// with its sequence number: the feed of the shard outbox, which resumes where it left.
+    pub fn iter_since(
+        &self,
+        seq: u64,
+    ) -> impl Iterator<Item = Result<(u64, StoredConversation), StoreError>> + '_ {
+        let corrupt = move |id: String, message: &str| StoreError::Corrupt {
+            path: self.path.clone(),
+            id,
+            message: message.into(),
+        };
+        self.by_seq.range(seq.to_be_bytes()..).map(move |entry| {
+            let (k, v) = entry.map_err(|e| self.sled_err(e))?;
+            let seq = k
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt("by_seq".into(), "key is not a big-endian u64"))?;
+            let id = self.id_from(&v)?;
+            let stored = self
+                .get(&id)?
+                .ok_or_else(|| corrupt(id.to_hex(), "indexed but not stored"))?;
+            Ok((seq, stored))
+        })
+    }
+
     /// Counts per category and flag.
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let mut stats = StoreStats::default();
@@ -594,6 +613,24 @@ mod tests {
             "{err}"
         );
         drop(held);
+    }
+
+    #[test]
+    fn other_crates_get_their_own_trees_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("db")).unwrap();
+        for own in OWN_TREES {
+            assert!(
+                matches!(store.tree(own), Err(StoreError::OwnTree { .. })),
+                "{own}"
+            );
+        }
+        store.tree("shards_in").unwrap();
+        let jobs = store.jobs().unwrap();
+        jobs.set("train", Some(b"running")).unwrap();
+        assert_eq!(jobs.text("train").as_deref(), Some("running"));
+        jobs.set("train", None).unwrap();
+        assert_eq!(jobs.get("train").unwrap(), None);
     }
 
     #[test]

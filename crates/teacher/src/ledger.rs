@@ -102,7 +102,6 @@ struct Plan {
 #[derive(Clone)]
 pub struct Ledger {
     path: PathBuf,
-    db: sled::Db,
     done: sled::Tree,
     pending: sled::Tree,
     plan: sled::Tree,
@@ -136,9 +135,8 @@ impl Ledger {
     /// Opens the ledger trees in the store's database.
     pub fn open(store: &Store) -> Result<Ledger, TeacherError> {
         let path = store.path().to_path_buf();
-        let db = store.db().clone();
         let open = |name: &str| {
-            db.open_tree(name).map_err(|e| TeacherError::Ledger {
+            store.tree(name).map_err(|e| TeacherError::Ledger {
                 path: path.clone(),
                 message: format!("cannot open tree {name}: {e}"),
             })
@@ -149,7 +147,6 @@ impl Ledger {
             plan: open("teacher_plan")?,
             raw: open("teacher_raw_rejected")?,
             spend: open("teacher_spend")?,
-            db,
             path,
         })
     }
@@ -162,7 +159,8 @@ impl Ledger {
     }
 
     fn flush(&self) -> Result<(), TeacherError> {
-        self.db
+        // Flushing one tree flushes the whole database.
+        self.done
             .flush()
             .map(|_| ())
             .map_err(|e| self.err(format!("flush failed: {e}")))

@@ -15,8 +15,8 @@ pub mod parse;
 pub mod run;
 
 pub use backend::{
-    AnthropicConfig, Backend, BackendConfig, BackendOutput, BatchRequest, ClaudeCliConfig,
-    OfflineConfig, OpenAiConfig, Usage,
+    AnthropicConfig, Backend, BackendConfig, BackendKind, BackendOutput, BackendSettings,
+    BatchRequest, ClaudeCliConfig, OfflineConfig, OpenAiConfig, UnknownBackend, Usage,
 };
 pub use config::{Category, TeacherConfig, ToolSpec};
 pub use error::{BackendError, TeacherError};

@@ -684,49 +684,7 @@ async fn generate_batches(
     }
     report.recovered_batches = recovered.len() as u64;
 
-    let per_batch = opts.per_batch as u64;
-    let mut jobs = Vec::new();
-    for cat in categories {
-        let finished = ledger.finished(&cat.name)?;
-        match ledger.plan(&cat.name)? {
-            Some(p) if p != per_batch && !finished.is_empty() => {
-                return Err(TeacherError::PlanMismatch {
-                    category: cat.name.clone(),
-                    ledger: p,
-                    asked: per_batch,
-                })
-            }
-            _ => {}
-        }
-        if !opts.resume && !finished.is_empty() {
-            return Err(TeacherError::NotResuming {
-                category: cat.name.clone(),
-                batches: finished.len() as u64,
-            });
-        }
-        ledger.set_plan(&cat.name, per_batch)?;
-        let batches = cat.count.div_ceil(per_batch);
-        let entry = report.categories.entry(cat.name.clone()).or_default();
-        entry.planned_batches = batches;
-        for index in 0..batches {
-            if finished.binary_search(&index).is_ok() {
-                entry.already_done += 1;
-                continue;
-            }
-            let first_item = index * per_batch;
-            let size = per_batch.min(cat.count - first_item) as usize;
-            let batch_name = format!("{}/{index}", cat.name);
-            jobs.push(BatchRequest {
-                category: cat.name.clone(),
-                index,
-                first_item,
-                size,
-                generator_system_prompt: teacher.generation.generator_system_prompt.clone(),
-                prompt: teacher.batch_prompt(cat, size, &batch_name),
-                attempt: 0,
-            });
-        }
-    }
+    let jobs = plan_batches(opts, teacher, categories, &ledger, report)?;
     progress.set_total(jobs.iter().map(|j| j.size as u64).sum());
     if jobs.is_empty() {
         return Ok(());
@@ -794,86 +752,22 @@ async fn generate_batches(
         report.retries.extend(result.retries);
         match result.outcome {
             Outcome::Parsed(parsed) => {
-                let source = format!("{backend_name}:{}/{}", result.category, result.index);
-                let mut batch = PendingBatch {
+                let stored = Stored {
                     category: result.category.clone(),
-                    entry: LedgerEntry {
-                        unparsed_lines: parsed.bad_lines.len() as u64,
-                        attempts: result.attempts,
-                        source,
-                        ..LedgerEntry::default()
-                    },
-                    items: Vec::new(),
-                    raw_rejected: parsed
-                        .bad_lines
-                        .iter()
-                        .map(|b| RawRejected {
-                            category: result.category.clone(),
-                            batch: result.index,
-                            line: b.line,
-                            check: "invalid_json".into(),
-                            error: b.error.clone(),
-                            text: b.text.clone(),
-                            source: String::new(),
-                        })
-                        .collect(),
+                    index: result.index,
+                    size: result.size,
+                    attempts: result.attempts,
                 };
-                let short = result.size.saturating_sub(parsed.conversations.len()) as u64;
-                if short > 0 {
-                    warn!(category = %result.category, batch = result.index,
-                        "the teacher wrote {} of {} conversations", parsed.conversations.len(), result.size);
-                }
-                for bad in &parsed.bad_lines {
-                    warn!(category = %result.category, batch = result.index, line = bad.line,
-                        "teacher output line does not parse: {}", bad.error);
-                }
-                for c in parsed.conversations {
-                    let c = prepare(
-                        c,
-                        &teacher.production_prompt,
-                        &result.category,
-                        &backend_name,
-                    );
-                    let flags: Vec<String> = checker
-                        .check(&c)
-                        .flags()
-                        .into_iter()
-                        .map(|f| f.name().to_string())
-                        .collect();
-                    if flags.is_empty() {
-                        batch.entry.accepted += 1;
-                    } else {
-                        batch.entry.rejected += 1;
-                    }
-                    batch.items.push(PendingItem {
-                        conversation: c.to_json(),
-                        flags,
-                    });
-                }
-                let (l, s, index) = (ledger.clone(), store.clone(), result.index);
-                let entry = blocking(move || l.commit(&s, index, batch)).await?;
-                let cat = report
-                    .categories
-                    .entry(result.category.clone())
-                    .or_default();
-                cat.batches += 1;
-                cat.accepted += entry.accepted;
-                cat.rejected += entry.rejected;
-                cat.duplicates += entry.duplicates;
-                cat.unparsed_lines += entry.unparsed_lines;
-                cat.missing += short;
-                progress.advance(result.size as u64);
-                progress.message(&format!(
-                    "{}: {} accepted, {} rejected",
-                    result.category, cat.accepted, cat.rejected
-                ));
-                if let Some(sink) = &opts.events {
-                    sink(&GenerationEvent::BatchStored {
-                        category: result.category.clone(),
-                        index: result.index,
-                        entry,
-                    });
-                }
+                let ctx = StoreCtx {
+                    opts,
+                    store,
+                    progress,
+                    teacher,
+                    ledger: &ledger,
+                    checker: &checker,
+                    backend_name: &backend_name,
+                };
+                store_parsed(&ctx, stored, parsed, report).await?;
             }
             Outcome::Failed(reason) => {
                 warn!(category = %result.category, batch = result.index, "teacher batch failed: {reason}");
@@ -912,6 +806,181 @@ async fn generate_batches(
             }
             Outcome::Cancelled => report.cancelled = true,
         }
+    }
+    Ok(())
+}
+
+/// The batches still to generate, category by category, after checking each category's
+/// ledger against this run (same batch size; `--resume` when some are finished) and
+/// recording the plan.
+fn plan_batches(
+    opts: &GenerateOptions,
+    teacher: &TeacherConfig,
+    categories: &[Category],
+    ledger: &Ledger,
+    report: &mut GenerationReport,
+) -> Result<Vec<BatchRequest>, TeacherError> {
+    let per_batch = opts.per_batch as u64;
+    let mut jobs = Vec::new();
+    for cat in categories {
+        let finished = ledger.finished(&cat.name)?;
+        match ledger.plan(&cat.name)? {
+            Some(p) if p != per_batch && !finished.is_empty() => {
+                return Err(TeacherError::PlanMismatch {
+                    category: cat.name.clone(),
+                    ledger: p,
+                    asked: per_batch,
+                })
+            }
+            _ => {}
+        }
+        if !opts.resume && !finished.is_empty() {
+            return Err(TeacherError::NotResuming {
+                category: cat.name.clone(),
+                batches: finished.len() as u64,
+            });
+        }
+        ledger.set_plan(&cat.name, per_batch)?;
+        let batches = cat.count.div_ceil(per_batch);
+        let entry = report.categories.entry(cat.name.clone()).or_default();
+        entry.planned_batches = batches;
+        for index in 0..batches {
+            if finished.binary_search(&index).is_ok() {
+                entry.already_done += 1;
+                continue;
+            }
+            let first_item = index * per_batch;
+            let size = per_batch.min(cat.count - first_item) as usize;
+            let batch_name = format!("{}/{index}", cat.name);
+            jobs.push(BatchRequest {
+                category: cat.name.clone(),
+                index,
+                first_item,
+                size,
+                generator_system_prompt: teacher.generation.generator_system_prompt.clone(),
+                prompt: teacher.batch_prompt(cat, size, &batch_name),
+                attempt: 0,
+            });
+        }
+    }
+    Ok(jobs)
+}
+
+/// A parsed batch's identity.
+struct Stored {
+    category: String,
+    index: u64,
+    size: usize,
+    attempts: u32,
+}
+
+/// What storing a parsed batch needs of the run.
+struct StoreCtx<'a> {
+    opts: &'a GenerateOptions,
+    store: &'a Store,
+    progress: &'a dyn Progress,
+    teacher: &'a TeacherConfig,
+    ledger: &'a Ledger,
+    checker: &'a Checker,
+    backend_name: &'a str,
+}
+
+/// Checks every conversation of a parsed batch against the gates and stores the batch
+/// (with its unparsed lines) in one ledger commit, then counts and reports it.
+async fn store_parsed(
+    ctx: &StoreCtx<'_>,
+    result: Stored,
+    parsed: ParsedOutput,
+    report: &mut GenerationReport,
+) -> Result<(), TeacherError> {
+    let StoreCtx {
+        opts,
+        store,
+        progress,
+        teacher,
+        ledger,
+        checker,
+        backend_name,
+    } = *ctx;
+    let source = format!("{backend_name}:{}/{}", result.category, result.index);
+    let mut batch = PendingBatch {
+        category: result.category.clone(),
+        entry: LedgerEntry {
+            unparsed_lines: parsed.bad_lines.len() as u64,
+            attempts: result.attempts,
+            source,
+            ..LedgerEntry::default()
+        },
+        items: Vec::new(),
+        raw_rejected: parsed
+            .bad_lines
+            .iter()
+            .map(|b| RawRejected {
+                category: result.category.clone(),
+                batch: result.index,
+                line: b.line,
+                check: "invalid_json".into(),
+                error: b.error.clone(),
+                text: b.text.clone(),
+                source: String::new(),
+            })
+            .collect(),
+    };
+    let short = result.size.saturating_sub(parsed.conversations.len()) as u64;
+    if short > 0 {
+        warn!(category = %result.category, batch = result.index,
+            "the teacher wrote {} of {} conversations", parsed.conversations.len(), result.size);
+    }
+    for bad in &parsed.bad_lines {
+        warn!(category = %result.category, batch = result.index, line = bad.line,
+            "teacher output line does not parse: {}", bad.error);
+    }
+    for c in parsed.conversations {
+        let c = prepare(
+            c,
+            &teacher.production_prompt,
+            &result.category,
+            backend_name,
+        );
+        let flags: Vec<String> = checker
+            .check(&c)
+            .flags()
+            .into_iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        if flags.is_empty() {
+            batch.entry.accepted += 1;
+        } else {
+            batch.entry.rejected += 1;
+        }
+        batch.items.push(PendingItem {
+            conversation: c.to_json(),
+            flags,
+        });
+    }
+    let (l, s, index) = (ledger.clone(), store.clone(), result.index);
+    let entry = blocking(move || l.commit(&s, index, batch)).await?;
+    let cat = report
+        .categories
+        .entry(result.category.clone())
+        .or_default();
+    cat.batches += 1;
+    cat.accepted += entry.accepted;
+    cat.rejected += entry.rejected;
+    cat.duplicates += entry.duplicates;
+    cat.unparsed_lines += entry.unparsed_lines;
+    cat.missing += short;
+    progress.advance(result.size as u64);
+    progress.message(&format!(
+        "{}: {} accepted, {} rejected",
+        result.category, cat.accepted, cat.rejected
+    ));
+    if let Some(sink) = &opts.events {
+        sink(&GenerationEvent::BatchStored {
+            category: result.category.clone(),
+            index: result.index,
+            entry,
+        });
     }
     Ok(())
 }

@@ -352,26 +352,14 @@ impl TrainConfig {
     }
 }
 
-/// A parsed `run.device`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    /// The CPU (`flex` backend).
-    Cpu,
-    /// CUDA device N.
-    Cuda(usize),
-}
+/// A parsed `run.device`: the one device type, `qatflow_core::Device`.
+pub use qatflow_core::Device as DeviceSpec;
 
-/// Parses `cpu`, `cuda` or `cuda:N`.
+/// Parses `run.device` (`cpu`, `cuda` or `cuda:N`, through the device's `FromStr`), the problem as
+/// text for [`ConfigError::Invalid`].
 pub fn parse_device(s: &str) -> Result<DeviceSpec, String> {
-    match s {
-        "cpu" => Ok(DeviceSpec::Cpu),
-        "cuda" => Ok(DeviceSpec::Cuda(0)),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(DeviceSpec::Cuda)
-            .ok_or_else(|| format!("is {s:?}; expected `cpu`, `cuda` or `cuda:N`")),
-    }
+    s.parse()
+        .map_err(|e: qatflow_core::DeviceError| e.to_string())
 }
 
 #[cfg(test)]

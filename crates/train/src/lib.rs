@@ -14,8 +14,6 @@
 //! [`TrainSink`] for progress and a cancellation token, and picks the backend from
 //! `run.device`.
 
-#![warn(missing_docs)]
-
 pub mod bench;
 pub mod config;
 pub mod data;

@@ -16,8 +16,8 @@ use qatflow_export::{
     ExportReport, VlWrapper, PAUSE_ENV,
 };
 
-use crate::cmd::infer::Device;
 use crate::progress::Bar;
+use qatflow_core::Device;
 
 /// `--vl-wrapper`: whether a Qwen3.5 export gets vLLM's VL config wrapper.
 #[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
@@ -110,7 +110,7 @@ pub struct QuantizeArgs {
     pub vl_wrapper: VlWrapperArg,
     /// Where calibration runs (f32 forward passes): cpu, cuda or cuda:N. The export after
     /// it runs on the CPU either way.
-    #[arg(long, default_value = "cpu", value_parser = crate::cmd::infer::parse_device)]
+    #[arg(long, default_value = "cpu")]
     pub device: Device,
 }
 

@@ -6,27 +6,14 @@ use anyhow::{bail, Context};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use qatflow_store::Store;
 use qatflow_teacher::{
-    run_generation, AnthropicConfig, BackendConfig, CancellationToken, ClaudeCliConfig,
-    GenerateOptions, GenerationEvent, OfflineConfig, OpenAiConfig, TeacherConfig,
+    run_generation, BackendConfig, BackendKind, BackendSettings, CancellationToken,
+    GenerateOptions, GenerationEvent, TeacherConfig,
 };
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Which teacher writes the conversations.
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum BackendKind {
-    /// The Claude Code CLI (`claude -p`), prompt on stdin, from a fresh temporary directory.
-    ClaudeCli,
-    /// Any OpenAI-compatible /v1/chat/completions endpoint.
-    Openai,
-    /// Anthropic's Messages API.
-    Anthropic,
-    /// A deterministic template generator: no network, for demos and tests.
-    Offline,
-}
 
 /// Arguments of `qatflow generate`.
 #[derive(clap::Args)]
@@ -109,61 +96,19 @@ pub struct Args {
 }
 
 fn backend(a: &Args) -> anyhow::Result<BackendConfig> {
-    Ok(match a.backend {
-        BackendKind::ClaudeCli => {
-            let mut c = match &a.teacher_command {
-                Some(cmd) => ClaudeCliConfig::from_command_line(cmd)
-                    .map_err(|e| anyhow::anyhow!("--teacher-command: {e}"))?,
-                None => ClaudeCliConfig::default(),
-            };
-            if let (Some(model), None) = (&a.model, &a.teacher_command) {
-                c = ClaudeCliConfig::with_model(model);
-            }
-            BackendConfig::ClaudeCli(c)
-        }
-        BackendKind::Openai => {
-            let mut c = OpenAiConfig::default();
-            if let Some(v) = &a.base_url {
-                c.base_url = v.clone();
-            }
-            if let Some(v) = &a.model {
-                c.model = v.clone();
-            }
-            if let Some(v) = &a.api_key_env {
-                c.api_key_env = Some(v.clone()).filter(|s| !s.is_empty());
-            }
-            if let Some(v) = a.temperature {
-                c.temperature = v;
-            }
-            if let Some(v) = a.max_tokens {
-                c.max_tokens = v;
-            }
-            BackendConfig::OpenAi(c)
-        }
-        BackendKind::Anthropic => {
-            let mut c = AnthropicConfig::default();
-            if let Some(v) = &a.base_url {
-                c.base_url = v.clone();
-            }
-            if let Some(v) = &a.model {
-                c.model = v.clone();
-            }
-            if let Some(v) = &a.api_key_env {
-                c.api_key_env = v.clone();
-            }
-            if let Some(v) = a.temperature {
-                c.temperature = v;
-            }
-            if let Some(v) = a.max_tokens {
-                c.max_tokens = v;
-            }
-            BackendConfig::Anthropic(c)
-        }
-        BackendKind::Offline => BackendConfig::Offline(OfflineConfig {
-            seed: a.seed,
-            delay: Duration::from_millis(a.offline_delay_ms),
-        }),
-    })
+    BackendSettings {
+        kind: a.backend,
+        model: a.model.clone(),
+        command: a.teacher_command.clone(),
+        base_url: a.base_url.clone(),
+        api_key_env: a.api_key_env.clone(),
+        temperature: a.temperature,
+        max_tokens: a.max_tokens,
+        seed: a.seed,
+        delay_ms: a.offline_delay_ms,
+    }
+    .config()
+    .map_err(|e| anyhow::anyhow!("--teacher-command: {e}"))
 }
 
 /// Per-category progress bars fed by generation events.

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
-use qatflow_core::JsonlReader;
+use qatflow_core::{Device, JsonlReader};
 use qatflow_model::{
     eval_kld, eval_nll, generate, load_with_tokenizer, CausalLm, GenerateOptions, LoadOptions,
     Precision, Tokenizer,
@@ -12,33 +12,11 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-/// Where a model runs.
-#[derive(Clone, Copy, Debug)]
-pub enum Device {
-    /// burn's `flex` CPU backend.
-    Cpu,
-    /// burn's CUDA backend on this GPU index.
-    Cuda(usize),
-}
-
-/// Parses `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(s: &str) -> Result<Device, String> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(Device::Cuda)
-            .ok_or_else(|| format!("`{s}`: use cpu, cuda or cuda:N")),
-    }
-}
-
 /// Model loading options shared by chat and eval.
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
     /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    #[arg(long, default_value = "cpu")]
     pub device: Device,
     /// Parameter precision: f32 or bf16 (default: f32 on cpu, bf16 on cuda).
     #[arg(long, value_parser = ["f32", "bf16"])]

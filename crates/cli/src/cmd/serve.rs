@@ -11,7 +11,8 @@ use anyhow::Context;
 use burn::tensor::backend::Backend;
 use qatflow_serve::{AppState, EngineConfig, ServeOptions, ToolCallFormat};
 
-use super::infer::{Device, ModelArgs};
+use super::infer::ModelArgs;
+use qatflow_core::Device;
 
 /// Arguments of `qatflow serve`.
 #[derive(clap::Args)]

@@ -5,20 +5,20 @@
 //! it from scratch (the export writes into a temporary directory and renames it into place
 //! when complete, so a cut-off export leaves no output).
 
-use super::jobs::{JobHandle, JobHub};
+use super::jobs::{JobError, JobHandle, JobHub};
 use super::serving::Promote;
 use crate::status::{Field, StatusBoard};
 use crate::trace::actor_span;
 use actix::prelude::*;
-use qatflow_proto::v1::{job_event, JobState};
+use qatflow_proto::v1::{job_event, JobKind, JobState};
 use qatflow_store::Store;
 use std::path::PathBuf;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tracing::Instrument;
 
-const INTENT_TREE: &str = "node_jobs";
-const INTENT_KEY: &[u8] = b"export";
+/// The job record key of the export's state.
+const INTENT_KEY: &str = "export";
 
 /// What the exporter runs.
 #[derive(Debug, Clone)]
@@ -64,10 +64,8 @@ impl ExporterActor {
     fn set_intent(&self, state: &str) {
         let result = self
             .store
-            .db()
-            .open_tree(INTENT_TREE)
-            .and_then(|t| t.insert(INTENT_KEY, state.as_bytes()).map(|_| t))
-            .and_then(|t| t.flush());
+            .jobs()
+            .and_then(|j| j.set(INTENT_KEY, Some(state.as_bytes())));
         if let Err(e) = result {
             tracing::error!(
                 actor = "ExporterActor",
@@ -77,14 +75,7 @@ impl ExporterActor {
     }
 
     fn intent(&self) -> Option<String> {
-        let v = self
-            .store
-            .db()
-            .open_tree(INTENT_TREE)
-            .ok()?
-            .get(INTENT_KEY)
-            .ok()??;
-        Some(String::from_utf8_lossy(&v).into_owned())
+        self.store.jobs().ok()?.text(INTENT_KEY)
     }
 }
 
@@ -113,7 +104,7 @@ impl Supervised for ExporterActor {
 
 /// Start an export; answers the job id.
 #[derive(Message)]
-#[rtype(result = "Result<String, String>")]
+#[rtype(result = "Result<String, JobError>")]
 pub struct StartExport;
 
 /// The export process ended.
@@ -126,15 +117,15 @@ struct Ended {
 }
 
 impl Handler<StartExport> for ExporterActor {
-    type Result = Result<String, String>;
+    type Result = Result<String, JobError>;
 
     fn handle(&mut self, _msg: StartExport, ctx: &mut Context<Self>) -> Self::Result {
         let span = actor_span(self.board.name(), "ExporterActor", "StartExport");
         if let Some(job) = &self.current {
-            return Err(format!(
-                "already exporting as job {}; cancel it first",
-                job.id
-            ));
+            return Err(JobError::Busy {
+                doing: "exporting",
+                job: job.id.clone(),
+            });
         }
         // Recorded before the process starts (a short sled write and flush).
         self.set_intent("running");
@@ -149,8 +140,8 @@ impl Handler<StartExport> for ExporterActor {
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", p.program.display()))?;
-        let job = self.jobs.create("export");
+            .map_err(|e| JobError::Start(format!("cannot start {}: {e}", p.program.display())))?;
+        let job = self.jobs.create(JobKind::Export);
         job.state(JobState::Running);
         self.board
             .set(Field::Export, format!("running (job {})", job.id));

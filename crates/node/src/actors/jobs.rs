@@ -2,7 +2,7 @@
 //! a cancellation token, and a broadcast of [`JobEvent`]s that `WatchJob` streams, with
 //! the events so far kept for late watchers.
 
-use qatflow_proto::v1::{job_event, JobEvent, JobState};
+use qatflow_proto::v1::{job_event, JobEvent, JobKind, JobState};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,11 +10,49 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+/// Why a job did not start (the answer of the actors' start messages; `StartJob` sends
+/// its text back as a failed precondition).
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// A job of the same kind is running.
+    #[error("already {doing} as job {job}; cancel it first")]
+    Busy {
+        /// What the node is doing (`serving`, `training`, `exporting`).
+        doing: &'static str,
+        /// The running job's id.
+        job: String,
+    },
+    /// A promotion is running.
+    #[error("candidate job {job} is still running; wait for it or cancel it")]
+    Promoting {
+        /// The running promotion's id.
+        job: String,
+    },
+    /// The node's config or the job's input lacks what the job needs; the text says what
+    /// to set or do.
+    #[error("{0}")]
+    Precondition(String),
+    /// The job's process could not be started.
+    #[error("{0}")]
+    Start(String),
+}
+
 /// Events kept per job for watchers that come late.
 const HISTORY: usize = 256;
 
+/// A job kind's name, the prefix of its ids (`serve-1`, `train-2`, ...).
+fn kind_name(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Serve => "serve",
+        JobKind::Train => "train",
+        JobKind::Export => "export",
+        JobKind::Promote => "promote",
+        JobKind::Unspecified => "job",
+    }
+}
+
 struct Job {
-    kind: String,
+    kind: JobKind,
     cancel: CancellationToken,
     events: broadcast::Sender<JobEvent>,
     history: Vec<JobEvent>,
@@ -44,20 +82,20 @@ impl JobHub {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a new job of `kind` (`serve`, `train`, `export`).
-    pub fn create(&self, kind: &str) -> JobHandle {
+    /// Registers a new job of `kind`.
+    pub fn create(&self, kind: JobKind) -> JobHandle {
         let n = {
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
             *next += 1;
             *next
         };
-        let id = format!("{kind}-{n}");
+        let id = format!("{}-{n}", kind_name(kind));
         let cancel = CancellationToken::new();
         let (events, _) = broadcast::channel(HISTORY);
         self.lock().insert(
             id.clone(),
             Job {
-                kind: kind.to_string(),
+                kind,
                 cancel: cancel.clone(),
                 events,
                 history: Vec::new(),
@@ -85,11 +123,11 @@ impl JobHub {
     /// The node is shutting down: cancels every running job of the given kinds (their
     /// code stops at its next check and saves what it must) and returns their ids. Jobs
     /// cancelled this way keep their recorded intent, so a restarted node resumes them.
-    pub fn shut_down(&self, kinds: &[&str]) -> Vec<String> {
+    pub fn shut_down(&self, kinds: &[JobKind]) -> Vec<String> {
         self.shutting_down.store(true, Ordering::SeqCst);
         let jobs = self.lock();
         jobs.iter()
-            .filter(|(_, j)| !j.ended && kinds.contains(&j.kind.as_str()))
+            .filter(|(_, j)| !j.ended && kinds.contains(&j.kind))
             .map(|(id, j)| {
                 j.cancel.cancel();
                 id.clone()
@@ -168,7 +206,7 @@ mod tests {
     #[test]
     fn watchers_see_history_and_live_events() {
         let hub = JobHub::default();
-        let job = hub.create("serve");
+        let job = hub.create(JobKind::Serve);
         assert_eq!(job.id, "serve-1");
         job.state(JobState::Running);
         let (history, live) = hub.watch("serve-1").unwrap();
@@ -190,11 +228,11 @@ mod tests {
     #[tokio::test]
     async fn shutting_down_cancels_the_named_kinds_and_waits_for_them() {
         let hub = JobHub::default();
-        let train = hub.create("train");
+        let train = hub.create(JobKind::Train);
         train.state(JobState::Running);
-        let serve = hub.create("serve");
+        let serve = hub.create(JobKind::Serve);
         serve.state(JobState::Running);
-        let ids = hub.shut_down(&["train", "export"]);
+        let ids = hub.shut_down(&[JobKind::Train, JobKind::Export]);
         assert_eq!(ids, vec![train.id.clone()]);
         assert!(hub.is_shutting_down());
         assert!(train.cancel.is_cancelled());

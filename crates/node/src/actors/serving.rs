@@ -26,14 +26,15 @@
 //! with that pid and that start time is still running; otherwise it starts the command
 //! anew. The record is removed when the process is stopped or has exited.
 
-use super::jobs::{JobHandle, JobHub};
+use super::jobs::{JobError, JobHandle, JobHub};
 use crate::config::{Engine, ServingConfig};
 use crate::status::{Field, StatusBoard};
 use crate::trace::actor_span;
 use actix::prelude::*;
 use qatflow_bench::{Client, Report, RunOptions, Setup, Suite};
-use qatflow_proto::v1::{job_event, JobState};
-use qatflow_store::Store;
+use qatflow_proto::v1::{job_event, JobKind, JobState};
+use qatflow_store::{Store, StoreError};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,9 +44,9 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-const RECORD_TREE: &str = "node_jobs";
-const RECORD_KEY: &[u8] = b"serve";
-const STATE_KEY: &[u8] = b"serving_state";
+/// Job record keys of the serving process and of the serving state.
+const RECORD_KEY: &str = "serve";
+const STATE_KEY: &str = "serving_state";
 /// How long a process has after SIGTERM before it gets SIGKILL.
 const GRACE: Duration = Duration::from_secs(10);
 /// How often an adopted process and the log are polled.
@@ -61,43 +62,55 @@ pub struct ServingRecord {
     pub start_time: u64,
 }
 
-fn tree(store: &Store) -> Result<sled::Tree, String> {
-    store.db().open_tree(RECORD_TREE).map_err(|e| e.to_string())
+/// Errors of the serving supervisor's records in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A record does not decode (or encode) as JSON.
+    #[error("node_jobs/{key}: {source}")]
+    Json {
+        /// The record's key.
+        key: &'static str,
+        /// The JSON error.
+        source: serde_json::Error,
+    },
 }
 
-fn put(store: &Store, key: &[u8], value: Option<Vec<u8>>) -> Result<(), String> {
-    let t = tree(store)?;
-    match value {
-        Some(v) => t.insert(key, v).map(|_| ()),
-        None => t.remove(key).map(|_| ()),
-    }
-    .map_err(|e| e.to_string())?;
-    t.flush().map(|_| ()).map_err(|e| e.to_string())
+fn get<T: DeserializeOwned>(store: &Store, key: &'static str) -> Result<Option<T>, RecordError> {
+    store
+        .jobs()?
+        .get(key)?
+        .map(|v| serde_json::from_slice(&v).map_err(|source| RecordError::Json { key, source }))
+        .transpose()
+}
+
+fn put<T: Serialize>(
+    store: &Store,
+    key: &'static str,
+    value: Option<&T>,
+) -> Result<(), RecordError> {
+    let bytes = value
+        .map(|v| serde_json::to_vec(v).map_err(|source| RecordError::Json { key, source }))
+        .transpose()?;
+    Ok(store.jobs()?.set(key, bytes.as_deref())?)
 }
 
 impl ServingRecord {
     /// The recorded serving process, if any.
-    pub fn load(store: &Store) -> Result<Option<ServingRecord>, String> {
-        match tree(store)?.get(RECORD_KEY).map_err(|e| e.to_string())? {
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| format!("node_jobs/serve: {e}")),
-            None => Ok(None),
-        }
+    pub fn load(store: &Store) -> Result<Option<ServingRecord>, RecordError> {
+        get(store, RECORD_KEY)
     }
 
     /// Records this process durably.
-    pub fn save(&self, store: &Store) -> Result<(), String> {
-        put(
-            store,
-            RECORD_KEY,
-            Some(serde_json::to_vec(self).map_err(|e| e.to_string())?),
-        )
+    pub fn save(&self, store: &Store) -> Result<(), RecordError> {
+        put(store, RECORD_KEY, Some(self))
     }
 
     /// Removes the record durably.
-    pub fn clear(store: &Store) -> Result<(), String> {
-        put(store, RECORD_KEY, None)
+    pub fn clear(store: &Store) -> Result<(), RecordError> {
+        put::<ServingRecord>(store, RECORD_KEY, None)
     }
 
     /// Whether this very process (same pid, same start time) is still running.
@@ -119,22 +132,13 @@ pub struct ServingState {
 
 impl ServingState {
     /// The stored state (default when none).
-    pub fn load(store: &Store) -> Result<ServingState, String> {
-        match tree(store)?.get(STATE_KEY).map_err(|e| e.to_string())? {
-            Some(v) => {
-                serde_json::from_slice(&v).map_err(|e| format!("node_jobs/serving_state: {e}"))
-            }
-            None => Ok(ServingState::default()),
-        }
+    pub fn load(store: &Store) -> Result<ServingState, RecordError> {
+        Ok(get(store, STATE_KEY)?.unwrap_or_default())
     }
 
     /// Stores the state durably.
-    pub fn save(&self, store: &Store) -> Result<(), String> {
-        put(
-            store,
-            STATE_KEY,
-            Some(serde_json::to_vec(self).map_err(|e| e.to_string())?),
-        )
+    pub fn save(&self, store: &Store) -> Result<(), RecordError> {
+        put(store, STATE_KEY, Some(self))
     }
 }
 
@@ -868,8 +872,8 @@ impl ServingSupervisor {
         &mut self,
         ctx: &mut Context<Self>,
         adopted: Option<ServingRecord>,
-    ) -> Result<String, String> {
-        let job = self.jobs.create("serve");
+    ) -> Result<String, JobError> {
+        let job = self.jobs.create(JobKind::Serve);
         let me = ctx.address();
         let handle = job.clone();
         if self.supervised() {
@@ -905,7 +909,7 @@ impl ServingSupervisor {
                         Ok(c) => c,
                         Err(e) => {
                             job.state(JobState::Failed);
-                            return Err(e);
+                            return Err(JobError::Start(e));
                         }
                     };
                 if let Some(start_time) = process_start_time(pid) {
@@ -998,13 +1002,13 @@ impl Supervised for ServingSupervisor {
 
 /// Start serving; answers the job id.
 #[derive(Message)]
-#[rtype(result = "Result<String, String>")]
+#[rtype(result = "Result<String, JobError>")]
 pub struct StartServing;
 
 /// Benchmark a candidate model directory beside the serving model and promote it or roll
 /// it back; answers the job id (`promote-N`), whose last message and the status say why.
 #[derive(Message)]
-#[rtype(result = "Result<String, String>")]
+#[rtype(result = "Result<String, JobError>")]
 pub struct Promote {
     /// The candidate model directory; `None` for `[serving.promote] candidate` (by
     /// default the exporter's output directory).
@@ -1030,50 +1034,49 @@ struct Promoted {
 }
 
 impl Handler<StartServing> for ServingSupervisor {
-    type Result = Result<String, String>;
+    type Result = Result<String, JobError>;
 
     fn handle(&mut self, _msg: StartServing, ctx: &mut Context<Self>) -> Self::Result {
         let _span =
             actor_span(self.ctx.board.name(), "ServingSupervisor", "StartServing").entered();
         if let Some(job) = &self.current {
-            return Err(format!(
-                "already serving as job {}; cancel it first",
-                job.id
-            ));
+            return Err(JobError::Busy {
+                doing: "serving",
+                job: job.id.clone(),
+            });
         }
         self.start(ctx, None)
     }
 }
 
 impl Handler<Promote> for ServingSupervisor {
-    type Result = Result<String, String>;
+    type Result = Result<String, JobError>;
 
     fn handle(&mut self, msg: Promote, ctx: &mut Context<Self>) -> Self::Result {
         let _span = actor_span(self.ctx.board.name(), "ServingSupervisor", "Promote").entered();
         if !self.supervised() {
-            return Err("promotion needs a supervised server: set [serving] engine and model in the node config".into());
+            return Err(JobError::Precondition("promotion needs a supervised server: set [serving] engine and model in the node config".into()));
         }
         if let Some(job) = &self.promoting {
-            return Err(format!(
-                "candidate job {} is still running; wait for it or cancel it",
-                job.id
-            ));
+            return Err(JobError::Promoting {
+                job: job.id.clone(),
+            });
         }
         let Some(candidate) = msg
             .candidate
             .or_else(|| self.ctx.config.promote.candidate.clone())
         else {
-            return Err(
+            return Err(JobError::Precondition(
                 "no candidate: set [serving.promote] candidate or an [exporter] section".into(),
-            );
+            ));
         };
         if !candidate.join("config.json").is_file() {
-            return Err(format!(
+            return Err(JobError::Precondition(format!(
                 "{}: not a model directory (no config.json); export a checkpoint first",
                 candidate.display()
-            ));
+            )));
         }
-        let job = self.jobs.create("promote");
+        let job = self.jobs.create(JobKind::Promote);
         job.state(JobState::Running);
         self.promoting = Some(job.clone());
         let (c, me, handle) = (self.ctx.clone(), ctx.address(), job.clone());

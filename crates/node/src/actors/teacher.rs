@@ -11,58 +11,24 @@ use crate::NodeError;
 use actix::prelude::*;
 use qatflow_gates::GateProfile;
 use qatflow_store::Store;
-use qatflow_teacher::{
-    AnthropicConfig, BackendConfig, CancellationToken, ClaudeCliConfig, GenerateOptions,
-    GenerationEvent, OfflineConfig, OpenAiConfig,
-};
+use qatflow_teacher::{BackendSettings, CancellationToken, GenerateOptions, GenerationEvent};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 use tracing::Instrument;
 
 /// Builds the generation options of a `[teacher]` section (resume always on).
 pub fn generate_options(t: &TeacherSection) -> Result<GenerateOptions, NodeError> {
-    let backend = match t.backend.as_str() {
-        "offline" => BackendConfig::Offline(OfflineConfig {
-            seed: t.seed,
-            delay: Duration::from_millis(t.delay_ms),
-        }),
-        "claude-cli" => BackendConfig::ClaudeCli(match &t.model {
-            Some(m) => ClaudeCliConfig::with_model(m),
-            None => ClaudeCliConfig::default(),
-        }),
-        "openai" => {
-            let mut c = OpenAiConfig::default();
-            if let Some(v) = &t.base_url {
-                c.base_url = v.clone();
-            }
-            if let Some(v) = &t.model {
-                c.model = v.clone();
-            }
-            if let Some(v) = &t.api_key_env {
-                c.api_key_env = Some(v.clone());
-            }
-            BackendConfig::OpenAi(c)
-        }
-        "anthropic" => {
-            let mut c = AnthropicConfig::default();
-            if let Some(v) = &t.base_url {
-                c.base_url = v.clone();
-            }
-            if let Some(v) = &t.model {
-                c.model = v.clone();
-            }
-            if let Some(v) = &t.api_key_env {
-                c.api_key_env = v.clone();
-            }
-            BackendConfig::Anthropic(c)
-        }
-        other => {
-            return Err(NodeError::Teacher(format!(
-                "unknown teacher.backend {other:?}; use offline, claude-cli, openai or anthropic"
-            )))
-        }
-    };
+    let backend = BackendSettings {
+        kind: t.backend,
+        model: t.model.clone(),
+        base_url: t.base_url.clone(),
+        api_key_env: t.api_key_env.clone(),
+        seed: t.seed,
+        delay_ms: t.delay_ms,
+        ..BackendSettings::default()
+    }
+    .config()
+    .map_err(NodeError::Teacher)?;
     let profile = GateProfile::resolve(&t.profile)
         .map_err(|e| NodeError::Teacher(format!("teacher.profile: {e}")))?;
     let mut opts = GenerateOptions::new(backend, profile);

@@ -7,12 +7,12 @@
 //! resumes the run by itself.
 
 use super::blocking;
-use super::jobs::{JobHandle, JobHub};
+use super::jobs::{JobError, JobHandle, JobHub};
 use crate::status::StatusBoard;
 use crate::trace::actor_span;
 use actix::prelude::*;
-use qatflow_proto::v1::{job_event, JobState, Metric, Progress, TrainingStatus};
-use qatflow_store::{Filter, Store};
+use qatflow_proto::v1::{job_event, JobKind, JobState, Metric, Progress, TrainingStatus};
+use qatflow_store::{Filter, Store, StoreError};
 use qatflow_train::{Dataset, Follow, RunOptions, TrainConfig, TrainEvent, TrainSink};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -53,25 +53,28 @@ impl TrainerActor {
     }
 }
 
-const INTENT_TREE: &str = "node_jobs";
-const INTENT_KEY: &[u8] = b"train";
+/// The job record key of the training run's state (`running`, `finished`, `cancelled`).
+const INTENT_KEY: &str = "train";
 
-/// Records the training run's state (`running`, `finished`, `cancelled`) durably.
-fn set_intent(store: &Store, state: &str) -> Result<(), String> {
-    let tree = store
-        .db()
-        .open_tree(INTENT_TREE)
-        .map_err(|e| e.to_string())?;
-    tree.insert(INTENT_KEY, state.as_bytes())
-        .map_err(|e| e.to_string())?;
-    tree.flush().map(|_| ()).map_err(|e| e.to_string())
+/// Why a training run stopped with an error.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    /// Recording the run's state failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The trainer failed.
+    #[error(transparent)]
+    Train(#[from] qatflow_train::TrainError),
+}
+
+/// Records the training run's state durably.
+fn set_intent(store: &Store, state: &str) -> Result<(), StoreError> {
+    store.jobs()?.set(INTENT_KEY, Some(state.as_bytes()))
 }
 
 /// The recorded state of the training run, if any.
 fn intent(store: &Store) -> Option<String> {
-    let tree = store.db().open_tree(INTENT_TREE).ok()?;
-    let v = tree.get(INTENT_KEY).ok()??;
-    Some(String::from_utf8_lossy(&v).into_owned())
+    store.jobs().ok()?.text(INTENT_KEY)
 }
 
 impl Actor for TrainerActor {
@@ -93,7 +96,7 @@ impl Supervised for TrainerActor {
 
 /// Start (or resume) training; answers the job id.
 #[derive(Message)]
-#[rtype(result = "Result<String, String>")]
+#[rtype(result = "Result<String, JobError>")]
 pub struct StartTraining;
 
 /// Forwards trainer events to the job and the status board.
@@ -171,17 +174,17 @@ impl TrainSink for JobSink {
 }
 
 impl Handler<StartTraining> for TrainerActor {
-    type Result = Result<String, String>;
+    type Result = Result<String, JobError>;
 
     fn handle(&mut self, _msg: StartTraining, ctx: &mut Context<Self>) -> Self::Result {
         let span = actor_span(self.board.name(), "TrainerActor", "StartTraining");
         if let Some(job) = &self.current {
-            return Err(format!(
-                "already training as job {}; cancel it first",
-                job.id
-            ));
+            return Err(JobError::Busy {
+                doing: "training",
+                job: job.id.clone(),
+            });
         }
-        let job = self.jobs.create("train");
+        let job = self.jobs.create(JobKind::Train);
         job.state(JobState::Running);
         self.current = Some(job.clone());
         let sink = JobSink {
@@ -206,7 +209,7 @@ impl Handler<StartTraining> for TrainerActor {
             self.jobs.clone(),
         );
         let cancel = job.cancel.clone();
-        let work = blocking(move || -> Result<_, String> {
+        let work = blocking(move || -> Result<_, RunError> {
             set_intent(&store, "running")?;
             let summary = qatflow_train::train(
                 &config,
@@ -220,8 +223,7 @@ impl Handler<StartTraining> for TrainerActor {
                 },
                 &sink,
                 &cancel,
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             let saved = summary
                 .last_checkpoint
                 .as_ref()

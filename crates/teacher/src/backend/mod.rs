@@ -2,7 +2,8 @@
 //!
 //! - [`claude_cli`]: runs the Claude Code CLI (or any command) with the prompt on stdin;
 //! - [`http`]: OpenAI-compatible `/v1/chat/completions` and Anthropic's Messages API;
-//! - [`offline`]: a deterministic template generator, no network.
+//! - [`offline`]: a deterministic template generator, no network;
+//! - [`select`]: the backend chosen by name from flat settings (CLI flags, node config).
 //!
 //! Backends only produce text; parsing, retries, prompt injection, gates and storage are
 //! the same for all of them (see [`crate::run`]).
@@ -10,6 +11,7 @@
 pub mod claude_cli;
 pub mod http;
 pub mod offline;
+pub mod select;
 
 use crate::config::TeacherConfig;
 use crate::error::{BackendError, TeacherError};
@@ -22,6 +24,7 @@ use std::time::Duration;
 pub use claude_cli::ClaudeCliConfig;
 pub use http::{AnthropicConfig, OpenAiConfig};
 pub use offline::OfflineConfig;
+pub use select::{BackendKind, BackendSettings, UnknownBackend};
 
 /// A boxed future, as trait objects need.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -9,10 +9,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use serde_json::Value;
 
-use crate::layers::{to_dtype, KvCache};
-use crate::model::CausalLm;
+use crate::arch::layers::{to_dtype, KvCache};
+use crate::arch::model::CausalLm;
 use crate::rng::SplitMix64;
-use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::text::tokenizer::{Tokenizer, TokenizerError};
 
 /// Errors of generation.
 #[derive(Debug, thiserror::Error)]

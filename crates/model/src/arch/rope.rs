@@ -80,7 +80,7 @@ impl Rope {
                 TensorData::new(v, [len, half * 2]),
                 (device, DType::F32),
             );
-            crate::layers::to_dtype(t, dtype)
+            crate::arch::layers::to_dtype(t, dtype)
         };
         (make(cos), make(sin))
     }

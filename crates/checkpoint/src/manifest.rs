@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::StoreError;
+use qatflow_store::{open_db, StoreError};
 
 /// One file of a checkpoint: name inside the checkpoint directory, size and sha256.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,7 +61,7 @@ impl CheckpointManifest {
             path: path.clone(),
             source,
         };
-        let db = crate::open_db(&path).map_err(err)?;
+        let db = open_db(&path).map_err(err)?;
         let tree = db.open_tree("checkpoints").map_err(err)?;
         Ok(Self { path, db, tree })
     }

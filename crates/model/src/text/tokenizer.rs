@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::mask::{self, MaskError};
-use crate::template::{token_string, ChatTemplate, TemplateError};
+use crate::text::mask::{self, MaskError};
+use crate::text::template::{token_string, ChatTemplate, TemplateError};
 
 /// Model families whose special-token ids are known and checked at load time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,9 +125,9 @@ pub enum TokenizerError {
     /// The assistant mask could not be computed.
     #[error(transparent)]
     Mask(#[from] MaskError),
-    /// The render dropped part of the conversation (see [`crate::audit`]).
+    /// The render dropped part of the conversation (see [`crate::text::audit`]).
     #[error(transparent)]
-    Audit(#[from] crate::audit::Vanished),
+    Audit(#[from] crate::text::audit::Vanished),
 }
 
 /// A conversation rendered once and tokenized, with its per-token assistant mask.
@@ -137,7 +137,7 @@ pub struct EncodedConversation {
     pub text: String,
     /// Token ids of `text` (no special tokens added around it).
     pub ids: Vec<u32>,
-    /// Per token: true when the model generates it (the loss applies), see [`crate::mask`].
+    /// Per token: true when the model generates it (the loss applies), see [`crate::text::mask`].
     pub assistant_mask: Vec<bool>,
 }
 
@@ -349,7 +349,7 @@ impl Tokenizer {
             .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
             .count();
         let spans = mask::assistant_spans(&text, &generation_prompt, turns, false)?;
-        crate::audit::audit_render(messages, &text, &spans)?;
+        crate::text::audit::audit_render(messages, &text, &spans)?;
         let encoding = self
             .inner
             .encode(text.as_str(), false)

@@ -8,8 +8,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
+use crate::io::weights::{LoadError, Weights};
 use crate::linear::QLinear;
-use crate::weights::{LoadError, Weights};
 
 /// Casts `x` to `dtype` unless it already has it.
 pub fn to_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {

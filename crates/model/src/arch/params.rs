@@ -8,14 +8,14 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use crate::model::CausalLm;
+use crate::arch::model::CausalLm;
 
 /// The Hugging Face tensor name of a burn module path (`["Llama", "layers", "0",
 /// "self_attn", "q_proj", "weight"]` → `model.layers.0.self_attn.q_proj.weight`).
 /// Qwen3.5 read from a VL checkpoint keeps its `model.language_model.` names.
 pub fn hf_name(path: &[String]) -> String {
     let prefix = match path.first().map(String::as_str) {
-        Some("Qwen35Vl") => crate::qwen35::VL_PREFIX,
+        Some("Qwen35Vl") => crate::arch::qwen35::VL_PREFIX,
         _ => "model",
     };
     let rest: Vec<&str> = path
@@ -138,9 +138,9 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::{random_init, tiny_config};
-    use crate::weights::expected_tensors;
-    use crate::Architecture;
+    use crate::arch::init::{random_init, tiny_config};
+    use crate::arch::model::expected_tensors;
+    use crate::config::Architecture;
     use burn::backend::Flex;
 
     #[test]

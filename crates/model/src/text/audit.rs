@@ -15,7 +15,7 @@ use std::ops::Range;
 
 use serde_json::{Map, Value};
 
-use crate::pyjson::{self, DumpOptions};
+use crate::text::pyjson::{self, DumpOptions};
 
 /// A conversation part the render dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -19,12 +19,12 @@ use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 
+use crate::arch::deltanet;
+use crate::arch::layers::{self, to_dtype, CacheSlot, KvCache, LayerCache, Mlp};
+use crate::arch::rope::{self, Rope};
 use crate::config::{HybridConfig, LayerKind, ModelConfig};
-use crate::deltanet;
-use crate::layers::{self, to_dtype, CacheSlot, KvCache, LayerCache, Mlp};
+use crate::io::weights::{LoadError, Weights};
 use crate::linear::QLinear;
-use crate::rope::{self, Rope};
-use crate::weights::{LoadError, Weights};
 
 /// Tensor-name prefix of a text-only checkpoint (`Qwen3_5ForCausalLM`).
 pub const TEXT_PREFIX: &str = "model";
@@ -396,7 +396,7 @@ fn hybrid(config: &ModelConfig) -> &HybridConfig {
 
 /// Every tensor a Qwen3.5 configuration needs under `prefix` (`model` or
 /// `model.language_model`): `(name, shape, is_quantizable_linear)`, quantizable linears named
-/// without `.weight` (as [`crate::weights::expected_tensors`] lists them).
+/// without `.weight` (as [`crate::io::weights::expected_tensors`] lists them).
 pub fn expected_tensors(config: &ModelConfig, prefix: &str) -> Vec<(String, Vec<usize>, bool)> {
     let h = hybrid(config);
     let (hid, hd, inter) = (
@@ -470,7 +470,7 @@ pub fn is_offset_norm(name: &str) -> bool {
 
 /// The tensor-name prefix of a checkpoint's language model: [`VL_PREFIX`] when it holds
 /// `model.language_model.embed_tokens.weight`, else [`TEXT_PREFIX`].
-pub fn checkpoint_prefix(ckpt: &crate::weights::Checkpoint) -> &'static str {
+pub fn checkpoint_prefix(ckpt: &crate::io::weights::Checkpoint) -> &'static str {
     if ckpt
         .info(&format!("{VL_PREFIX}.embed_tokens.weight"))
         .is_some()

@@ -6,8 +6,8 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
-use crate::layers::to_dtype;
-use crate::model::CausalLm;
+use crate::arch::layers::to_dtype;
+use crate::arch::model::CausalLm;
 
 /// Errors of evaluation.
 #[derive(Debug, thiserror::Error)]

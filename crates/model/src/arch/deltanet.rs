@@ -197,7 +197,7 @@ pub fn chunked<B: Backend>(
         .map(|x| x.reshape([batch, heads, 1, 1]))
         .collect();
     let mut s = state
-        .map(|s| crate::layers::to_dtype(s, dtype))
+        .map(|s| crate::arch::layers::to_dtype(s, dtype))
         .unwrap_or_else(|| Tensor::zeros([batch, heads, dk, dv], (&device, dtype)));
     let mut outs = Vec::with_capacity(n);
     for i in 0..n {
@@ -224,7 +224,7 @@ pub fn recurrent<B: Backend>(
     let dv = v.dims()[3];
     let dtype = k.dtype();
     let mut s = state
-        .map(|s| crate::layers::to_dtype(s, dtype))
+        .map(|s| crate::arch::layers::to_dtype(s, dtype))
         .unwrap_or_else(|| Tensor::zeros([batch, heads, dk, dv], (&k.device(), dtype)));
     let decay = g.exp().reshape([batch, heads, len, 1]);
     let beta = beta.reshape([batch, heads, len, 1]);

@@ -2,26 +2,23 @@
 //! records, per quantized linear ([`QLinear`], keyed by its Hugging Face module name), the
 //! largest `|x|` of its input; and `max|W|` of each linear's weight.
 //!
-//! [`QLinear::forward`] calls [`observe_input`] first. Outside [`calibrate_inputs`] that is
-//! one read of a thread-local flag; inside, the input's amax is folded into the running
-//! maximum of the calling thread's observer (an
-//! [`qatflow_nvfp4::fake_quant::AmaxCalibrator`] per linear).
+//! The inputs are seen through the linear layer's own hook ([`InputAmaxHook`]), installed
+//! for the pass: outside [`calibrate_inputs`] an observation is one read of a thread-local
+//! flag.
 //!
 //! The amaxes come back raw; [`apply_group_rule`] gives each linear its shared-input group's
 //! largest amax (q/k/v, gate/up), which is what the exporter and the fake quantizers use.
 
-use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use qatflow_core::Progress;
-use qatflow_nvfp4::fake_quant::AmaxCalibrator;
 use qatflow_nvfp4::groups::shared_input_group;
 
-use crate::layers::to_dtype;
-use crate::linear::QLinear;
-use crate::model::CausalLm;
+use crate::arch::layers::to_dtype;
+use crate::arch::model::CausalLm;
+use crate::linear::{InputAmaxHook, QLinear};
 
 /// Errors of calibration.
 #[derive(Debug, thiserror::Error)]
@@ -45,69 +42,6 @@ pub enum CalibError {
     /// Calibration is already running on this thread.
     #[error("calibrate_inputs was called while a calibration is running on the same thread")]
     Nested,
-}
-
-thread_local! {
-    static ACTIVE: Cell<bool> = const { Cell::new(false) };
-    static OBSERVED: RefCell<Observed> = RefCell::new(Observed::default());
-}
-
-#[derive(Default)]
-struct Observed {
-    amax: BTreeMap<String, AmaxCalibrator>,
-    error: Option<qatflow_nvfp4::Error>,
-}
-
-/// Records `max|x|` of the input of linear `name` when a calibration is running on this
-/// thread; otherwise does nothing (one thread-local flag read).
-#[inline]
-pub fn observe_input<B: Backend, const D: usize>(name: &str, x: &Tensor<B, D>) {
-    if ACTIVE.with(Cell::get) {
-        record(name, x);
-    }
-}
-
-#[cold]
-fn record<B: Backend, const D: usize>(name: &str, x: &Tensor<B, D>) {
-    OBSERVED.with(|o| {
-        let mut o = o.borrow_mut();
-        if o.error.is_some() {
-            return;
-        }
-        let result = o
-            .amax
-            .entry(name.to_owned())
-            .or_default()
-            .observe(&format!("{name}.input_quantizer"), x);
-        if let Err(e) = result {
-            o.error = Some(e);
-        }
-    });
-}
-
-/// Turns the observer on for its lifetime and off (cleared) when dropped, also on panic.
-struct Session;
-
-impl Session {
-    fn start() -> Result<Self, CalibError> {
-        if ACTIVE.with(Cell::get) {
-            return Err(CalibError::Nested);
-        }
-        OBSERVED.with(|o| *o.borrow_mut() = Observed::default());
-        ACTIVE.with(|a| a.set(true));
-        Ok(Session)
-    }
-
-    fn finish(self) -> Observed {
-        OBSERVED.with(|o| std::mem::take(&mut *o.borrow_mut()))
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        ACTIVE.with(|a| a.set(false));
-        OBSERVED.with(|o| *o.borrow_mut() = Observed::default());
-    }
 }
 
 /// Sequences per forward pass during calibration (only sequences of equal length share one,
@@ -138,7 +72,7 @@ pub fn calibrate_inputs<B: Backend>(
     }
     progress.set_total(nonempty.len() as u64);
     let device = model.device();
-    let session = Session::start()?;
+    let hook = InputAmaxHook::install().ok_or(CalibError::Nested)?;
     let mut i = 0;
     while i < nonempty.len() {
         let len = nonempty[i].len();
@@ -158,15 +92,7 @@ pub fn calibrate_inputs<B: Backend>(
         progress.advance((j - i) as u64);
         i = j;
     }
-    let observed = session.finish();
-    if let Some(e) = observed.error {
-        return Err(CalibError::NonFinite(e));
-    }
-    Ok(observed
-        .amax
-        .into_iter()
-        .map(|(name, c)| (name, c.amax()))
-        .collect())
+    Ok(hook.finish()?)
 }
 
 /// Each linear's amax replaced by the largest amax of its shared-input group
@@ -205,7 +131,6 @@ pub fn weight_amax<B: Backend>(model: &CausalLm<B>) -> BTreeMap<String, f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::Flex;
 
     #[test]
     fn group_rule_takes_the_group_max() {
@@ -235,24 +160,5 @@ mod tests {
         for (n, w) in names.iter().zip(want) {
             assert_eq!(g[*n], w, "{n}");
         }
-    }
-
-    #[test]
-    fn observer_is_off_outside_a_session_and_cleared_after_one() {
-        let x = Tensor::<Flex, 2>::from_data(
-            TensorData::new(vec![1.0f32, -4.0], [1, 2]),
-            &Default::default(),
-        );
-        observe_input("a", &x);
-        assert!(OBSERVED.with(|o| o.borrow().amax.is_empty()));
-        let s = Session::start().unwrap();
-        assert!(matches!(Session::start(), Err(CalibError::Nested)));
-        observe_input("a", &x);
-        observe_input("a", &(x.clone() * 0.5));
-        let got = s.finish();
-        assert_eq!(got.amax["a"].amax(), 4.0);
-        assert!(!ACTIVE.with(Cell::get));
-        observe_input("a", &x);
-        assert!(OBSERVED.with(|o| o.borrow().amax.is_empty()));
     }
 }

@@ -7,68 +7,23 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 
-use crate::layers::{self, to_dtype, KvCache, Mlp, RmsNorm};
-use crate::linear::QLinear;
-use crate::model::CausalLm;
-use crate::rope::{self, Rope};
+use crate::arch::dense::Dense;
+use crate::arch::layers::{self, to_dtype, KvCache};
+use crate::arch::model::CausalLm;
+use crate::arch::rope;
 
-/// One decoder layer's parts, whatever the architecture.
-struct Layer<'a, B: Backend> {
-    input_norm: &'a RmsNorm<B>,
-    q: &'a QLinear<B>,
-    k: &'a QLinear<B>,
-    v: &'a QLinear<B>,
-    o: &'a QLinear<B>,
-    /// Qwen3's per-head query and key norms.
-    qk_norm: Option<(&'a RmsNorm<B>, &'a RmsNorm<B>)>,
-    post_norm: &'a RmsNorm<B>,
-    mlp: &'a Mlp<B>,
-}
-
-struct Parts<'a, B: Backend> {
-    layers: Vec<Layer<'a, B>>,
-    norm: &'a RmsNorm<B>,
-    rope: &'a Rope,
-}
-
-macro_rules! layer_parts {
-    ($m:expr, $l:ident => $qk:expr) => {
-        Parts {
-            layers: $m
-                .layers
-                .iter()
-                .map(|$l| Layer {
-                    input_norm: &$l.input_layernorm,
-                    q: &$l.self_attn.q_proj,
-                    k: &$l.self_attn.k_proj,
-                    v: &$l.self_attn.v_proj,
-                    o: &$l.self_attn.o_proj,
-                    qk_norm: $qk,
-                    post_norm: &$l.post_attention_layernorm,
-                    mlp: &$l.mlp,
-                })
-                .collect(),
-            norm: &$m.norm,
-            rope: &$m.rope,
-        }
-    };
-}
-
-/// The batched-step parts of `model`, `None` for architectures that decode one sequence
-/// at a time.
-fn parts<B: Backend>(model: &CausalLm<B>) -> Option<Parts<'_, B>> {
-    if let CausalLm::Llama(m) = model {
-        Some(layer_parts!(m, l => None))
-    } else if let CausalLm::Qwen3(m) = model {
-        Some(layer_parts!(m, l => Some((&l.self_attn.q_norm, &l.self_attn.k_norm))))
-    } else {
-        None
+/// The dense model whose layers the batched step runs; `None` for architectures that
+/// decode one sequence at a time.
+fn dense<B: Backend>(model: &CausalLm<B>) -> Option<&Dense<B>> {
+    match model {
+        CausalLm::Llama(m) | CausalLm::Qwen3(m) => Some(m),
+        CausalLm::Qwen35(_) | CausalLm::Qwen35Vl(_) => None,
     }
 }
 
 /// Feeds `tokens[i]` to the sequence of `caches[i]` (one token each, appended to its
 /// cache) and returns each sequence's float32 next-token logits. Equivalent to
-/// [`crate::generate::next_logits`] on every sequence alone, up to float rounding.
+/// [`crate::run::generate::next_logits`] on every sequence alone, up to float rounding.
 ///
 /// # Panics
 /// When `tokens` and `caches` differ in length.
@@ -82,11 +37,11 @@ pub fn decode_step<B: Backend>(
     if n == 0 {
         return Vec::new();
     }
-    let Some(parts) = parts(model) else {
+    let Some(dense) = dense(model) else {
         return tokens
             .iter()
             .zip(caches.iter_mut())
-            .map(|(&t, c)| crate::generate::next_logits(model, &[t], c))
+            .map(|(&t, c)| crate::run::generate::next_logits(model, &[t], c))
             .collect();
     };
     let config = model.config();
@@ -102,25 +57,22 @@ pub fn decode_step<B: Backend>(
     let mut masks = Vec::with_capacity(n);
     for c in caches.iter_mut() {
         let past = c.len();
-        let (co, si) = parts.rope.tables::<B>(past, 1, dtype, &device);
+        let (co, si) = dense.rope.tables::<B>(past, 1, dtype, &device);
         cos.push(co);
         sin.push(si);
         let keys = c.reserve(1);
         masks.push(layers::attention_mask::<B>(1, 1, past, keys, None, &device));
     }
     let (cos, sin) = (Tensor::cat(cos, 0), Tensor::cat(sin, 0));
-    for (li, layer) in parts.layers.iter().enumerate() {
-        let h = layer.input_norm.forward(x.clone());
+    for (li, layer) in dense.layers.iter().enumerate() {
+        let attn = &layer.self_attn;
+        let h = layer.input_layernorm.forward(x.clone());
         let split = |t: Tensor<B, 3>, count: usize| t.reshape([1, n, count, hd]);
-        let (mut q, mut k) = (
-            split(layer.q.forward(h.clone()), heads),
-            split(layer.k.forward(h.clone()), kv_heads),
+        let (q, k) = attn.norm_qk(
+            split(attn.q_proj.forward(h.clone()), heads),
+            split(attn.k_proj.forward(h.clone()), kv_heads),
         );
-        if let Some((qn, kn)) = layer.qk_norm {
-            q = qn.forward(q);
-            k = kn.forward(k);
-        }
-        let v = split(layer.v.forward(h), kv_heads).swap_dims(1, 2);
+        let v = split(attn.v_proj.forward(h), kv_heads).swap_dims(1, 2);
         let q = rope::apply(q.swap_dims(1, 2), &cos, &sin);
         let k = rope::apply(k.swap_dims(1, 2), &cos, &sin);
         let mut outs = Vec::with_capacity(n);
@@ -137,14 +89,16 @@ pub fn decode_step<B: Backend>(
                 masks[i].as_ref(),
             ));
         }
-        let attn = Tensor::cat(outs, 1);
-        let x1 = x + layer.o.forward(attn);
-        x = x1.clone() + layer.mlp.forward(layer.post_norm.forward(x1));
+        let x1 = x + attn.o_proj.forward(Tensor::cat(outs, 1));
+        x = x1.clone()
+            + layer
+                .mlp
+                .forward(layer.post_attention_layernorm.forward(x1));
     }
     for c in caches.iter_mut() {
         c.advance(1);
     }
-    let logits = to_dtype(model.logits(parts.norm.forward(x)), DType::F32);
+    let logits = to_dtype(model.logits(dense.norm.forward(x)), DType::F32);
     let vocab = logits.dims()[2];
     let flat: Vec<f32> = logits.into_data().iter::<f32>().collect();
     flat.chunks(vocab).map(<[f32]>::to_vec).collect()
@@ -153,11 +107,11 @@ pub fn decode_step<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::init::write_random_model;
+    use crate::arch::model::LoadOptions;
     use crate::config::Architecture;
-    use crate::generate::next_logits;
-    use crate::init::write_random_model;
-    use crate::model::LoadOptions;
-    use crate::weights::Precision;
+    use crate::io::weights::Precision;
+    use crate::run::generate::next_logits;
     use burn::backend::Flex;
 
     type B = Flex;
@@ -168,7 +122,7 @@ mod tests {
         } else {
             "tiny-qwen3"
         };
-        let mut json = crate::init::named_config(name).unwrap();
+        let mut json = crate::arch::init::named_config(name).unwrap();
         json["vocab_size"] = 96.into();
         write_random_model(&json, 7, safetensors::Dtype::F32, dir).unwrap();
         CausalLm::load(

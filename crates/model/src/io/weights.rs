@@ -16,7 +16,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use crate::config::{ConfigError, ModelConfig};
+use crate::config::ConfigError;
 use crate::linear::{FakeQuant, QLinear, QuantConfigError};
 
 /// Errors of loading a model.
@@ -76,7 +76,7 @@ pub enum LoadError {
     Quant(#[from] QuantConfigError),
     /// The tokenizer is unusable or does not match the model.
     #[error(transparent)]
-    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    Tokenizer(#[from] crate::text::tokenizer::TokenizerError),
 }
 
 /// Parameter precision chosen at load time.
@@ -245,14 +245,8 @@ impl Checkpoint {
         })
     }
 
-    /// Checks every tensor `config` needs (names, dtypes, shapes) without converting any,
-    /// and reports all problems at once.
-    pub fn check(&self, config: &ModelConfig) -> Result<(), LoadError> {
-        self.check_tensors(&expected_tensors(config))
-    }
-
     /// Checks the listed tensors (`(name, shape, is_quantizable_linear)`, linears named
-    /// without `.weight`, as [`expected_tensors`] lists them) and reports all problems at once.
+    /// without `.weight`, as the architectures list them) and reports all problems at once.
     pub fn check_tensors(&self, tensors: &[(String, Vec<usize>, bool)]) -> Result<(), LoadError> {
         let mut problems = Vec::new();
         for (name, shape, linear) in tensors.iter().cloned() {
@@ -338,52 +332,6 @@ impl Checkpoint {
         let s = self.stored(name)?;
         Some(f32::from_le_bytes(s.bytes.try_into().ok()?))
     }
-}
-
-/// Every tensor a configuration needs: `(name, shape, is_quantizable_linear)`; linears
-/// are named without the `.weight` suffix.
-pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
-    if config.architecture == crate::config::Architecture::Qwen35 {
-        return crate::qwen35::expected_tensors(config, crate::qwen35::TEXT_PREFIX);
-    }
-    let (h, hd, i) = (
-        config.hidden_size,
-        config.head_dim,
-        config.intermediate_size,
-    );
-    let (q, kv) = (config.num_heads * hd, config.num_kv_heads * hd);
-    let mut out = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![config.vocab_size, h],
-        false,
-    )];
-    for l in 0..config.num_layers {
-        let p = format!("model.layers.{l}");
-        for (n, shape) in [("input_layernorm", h), ("post_attention_layernorm", h)] {
-            out.push((format!("{p}.{n}.weight"), vec![shape], false));
-        }
-        if config.architecture == crate::config::Architecture::Qwen3 {
-            for n in ["q_norm", "k_norm"] {
-                out.push((format!("{p}.self_attn.{n}.weight"), vec![hd], false));
-            }
-        }
-        for (n, shape) in [
-            ("self_attn.q_proj", [q, h]),
-            ("self_attn.k_proj", [kv, h]),
-            ("self_attn.v_proj", [kv, h]),
-            ("self_attn.o_proj", [h, q]),
-            ("mlp.gate_proj", [i, h]),
-            ("mlp.up_proj", [i, h]),
-            ("mlp.down_proj", [h, i]),
-        ] {
-            out.push((format!("{p}.{n}"), shape.to_vec(), true));
-        }
-    }
-    out.push(("model.norm.weight".into(), vec![h], false));
-    if !config.tie_word_embeddings {
-        out.push(("lm_head.weight".into(), vec![config.vocab_size, h], false));
-    }
-    out
 }
 
 fn decode_floats(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {

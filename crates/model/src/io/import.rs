@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use crate::gguf::{unpermute_qk, Gguf, GgufError, GgufFile, MetaValue};
+use crate::io::gguf::{unpermute_qk, Gguf, GgufError, GgufFile, MetaValue};
 
 /// Errors of importing a GGUF file.
 #[derive(Debug, thiserror::Error)]

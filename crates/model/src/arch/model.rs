@@ -7,14 +7,13 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
 
+use crate::arch::dense::{self, Dense};
+use crate::arch::layers::KvCache;
+use crate::arch::qwen35::{self, Qwen35};
 use crate::config::{Architecture, ModelConfig};
-use crate::layers::KvCache;
+use crate::io::weights::{Checkpoint, LoadError, Precision, Weights};
 use crate::linear::{matmul_wt, QLinear};
-use crate::llama::Llama;
-use crate::qwen3::Qwen3;
-use crate::qwen35::{self, Qwen35};
-use crate::tokenizer::{ModelFamily, Tokenizer};
-use crate::weights::{Checkpoint, LoadError, Precision, Weights};
+use crate::text::tokenizer::{ModelFamily, Tokenizer};
 
 /// How to load a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,9 +38,9 @@ impl Default for LoadOptions {
 #[derive(Module, Debug)]
 pub enum CausalLm<B: Backend> {
     /// Llama / SmolLM2.
-    Llama(Llama<B>),
+    Llama(Dense<B>),
     /// Dense Qwen3.
-    Qwen3(Qwen3<B>),
+    Qwen3(Dense<B>),
     /// Qwen3.5 with text-checkpoint tensor names (`model.layers.…`).
     Qwen35(Qwen35<B>),
     /// Qwen3.5 read from a VL checkpoint (`model.language_model.layers.…`); its parameters
@@ -68,7 +67,7 @@ impl<B: Backend> CausalLm<B> {
         if config.architecture == Architecture::Qwen35 {
             ckpt.check_tensors(&qwen35::expected_tensors(config, prefix))?;
         } else {
-            ckpt.check(config)?;
+            ckpt.check_tensors(&dense::expected_tensors(config))?;
         }
         let w = Weights::new(
             ckpt,
@@ -77,8 +76,8 @@ impl<B: Backend> CausalLm<B> {
             device,
         );
         Ok(match config.architecture {
-            Architecture::Llama => CausalLm::Llama(Llama::load(config, &w)?),
-            Architecture::Qwen3 => CausalLm::Qwen3(Qwen3::load(config, &w)?),
+            Architecture::Llama => CausalLm::Llama(Dense::load(config, &w)?),
+            Architecture::Qwen3 => CausalLm::Qwen3(Dense::load(config, &w)?),
             Architecture::Qwen35 if prefix == qwen35::VL_PREFIX => {
                 CausalLm::Qwen35Vl(Qwen35::load(config, &w, prefix)?)
             }
@@ -183,6 +182,16 @@ impl<B: Backend> CausalLm<B> {
             }
         }
         out
+    }
+}
+
+/// Every tensor a configuration needs, under the text checkpoint's names: `(name, shape,
+/// is_quantizable_linear)`; linears are named without the `.weight` suffix.
+pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>, bool)> {
+    if config.architecture == Architecture::Qwen35 {
+        qwen35::expected_tensors(config, qwen35::TEXT_PREFIX)
+    } else {
+        dense::expected_tensors(config)
     }
 }
 

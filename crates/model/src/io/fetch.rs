@@ -5,7 +5,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::import::{import_gguf, ImportError, ImportSummary};
+use crate::io::import::{import_gguf, ImportError, ImportSummary};
 
 /// Name of the SmolLM2 model for [`fetch_model`].
 pub const SMOLLM2_135M_INSTRUCT: &str = "smollm2-135m-instruct";

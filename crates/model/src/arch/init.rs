@@ -9,10 +9,11 @@ use burn::tensor::backend::Backend;
 use safetensors::Dtype;
 use serde_json::{json, Value};
 
+use crate::arch::model::expected_tensors;
+use crate::arch::model::{CausalLm, LoadOptions};
 use crate::config::{Architecture, ModelConfig};
-use crate::model::{CausalLm, LoadOptions};
+use crate::io::weights::{LoadError, Precision};
 use crate::rng::SplitMix64;
-use crate::weights::{expected_tensors, LoadError, Precision};
 
 /// Errors of writing a random model.
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +23,7 @@ pub enum InitError {
     UnknownConfig(String),
     /// The configuration is invalid.
     #[error(transparent)]
-    Config(#[from] crate::ConfigError),
+    Config(#[from] crate::config::ConfigError),
     /// Writing failed.
     #[error("writing {path}: {source}")]
     Io {
@@ -270,7 +271,7 @@ pub fn write_random_model(
         let n: usize = shape.iter().product();
         let is_norm = shape.len() == 1;
         // Qwen3.5's (1 + w) norms start at zero, as transformers initializes them.
-        let constant = if qwen35 && crate::qwen35::is_offset_norm(name) {
+        let constant = if qwen35 && crate::arch::qwen35::is_offset_norm(name) {
             0.0
         } else {
             1.0

@@ -8,7 +8,7 @@ use minijinja::value::{Kwargs, Value as JValue};
 use minijinja::{Environment, ErrorKind};
 use serde_json::{Map, Value};
 
-use crate::pyjson::{self, DumpOptions};
+use crate::text::pyjson::{self, DumpOptions};
 
 const TEMPLATE_NAME: &str = "chat";
 
@@ -229,13 +229,13 @@ impl ChatTemplate {
     }
 
     /// Which parts of the tool protocol the template renders by itself.
-    pub fn tool_support(&self) -> crate::audit::ToolSupport {
-        crate::audit::ToolSupport::of_source(&self.source)
+    pub fn tool_support(&self) -> crate::text::audit::ToolSupport {
+        crate::text::audit::ToolSupport::of_source(&self.source)
     }
 
     /// The messages and tools to render so that nothing is lost: unchanged for a template
     /// that renders tool calls and tools, else with the Hermes fallback of
-    /// [`crate::audit::hermes_fallback`] (tools then travel in the system message, so the
+    /// [`crate::text::audit::hermes_fallback`] (tools then travel in the system message, so the
     /// returned tools are `None`). [`ChatTemplate::render`] itself stays byte-identical to
     /// transformers.
     pub fn lossless<'t>(
@@ -244,7 +244,7 @@ impl ChatTemplate {
         tools: Option<&'t [Value]>,
     ) -> (Vec<Value>, Option<&'t [Value]>) {
         let support = self.tool_support();
-        let messages = crate::audit::hermes_fallback(messages, tools, support);
+        let messages = crate::text::audit::hermes_fallback(messages, tools, support);
         (messages, if support.tools { tools } else { None })
     }
 
