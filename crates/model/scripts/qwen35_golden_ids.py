@@ -51,6 +51,9 @@ FIXED = {
     "special_tokens_all": "<|object_ref_start|><|object_ref_end|><|box_start|><|box_end|><|quad_start|><|quad_end|><|vision_start|><|vision_end|><|vision_pad|><|image_pad|><|video_pad|><tool_call></tool_call><|fim_prefix|><|fim_middle|><|fim_suffix|><|fim_pad|><|repo_name|><|file_sep|><tool_response></tool_response><think></think><|audio_start|><|audio_end|><tts_pad><tts_text_bos><tts_text_eod><tts_text_bos_single><|audio_pad|>",
     "special_tokens_glued": "x<think>y</think>z <tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n</function>\n</tool_call>",
     "near_special": "<|im_start <im_end|> <|unknown|> <thinking> </tool_call >",
+    # NFC composes ">" + U+0338 into "≯": the package normalizes before it looks for
+    # special tokens, so these are not <tool_call> / <|im_end|>.
+    "special_then_combining_mark": "<tool_call>\u0338x <|im_end|>\u0338 <think>\u0301",
     "long_word": "Pneumonoultramicroscopicsilicovolcanoconiosis supercalifragilisticexpialidocious " * 3,
     "repeats": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa ================ ________ 0000000000000000",
     "latin1_bytes": "ÿþýüûúùø ĠÑĤÐ²ÑĬÑĢ ½¼¾ ©®™ ÷×",

