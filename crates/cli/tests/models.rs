@@ -179,3 +179,56 @@ fn eval_nll_on_token_ids_needs_no_tokenizer() {
     assert_eq!(v["sequences"].as_array().unwrap().len(), 2);
     assert!(v["perplexity"].as_f64().unwrap() > 1.0);
 }
+
+#[test]
+fn qwen35_tokenizer_fetch_init_and_chat_with_tools_use_the_xml_parser() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        let out = qatflow(d).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let stdout = run(&["model", "fetch", "qwen3.5-tokenizer", "--out", "tok"]);
+    assert!(stdout.contains("248044 BPE tokens"), "{stdout}");
+    assert!(stdout.contains("33 added tokens"), "{stdout}");
+    let stdout = run(&[
+        "model",
+        "init",
+        "--config",
+        "tiny-qwen3.5",
+        "--out",
+        "m",
+        "--tokenizer-from",
+        "tok",
+    ]);
+    assert!(stdout.contains("vocab 248320"), "{stdout}");
+    std::fs::write(
+        d.join("tools.json"),
+        r#"[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]"#,
+    )
+    .unwrap();
+    for thinking in ["true", "false"] {
+        let stdout = run(&[
+            "chat",
+            "m",
+            "Weather in Paris?",
+            "--tools",
+            "tools.json",
+            "--max-tokens",
+            "3",
+            "--enable-thinking",
+            thinking,
+        ]);
+        let reply: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(reply["tool_format"], "qwen3_coder", "{reply}");
+        assert!(reply["content"].is_string() && reply["tool_calls"].is_array());
+    }
+    // Without --tools the reply is plain text.
+    let stdout = run(&["chat", "m", "Hi", "--max-tokens", "2"]);
+    assert!(!stdout.contains("tool_format"), "{stdout}");
+}

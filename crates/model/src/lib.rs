@@ -22,19 +22,19 @@ pub mod text;
 
 // The flat module paths of before the folders, for the crates that use them.
 pub use arch::{deltanet, dense, init, layers, model, params, qwen35, rope};
-pub use io::{fetch, gguf, import, weights};
+pub use io::{fetch, gguf, import, qwen35_tokenizer, tiktoken, weights};
 pub use run::{batch, calib, eval, generate};
 pub use text::{audit, mask, pyjson, template, tokenizer, toolcall};
 
 pub use arch::layers::{CacheSlot, KvCache};
 pub use arch::model::{expected_tensors, load_with_tokenizer, CausalLm, LoadOptions};
 pub use config::{Architecture, ConfigError, HybridConfig, LayerKind, ModelConfig};
-pub use io::fetch::{cached_smollm2, fetch_model, fetch_smollm2, FetchError};
+pub use io::fetch::{cached_smollm2, fetch_model, fetch_smollm2, fetch_tokenizer, FetchError};
 pub use io::import::{import_gguf, ImportError, ImportSummary};
 pub use io::weights::{Checkpoint, LoadError, Precision};
 pub use linear::{FakeQuant, QLinear};
 pub use run::calib::{apply_group_rule, calibrate_inputs, weight_amax, CalibError};
 pub use run::eval::{eval_kld, eval_nll, EvalError, KldReport, NllReport};
-pub use run::generate::{generate, GenerateError, GenerateOptions, Reply};
+pub use run::generate::{generate, generate_with_tools, GenerateError, GenerateOptions, Reply};
 pub use text::template::{ChatTemplate, TemplateError};
 pub use text::tokenizer::{EncodedConversation, ModelFamily, Tokenizer, TokenizerError};

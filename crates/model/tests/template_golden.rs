@@ -1,14 +1,12 @@
 //! Every case of `tests/fixtures/templates/template_renderings_jinja2.json` (rendered by
 //! Python's jinja2 with transformers' settings) renders byte-identically here.
 
-use std::path::PathBuf;
+mod common;
+
+use common::fixtures;
 
 use qatflow_model::ChatTemplate;
 use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/templates")
-}
 
 fn load(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join(name)).unwrap()).unwrap()
@@ -28,10 +26,7 @@ fn raw_context_renders_match_jinja2_goldens() {
             let case_name = case["name"].as_str().unwrap();
             let key = format!("{name}/{case_name}");
             let golden = goldens[&key].as_str().unwrap();
-            let mut ctx = case.as_object().unwrap().clone();
-            ctx.remove("name");
-            ctx.entry("tools").or_insert(Value::Null);
-            let got = template.render_context(&Value::Object(ctx));
+            let got = common::render_case(&template, case);
             if golden.starts_with("ERROR:") {
                 assert!(
                     got.is_err(),

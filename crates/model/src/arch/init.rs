@@ -47,6 +47,7 @@ pub const NAMED_CONFIGS: &[&str] = &[
     "qwen3.5-2b",
     "tiny-llama",
     "tiny-qwen3",
+    "tiny-qwen3.5",
 ];
 
 /// The `config.json` of a named configuration: `smollm2-135m` (SmolLM2-135M-Instruct's),
@@ -54,7 +55,8 @@ pub const NAMED_CONFIGS: &[&str] = &[
 /// head), `qwen3.5-9b` / `qwen3.5-2b` (the text model of Qwen3.5-9B / Qwen3.5-2B: 32 / 24
 /// layers, three Gated DeltaNet layers per full-attention layer), or the tiny two-layer test
 /// models `tiny-llama` / `tiny-qwen3` (vocabulary 49152, SmolLM2's, so they can use its
-/// tokenizer).
+/// tokenizer) and the tiny four-layer `tiny-qwen3.5` (vocabulary 248320, Qwen3.5's, for
+/// the tokenizer of `model fetch qwen3.5-tokenizer`).
 pub fn named_config(name: &str) -> Result<Value, InitError> {
     let v = match name {
         "smollm2-135m" => json!({
@@ -97,6 +99,7 @@ pub fn named_config(name: &str) -> Result<Value, InitError> {
         "qwen3.5-2b" => qwen35_json(2048, 6144, 24, (8, 2), (16, 16), true),
         "tiny-llama" => tiny_json(Architecture::Llama, 49152),
         "tiny-qwen3" => tiny_json(Architecture::Qwen3, 49152),
+        "tiny-qwen3.5" => tiny_json(Architecture::Qwen35, 248_320),
         other => return Err(InitError::UnknownConfig(other.to_string())),
     };
     Ok(v)

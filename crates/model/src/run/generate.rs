@@ -252,7 +252,21 @@ pub fn generate_with<B: Backend>(
     options: &GenerateOptions,
     on_token: impl FnMut(u32) -> ControlFlow<()>,
 ) -> Result<Reply, GenerateError> {
-    let prompt = tokenizer.encode_prompt(messages, None, options.enable_thinking)?;
+    generate_with_tools(model, tokenizer, messages, None, options, on_token)
+}
+
+/// [`generate_with`] with OpenAI-format tool definitions rendered into the prompt by the
+/// chat template (the reply text keeps the tool calls the model writes; parse them in
+/// the template's format).
+pub fn generate_with_tools<B: Backend>(
+    model: &CausalLm<B>,
+    tokenizer: &Tokenizer,
+    messages: &[Value],
+    tools: Option<&[Value]>,
+    options: &GenerateOptions,
+    on_token: impl FnMut(u32) -> ControlFlow<()>,
+) -> Result<Reply, GenerateError> {
+    let prompt = tokenizer.encode_prompt(messages, tools, options.enable_thinking)?;
     let stop = stop_tokens(model, tokenizer, &options.stop_token_ids);
     let (token_ids, finish_reason) = generate_tokens(model, &prompt, &stop, options, on_token)?;
     let body = match finish_reason {

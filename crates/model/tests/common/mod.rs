@@ -452,3 +452,15 @@ pub fn check_golden_masks(inner: &tokenizers::Tokenizer, eos: u32) {
     }
     assert_eq!(checked, 36);
 }
+
+/// Renders one case of `templates/template_cases.json` the way the golden file was made:
+/// the case object (its `name` removed, `tools` null when absent) is the raw context.
+pub fn render_case(
+    template: &qatflow_model::ChatTemplate,
+    case: &serde_json::Value,
+) -> Result<String, qatflow_model::TemplateError> {
+    let mut ctx = case.as_object().expect("a case is an object").clone();
+    ctx.remove("name");
+    ctx.entry("tools").or_insert(serde_json::Value::Null);
+    template.render_context(&serde_json::Value::Object(ctx))
+}
