@@ -232,3 +232,93 @@ fn qwen35_tokenizer_fetch_init_and_chat_with_tools_use_the_xml_parser() {
     let stdout = run(&["chat", "m", "Hi", "--max-tokens", "2"]);
     assert!(!stdout.contains("tool_format"), "{stdout}");
 }
+
+/// Qwen3.5 through the whole CLI: a tiny random Qwen3.5 with the real Qwen3.5 tokenizer is
+/// QAT-trained on conversations, its checkpoint exported to NVFP4 (with the VL wrapper, as
+/// for the real model), and `eval nll` of the export runs and gives a finite loss.
+#[test]
+fn qwen35_qat_train_export_and_eval_nll_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        let out = qatflow(d).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["model", "fetch", "qwen3.5-tokenizer", "--out", "tok"]);
+    run(&[
+        "model",
+        "init",
+        "--config",
+        "tiny-qwen3.5",
+        "--seed",
+        "3",
+        "--out",
+        "m",
+        "--tokenizer-from",
+        "tok",
+    ]);
+    let examples =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/examples/qat_v4_example.jsonl");
+    let mut data = String::new();
+    for line in std::fs::read_to_string(examples)
+        .unwrap()
+        .lines()
+        .skip(20)
+        .take(4)
+    {
+        let mut v: Value = serde_json::from_str(line).unwrap();
+        v["messages"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|m| m["role"] != "system");
+        data.push_str(&serde_json::to_string(&v).unwrap());
+        data.push('\n');
+    }
+    std::fs::write(d.join("data.jsonl"), data).unwrap();
+    std::fs::write(
+        d.join("qat.toml"),
+        "[model]\nbase = \"m\"\n[data]\njsonl = \"data.jsonl\"\nmax_seq_len = 256\n\
+         [optim]\nepochs = 1\nlr = 1e-3\nmicro_batch = 2\ngrad_accum = 1\n\
+         [quant]\ncalib_samples = 2\n[run]\ncheckpoint_every = 1\n",
+    )
+    .unwrap();
+    run(&[
+        "train",
+        "--config",
+        "qat.toml",
+        "--output-dir",
+        "run",
+        "--device",
+        "cpu",
+    ]);
+    let out = qatflow(d)
+        .args(["export", "run", "--out", "e"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("a run directory") && err.contains("latest-valid"),
+        "{err}"
+    );
+    run(&[
+        "export",
+        "run",
+        "--checkpoint",
+        "latest-valid",
+        "--out",
+        "e",
+    ]);
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("e/config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "qwen3_5", "{config}");
+    let stdout = run(&["eval", "nll", "e", "--data", "data.jsonl"]);
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let nll = v["mean_nll"].as_f64().unwrap();
+    assert!(nll.is_finite() && nll > 0.0, "{v}");
+    assert_eq!(v["sequences"].as_array().unwrap().len(), 4, "{v}");
+}

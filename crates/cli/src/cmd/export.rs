@@ -224,6 +224,16 @@ pub fn export(a: ExportArgs) -> anyhow::Result<ExitCode> {
             a.checkpoint_dir.display()
         );
     }
+    if a.checkpoint.is_none()
+        && !a.checkpoint_dir.join("manifest.json").exists()
+        && a.checkpoint_dir.join("checkpoints").is_dir()
+    {
+        bail!(
+            "{}: a run directory, not a checkpoint; add --checkpoint latest-valid to export its newest valid checkpoint, or pass one checkpoint directory ({}/checkpoints/step-N)",
+            a.checkpoint_dir.display(),
+            a.checkpoint_dir.display()
+        );
+    }
     let opts = ExportOptions {
         vl_wrapper: a.vl_wrapper.into(),
         threads: a.threads,
