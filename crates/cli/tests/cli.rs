@@ -508,18 +508,24 @@ fn an_endless_line_is_a_clear_error() {
     );
 }
 
-/// `dataset export --out DIR/FILE` creates a missing DIR (the demo writes `data/all.jsonl`
-/// into a fresh working directory).
-#[test]
-fn export_creates_missing_parent_directories() {
+/// A temporary directory whose store (`qatflow-data`) holds the one conversation `line(reply)`.
+fn store_of_one(reply: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    std::fs::write(d.join("one.jsonl"), line("Hi.")).unwrap();
-    let out = qatflow(d)
+    std::fs::write(dir.path().join("one.jsonl"), line(reply)).unwrap();
+    let out = qatflow(dir.path())
         .args(["dataset", "import", "one.jsonl"])
         .output()
         .unwrap();
     assert!(out.status.success());
+    dir
+}
+
+/// `dataset export --out DIR/FILE` creates a missing DIR (the demo writes `data/all.jsonl`
+/// into a fresh working directory).
+#[test]
+fn export_creates_missing_parent_directories() {
+    let dir = store_of_one("Hi.");
+    let d = dir.path();
     let out = qatflow(d)
         .args(["dataset", "export", "--out", "new/deeper/all.jsonl"])
         .output()
@@ -540,14 +546,8 @@ fn export_creates_missing_parent_directories() {
 #[test]
 fn export_follows_symlinks_and_writes_through_special_files() {
     use std::os::unix::fs::FileTypeExt;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = store_of_one("Hi.");
     let d = dir.path();
-    std::fs::write(d.join("one.jsonl"), line("Hi.")).unwrap();
-    let out = qatflow(d)
-        .args(["dataset", "import", "one.jsonl"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
 
     std::fs::write(d.join("target.jsonl"), "old\n").unwrap();
     std::os::unix::fs::symlink("target.jsonl", d.join("link.jsonl")).unwrap();

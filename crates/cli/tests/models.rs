@@ -12,6 +12,17 @@ fn qatflow(dir: &Path) -> Command {
     c
 }
 
+/// Runs `qatflow ARGS` in `dir`; it must succeed. Returns its standard output.
+fn run_ok(dir: &Path, args: &[&str]) -> String {
+    let out = qatflow(dir).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn fetch_chat_and_eval_smollm2() {
     let dir = tempfile::tempdir().unwrap();
@@ -184,15 +195,7 @@ fn eval_nll_on_token_ids_needs_no_tokenizer() {
 fn qwen35_tokenizer_fetch_init_and_chat_with_tools_use_the_xml_parser() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let run = |args: &[&str]| {
-        let out = qatflow(d).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = |args: &[&str]| run_ok(d, args);
     let stdout = run(&["model", "fetch", "qwen3.5-tokenizer", "--out", "tok"]);
     assert!(stdout.contains("248044 BPE tokens"), "{stdout}");
     assert!(stdout.contains("33 added tokens"), "{stdout}");
@@ -240,15 +243,7 @@ fn qwen35_tokenizer_fetch_init_and_chat_with_tools_use_the_xml_parser() {
 fn qwen35_qat_train_export_and_eval_nll_run() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let run = |args: &[&str]| {
-        let out = qatflow(d).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = |args: &[&str]| run_ok(d, args);
     run(&["model", "fetch", "qwen3.5-tokenizer", "--out", "tok"]);
     run(&[
         "model",
