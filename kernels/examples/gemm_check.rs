@@ -76,9 +76,10 @@ fn fwd_bwd(x: &Tensor<B, 2>, w: &Tensor<B, 2>, g: &Tensor<B, 2>) -> (Vec<f32>, V
 }
 
 fn set_path(cublas: bool) {
-    // The example is single-threaded; the variable is read at every GEMM.
+    // The example is single-threaded; the variable is read at every GEMM. The cuBLASLt
+    // path is opt-in, so it must be asked for by name.
     if cublas {
-        std::env::remove_var(gemm::GEMM_ENV);
+        std::env::set_var(gemm::GEMM_ENV, "cublaslt");
     } else {
         std::env::set_var(gemm::GEMM_ENV, "burn");
     }
