@@ -120,6 +120,21 @@ pub fn download_wheel_version(
     pip_download(&format!("{package}=={version}"), &prefix, dir)
 }
 
+/// A directory removed with everything in it when dropped.
+struct Staging(PathBuf);
+
+impl Staging {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn pip_download(spec: &str, prefix: &str, dir: &Path) -> Result<PathBuf, FetchError> {
     if let Some(wheel) = find_wheel(dir, prefix)? {
         return Ok(wheel);
@@ -130,6 +145,17 @@ fn pip_download(spec: &str, prefix: &str, dir: &Path) -> Result<PathBuf, FetchEr
         dir: dir.to_path_buf(),
         detail,
     };
+    // pip writes into a private staging directory and the finished wheel is renamed into
+    // place, so a process fetching the same wheel at the same time never reads half of it.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let staging = Staging(dir.join(format!(
+        ".pip-download-{}-{nanos}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    )));
+    std::fs::create_dir_all(staging.path()).map_err(io(staging.path()))?;
     let output = Command::new("python3")
         .args([
             "-m",
@@ -140,18 +166,21 @@ fn pip_download(spec: &str, prefix: &str, dir: &Path) -> Result<PathBuf, FetchEr
             spec,
             "-d",
         ])
-        .arg(dir)
+        .arg(staging.path())
         .output()
         .map_err(|e| pip_err(format!("cannot run python3: {e}")))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         return Err(pip_err(format!("{}: {}", output.status, stderr.trim())));
     }
-    find_wheel(dir, prefix)?.ok_or_else(|| {
+    let staged = find_wheel(staging.path(), prefix)?.ok_or_else(|| {
         pip_err(format!(
             "pip succeeded but no {prefix}*.whl is in the directory"
         ))
-    })
+    })?;
+    let wheel = dir.join(staged.file_name().unwrap_or_default());
+    std::fs::rename(&staged, &wheel).map_err(io(&wheel))?;
+    Ok(wheel)
 }
 
 fn wheel_error(wheel: &Path) -> impl Fn(String) -> FetchError + '_ {
