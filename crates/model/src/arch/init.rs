@@ -67,34 +67,10 @@ pub fn named_config(name: &str) -> Result<Value, InitError> {
             "tie_word_embeddings": true, "max_position_embeddings": 8192,
             "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"
         }),
-        "qwen3-1.7b" => json!({
-            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
-            "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
-            "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
-            "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-            "tie_word_embeddings": true, "max_position_embeddings": 40960,
-            "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
-            "torch_dtype": "bfloat16"
-        }),
+        "qwen3-1.7b" => qwen3_json(2048, 6144, 28, 16, true),
         // Qwen3-4B's and Qwen3-8B's shapes (the 8B has an untied LM head).
-        "qwen3-4b" => json!({
-            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
-            "vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728,
-            "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-            "tie_word_embeddings": true, "max_position_embeddings": 40960,
-            "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
-            "torch_dtype": "bfloat16"
-        }),
-        "qwen3-8b" => json!({
-            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
-            "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
-            "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-            "tie_word_embeddings": false, "max_position_embeddings": 40960,
-            "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
-            "torch_dtype": "bfloat16"
-        }),
+        "qwen3-4b" => qwen3_json(2560, 9728, 36, 32, true),
+        "qwen3-8b" => qwen3_json(4096, 12288, 36, 32, false),
         "qwen3.5-9b" => qwen35_json(4096, 12288, 32, (16, 4), (16, 32), false),
         "qwen3.5-2b" => qwen35_json(2048, 6144, 24, (8, 2), (16, 16), true),
         "tiny-llama" => tiny_json(Architecture::Llama, 49152),
@@ -103,6 +79,26 @@ pub fn named_config(name: &str) -> Result<Value, InitError> {
         other => return Err(InitError::UnknownConfig(other.to_string())),
     };
     Ok(v)
+}
+
+/// A Qwen3 config (`Qwen3ForCausalLM`) of the released family's shape: head_dim 128, 8 KV
+/// heads, rope theta 1e6, vocabulary 151936.
+fn qwen3_json(
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    heads: usize,
+    tied: bool,
+) -> Value {
+    json!({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+        "vocab_size": 151936, "hidden_size": hidden, "intermediate_size": intermediate,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": 8,
+        "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "tie_word_embeddings": tied, "max_position_embeddings": 40960,
+        "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
+        "torch_dtype": "bfloat16"
+    })
 }
 
 /// A Qwen3.5 text config (`Qwen3_5ForCausalLM`) of the released family's shape: head_dim
