@@ -110,10 +110,24 @@ pub fn download_wheel_version(
     pip_download(&format!("{package}=={version}"), &prefix, dir)
 }
 
-/// A directory removed with everything in it when dropped.
+/// A private directory under `parent` (named by process, thread and time, so concurrent
+/// fetches never share one), removed with everything in it when dropped.
 struct Staging(PathBuf);
 
 impl Staging {
+    fn new(parent: &Path, prefix: &str) -> Result<Staging, FetchError> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let staging = Staging(parent.join(format!(
+            ".{prefix}-{}-{nanos}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        )));
+        std::fs::create_dir_all(staging.path()).map_err(io(staging.path()))?;
+        Ok(staging)
+    }
+
     fn path(&self) -> &Path {
         &self.0
     }
@@ -137,15 +151,7 @@ fn pip_download(spec: &str, prefix: &str, dir: &Path) -> Result<PathBuf, FetchEr
     };
     // pip writes into a private staging directory and the finished wheel is renamed into
     // place, so a process fetching the same wheel at the same time never reads half of it.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let staging = Staging(dir.join(format!(
-        ".pip-download-{}-{nanos}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    )));
-    std::fs::create_dir_all(staging.path()).map_err(io(staging.path()))?;
+    let staging = Staging::new(dir, "pip-download")?;
     let output = Command::new("python3")
         .args([
             "-m",
@@ -273,11 +279,10 @@ pub fn cached_dir(
         return Ok(dir);
     }
     std::fs::create_dir_all(&models).map_err(io(&models))?;
-    let tmp = models.join(format!(".{name}.tmp-{}", std::process::id()));
-    make(&tmp)?;
-    if std::fs::rename(&tmp, &dir).is_err() {
-        // Another process won the race; its directory is complete.
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
+    let staging = Staging::new(&models, &format!("{name}.tmp"))?;
+    make(staging.path())?;
+    // If the rename fails another process won the race, and its directory is complete;
+    // either way the staging directory goes when `staging` is dropped.
+    let _ = std::fs::rename(staging.path(), &dir);
     Ok(dir)
 }
