@@ -558,11 +558,11 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
             }
             // Exit 1 means a behaviour gate failed: a result of the comparison, not an error.
             d.run_ok(&a, &[0, 1])?;
-            let text = std::fs::read_to_string(&report)
-                .with_context(|| format!("reading {}", report.display()))?;
-            let v: Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a bench report", report.display()))?;
-            out.insert(name.into(), v);
+            let summary = qatflow_bench::Report::load(&report)?.summary();
+            out.insert(
+                name.into(),
+                json!({"report": p(&report), "summary": summary}),
+            );
         }
         Ok(Value::Object(out))
     })?;
@@ -597,7 +597,7 @@ fn final_report(d: &Demo, r: &serde_json::Map<String, Value>, seconds: f64) -> S
             pct(&eval[key]["top1_agreement"])
         ));
     }
-    out.push_str(&behaviour_table(&r["bench"]));
+    out.push_str(&behaviour_table(d));
     out.push_str("\n## Replies (production system prompt, greedy)\n");
     for row in r["replies"].as_array().into_iter().flatten() {
         out.push_str(&format!(
@@ -620,43 +620,20 @@ fn final_report(d: &Demo, r: &serde_json::Map<String, Value>, seconds: f64) -> S
     out
 }
 
-/// The behaviour suite's pass rates per category and decode speed, one column per model.
-fn behaviour_table(bench: &Value) -> String {
-    let models = [("BF16 SFT", "sft"), ("PTQ", "ptq"), ("QAT", "qat")];
-    let Some(first) = bench["sft"]["categories"].as_array() else {
-        return String::new();
-    };
-    let mut out = String::from(
-        "\n## Behaviour suite (`qatflow bench`, pass rate per category)\n\n| category |",
-    );
-    for (label, _) in models {
-        out.push_str(&format!(" {label} |"));
+/// The behaviour suite of the three models side by side, as `qatflow bench --compare`
+/// prints it (empty when the bench stage wrote no reports).
+fn behaviour_table(d: &Demo) -> String {
+    let reports: Result<Vec<_>, _> = ["sft", "ptq", "qat"]
+        .iter()
+        .map(|name| qatflow_bench::Report::load(&d.path(&format!("bench/{name}.json"))))
+        .collect();
+    match reports {
+        Ok(reports) => format!(
+            "\n## Behaviour suite (`qatflow bench`, passed/total per category)\n\n```text\n{}```\n",
+            qatflow_bench::compare_table(&reports)
+        ),
+        Err(_) => String::new(),
     }
-    out.push_str("\n|---|---|---|---|\n");
-    for category in first {
-        let name = category["name"].as_str().unwrap_or("");
-        out.push_str(&format!("| {name} |"));
-        for (_, key) in models {
-            let cell = bench[key]["categories"]
-                .as_array()
-                .and_then(|cs| cs.iter().find(|c| c["name"] == name))
-                .map_or("-".to_string(), |c| {
-                    format!("{}/{}", c["passed"], c["total"])
-                });
-            out.push_str(&format!(" {cell} |"));
-        }
-        out.push('\n');
-    }
-    out.push_str("| decode tok/s (median) |");
-    for (_, key) in models {
-        let v = &bench[key]["latency"]["decode_tok_s"]["p50"];
-        out.push_str(&format!(
-            " {} |",
-            v.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"))
-        ));
-    }
-    out.push('\n');
-    out
 }
 
 #[cfg(test)]
@@ -676,34 +653,5 @@ mod tests {
         assert_eq!((train.len(), heldout.len()), (50, 8));
         assert!(heldout.iter().all(|h| !train.contains(h)));
         assert!(split(&all, 10, 100).is_err());
-    }
-
-    #[test]
-    fn behaviour_table_has_a_column_per_model_and_a_row_per_category() {
-        let report = |tools: u64, decode: f64| {
-            json!({
-                "categories": [
-                    {"name": "tool_calling", "passed": tools, "total": 8},
-                    {"name": "thinking_leak", "passed": 6, "total": 6},
-                ],
-                "latency": {"decode_tok_s": {"p50": decode}},
-            })
-        };
-        let bench =
-            json!({"sft": report(8, 20.0), "ptq": report(1, 21.5), "qat": report(7, 19.24)});
-        let table = behaviour_table(&bench);
-        assert!(
-            table.contains("| tool_calling | 8/8 | 1/8 | 7/8 |"),
-            "{table}"
-        );
-        assert!(
-            table.contains("| thinking_leak | 6/6 | 6/6 | 6/6 |"),
-            "{table}"
-        );
-        assert!(
-            table.contains("| decode tok/s (median) | 20.0 | 21.5 | 19.2 |"),
-            "{table}"
-        );
-        assert_eq!(behaviour_table(&json!({})), "");
     }
 }
