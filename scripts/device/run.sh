@@ -1,7 +1,9 @@
 #!/bin/bash
-# Device script of the engine work (issue 13). Usage: bash scripts/device/run.sh STAGE... (binaries, wheels and tokenizer files in .gpu/, see crates/train/results/engine_notes.md)
-# Stages: setup check smol burn-smol qwen burn-qwen q35 anchor-smol anchor-qwen serve decode-anchor
-# Engine stages run with QATFLOW_GEMM=cublaslt unless they start with burn-.
+# Device script of the engine work (issue 13). Usage: bash scripts/device/run.sh STAGE... (binaries, wheels and tokenizer files in .gpu/, see results/train/engine_notes.md)
+# Stages: setup check smol burn-smol qwen burn-qwen q35 q35-9b q8 anchor-smol anchor-qwen anchor-q8
+#         anchor-q35 anchor-q35-9b q35tiny serve decode-anchor
+# Engine stages run with QATFLOW_GEMM=cublaslt unless they start with burn-. Environment:
+# MODES (plain qat), PREC (bf16-kahan), MOMENTS (fp32 | bf16), T (stage time limit, s).
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH}
 export QATFLOW_LOG=info
 B=/tmp/qatflow
@@ -19,7 +21,7 @@ for stage in "$@"; do
     stamp setup
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     ls /usr/local/cuda/lib64 2>/dev/null | grep -i "cublasLt.so" | head -3
-    for f in .gpu/*.xz; do n=$(basename $f .xz); xz -dc $f > /tmp/$n && chmod +x /tmp/$n; done
+    for f in .gpu/*.xz; do n=$(basename $f .xz); [ /tmp/$n -nt $f ] || { xz -dc $f > /tmp/$n && chmod +x /tmp/$n; }; done
     ;;
   check)
     stamp check; QATFLOW_GEMM=cublaslt timeout 120 /tmp/gemm_check > $OUT/gemm_check.json 2> $OUT/gemm_check.log; echo "rc=$?"; tail -3 $OUT/gemm_check.log
@@ -31,23 +33,40 @@ for c in d["checks"]: print(c["m"],c["k"],c["n"],{p:[round(c[p][k],5) for k in (
 for b in d["bench_linear_fwd_bwd"]: print(b["m"],b["k"],b["n"],{p:(round(b[p]["median_ms"],2),round(b[p]["tflops"],1)) for p in ("cublaslt","burn")})
 PY
     ;;
-  smol|qwen|q35|smol4|burn-smol|burn-qwen)
-    case $stage in smol|burn-smol) M=smollm2-135m;; smol4) M=qwen3-4b;; q35) M=qwen3.5-2b;; *) M=qwen3-1.7b;; esac
+  smol|qwen|q35|q35-9b|q8|smol4|burn-smol|burn-qwen)
+    case $stage in smol|burn-smol) M=smollm2-135m;; smol4) M=qwen3-4b;; q35) M=qwen3.5-2b;;
+      q35-9b) M=qwen3.5-9b;; q8) M=qwen3-8b;; *) M=qwen3-1.7b;; esac
     ENVS="QATFLOW_GEMM=cublaslt"; [[ $stage == burn-* ]] && ENVS="QATFLOW_GEMM=burn"
     for mode in ${MODES:-plain qat}; do
       stamp "$stage $M $mode $ENVS"
-      env $ENVS timeout $T $B bench-train --device cuda --model $M --precision ${PREC:-bf16-kahan} --warmup 2 --steps 5 --mode $mode --out $OUT/${stage}_$mode.json > /dev/null 2> $OUT/${stage}_$mode.log
-      echo "rc=$?"; grep -v "^\s*$" $OUT/${stage}_$mode.log | tail -3 | cut -c1-400
-      summ $OUT/${stage}_$mode.json $mode $stage
+      env $ENVS timeout $T $B bench-train --device cuda --model $M --precision ${PREC:-bf16-kahan} --moments ${MOMENTS:-fp32} --warmup ${WARMUP:-2} --steps ${STEPS:-5} --mode $mode --out $OUT/${stage}${TAG}_$mode.json > /dev/null 2> $OUT/${stage}${TAG}_$mode.log
+      echo "rc=$?"; grep -v "^\s*$" $OUT/${stage}${TAG}_$mode.log | tail -3 | cut -c1-400
+      summ $OUT/${stage}${TAG}_$mode.json $mode $stage$TAG
     done
     ;;
-  anchor-smol|anchor-qwen)
+  anchor-smol|anchor-qwen|anchor-q8|anchor-q35|anchor-q35-9b)
     [ -d /tmp/site ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1; }
-    M=smollm2-135m; [[ $stage == anchor-qwen ]] && M=qwen3-1.7b
+    S=.gpu/modelopt_qat_anchor.py
+    case $stage in anchor-smol) M=smollm2-135m;; anchor-q8) M=qwen3-8b;; anchor-qwen) M=qwen3-1.7b;;
+      anchor-q35) M=qwen3.5-2b; S=scripts/device/anchor_qwen35.py;;
+      anchor-q35-9b) M="qwen3.5-9b --steps ${STEPS:-3}"; S=scripts/device/anchor_qwen35.py;; esac
     stamp "$stage"
     sample smi_$stage.txt & SP=$!
-    PYTHONPATH=/tmp/site OUT=$OUT/$stage timeout $T python3 .gpu/modelopt_qat_anchor.py $M 2>&1 | grep -v Warning | tail -4
+    PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site OUT=$OUT/$stage timeout $T python3 $S $M 2>&1 | grep -v Warning | tail -5
     kill $SP; echo "$stage nvidia-smi peak MiB: $(peak smi_$stage.txt)"
+    ;;
+  q35tiny)
+    # The ModelOpt fixture's tiny Qwen3.5 on the GPU: per-sequence NLL against transformers'
+    # float32 logits (crates/model/tests/fixtures), and decoding against the chunked forward.
+    stamp q35tiny
+    python3 scripts/device/q35tiny.py setup /tmp/q35tiny || exit 1
+    for dev in cpu cuda; do
+      $B eval nll /tmp/q35tiny/model --token-ids /tmp/q35tiny/ids.json --device $dev --precision f32 > $OUT/q35tiny_nll_$dev.json 2> $OUT/q35tiny_nll_$dev.log; echo "nll $dev rc=$?"
+      for ids in ids ids_long; do for p in f32 bf16; do
+        $B eval decode /tmp/q35tiny/model --token-ids /tmp/q35tiny/$ids.json --prefill 20 --device $dev --precision $p --tolerance 1 > $OUT/q35tiny_decode_${dev}_${ids}_$p.json 2> $OUT/q35tiny_decode_${dev}_${ids}_$p.log; echo "decode $dev $ids $p rc=$?"
+      done; done
+    done
+    python3 scripts/device/q35tiny.py compare /tmp/q35tiny $OUT
     ;;
   serve)
     stamp serve

@@ -12,7 +12,7 @@ use qatflow_model::init::{named_config, write_random_model};
 use qatflow_model::{CausalLm, LoadOptions, Precision};
 use serde::Serialize;
 
-use crate::config::{OptimPrecision, OptimSection};
+use crate::config::{MomentPrecision, OptimPrecision, OptimSection};
 use crate::data::Example;
 use crate::optim::AdamW;
 use crate::run::{optimizer_step, StepOutcome};
@@ -32,6 +32,8 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Parameter/update precision.
     pub precision: OptimPrecision,
+    /// Storage of Adam's moments.
+    pub moments: MomentPrecision,
     /// Fake quantization on (QAT) or off (plain fine-tuning), side by side.
     pub quant: bool,
 }
@@ -47,6 +49,8 @@ pub struct BenchReport {
     pub seq_len: usize,
     /// Precision used.
     pub precision: OptimPrecision,
+    /// Storage of Adam's moments.
+    pub moments: MomentPrecision,
     /// Fake quantization on.
     pub quant: bool,
     /// Backend and device.
@@ -249,6 +253,7 @@ pub fn bench_train_on<B: AutodiffBackend>(
     }
     let mut optimizer = AdamW::<B::InnerBackend>::new(OptimSection {
         precision: options.precision,
+        moments: options.moments,
         ..OptimSection::default()
     });
     let cancel = CancellationToken::new();
@@ -282,6 +287,7 @@ pub fn bench_train_on<B: AutodiffBackend>(
         parameters,
         seq_len: options.seq_len,
         precision: options.precision,
+        moments: options.moments,
         quant: options.quant,
         device: device_name.to_string(),
         step_seconds: times,

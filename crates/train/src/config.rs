@@ -54,6 +54,18 @@ pub enum OptimPrecision {
     Bf16Plain,
 }
 
+/// How AdamW's two moments are stored between steps (`optim.moments`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MomentPrecision {
+    /// FP32 moments (the default): 8 bytes a parameter.
+    #[default]
+    Fp32,
+    /// BF16 moments: 4 bytes a parameter, what PyTorch's AdamW keeps for BF16 parameters.
+    /// Every update is still computed in f32; only the stored moments are rounded.
+    Bf16,
+}
+
 impl OptimPrecision {
     /// True when parameters are stored in BF16.
     pub fn bf16_params(self) -> bool {
@@ -132,6 +144,8 @@ pub struct OptimSection {
     pub eps: f64,
     /// Parameter/update precision (default `fp32`: FP32 master weights).
     pub precision: OptimPrecision,
+    /// Storage of Adam's moments (default `fp32`; `bf16` halves the optimizer's memory).
+    pub moments: MomentPrecision,
 }
 
 impl Default for OptimSection {
@@ -149,6 +163,7 @@ impl Default for OptimSection {
             beta2: 0.999,
             eps: 1e-8,
             precision: OptimPrecision::Fp32,
+            moments: MomentPrecision::Fp32,
         }
     }
 }

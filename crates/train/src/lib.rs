@@ -27,7 +27,8 @@ pub mod state;
 use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Cuda, Flex};
-pub use config::{ConfigError, DeviceSpec, OptimPrecision, TrainConfig};
+use burn::tensor::backend::AutodiffBackend;
+pub use config::{ConfigError, DeviceSpec, MomentPrecision, OptimPrecision, TrainConfig};
 pub use data::{Dataset, Example};
 pub use qatflow_kernels::cache::{enable_compilation_cache, CacheSetting};
 pub use run::{train_on, Follow, RunOptions};
@@ -199,21 +200,67 @@ pub fn train(
             field: "run.device",
             problem,
         })?;
-    match device {
-        DeviceSpec::Cpu => {
-            train_on::<Autodiff<Flex>>(config, dataset, options, &Default::default(), sink, cancel)
+    let checkpointing = config.run.gradient_checkpointing.unwrap_or(true);
+    struct Job<'a> {
+        config: &'a TrainConfig,
+        dataset: Dataset,
+        options: RunOptions,
+        sink: &'a dyn TrainSink,
+        cancel: &'a CancellationToken,
+    }
+    impl TrainingWork for Job<'_> {
+        type Output = Result<TrainSummary, TrainError>;
+        fn run<B: AutodiffBackend>(self, device: &B::Device, _name: &str) -> Self::Output {
+            train_on::<B>(
+                self.config,
+                self.dataset,
+                self.options,
+                device,
+                self.sink,
+                self.cancel,
+            )
         }
+    }
+    on_training_backend(
+        device,
+        checkpointing,
+        Job {
+            config,
+            dataset,
+            options,
+            sink,
+            cancel,
+        },
+    )
+}
+
+/// Work generic over the training backend, run by [`on_training_backend`].
+pub trait TrainingWork {
+    /// What the work returns.
+    type Output;
+    /// Runs on backend `B` on `device`, which is named `name` (`flex cpu`, `cuda:N`).
+    fn run<B: AutodiffBackend>(self, device: &B::Device, name: &str) -> Self::Output;
+}
+
+/// Runs `work` on the training backend of `device`: burn's autodiff over `flex` on the
+/// CPU; over CUDA with burn's balanced checkpointing when `checkpointing` (the default), or
+/// plain autodiff. The one place the backend types are spelled out, for `train` and
+/// `bench-train` alike.
+pub fn on_training_backend<W: TrainingWork>(
+    device: DeviceSpec,
+    checkpointing: bool,
+    work: W,
+) -> W::Output {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    match device {
+        DeviceSpec::Cpu => work.run::<Autodiff<Flex>>(&Default::default(), "flex cpu"),
         DeviceSpec::Cuda(n) => {
-            let device = burn::backend::cuda::CudaDevice::new(n);
-            if config.run.gradient_checkpointing.unwrap_or(true) {
-                train_on::<
-                    Autodiff<
-                        Cuda,
-                        burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing,
-                    >,
-                >(config, dataset, options, &device, sink, cancel)
+            let cuda = burn::backend::cuda::CudaDevice::new(n);
+            let name = format!("cuda:{n}");
+            if checkpointing {
+                work.run::<Autodiff<Cuda, BalancedCheckpointing>>(&cuda, &name)
             } else {
-                train_on::<Autodiff<Cuda>>(config, dataset, options, &device, sink, cancel)
+                work.run::<Autodiff<Cuda>>(&cuda, &name)
             }
         }
     }

@@ -12,14 +12,14 @@ use std::collections::BTreeMap;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
 
-use crate::config::{OptimPrecision, OptimSection};
+use crate::config::{MomentPrecision, OptimPrecision, OptimSection};
 
 /// Optimizer state of one parameter.
 #[derive(Debug, Clone)]
 pub struct ParamState<B: Backend> {
-    /// First moment (f32).
+    /// First moment (f32, or BF16 under [`MomentPrecision::Bf16`]).
     pub exp_avg: Tensor<B, 1>,
-    /// Second moment (f32).
+    /// Second moment (f32, or BF16 under [`MomentPrecision::Bf16`]).
     pub exp_avg_sq: Tensor<B, 1>,
     /// Kahan compensation (BF16), only under [`OptimPrecision::Bf16Kahan`].
     pub compensation: Option<Tensor<B, 1>>,
@@ -41,6 +41,15 @@ fn f32_of<B: Backend>(t: Tensor<B, 1>) -> Tensor<B, 1> {
         t
     } else {
         t.cast(DType::F32)
+    }
+}
+
+/// `t` (f32) in the moments' storage dtype.
+fn stored<B: Backend>(t: Tensor<B, 1>, dtype: DType) -> Tensor<B, 1> {
+    if dtype == DType::F32 {
+        t
+    } else {
+        t.cast(dtype)
     }
 }
 
@@ -105,24 +114,30 @@ impl<B: Backend> AdamW<B> {
         let n = param.dims()[0];
         let device = param.device();
         let precision = hp.precision;
+        let moments = match hp.moments {
+            MomentPrecision::Fp32 => DType::F32,
+            MomentPrecision::Bf16 => DType::BF16,
+        };
         let state = self
             .state
             .entry(name.to_string())
             .or_insert_with(|| ParamState {
-                exp_avg: Tensor::zeros([n], (&device, DType::F32)),
-                exp_avg_sq: Tensor::zeros([n], (&device, DType::F32)),
+                exp_avg: Tensor::zeros([n], (&device, moments)),
+                exp_avg_sq: Tensor::zeros([n], (&device, moments)),
                 compensation: (precision == OptimPrecision::Bf16Kahan)
                     .then(|| Tensor::zeros([n], (&device, DType::BF16))),
             });
         let g = f32_of(grad);
         let (b1, b2) = (hp.beta1, hp.beta2);
-        state.exp_avg = state.exp_avg.clone() * b1 + g.clone() * (1.0 - b1);
-        state.exp_avg_sq = state.exp_avg_sq.clone() * b2 + g.clone() * g * (1.0 - b2);
+        let m = f32_of(state.exp_avg.clone()) * b1 + g.clone() * (1.0 - b1);
+        let v = f32_of(state.exp_avg_sq.clone()) * b2 + g.clone() * g * (1.0 - b2);
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
-        let denom = (state.exp_avg_sq.clone() / bc2).sqrt() + hp.eps;
+        let denom = (v.clone() / bc2).sqrt() + hp.eps;
         let w = f32_of(param.clone());
-        let mut delta = (state.exp_avg.clone() / bc1) / denom * (-lr);
+        let mut delta = (m.clone() / bc1) / denom * (-lr);
+        state.exp_avg = stored(m, moments);
+        state.exp_avg_sq = stored(v, moments);
         if hp.weight_decay > 0.0 {
             delta = delta - w.clone() * (lr * hp.weight_decay);
         }
@@ -254,6 +269,35 @@ mod tests {
             uniform::<B>(4, &Default::default()),
         ));
         assert_eq!(out, vec![0.0, -3.0, 1.5, 2f32.powi(-100)]);
+    }
+
+    #[test]
+    fn bf16_moments_are_stored_in_bf16_and_track_fp32_moments() {
+        let run = |moments| {
+            let mut opt = AdamW::<B>::new(OptimSection {
+                precision: OptimPrecision::Bf16Kahan,
+                moments,
+                ..OptimSection::default()
+            });
+            let mut w = bf16_param(&[1.0; 64]);
+            for step in 0..200 {
+                let g: Vec<f32> = (0..64)
+                    .map(|i| 0.01 * ((i * 7 + step) % 13) as f32 - 0.05)
+                    .collect();
+                let g = Tensor::<B, 1>::from_data(TensorData::new(g, [64]), &Default::default());
+                w = opt.update("w", w, g, 1e-3, |_| unreachable!());
+                opt.finish_step();
+            }
+            (values(w), opt.state["w"].exp_avg.dtype())
+        };
+        let (w32, d32) = run(MomentPrecision::Fp32);
+        let (w16, d16) = run(MomentPrecision::Bf16);
+        assert_eq!((d32, d16), (DType::F32, DType::BF16));
+        assert!(w16.iter().any(|&v| v != 1.0), "{w16:?}");
+        // Two BF16 ulps near 1.0: rounding the moments moves no weight further.
+        for (a, b) in w32.iter().zip(&w16) {
+            assert!((a - b).abs() <= 2.0 * 2f32.powi(-7), "{w32:?} vs {w16:?}");
+        }
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //! with exact resume from the newest checkpoint that verifies.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
+use qatflow_checkpoint::CheckpointInfo;
 use qatflow_core::NoProgress;
 use qatflow_model::params::{hf_name, map_params};
 use qatflow_model::{CausalLm, FakeQuant, LoadOptions, ModelFamily, Precision, Tokenizer};
@@ -329,6 +330,138 @@ fn wait_for_data(
     }
 }
 
+/// What a run is made of, restored or fresh: the model (with its fake quantizers), the
+/// calibrated amaxes, the optimizer and the trainer's counters.
+type RunParts<B> = (
+    CausalLm<B>,
+    BTreeMap<String, FakeQuant>,
+    AdamW<<B as AutodiffBackend>::InnerBackend>,
+    TrainerState,
+);
+
+/// Creates the run directory and records the configuration in it.
+fn prepare_run_dir(config: &TrainConfig) -> Result<PathBuf, TrainError> {
+    let run_dir = config.run.output_dir.clone();
+    std::fs::create_dir_all(&run_dir).map_err(|source| TrainError::Io {
+        path: run_dir.clone(),
+        source,
+    })?;
+    std::fs::write(
+        run_dir.join("train_config.toml"),
+        toml::to_string_pretty(config).expect("configs serialize"),
+    )
+    .map_err(|source| TrainError::Io {
+        path: run_dir.join("train_config.toml"),
+        source,
+    })?;
+    Ok(run_dir)
+}
+
+/// The checkpoint to resume from (`resume`: the newest valid one, corrupt newer ones moved
+/// aside), or none for a fresh run, which must not find checkpoints in `run_dir`.
+fn resume_point(
+    run_dir: &Path,
+    resume: bool,
+    sink: &dyn TrainSink,
+) -> Result<Option<CheckpointInfo>, TrainError> {
+    if !resume {
+        if !qatflow_checkpoint::list(run_dir)?.is_empty() {
+            return Err(TrainError::RunExists(run_dir.to_path_buf()));
+        }
+        return Ok(None);
+    }
+    let Some((info, skipped)) = qatflow_checkpoint::latest_valid(run_dir)? else {
+        return Ok(None);
+    };
+    for s in skipped {
+        // Moved aside (kept for inspection) so the step can be checkpointed again.
+        let aside = s.dir.with_file_name(format!(
+            "corrupt-{}",
+            s.dir
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        ));
+        let _ = std::fs::remove_dir_all(&aside);
+        std::fs::rename(&s.dir, &aside).map_err(|source| TrainError::Io {
+            path: s.dir.clone(),
+            source,
+        })?;
+        sink.event(&TrainEvent::Message(format!(
+            "skipping checkpoint {}: {} (moved to {})",
+            s.dir.display(),
+            s.reason,
+            aside.display()
+        )));
+        tracing::warn!(dir = %s.dir.display(), reason = %s.reason, "skipping corrupt checkpoint");
+    }
+    Ok(Some(info))
+}
+
+/// The run's parts restored from checkpoint `info`, whose configuration must hash to
+/// `config_hash`.
+fn restore<B: AutodiffBackend>(
+    config: &TrainConfig,
+    info: &CheckpointInfo,
+    config_hash: &str,
+    device: &B::Device,
+    sink: &dyn TrainSink,
+) -> Result<RunParts<B>, TrainError> {
+    let st = state::load_trainer_state(&info.dir)?;
+    if st.config_hash != config_hash {
+        return Err(TrainError::ConfigChanged {
+            dir: info.dir.clone(),
+        });
+    }
+    let mut model = CausalLm::<B>::load(&info.dir, load_options(config), device)?;
+    let quant = state::load_quantizers(&info.dir)?;
+    if config.quant.enabled {
+        apply_quant(&mut model, &quant)?;
+    }
+    let mut optimizer = AdamW::new(config.optim.clone());
+    let inner = model.valid().device();
+    state::load_optimizer(&info.dir, &mut optimizer, st.step, &inner)?;
+    sink.event(&TrainEvent::Message(format!(
+        "resuming from {} (step {})",
+        info.dir.display(),
+        st.step
+    )));
+    Ok((model, quant, optimizer, st))
+}
+
+/// A fresh run's parts: the base model, calibrated on `examples` when QAT is on.
+fn start_fresh<B: AutodiffBackend>(
+    config: &TrainConfig,
+    examples: &[Example],
+    config_hash: String,
+    device: &B::Device,
+    sink: &dyn TrainSink,
+) -> Result<RunParts<B>, TrainError> {
+    let base = &config.model.base;
+    let mut model = CausalLm::<B>::load(base, load_options(config), device)?;
+    let quant = if config.quant.enabled {
+        let q = calibrate(&model.valid(), examples, config.quant.calib_samples)?;
+        apply_quant(&mut model, &q)?;
+        sink.event(&TrainEvent::Calibrated {
+            layers: q.len(),
+            samples: config.quant.calib_samples.min(examples.len()),
+        });
+        q
+    } else {
+        BTreeMap::new()
+    };
+    let st = TrainerState {
+        step: 0,
+        epoch: 0,
+        step_in_epoch: 0,
+        epoch_examples: examples.len(),
+        total_steps: 0,
+        tokens_seen: 0,
+        config_hash,
+        last_loss: None,
+    };
+    Ok((model, quant, AdamW::new(config.optim.clone()), st))
+}
+
 /// Runs (or resumes) a QAT run on backend `B` and `device`.
 pub fn train_on<B: AutodiffBackend>(
     config: &TrainConfig,
@@ -338,21 +471,9 @@ pub fn train_on<B: AutodiffBackend>(
     sink: &dyn TrainSink,
     cancel: &CancellationToken,
 ) -> Result<TrainSummary, TrainError> {
-    let run_dir = config.run.output_dir.clone();
+    let run_dir = prepare_run_dir(config)?;
     let base = config.model.base.clone();
-    std::fs::create_dir_all(&run_dir).map_err(|source| TrainError::Io {
-        path: run_dir.clone(),
-        source,
-    })?;
     let config_hash = config.hash();
-    std::fs::write(
-        run_dir.join("train_config.toml"),
-        toml::to_string_pretty(config).expect("configs serialize"),
-    )
-    .map_err(|source| TrainError::Io {
-        path: run_dir.join("train_config.toml"),
-        source,
-    })?;
 
     if let Some(follow) = &options.follow {
         if !wait_for_data(&dataset, follow, sink, cancel)? {
@@ -367,89 +488,11 @@ pub fn train_on<B: AutodiffBackend>(
     let tokenizer = Tokenizer::from_dir(&base, ModelFamily::detect(&raw_config))?;
     let mut examples = load_examples(config, &dataset, &tokenizer, sink)?;
 
-    let resumed = if options.resume {
-        match qatflow_checkpoint::latest_valid(&run_dir)? {
-            Some((info, skipped)) => {
-                for s in skipped {
-                    // Moved aside (kept for inspection) so the step can be checkpointed again.
-                    let aside = s.dir.with_file_name(format!(
-                        "corrupt-{}",
-                        s.dir
-                            .file_name()
-                            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-                    ));
-                    let _ = std::fs::remove_dir_all(&aside);
-                    std::fs::rename(&s.dir, &aside).map_err(|source| TrainError::Io {
-                        path: s.dir.clone(),
-                        source,
-                    })?;
-                    sink.event(&TrainEvent::Message(format!(
-                        "skipping checkpoint {}: {} (moved to {})",
-                        s.dir.display(),
-                        s.reason,
-                        aside.display()
-                    )));
-                    tracing::warn!(dir = %s.dir.display(), reason = %s.reason, "skipping corrupt checkpoint");
-                }
-                Some(info)
-            }
-            None => None,
-        }
-    } else {
-        if !qatflow_checkpoint::list(&run_dir)?.is_empty() {
-            return Err(TrainError::RunExists(run_dir));
-        }
-        None
-    };
+    let resumed = resume_point(&run_dir, options.resume, sink)?;
 
     let (mut model, quant, mut optimizer, mut st) = match &resumed {
-        Some(info) => {
-            let st = state::load_trainer_state(&info.dir)?;
-            if st.config_hash != config_hash {
-                return Err(TrainError::ConfigChanged {
-                    dir: info.dir.clone(),
-                });
-            }
-            let mut model = CausalLm::<B>::load(&info.dir, load_options(config), device)?;
-            let quant = state::load_quantizers(&info.dir)?;
-            if config.quant.enabled {
-                apply_quant(&mut model, &quant)?;
-            }
-            let mut optimizer = AdamW::new(config.optim.clone());
-            let inner = model.valid().device();
-            state::load_optimizer(&info.dir, &mut optimizer, st.step, &inner)?;
-            sink.event(&TrainEvent::Message(format!(
-                "resuming from {} (step {})",
-                info.dir.display(),
-                st.step
-            )));
-            (model, quant, optimizer, st)
-        }
-        None => {
-            let mut model = CausalLm::<B>::load(&base, load_options(config), device)?;
-            let quant = if config.quant.enabled {
-                let q = calibrate(&model.valid(), &examples, config.quant.calib_samples)?;
-                apply_quant(&mut model, &q)?;
-                sink.event(&TrainEvent::Calibrated {
-                    layers: q.len(),
-                    samples: config.quant.calib_samples.min(examples.len()),
-                });
-                q
-            } else {
-                BTreeMap::new()
-            };
-            let st = TrainerState {
-                step: 0,
-                epoch: 0,
-                step_in_epoch: 0,
-                epoch_examples: examples.len(),
-                total_steps: 0,
-                tokens_seen: 0,
-                config_hash: config_hash.clone(),
-                last_loss: None,
-            };
-            (model, quant, AdamW::new(config.optim.clone()), st)
-        }
+        Some(info) => restore::<B>(config, info, &config_hash, device, sink)?,
+        None => start_fresh::<B>(config, &examples, config_hash, device, sink)?,
     };
 
     let per_step = config.effective_batch();

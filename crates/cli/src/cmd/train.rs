@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use burn::tensor::backend::AutodiffBackend;
 use clap::Args as ClapArgs;
 use indicatif::{ProgressBar, ProgressStyle};
 use qatflow_train::bench::{bench_train_on, BenchOptions, BenchReport};
 use qatflow_train::{
-    CancellationToken, Dataset, DeviceSpec, OptimPrecision, RunOptions, TrainConfig, TrainEvent,
-    TrainSink,
+    on_training_backend, CancellationToken, Dataset, MomentPrecision, OptimPrecision, RunOptions,
+    TrainConfig, TrainEvent, TrainSink, TrainingWork,
 };
 
 /// Arguments of `qatflow train`.
@@ -52,6 +53,10 @@ pub struct TrainArgs {
     /// fp32 | bf16-kahan | bf16-stochastic | bf16-plain (optim.precision).
     #[arg(long, value_parser = parse_precision)]
     precision: Option<OptimPrecision>,
+    /// fp32 | bf16: how Adam's moments are stored (optim.moments; bf16 halves the
+    /// optimizer's memory).
+    #[arg(long, value_parser = parse_moments)]
+    moments: Option<MomentPrecision>,
     /// Longest sequence in tokens (data.max_seq_len).
     #[arg(long)]
     max_seq_len: Option<usize>,
@@ -93,6 +98,11 @@ fn parse_precision(s: &str) -> Result<OptimPrecision, String> {
     })
 }
 
+fn parse_moments(s: &str) -> Result<MomentPrecision, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("unknown moment precision {s:?}; use fp32 or bf16"))
+}
+
 impl TrainArgs {
     fn config(&self) -> anyhow::Result<TrainConfig> {
         let mut c = TrainConfig::from_file(&self.config)?;
@@ -121,6 +131,7 @@ impl TrainArgs {
             micro_batch => optim.micro_batch;
             grad_accum => optim.grad_accum;
             precision => optim.precision;
+            moments => optim.moments;
             max_seq_len => data.max_seq_len;
             calib_samples => quant.calib_samples;
             device => run.device;
@@ -315,6 +326,9 @@ pub struct BenchTrainArgs {
     /// fp32 | bf16-kahan | bf16-stochastic | bf16-plain.
     #[arg(long, default_value = "fp32", value_parser = parse_precision)]
     precision: OptimPrecision,
+    /// fp32 | bf16: how Adam's moments are stored.
+    #[arg(long, default_value = "fp32", value_parser = parse_moments)]
+    moments: MomentPrecision,
     /// cpu | cuda | cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -347,25 +361,22 @@ fn bench_one(a: &BenchTrainArgs, quant: bool) -> anyhow::Result<BenchReport> {
         steps: a.steps,
         warmup: a.warmup,
         precision: a.precision,
+        moments: a.moments,
         quant,
     };
     let spec = qatflow_train::config::parse_device(&a.device).map_err(anyhow::Error::msg)?;
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-    use burn::backend::{Autodiff, Cuda, Flex};
-    Ok(match spec {
-        DeviceSpec::Cpu => {
-            bench_train_on::<Autodiff<Flex>>(&options, &Default::default(), "flex cpu")?
+    struct Bench<'a>(&'a BenchOptions);
+    impl TrainingWork for Bench<'_> {
+        type Output = Result<BenchReport, qatflow_train::TrainError>;
+        fn run<B: AutodiffBackend>(self, device: &B::Device, name: &str) -> Self::Output {
+            bench_train_on::<B>(self.0, device, name)
         }
-        DeviceSpec::Cuda(n) => {
-            let device = burn::backend::cuda::CudaDevice::new(n);
-            let name = format!("cuda:{n}");
-            if a.gradient_checkpointing {
-                bench_train_on::<Autodiff<Cuda, BalancedCheckpointing>>(&options, &device, &name)?
-            } else {
-                bench_train_on::<Autodiff<Cuda>>(&options, &device, &name)?
-            }
-        }
-    })
+    }
+    Ok(on_training_backend(
+        spec,
+        a.gradient_checkpointing,
+        Bench(&options),
+    )?)
 }
 
 /// Runs `qatflow bench-train`: plain fine-tuning and QAT side by side in one process (or
