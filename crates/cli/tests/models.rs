@@ -194,6 +194,58 @@ fn eval_nll_on_token_ids_needs_no_tokenizer() {
 }
 
 #[test]
+fn eval_decode_checks_the_cache_of_every_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Lengths around Gated DeltaNet's chunk of 64: decoding crosses it.
+    let ids: Vec<Vec<u32>> = [70usize, 12]
+        .iter()
+        .map(|&n| (0..n as u32).map(|i| (i * 37 + 11) % 2000).collect())
+        .collect();
+    std::fs::write(d.join("ids.json"), serde_json::to_string(&ids).unwrap()).unwrap();
+    for config in ["tiny-llama", "tiny-qwen3", "tiny-qwen3.5"] {
+        run_ok(d, &["model", "init", "--config", config, "--out", config]);
+        let stdout = run_ok(
+            d,
+            &[
+                "eval",
+                "decode",
+                config,
+                "--token-ids",
+                "ids.json",
+                "--prefill",
+                "8",
+            ],
+        );
+        let v: Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(v["prefill"], 8, "{config}");
+        assert_eq!(v["sequences"].as_array().unwrap().len(), 2, "{config}");
+        let diff = v["max_abs_diff"].as_f64().unwrap();
+        assert!(diff <= 1e-3, "{config}: {diff}");
+    }
+    // A tolerance nothing meets fails with exit 1; a sequence no longer than the prefill is
+    // refused.
+    let out = qatflow(d)
+        .args(["eval", "decode", "tiny-llama", "--token-ids", "ids.json"])
+        .args(["--prefill", "8", "--tolerance", "-1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tolerance"));
+    let out = qatflow(d)
+        .args(["eval", "decode", "tiny-llama", "--token-ids", "ids.json"])
+        .args(["--prefill", "12"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn qwen35_tokenizer_fetch_init_and_chat_with_tools_use_the_xml_parser() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

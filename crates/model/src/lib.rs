@@ -35,7 +35,9 @@ pub use io::qwen35_tokenizer::fetch_tokenizer;
 pub use io::weights::{Checkpoint, LoadError, Precision};
 pub use linear::{FakeQuant, QLinear};
 pub use run::calib::{apply_group_rule, calibrate_inputs, weight_amax, CalibError};
-pub use run::eval::{eval_kld, eval_nll, EvalError, KldReport, NllReport};
+pub use run::eval::{
+    eval_decode, eval_kld, eval_nll, DecodeReport, EvalError, KldReport, NllReport,
+};
 pub use run::generate::{generate, generate_with_tools, GenerateError, GenerateOptions, Reply};
 pub use text::template::{ChatTemplate, TemplateError};
 pub use text::tokenizer::{EncodedConversation, ModelFamily, Tokenizer, TokenizerError};

@@ -201,6 +201,20 @@ fn recurrent_decoding_matches_the_chunked_forward() {
 }
 
 #[test]
+fn eval_decode_reports_the_recurrent_form_against_the_chunked_forward() {
+    let model = load("qwen35_tiny_bf16.safetensors", LoadOptions::default());
+    let report = qatflow_model::eval_decode(&model, ids(), 20).unwrap();
+    assert_eq!(report.prefill, 20);
+    assert_eq!(report.sequences.len(), 2);
+    assert!(report.sequences.iter().all(|s| s.tokens == 48));
+    assert!(report.max_abs_diff <= 1e-4, "{report:?}");
+    // The shortest valid sequence decodes one token after the prefill; one token less is an error.
+    let short = qatflow_model::eval_decode(&model, vec![ids()[0][..21].to_vec()], 20).unwrap();
+    assert!(short.max_abs_diff <= 1e-4, "{short:?}");
+    assert!(qatflow_model::eval_decode(&model, vec![ids()[0][..20].to_vec()], 20).is_err());
+}
+
+#[test]
 fn padded_batch_matches_single_sequences() {
     let model = load("qwen35_tiny_bf16.safetensors", LoadOptions::default());
     let all = ids();

@@ -1,12 +1,12 @@
-//! `qatflow chat` and `qatflow eval nll | kld`: run a model directory (Hugging Face, or an
+//! `qatflow chat` and `qatflow eval nll | kld | decode`: run a model directory (Hugging Face, or an
 //! NVFP4 export) on the CPU (`flex`) or a CUDA GPU.
 
 use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
 use qatflow_core::{Device, JsonlReader};
 use qatflow_model::{
-    eval_kld, eval_nll, generate_with_tools, load_with_tokenizer, CausalLm, GenerateOptions,
-    LoadOptions, Precision, Tokenizer,
+    eval_decode, eval_kld, eval_nll, generate_with_tools, load_with_tokenizer, CausalLm,
+    DecodeReport, GenerateOptions, LoadOptions, Precision, Tokenizer,
 };
 use qatflow_serve::ToolCallFormat;
 use serde_json::{json, Value};
@@ -100,6 +100,27 @@ pub enum EvalCommand {
         /// The model compared with it (for example its NVFP4 export).
         #[arg(long)]
         other: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Incremental decoding against the full forward, on the chosen device: each sequence's
+    /// first `--prefill` tokens in one call, then one token at a time through the cache
+    /// (attention's key/value cache, Gated DeltaNet's recurrent and convolution state).
+    ///
+    /// Prints {"prefill", "max_abs_diff", "sequences": [{"tokens", "max_abs_diff"}, ...]}:
+    /// the largest |Δ| between a decoded logit and the full forward's. Exits 1 when it is
+    /// above `--tolerance`. Meant for short sequences (it holds each sequence's logits).
+    Decode {
+        /// Model directory.
+        model_dir: PathBuf,
+        /// Tokens given in the first call.
+        #[arg(long, default_value_t = 16)]
+        prefill: usize,
+        /// Largest |Δlogit| accepted.
+        #[arg(long, default_value_t = 1e-3)]
+        tolerance: f64,
         #[command(flatten)]
         data: DataArgs,
         #[command(flatten)]
@@ -279,6 +300,49 @@ fn kld_on<B: Backend>(
     )?)?)
 }
 
+fn decode_on<B: Backend>(
+    dir: &Path,
+    prefill: usize,
+    data: &DataArgs,
+    m: &ModelArgs,
+    device: B::Device,
+) -> anyhow::Result<DecodeReport> {
+    let (model, tokenizer) = load_for_eval::<B>(dir, data, m, &device)?;
+    let seqs = read_sequences(data, tokenizer.as_ref())?;
+    Ok(eval_decode(&model, seqs, prefill)?)
+}
+
+/// Runs `eval decode`: prints the report, exits 1 above the tolerance.
+fn decode(
+    dir: &Path,
+    prefill: usize,
+    tolerance: f64,
+    data: &DataArgs,
+    model: &ModelArgs,
+) -> anyhow::Result<ExitCode> {
+    let report = match model.device {
+        Device::Cpu => {
+            decode_on::<burn::backend::Flex>(dir, prefill, data, model, Default::default())?
+        }
+        Device::Cuda(i) => decode_on::<burn::backend::Cuda>(
+            dir,
+            prefill,
+            data,
+            model,
+            burn::backend::cuda::CudaDevice::new(i),
+        )?,
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if report.max_abs_diff > tolerance {
+        eprintln!(
+            "decoding differs from the full forward by {:e} (tolerance {tolerance:e})",
+            report.max_abs_diff
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs an `eval` subcommand and prints its JSON.
 pub fn eval(cmd: EvalCommand) -> anyhow::Result<ExitCode> {
     let out = match &cmd {
@@ -314,6 +378,13 @@ pub fn eval(cmd: EvalCommand) -> anyhow::Result<ExitCode> {
                 burn::backend::cuda::CudaDevice::new(i),
             )?,
         },
+        EvalCommand::Decode {
+            model_dir,
+            prefill,
+            tolerance,
+            data,
+            model,
+        } => return decode(model_dir, *prefill, *tolerance, data, model),
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)

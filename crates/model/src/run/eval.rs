@@ -1,5 +1,6 @@
-//! Evaluation: mean negative log-likelihood / perplexity of token sequences, and the KL
-//! divergence between two models' next-token distributions. Log-softmax is computed in
+//! Evaluation: mean negative log-likelihood / perplexity of token sequences, the KL
+//! divergence between two models' next-token distributions, and incremental decoding
+//! checked against the full forward. Log-softmax is computed in
 //! float32 on chunks of positions, so no `[tokens, vocab]` float32 tensor is built for
 //! more than a chunk (about 16M logits) at a time.
 
@@ -96,6 +97,26 @@ pub struct KldReport {
     pub top1_agreement: f64,
     /// Number of positions compared.
     pub positions: usize,
+}
+
+/// One sequence of [`eval_decode`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SequenceDecode {
+    /// Length of the sequence.
+    pub tokens: usize,
+    /// Largest |Δ| between a logit of incremental decoding and the full forward's.
+    pub max_abs_diff: f64,
+}
+
+/// Result of [`eval_decode`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DecodeReport {
+    /// Tokens of each sequence given in the first (prefill) call.
+    pub prefill: usize,
+    /// Largest |Δlogit| over all sequences and positions.
+    pub max_abs_diff: f64,
+    /// Per sequence, in input order.
+    pub sequences: Vec<SequenceDecode>,
 }
 
 fn check(sequences: &[Vec<u32>], vocab_size: usize, min: usize) -> Result<(), EvalError> {
@@ -282,5 +303,48 @@ pub fn eval_kld_with<B: Backend>(
         p99_kld: sorted[rank - 1],
         top1_agreement: agree as f64 / n as f64,
         positions: n,
+    })
+}
+
+/// Incremental decoding checked against one full forward: each sequence's first `prefill`
+/// tokens go through the model in one call on a fresh cache, then every later token alone
+/// (the attention layers' key/value cache; Gated DeltaNet's recurrent and convolution
+/// state), and the logits of every position are compared with a full forward of the whole
+/// sequence (the chunked form for Gated DeltaNet). Builds `[tokens, vocab]` float32 logits
+/// per sequence: meant for short sequences.
+pub fn eval_decode<B: Backend>(
+    model: &CausalLm<B>,
+    sequences: Vec<Vec<u32>>,
+    prefill: usize,
+) -> Result<DecodeReport, EvalError> {
+    let prefill = prefill.max(1);
+    check(&sequences, model.config().vocab_size, prefill + 1)?;
+    let device = model.device();
+    let ids = |tokens: &[u32]| {
+        let data: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(data, [1, tokens.len()]), &device)
+    };
+    let mut per_seq = Vec::with_capacity(sequences.len());
+    for seq in &sequences {
+        let full = to_dtype(model.forward(ids(seq), None), DType::F32);
+        let mut cache = model.new_cache();
+        let mut worst = 0f64;
+        let steps = std::iter::once((0, prefill)).chain((prefill..seq.len()).map(|p| (p, p + 1)));
+        for (start, end) in steps {
+            let hidden = model.forward_hidden(ids(&seq[start..end]), None, Some(&mut cache));
+            let part = to_dtype(model.logits(hidden), DType::F32);
+            let want = full.clone().slice([0..1, start..end]);
+            let diff = (part - want).abs().max();
+            worst = to_f64(diff).into_iter().fold(worst, f64::max);
+        }
+        per_seq.push(SequenceDecode {
+            tokens: seq.len(),
+            max_abs_diff: worst,
+        });
+    }
+    Ok(DecodeReport {
+        prefill,
+        max_abs_diff: per_seq.iter().map(|s| s.max_abs_diff).fold(0.0, f64::max),
+        sequences: per_seq,
     })
 }
