@@ -11,6 +11,7 @@
 pub mod claude_cli;
 pub mod http;
 pub mod offline;
+mod offline_phrases;
 pub mod select;
 
 use crate::config::TeacherConfig;

@@ -2,8 +2,9 @@
 //! conversations for every category with an `offline` list, with no network.
 //!
 //! A category's conversation shapes are sequences of scenes (`fact`, `task`, `switch`, …,
-//! see [`SCENES`]); each scene has a fixed number of variants (its content pool times the
-//! user openers), so a shape has `N` distinct conversations. Conversation `g` of a
+//! see [`SCENES`]); each scene has a fixed number of variants (its content pool in
+//! `config/teacher/offline_phrases.toml` times the user openers), so a shape has `N`
+//! distinct conversations. Conversation `g` of a
 //! category (batch index × batch size + position) gets a shape round-robin and, as the
 //! `j`-th of that shape, variant `(j·P + offset) mod N`, with `P` a prime coprime to `N`
 //! and `offset` derived from the seed, category and shape: a bijection, so a category
@@ -16,6 +17,7 @@
 //! Output is JSONL text with the short generation prompt as system message, exactly like a
 //! model's output, so it takes the same parse, inject, check and store path.
 
+use super::offline_phrases::{phrases, Phrases};
 use super::{Backend, BackendOutput, BatchRequest, BoxFuture, Usage};
 use crate::config::TeacherConfig;
 use crate::error::{BackendError, TeacherError};
@@ -49,368 +51,31 @@ pub const SCENES: [&str; 11] = [
 ];
 
 const THINK: &str = "<think>\n</think>\n";
-const OPENERS: [&str; 5] = ["", "Hey Mira, ", "Mira, ", "Okay Mira, ", "Hi, "];
 const PRIMES: [u128; 4] = [1_000_003, 998_244_353, 1_000_000_007, 2_147_483_647];
 
-const TOPICS: [(&str, &str); 16] = [
-    ("how tides work", "Tides come from the Moon's gravity pulling the oceans into a bulge that the Earth rotates through."),
-    ("why the sky is blue", "Air scatters short blue wavelengths of sunlight far more than red ones, so blue light reaches you from every direction."),
-    ("what a transistor does", "A transistor is a tiny electrical switch that lets a small current control a much larger one."),
-    ("how a PID controller works", "A PID controller corrects an error using its size now, its build-up over time and how fast it is changing."),
-    ("what inflation means", "Inflation is the general rise in prices, so each rupee buys a little less over time."),
-    ("how vaccines work", "A vaccine shows your immune system a harmless copy of a germ so it can fight the real one quickly later."),
-    ("why onions make you cry", "Cutting an onion releases a gas that turns into a mild acid when it reaches the water in your eyes."),
-    ("what a black hole is", "A black hole is a region where gravity is so strong that not even light can escape it."),
-    ("how bread rises", "Yeast eats the sugars in dough and releases carbon dioxide, which the gluten traps as bubbles."),
-    ("what a servo motor is", "A servo is a motor with a position sensor and a controller, so it turns to an exact angle and holds it."),
-    ("the history of the printing press", "Gutenberg's press of around 1440 made books cheap enough to spread ideas across Europe within decades."),
-    ("how solar panels work", "Solar cells use silicon that releases electrons when sunlight hits it, and those moving electrons are the current."),
-    ("why monsoons happen", "In summer the land heats faster than the sea, and the moist ocean air that rushes in to replace rising warm air brings the rain."),
-    ("what a lidar sensor does", "A lidar fires laser pulses and times their echoes to measure the distance to everything around it."),
-    ("how noise cancelling works", "Noise cancelling headphones play a sound wave that is the exact opposite of the noise, so the two cancel out."),
-    ("why cats purr", "Cats purr by vibrating the muscles of their voice box, mostly when they are relaxed and sometimes to soothe themselves."),
-];
-const LEADS: [&str; 4] = [
-    "Tell me {}.",
-    "Explain {} to me.",
-    "Quick one, {}?",
-    "I was wondering about {}.",
-];
-const LONG_QUESTIONS: [(&str, &str); 10] = [
-    ("Can you explain quantum computing in detail?", "Quantum computers use qubits that can hold many states at once, which lets some problems be solved much faster. They are still small and error-prone today."),
-    ("Tell me everything about the French Revolution.", "The French Revolution of 1789 overthrew the monarchy and spread ideas of liberty and equality. It ended with Napoleon's rise to power in 1799."),
-    ("Explain how the internet works.", "Computers split data into small packets that routers pass along until they reach the right address. Shared rules called protocols let every network understand the others."),
-    ("Give me a full history of Pune.", "Pune grew from a small town into the Maratha capital under the Peshwas in the 1700s. Today it is known for its universities, IT parks and car factories."),
-    ("What are all the benefits of exercise?", "Regular exercise strengthens your heart, muscles and bones and lifts your mood. Even thirty minutes of walking a day makes a real difference."),
-    ("Walk me through how a car engine works, step by step.", "Fuel and air burn inside the cylinders and push the pistons down, which turns the crankshaft. The crankshaft's turning is what drives the wheels."),
-    ("Explain machine learning like I'm writing a thesis on it.", "Machine learning fits a model's parameters to examples so that it predicts well on data it has not seen. The craft is in the data, the model's shape and how you measure the error."),
-    ("Tell me the whole story of the Mahabharata.", "The Mahabharata tells of the war between the Pandava and Kaurava cousins over the throne of Hastinapura. Its heart is the Bhagavad Gita, Krishna's counsel to Arjuna on duty."),
-    ("Describe everything about how the stock market works.", "Companies sell shares to raise money, and buyers and sellers then trade those shares on an exchange at prices set by supply and demand. Prices move with expectations of future profits."),
-    ("Give me a complete guide to growing tomatoes.", "Plant tomatoes in full sun in rich, well drained soil and water them deeply but not every day. Stake them early and pinch off the side shoots for bigger fruit."),
-];
-const SWITCHES: [(&str, &str); 10] = [
-    (
-        "Forget that, what's a good name for a cat?",
-        "Mochi, Pepper and Toffee are all lovely cat names.",
-    ),
-    (
-        "Different question, how long do I boil an egg?",
-        "Boil it for about nine minutes for a firm yolk, then cool it in cold water.",
-    ),
-    (
-        "Never mind, how many grams in a cup of rice?",
-        "A cup of uncooked rice is roughly 185 grams.",
-    ),
-    (
-        "Actually, what's the capital of Australia?",
-        "The capital of Australia is Canberra.",
-    ),
-    (
-        "Okay, tell me a fun fact instead.",
-        "Octopuses have three hearts and blue blood.",
-    ),
-    (
-        "Switching topics, how far is the Moon?",
-        "The Moon is about 384,000 kilometres away on average.",
-    ),
-    (
-        "New topic, what's a synonym for happy?",
-        "Joyful and cheerful both work well.",
-    ),
-    (
-        "Anyway, how do you say thank you in Marathi?",
-        "Thank you in Marathi is dhanyavaad, or more warmly, khup khup dhanyavaad.",
-    ),
-    (
-        "Leave that, how many legs does a spider have?",
-        "A spider has eight legs.",
-    ),
-    (
-        "Different thing, what temperature does water boil at?",
-        "Water boils at 100 degrees Celsius at sea level.",
-    ),
-];
-const SEARCHES: [(&str, &str, &str, &str); 8] = [
-    (
-        "What's the NVIDIA stock price?",
-        "NVIDIA stock price",
-        "NVIDIA (NVDA) is trading at $142.50, up 2.3% today.",
-        "NVIDIA is at 142.50 dollars, up 2.3 percent today.",
-    ),
-    (
-        "Who won the cricket match last night?",
-        "cricket match result last night",
-        "India beat Australia by 6 wickets at Wankhede.",
-        "India beat Australia by six wickets at Wankhede last night.",
-    ),
-    (
-        "What's the price of gold today?",
-        "gold price today India",
-        "24 carat gold: Rs 7,215 per gram.",
-        "Twenty four carat gold is 7,215 rupees a gram today.",
-    ),
-    (
-        "Any news about the Pune metro?",
-        "Pune metro news",
-        "The Swargate line extension opens for trial runs next week.",
-        "The Swargate metro extension starts trial runs next week.",
-    ),
-    (
-        "How much is a kilo of tomatoes in Pune?",
-        "tomato price Pune per kg",
-        "Tomatoes retail at Rs 38 per kg in Pune markets.",
-        "Tomatoes are about 38 rupees a kilo in Pune right now.",
-    ),
-    (
-        "When is the next SpaceX launch?",
-        "next SpaceX launch date",
-        "Falcon 9, Starlink Group 12-4: Thursday 04:30 UTC from Cape Canaveral.",
-        "The next Falcon 9 launch is Thursday morning, carrying Starlink satellites.",
-    ),
-    (
-        "What's the rupee to dollar rate?",
-        "USD INR exchange rate today",
-        "1 USD = 83.42 INR (mid-market).",
-        "One dollar is about 83.42 rupees today.",
-    ),
-    (
-        "Is the Mumbai Pune expressway busy right now?",
-        "Mumbai Pune expressway traffic now",
-        "Moderate traffic near Khalapur toll; ghat section clear; travel time 2h 40m.",
-        "It's moderately busy near Khalapur, and the drive takes about two hours forty minutes.",
-    ),
-];
-const MEMORY_QUERIES: [(&str, &str); 10] = [
-    (
-        "Do you remember what I said about my sister's wedding?",
-        "sister wedding",
-    ),
-    (
-        "What was the name of that book I liked last month?",
-        "book liked",
-    ),
-    (
-        "Did I tell you where I parked yesterday?",
-        "parking yesterday",
-    ),
-    (
-        "What did Arjun want for his birthday?",
-        "Arjun birthday gift",
-    ),
-    (
-        "Remind me which motor driver I chose for the arm.",
-        "motor driver arm",
-    ),
-    (
-        "What was that restaurant Arjun recommended?",
-        "restaurant Arjun recommended",
-    ),
-    (
-        "Did I mention my manager's new project?",
-        "manager new project",
-    ),
-    (
-        "What was Biscuit's vaccination date?",
-        "Biscuit vaccination date",
-    ),
-    ("What's the wifi password I told you?", "wifi password"),
-    ("Which camera did I say I wanted?", "camera wanted"),
-];
-const MEMORY_EMPTY_REPLIES: [&str; 2] = [
-    "I don't have anything saved about that, so I honestly don't remember.",
-    "I checked and found nothing saved about that, so I don't remember.",
-];
-const MEMORY_FOUND: [(&str, &str, &str, &str); 6] = [
-    (
-        "What's Biscuit's vet called again?",
-        "Biscuit vet",
-        "[\"Biscuit's vet is Dr. Kulkarni\"]",
-        "Biscuit's vet is Dr. Kulkarni.",
-    ),
-    (
-        "When is my dentist appointment?",
-        "dentist appointment",
-        "[\"Dentist appointment on the 14th\"]",
-        "Your dentist appointment is on the 14th.",
-    ),
-    (
-        "Which standup time did I prefer?",
-        "standup time preference",
-        "[\"Prefers the 8 am standup\"]",
-        "You prefer the 8 am standup.",
-    ),
-    (
-        "What size shoes does Arjun wear?",
-        "Arjun shoe size",
-        "[\"Arjun wears size 9 shoes\"]",
-        "Arjun wears size nine.",
-    ),
-    (
-        "Where did I keep the spare keys?",
-        "spare keys",
-        "[\"Spare keys are in the blue drawer in the study\"]",
-        "The spare keys are in the blue drawer in the study.",
-    ),
-    (
-        "What torque did I set on the gripper?",
-        "gripper torque",
-        "[\"Gripper torque set to 1.2 Nm\"]",
-        "You set the gripper torque to 1.2 newton metres.",
-    ),
-];
-const SAVES: [(&str, &str, &str); 8] = [
-    (
-        "Remember that my dentist appointment is on the 14th.",
-        "Dentist appointment on the 14th",
-        "Saved, your dentist appointment is on the 14th.",
-    ),
-    (
-        "Please remember Biscuit's vet is Dr. Kulkarni.",
-        "Biscuit's vet is Dr. Kulkarni",
-        "Got it, Biscuit's vet is Dr. Kulkarni.",
-    ),
-    (
-        "Note that I prefer the 8 am standup.",
-        "Prefers the 8 am standup",
-        "Noted, you prefer the 8 am standup.",
-    ),
-    (
-        "Remember Arjun wears size 9 shoes.",
-        "Arjun wears size 9 shoes",
-        "Saved, Arjun wears size nine.",
-    ),
-    (
-        "Save this, the spare keys are in the blue drawer.",
-        "Spare keys are in the blue drawer",
-        "Saved, the spare keys are in the blue drawer.",
-    ),
-    (
-        "Remember I'm allergic to cashews.",
-        "Priya is allergic to cashews",
-        "Noted, you're allergic to cashews.",
-    ),
-    (
-        "Keep in mind my flight to Delhi is on Friday.",
-        "Flight to Delhi on Friday",
-        "Saved, your Delhi flight is on Friday.",
-    ),
-    (
-        "Remember that the gripper torque is 1.2 Nm.",
-        "Gripper torque set to 1.2 Nm",
-        "Got it, the gripper torque is 1.2 newton metres.",
-    ),
-];
-const FEELINGS: [(&str, &str); 12] = [
-    ("I'm so stressed about the demo tomorrow.", "That sounds heavy, and you have prepared for this more than you think. A good night's sleep will help more than another hour of tweaking."),
-    ("I got the promotion!!", "Congratulations Priya, that is wonderful news. You earned it."),
-    ("I feel lonely tonight.", "I'm sorry it feels that way tonight. Calling Arjun or a friend for a few minutes might help."),
-    ("My robot arm finally picked the box!", "That is a big milestone, well done. All those late nights paid off."),
-    ("Ugh, I burnt the dal again.", "That happens to everyone. A pinch of sugar and a fresh tadka can rescue most of the taste."),
-    ("I'M SO HAPPY RIGHT NOW!!!", "That is lovely to hear, Priya. Enjoy every bit of it."),
-    ("I think I messed up the presentation.", "One rough presentation does not undo your good work. Note what to change and let the rest go tonight."),
-    ("Biscuit is sick and I'm worried.", "I'm sorry, worrying about Biscuit is hard. If he is not eating or drinking, the vet should see him today."),
-    ("We won the robotics challenge!", "Congratulations to you and the team, that is a huge win. You all worked hard for it."),
-    ("I'm exhausted, it's been a long week.", "It really has been a long week for you. Rest tonight, the work will still be there tomorrow."),
-    ("Arjun surprised me with flowers today.", "That is so sweet of Arjun. It sounds like a lovely day."),
-    ("I can't sleep, my mind is racing.", "That is a tiring feeling. Slow breathing for a few minutes and putting the phone away often helps the mind settle."),
-];
-const USER_CONTEXT: [(&str, &str); 8] = [
-    (
-        "Where do I live again?",
-        "You live in Pune with Arjun and Biscuit.",
-    ),
-    (
-        "What do I do for work?",
-        "You build warehouse picking arms as a robotics engineer.",
-    ),
-    ("What's my cat called?", "Your cat is called Biscuit."),
-    (
-        "Who am I talking to?",
-        "You're talking to Mira, your voice companion running on your own workstation.",
-    ),
-    ("What's my partner's name?", "Your partner is Arjun."),
-    (
-        "Which languages do I speak?",
-        "You speak English, Marathi and some Hindi.",
-    ),
-    ("What's my name?", "Your name is Priya Raman."),
-    (
-        "Where do you run?",
-        "I run entirely on your own GPU workstation at home in Pune.",
-    ),
-];
-const GREETINGS: [(&str, &str); 8] = [
-    (
-        "Namaskar Mira!",
-        "Namaskar Priya, it's good to hear from you.",
-    ),
-    (
-        "Shubh sakal!",
-        "Shubh sakal Priya, I hope the day starts well.",
-    ),
-    ("Namaste, kasa aahes?", "Mi majet aahe, thank you Priya."),
-    (
-        "Happy Gudi Padwa!",
-        "Gudi Padwachya hardik shubhechha, Priya.",
-    ),
-    (
-        "Ganpati Bappa Morya!",
-        "Mangal Murti Morya, Priya, enjoy the celebrations.",
-    ),
-    (
-        "Happy Diwali Mira!",
-        "Happy Diwali Priya, may the year be bright for you and Arjun.",
-    ),
-    ("Shubh ratri Mira.", "Shubh ratri Priya, sleep well."),
-    ("Kaise ho Mira?", "Main theek hoon Priya, dhanyavaad."),
-];
-const CITIES: [&str; 8] = [
-    "Pune",
-    "Mumbai",
-    "Nashik",
-    "Bengaluru",
-    "Goa",
-    "Lonavala",
-    "Nagpur",
-    "Kolhapur",
-];
-const TIMER_MINUTES: [u32; 10] = [3, 5, 7, 10, 12, 15, 20, 25, 30, 45];
-const REMINDERS: [&str; 3] = ["call Amma", "water the plants", "take the charger"];
-const GENRES: [&str; 6] = [
-    "lo-fi",
-    "Hindustani classical",
-    "jazz",
-    "Marathi folk",
-    "Bollywood",
-    "ambient",
-];
-const ROOMS: [&str; 5] = ["kitchen", "bedroom", "living room", "study", "balcony"];
-const LIGHT_STATES: [(&str, &str, &str); 3] = [
-    ("off", "Turn the {} lights off.", "The {} lights are off."),
-    ("on", "Switch on the {} lights.", "The {} lights are on."),
-    ("dim", "Dim the {} lights.", "The {} lights are dimmed."),
-];
-
-/// Variants of the task scene: timers, reminders, music, lights, weather.
-const TASK_VARIANTS: u64 = (TIMER_MINUTES.len()
-    + 11 * REMINDERS.len()
-    + GENRES.len()
-    + ROOMS.len() * LIGHT_STATES.len()
-    + CITIES.len()) as u64;
+/// Variants of the task scene: timers, reminders (each at 1 to 11 pm), music, lights, weather.
+fn task_variants(p: &Phrases) -> usize {
+    p.timer_minutes.len()
+        + 11 * p.reminders.len()
+        + p.genres.len()
+        + p.rooms.len() * p.light_states.len()
+        + p.cities.len()
+}
 
 fn base_variants(scene: &str) -> u64 {
+    let p = phrases();
     (match scene {
-        "fact" => TOPICS.len() * LEADS.len(),
-        "long_question" => LONG_QUESTIONS.len(),
-        "task" => TASK_VARIANTS as usize,
-        "search" => SEARCHES.len(),
-        "memory_empty" => MEMORY_QUERIES.len() * MEMORY_EMPTY_REPLIES.len(),
-        "memory_found" => MEMORY_FOUND.len(),
-        "memory_save" => SAVES.len(),
-        "feeling" => FEELINGS.len(),
-        "user_context" => USER_CONTEXT.len(),
-        "greeting" => GREETINGS.len(),
-        "switch" => SWITCHES.len(),
+        "fact" => p.topics.len() * p.leads.len(),
+        "long_question" => p.long_questions.len(),
+        "task" => task_variants(p),
+        "search" => p.searches.len(),
+        "memory_empty" => p.memory_queries.len() * p.memory_empty_replies.len(),
+        "memory_found" => p.memory_found.len(),
+        "memory_save" => p.saves.len(),
+        "feeling" => p.feelings.len(),
+        "user_context" => p.user_context.len(),
+        "greeting" => p.greetings.len(),
+        "switch" => p.switches.len(),
         _ => 0,
     }) as u64
 }
@@ -419,7 +84,7 @@ fn openers(scene: &str) -> u64 {
     if scene == "greeting" {
         1
     } else {
-        OPENERS.len() as u64
+        phrases().openers.len() as u64
     }
 }
 
@@ -434,7 +99,7 @@ struct Writer {
 
 impl Writer {
     fn user(&mut self, opener: u64, text: &str) {
-        let opener = OPENERS[opener as usize];
+        let opener = phrases().openers[opener as usize].as_str();
         let text = if opener.is_empty() {
             text.to_string()
         } else {
@@ -464,9 +129,10 @@ impl Writer {
     }
 
     fn task(&mut self, opener: u64, v: u64) {
+        let p = phrases();
         let mut v = v as usize;
-        if v < TIMER_MINUTES.len() {
-            let n = TIMER_MINUTES[v];
+        if v < p.timer_minutes.len() {
+            let n = p.timer_minutes[v];
             self.user(opener, &format!("Set a timer for {n} minutes."));
             self.tool(
                 "set_timer",
@@ -476,9 +142,9 @@ impl Writer {
             self.reply(&format!("Your {n} minute timer is running."));
             return;
         }
-        v -= TIMER_MINUTES.len();
-        if v < 11 * REMINDERS.len() {
-            let (h, what) = (v % 11 + 1, REMINDERS[v / 11]);
+        v -= p.timer_minutes.len();
+        if v < 11 * p.reminders.len() {
+            let (h, what) = (v % 11 + 1, &p.reminders[v / 11]);
             self.user(opener, &format!("Remind me to {what} at {h} pm."));
             let mut text = what.to_string();
             text[..1].make_ascii_uppercase();
@@ -490,9 +156,9 @@ impl Writer {
             self.reply(&format!("I'll remind you to {what} at {h} pm."));
             return;
         }
-        v -= 11 * REMINDERS.len();
-        if v < GENRES.len() {
-            let g = GENRES[v];
+        v -= 11 * p.reminders.len();
+        if v < p.genres.len() {
+            let g = &p.genres[v];
             self.user(opener, &format!("Play some {g} music."));
             self.tool(
                 "play_music",
@@ -502,10 +168,10 @@ impl Writer {
             self.reply(&format!("Playing a {g} mix now."));
             return;
         }
-        v -= GENRES.len();
-        if v < ROOMS.len() * LIGHT_STATES.len() {
-            let room = ROOMS[v % ROOMS.len()];
-            let (state, ask, said) = LIGHT_STATES[v / ROOMS.len()];
+        v -= p.genres.len();
+        if v < p.rooms.len() * p.light_states.len() {
+            let room = &p.rooms[v % p.rooms.len()];
+            let (state, ask, said) = &p.light_states[v / p.rooms.len()];
             self.user(opener, &ask.replace("{}", room));
             self.tool(
                 "control_lights",
@@ -515,8 +181,8 @@ impl Writer {
             self.reply(&said.replace("{}", room));
             return;
         }
-        v -= ROOMS.len() * LIGHT_STATES.len();
-        let c = CITIES[v];
+        v -= p.rooms.len() * p.light_states.len();
+        let c = &p.cities[v];
         self.user(opener, &format!("What's the weather in {c}?"));
         self.tool(
             "get_weather",
@@ -528,59 +194,60 @@ impl Writer {
 
     fn scene(&mut self, scene: &str, v: u64) {
         let (opener, b) = (v % openers(scene), (v / openers(scene)) as usize);
+        let p = phrases();
         match scene {
             "fact" => {
-                let (topic, answer) = TOPICS[b % TOPICS.len()];
-                self.user(opener, &LEADS[b / TOPICS.len()].replace("{}", topic));
+                let (topic, answer) = &p.topics[b % p.topics.len()];
+                self.user(opener, &p.leads[b / p.topics.len()].replace("{}", topic));
                 self.reply(answer);
             }
             "long_question" => {
-                let (q, a) = LONG_QUESTIONS[b];
+                let (q, a) = &p.long_questions[b];
                 self.user(opener, q);
                 self.reply(a);
             }
             "task" => self.task(opener, b as u64),
             "search" => {
-                let (q, query, result, spoken) = SEARCHES[b];
+                let (q, query, result, spoken) = &p.searches[b];
                 self.user(opener, q);
                 self.tool("web_search", json!({"query": query}), result);
                 self.reply(spoken);
             }
             "memory_empty" => {
-                let (q, query) = MEMORY_QUERIES[b % MEMORY_QUERIES.len()];
+                let (q, query) = &p.memory_queries[b % p.memory_queries.len()];
                 self.user(opener, q);
                 self.tool("search_memory", json!({"query": query}), "[]");
-                self.reply(MEMORY_EMPTY_REPLIES[b / MEMORY_QUERIES.len()]);
+                self.reply(&p.memory_empty_replies[b / p.memory_queries.len()]);
             }
             "memory_found" => {
-                let (q, query, result, spoken) = MEMORY_FOUND[b];
+                let (q, query, result, spoken) = &p.memory_found[b];
                 self.user(opener, q);
                 self.tool("search_memory", json!({"query": query}), result);
                 self.reply(spoken);
             }
             "memory_save" => {
-                let (s, note, spoken) = SAVES[b];
+                let (s, note, spoken) = &p.saves[b];
                 self.user(opener, s);
                 self.tool("save_memory", json!({"text": note}), "saved");
                 self.reply(spoken);
             }
             "feeling" => {
-                let (q, a) = FEELINGS[b];
+                let (q, a) = &p.feelings[b];
                 self.user(opener, q);
                 self.reply(a);
             }
             "user_context" => {
-                let (q, a) = USER_CONTEXT[b];
+                let (q, a) = &p.user_context[b];
                 self.user(opener, q);
                 self.reply(a);
             }
             "greeting" => {
-                let (g, a) = GREETINGS[b];
+                let (g, a) = &p.greetings[b];
                 self.user(opener, g);
                 self.reply(a);
             }
             "switch" => {
-                let (q, a) = SWITCHES[b];
+                let (q, a) = &p.switches[b];
                 self.user(opener, q);
                 self.reply(a);
             }
