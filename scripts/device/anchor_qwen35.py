@@ -56,7 +56,10 @@ if __name__ == "__main__":
           torch.__version__, torch.cuda.get_device_name(), flush=True)
     cfg = copy.deepcopy(mtq.NVFP4_DEFAULT_CFG)
     for pattern in ("*conv1d*", "*in_proj_a*", "*in_proj_b*"):
-        cfg["quant_cfg"][pattern] = {"enable": False}
+        if isinstance(cfg["quant_cfg"], list):  # ModelOpt 0.47: ordered entries, later ones win
+            cfg["quant_cfg"].append({"quantizer_name": pattern, "enable": False})
+        else:
+            cfg["quant_cfg"][pattern] = {"enable": False}
     mtq.NVFP4_DEFAULT_CFG = cfg  # qat_throughput reads it at call time
     for name in args or ["qwen3.5-2b"]:
         for quant in (False, True):
