@@ -77,18 +77,12 @@ pub fn grid_magnitude_code(a: f32) -> u8 {
 #[inline(always)]
 pub fn code(x: f32) -> u32 {
     let a = x.abs();
-    let [b0, b1, b2, b3, b4, b5, b6] = E2M1_BOUNDS;
-    let ties_up = (tie_rounds_up(1) & (a == b1))
-        | (tie_rounds_up(3) & (a == b3))
-        | (tie_rounds_up(5) & (a == b5));
-    let mag = u32::from(a > b0)
-        + u32::from(a > b1)
-        + u32::from(a > b2)
-        + u32::from(a > b3)
-        + u32::from(a > b4)
-        + u32::from(a > b5)
-        + u32::from(a > b6)
-        + u32::from(ties_up);
+    // Bound `i` is passed above it, and on it where its tie rounds up.
+    let passed = |i: usize| {
+        let b = E2M1_BOUNDS[i];
+        u32::from((a > b) | (tie_rounds_up(i) & (a == b)))
+    };
+    let mag = passed(0) + passed(1) + passed(2) + passed(3) + passed(4) + passed(5) + passed(6);
     let mag = if a.is_nan() {
         u32::from(MAX_MAGNITUDE_CODE)
     } else {

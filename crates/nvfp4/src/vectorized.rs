@@ -150,8 +150,9 @@ fn quantize_blocks<S: Source>(
 }
 
 /// Quantizes the raw little-endian elements `src` (of `dtype`; whole blocks) with the global
-/// scale `scale_2` (from [`codec::weight_scale_2`]) into `packed` (`n / 2` bytes) and `scales` (`n / 16` FP8 bytes), exactly
-/// as [`codec::quantize`] does. Returns the error sums, or the first NaN or infinite element.
+/// scale `scale_2` (from [`codec::weight_scale_2`]) into `packed` (`n / 2` bytes) and
+/// `scales` (`n / 16` FP8 bytes), exactly as [`codec::quantize`] does. Returns the error
+/// sums, or the first NaN or infinite element.
 ///
 /// # Panics
 /// If `dtype` is not BF16, F16 or F32, or the buffers do not fit `src`.
