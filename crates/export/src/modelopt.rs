@@ -3,6 +3,7 @@
 //! NVFP4-quantized is `qatflow_nvfp4::linears`). `quant_algo` is always plain `NVFP4` (vLLM refuses
 //! `MIXED_PRECISION` in the seeds' builds, and `NVFP4_AWQ` everywhere).
 
+use qatflow_nvfp4::BLOCK_SIZE;
 use serde_json::{json, Map, Value};
 
 /// ModelOpt's version whose format this exporter reproduces.
@@ -25,7 +26,7 @@ pub fn hf_quant_config(exclude: &[String]) -> Value {
         "quantization": {
             "quant_algo": "NVFP4",
             "kv_cache_quant_algo": null,
-            "group_size": 16,
+            "group_size": BLOCK_SIZE,
             "exclude_modules": exclude,
         }
     })
@@ -33,7 +34,7 @@ pub fn hf_quant_config(exclude: &[String]) -> Value {
 
 /// The `quantization_config` block ModelOpt appends to `config.json`.
 pub fn quantization_config(exclude: &[String]) -> Value {
-    let fp4 = json!({"dynamic": false, "num_bits": 4, "type": "float", "group_size": 16});
+    let fp4 = json!({"dynamic": false, "num_bits": 4, "type": "float", "group_size": BLOCK_SIZE});
     json!({
         "config_groups": {
             "group_0": {
