@@ -6,12 +6,13 @@
 //! BF16-rounded operands), for the cuBLASLt path and for burn's matmul; then the median
 //! time of a linear layer's forward + backward on each path. Exit status 1 when an error
 //! exceeds 1e-2 (BF16 operands land between 1e-3 and 1e-2), an output is not finite, or
-//! cuBLASLt did not run. `--device N` picks the GPU.
+//! cuBLASLt did not run. `--device cuda:N` picks the GPU.
 
 use std::time::Instant;
 
 use burn::backend::{Autodiff, Cuda};
 use burn::tensor::{DType, Distribution, Tensor};
+use qatflow_core::Device;
 use qatflow_kernels::gemm;
 
 type B = Autodiff<Cuda>;
@@ -87,12 +88,18 @@ fn set_path(cublas: bool) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let index = args
+    let index = match args
         .iter()
         .position(|a| a == "--device")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0usize);
+        .map(|i| args.get(i + 1).map(|v| v.parse::<Device>()))
+    {
+        None => 0,
+        Some(Some(Ok(Device::Cuda(index)))) => index,
+        Some(other) => {
+            eprintln!("--device: expected `cuda` or `cuda:N`, got {other:?}");
+            std::process::exit(2)
+        }
+    };
     let device = burn::backend::cuda::CudaDevice::new(index);
     let mut failures = Vec::new();
     let available = gemm::available(index);

@@ -1,14 +1,15 @@
 //! GPU check and benchmark of the NVFP4 kernels (see `kernels/GPU.md` for how to run it).
 //!
-//! 1. Bit-exactness on CUDA: the CubeCL kernels and burn's fake quantization on the `cuda`
-//!    backend against the reference codec and the ModelOpt 0.47 fixtures (`nvfp4_vectors`,
-//!    every quantized linear of the tiny Qwen3 and Qwen3.5 exports), plus the STE gradient.
-//! 2. Benchmarks (median of several runs): weight quantization throughput of an 8192×8192 BF16
-//!    tensor against the device's copy bandwidth, and fwd+bwd time of a 4096×4096 linear layer
-//!    with and without W4A4 fake quantization.
+//! 1. Bit-exactness on CUDA: the CubeCL fake-quant kernel and burn's fake quantization on the
+//!    `cuda` backend against the reference codec and the ModelOpt 0.47 fixtures
+//!    (`nvfp4_vectors`, every quantized linear of the tiny Qwen3 and Qwen3.5 exports), plus
+//!    the STE gradient.
+//! 2. Benchmarks (median of several runs): fake-quant throughput of an 8192×8192 BF16 weight
+//!    against the device's copy bandwidth, and fwd+bwd time of a 4096×4096 linear layer with
+//!    and without W4A4 fake quantization.
 //!
 //! Prints one JSON object on stdout and exits non-zero if any check fails.
-//! Usage: `gpu_check [FIXTURE_DIR] [--device N] [--skip-bench]`.
+//! Usage: `gpu_check [FIXTURE_DIR] [--device cuda:N] [--skip-bench]`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,10 +21,12 @@ use burn::tensor::{DType, Tensor, TensorData};
 use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cubecl::prelude::*;
 use half::bf16;
-use qatflow_kernels::{launch_copy, launch_fake_quantize, launch_quantize, QuantDevice, Quantizer};
-use qatflow_nvfp4::codec;
-use qatflow_nvfp4::fake_quant::{self, LinearAmax};
-use qatflow_nvfp4::groups::shared_input_group;
+use qatflow_core::Device;
+use qatflow_kernels::{launch_copy, launch_fake_quantize, Quantizer};
+use qatflow_nvfp4::fake_quant;
+use qatflow_nvfp4::keys::{key, WEIGHT, WEIGHT_SCALE, WEIGHT_SCALE_2};
+use qatflow_nvfp4::linears::shared_input_group;
+use qatflow_nvfp4::{codec, LinearAmax, Nvfp4Tensor};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value};
 
@@ -40,10 +43,12 @@ fn main() {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--device" => {
-                device = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| usage("--device needs an index"));
+                device = match args.next().map(|v| v.parse::<Device>()) {
+                    Some(Ok(Device::Cuda(index))) => index,
+                    Some(Ok(Device::Cpu)) => usage("--device must be a CUDA device"),
+                    Some(Err(e)) => usage(&format!("--device {e}")),
+                    None => usage("--device needs cuda or cuda:N"),
+                };
             }
             "--skip-bench" => bench = false,
             "-h" | "--help" => usage(""),
@@ -51,9 +56,9 @@ fn main() {
         }
     }
     let mut failures = Failures::new();
-    let gpu = Quantizer::new(QuantDevice::Cuda(device));
+    let gpu = Quantizer::new(Device::Cuda(device));
     let mut report = serde_json::Map::new();
-    report.insert("device".into(), json!(format!("CUDA device {device}")));
+    report.insert("device".into(), json!(Device::Cuda(device).to_string()));
     report.insert(
         "checks".into(),
         checks(&gpu, &fixtures, device, &mut failures),
@@ -73,7 +78,7 @@ fn main() {
 }
 
 fn usage(problem: &str) -> ! {
-    eprintln!("{problem}\nusage: gpu_check [FIXTURE_DIR] [--device N] [--skip-bench]");
+    eprintln!("{problem}\nusage: gpu_check [FIXTURE_DIR] [--device cuda:N] [--skip-bench]");
     std::process::exit(2)
 }
 
@@ -130,31 +135,6 @@ fn checks(gpu: &Quantizer, dir: &Path, device: usize, failures: &mut Failures) -
             _ => bf16s(raw).iter().map(|v| v.to_f32()).collect(),
         };
         let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let q = match dtype {
-            Dtype::F32 => gpu.quantize(&set, &x, shape, amax),
-            _ => gpu.quantize(&set, &bf16s(raw), shape, amax),
-        };
-        let q = match q {
-            Ok(q) => q,
-            Err(e) => {
-                failures.push(format!("{set}: {e}"));
-                continue;
-            }
-        };
-        check(failures, q.packed == t[&format!("{set}.packed")].2, || {
-            format!("{set}: packed codes differ on GPU")
-        });
-        check(
-            failures,
-            q.weight_scale == t[&format!("{set}.weight_scale")].2,
-            || format!("{set}: weight_scale differs on GPU"),
-        );
-        let ws2 = f32s(&t[&format!("{set}.weight_scale_2")].2)[0];
-        check(
-            failures,
-            q.weight_scale_2.to_bits() == ws2.to_bits(),
-            || format!("{set}: weight_scale_2 differs"),
-        );
         let want = bits(&f32s(&t[&format!("{set}.dequant")].2));
         match gpu.fake_quantize(&set, &x, shape, amax) {
             Ok(fq) => check(failures, bits(&fq) == want, || {
@@ -186,37 +166,34 @@ fn checks(gpu: &Quantizer, dir: &Path, device: usize, failures: &mut Failures) -
         let src = load(&dir.join(source));
         let exp = load(&dir.join(export));
         let mut modules = 0;
-        for module in exp.keys().filter_map(|k| k.strip_suffix(".weight_scale_2")) {
+        for module in exp.keys().filter_map(|k| k.strip_suffix(WEIGHT_SCALE_2)) {
             let amax = shared_input_group(module)
                 .iter()
                 .map(|m| {
-                    bf16s(&src[&format!("{m}.weight")].2)
+                    bf16s(&src[&key(m, WEIGHT)].2)
                         .iter()
                         .fold(0.0f32, |a, v| a.max(v.to_f32().abs()))
                 })
                 .fold(0.0f32, f32::max);
-            let (_, shape, raw) = &src[&format!("{module}.weight")];
-            let w = bf16s(raw);
-            match gpu.quantize(module, &w, shape, amax) {
-                Ok(q) => {
-                    check(
-                        failures,
-                        q.packed == exp[&format!("{module}.weight")].2,
-                        || format!("{module}: packed weight differs on GPU"),
-                    );
-                    check(
-                        failures,
-                        q.weight_scale == exp[&format!("{module}.weight_scale")].2,
-                        || format!("{module}: weight_scale differs on GPU"),
-                    );
-                    let ws2 = f32s(&exp[&format!("{module}.weight_scale_2")].2)[0];
-                    check(
-                        failures,
-                        q.weight_scale_2.to_bits() == ws2.to_bits(),
-                        || format!("{module}: weight_scale_2 differs"),
-                    );
+            let (_, shape, raw) = &src[&key(module, WEIGHT)];
+            // Exact in f32, so the kernel's f32 output is compared bit for bit.
+            let w: Vec<f32> = bf16s(raw).iter().map(|v| v.to_f32()).collect();
+            let want = Nvfp4Tensor::from_parts(
+                module,
+                shape.clone(),
+                exp[&key(module, WEIGHT)].2.clone(),
+                exp[&key(module, WEIGHT_SCALE)].2.clone(),
+                f32s(&exp[&key(module, WEIGHT_SCALE_2)].2)[0],
+            )
+            .map(|t| t.dequantize());
+            match (gpu.fake_quantize(module, &w, shape, amax), want) {
+                (Ok(fq), Ok(want)) => {
+                    check(failures, bits(&fq) == bits(&want), || {
+                        format!("{module}: fake-quant kernel differs from ModelOpt's export")
+                    });
                 }
-                Err(e) => failures.push(format!("{module}: {e}")),
+                (Err(e), _) => failures.push(format!("{module}: {e}")),
+                (_, Err(e)) => failures.push(format!("{module}: fixture: {e}")),
             }
             modules += 1;
         }
@@ -227,14 +204,9 @@ fn checks(gpu: &Quantizer, dir: &Path, device: usize, failures: &mut Failures) -
     let (rows, cols) = (512usize, 4096usize);
     let w = sample(rows * cols, 99);
     let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
-    let cpu = Quantizer::new(QuantDevice::Cpu);
+    let cpu = Quantizer::new(Device::Cpu);
     for grow in [1.0f32, 0.25, 3.0] {
         let amax = codec::amax("w", &wb).expect("finite") * grow;
-        let same = gpu.quantize("random", &wb, &[rows, cols], amax).ok()
-            == cpu.quantize("random", &wb, &[rows, cols], amax).ok();
-        check(failures, same, || {
-            format!("random bf16 {rows}x{cols}, amax x{grow}: GPU quantize differs from CPU")
-        });
         let g = gpu.fake_quantize("random", &wb, &[rows, cols], amax).ok();
         let c = cpu.fake_quantize("random", &wb, &[rows, cols], amax).ok();
         check(failures, g.is_some() && g == c, || {
@@ -265,35 +237,22 @@ fn checks(gpu: &Quantizer, dir: &Path, device: usize, failures: &mut Failures) -
     for (dtype, ulp_shift) in [("bf16", 16u32), ("f32", 0)] {
         let w = ties(rows * cols, ulp_shift);
         let amax = codec::amax("ties", &w).expect("finite");
-        let (q_gpu, q_cpu, fq_gpu, fq_cpu) = if dtype == "bf16" {
+        let (fq_gpu, fq_cpu) = if dtype == "bf16" {
             let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
             let fq = |q: &Quantizer| {
                 q.fake_quantize("ties", &wb, &[rows, cols], amax)
                     .ok()
                     .map(|v| v.iter().map(|x| x.to_bits() as u32).collect::<Vec<_>>())
             };
-            (
-                gpu.quantize("ties", &wb, &[rows, cols], amax).ok(),
-                cpu.quantize("ties", &wb, &[rows, cols], amax).ok(),
-                fq(gpu),
-                fq(&cpu),
-            )
+            (fq(gpu), fq(&cpu))
         } else {
             let fq = |q: &Quantizer| {
                 q.fake_quantize("ties", &w, &[rows, cols], amax)
                     .ok()
                     .map(|v| bits(&v))
             };
-            (
-                gpu.quantize("ties", &w, &[rows, cols], amax).ok(),
-                cpu.quantize("ties", &w, &[rows, cols], amax).ok(),
-                fq(gpu),
-                fq(&cpu),
-            )
+            (fq(gpu), fq(&cpu))
         };
-        check(failures, q_gpu.is_some() && q_gpu == q_cpu, || {
-            format!("ties {dtype} {rows}x{cols}: GPU quantize differs from CPU")
-        });
         check(failures, fq_gpu.is_some() && fq_gpu == fq_cpu, || {
             format!("ties {dtype} {rows}x{cols}: GPU fake quant differs from CPU")
         });
@@ -459,40 +418,23 @@ fn benchmarks(device: usize) -> Value {
     let tie_scale_2 = codec::weight_scale_2("ties", codec::amax("ties", &tie_w).expect("finite"))
         .expect("positive");
     let tie_input = client.create_from_slice(bf16::as_bytes(&tie_w));
-    let packed = client.empty(n / 2);
-    let scales = client.empty(n / 16);
     let out = client.empty(n * 2);
-    // 0: copy of the same bytes (the bandwidth reference), 1: export kernel, 2: fake quant;
-    // 3 and 4: the kernels on the tie-heavy tensor (the exact division's worst case).
+    // 0: copy of the same bytes (the bandwidth reference), 1: fake quant, 2: fake quant of the
+    // tie-heavy tensor (the exact division's worst case).
     let launch = |k: usize| match k {
         0 => launch_copy(&client, input.clone(), out.clone(), n * 2),
-        1 => launch_quantize::<bf16>(
-            &client,
-            input.clone(),
-            packed.clone(),
-            scales.clone(),
-            n,
-            scale_2,
-        ),
-        2 => launch_fake_quantize::<bf16>(&client, input.clone(), out.clone(), n, scale_2),
-        3 => launch_quantize::<bf16>(
-            &client,
-            tie_input.clone(),
-            packed.clone(),
-            scales.clone(),
-            n,
-            tie_scale_2,
-        ),
+        1 => launch_fake_quantize::<bf16>(&client, input.clone(), out.clone(), n, scale_2),
         _ => launch_fake_quantize::<bf16>(&client, tie_input.clone(), out.clone(), n, tie_scale_2),
     };
     // Interleaved rounds; each times 10 single launches (launch + sync each) and one batch of
     // 20 back-to-back launches with one sync (per-launch overhead amortized).
     let (rounds, singles, batch) = (7, 10, 20);
-    let mut single_s = vec![Vec::new(); 5];
-    let mut batched_s = vec![Vec::new(); 5];
+    let kernels = 3;
+    let mut single_s = vec![Vec::new(); kernels];
+    let mut batched_s = vec![Vec::new(); kernels];
     for round in 0..rounds {
-        for i in 0..5 {
-            let k = (i + round) % 5;
+        for i in 0..kernels {
+            let k = (i + round) % kernels;
             for _ in 0..3 {
                 launch(k);
             }
@@ -512,10 +454,9 @@ fn benchmarks(device: usize) -> Value {
         }
     }
     let gbs = |s: &[f64]| bytes_in / median(s.to_vec()) / 1e9;
-    let (copy_gbs, quant_gbs, fq_gbs) =
+    let (copy_gbs, fq_gbs, tie_fq_gbs) =
         (gbs(&batched_s[0]), gbs(&batched_s[1]), gbs(&batched_s[2]));
-    let (copy_1, quant_1, fq_1) = (gbs(&single_s[0]), gbs(&single_s[1]), gbs(&single_s[2]));
-    let (tie_quant_gbs, tie_fq_gbs) = (gbs(&batched_s[3]), gbs(&batched_s[4]));
+    let (copy_1, fq_1) = (gbs(&single_s[0]), gbs(&single_s[1]));
 
     // fwd+bwd of a 4096x4096 linear layer on 4096 tokens, BF16, with and without fake quant.
     let (tokens, dim) = (4096usize, 4096usize);
@@ -570,20 +511,16 @@ fn benchmarks(device: usize) -> Value {
             "dtype": "bf16",
             "timing": "median over 7 interleaved rounds of a batch of 20 back-to-back launches, one sync",
             "copy_gb_per_s": copy_gbs,
-            "quantize_export_gb_per_s": quant_gbs,
-            "quantize_export_fraction_of_copy": quant_gbs / copy_gbs,
             "fake_quant_gb_per_s": fq_gbs,
             "fake_quant_fraction_of_copy": fq_gbs / copy_gbs,
             "goal_fraction": 0.6,
             "tie_heavy_input": {
                 "data": "every block's quotients on or one bf16 ulp next to E2M1 ties (worst case of the exact-division fallback)",
-                "quantize_export_fraction_of_copy": tie_quant_gbs / copy_gbs,
                 "fake_quant_fraction_of_copy": tie_fq_gbs / copy_gbs,
             },
             "single_launch": {
                 "timing": "median of 70 single launches, each with its own sync",
                 "copy_gb_per_s": copy_1,
-                "quantize_export_fraction_of_copy": quant_1 / copy_1,
                 "fake_quant_fraction_of_copy": fq_1 / copy_1,
             },
         },

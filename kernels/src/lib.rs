@@ -1,16 +1,18 @@
-//! GPU kernels of qatflow, with the reference codec as the CPU path.
+//! GPU kernels of qatflow, with the reference codec as the CPU path. The NVFP4 scheme
+//! (constants, rounding rule) is `qatflow_nvfp4`'s; this crate is its CubeCL backend.
 //!
 //! - [`attention`]: training attention on CUDA that recomputes its scores in backward
 //!   instead of storing them.
 //! - [`cache`]: CubeCL's compiled-kernel cache, on by default in a user cache directory.
-//! - [`kernel`]: CubeCL kernels for NVFP4 weight fake quantization and export quantization.
+//! - [`kernel`]: the CubeCL kernel of NVFP4 fake quantization.
 //! - [`cublaslt`]: the cuBLASLt entry points, loaded at run time.
 //! - [`fake_quant`]: fake quantization of burn tensors, the kernel on CUDA and tensor
 //!   operations elsewhere (what the model's linear layers call).
 //! - [`gemm`]: the linear layers' GEMMs (`x · wᵀ` and its backward) through cuBLASLt on
 //!   CUDA, burn's matmul elsewhere.
-//! - [`Quantizer`]: picks the path by device — the CubeCL kernels on a CUDA device, the
-//!   reference codec (`qatflow_nvfp4::codec`) on the CPU — with bit-identical results.
+//! - [`Quantizer`]: fake quantization of host slices on a [`Device`] — the CubeCL kernel on
+//!   a CUDA device, the reference codec (`qatflow_nvfp4::codec`) on the CPU — with
+//!   bit-identical results.
 //! - [`loss`]: the LM head and cross-entropy as one chunked operation on CUDA.
 //! - [`recompute`]: layer-level activation checkpointing (a decoder block keeps only its
 //!   input; backward recomputes the block).
@@ -28,8 +30,8 @@ use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use half::bf16;
+use qatflow_core::Device;
 use qatflow_nvfp4::codec::{self, Element, BLOCK_SIZE};
-use qatflow_nvfp4::Nvfp4Tensor;
 
 /// Errors of the kernel front end.
 #[derive(Debug, thiserror::Error)]
@@ -54,15 +56,6 @@ pub enum Error {
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Where quantization runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QuantDevice {
-    /// The reference codec on the CPU.
-    Cpu,
-    /// The CubeCL kernels on CUDA device `index`.
-    Cuda(usize),
-}
-
 /// An element type both paths accept: `f32` or `bf16`.
 pub trait KernelElement: Element + CubeElement + Float {
     /// Rounds an f32 to this type (nearest even).
@@ -81,7 +74,7 @@ impl KernelElement for bf16 {
     }
 }
 
-/// NVFP4 weight quantization on one device.
+/// NVFP4 fake quantization of host slices on one device.
 #[derive(Clone)]
 pub enum Quantizer {
     /// The reference codec.
@@ -106,10 +99,10 @@ const CUBE_SIZE: u32 = 256;
 
 impl Quantizer {
     /// A quantizer for `device` (opens the CUDA context on first use of the device).
-    pub fn new(device: QuantDevice) -> Self {
+    pub fn new(device: Device) -> Self {
         match device {
-            QuantDevice::Cpu => Self::Cpu,
-            QuantDevice::Cuda(index) => Self::Cuda {
+            Device::Cpu => Self::Cpu,
+            Device::Cuda(index) => Self::Cuda {
                 index,
                 client: CudaRuntime::client(&CudaDevice { index }),
             },
@@ -117,10 +110,10 @@ impl Quantizer {
     }
 
     /// The device this quantizer runs on.
-    pub fn device(&self) -> QuantDevice {
+    pub fn device(&self) -> Device {
         match self {
-            Self::Cpu => QuantDevice::Cpu,
-            Self::Cuda { index, .. } => QuantDevice::Cuda(*index),
+            Self::Cpu => Device::Cpu,
+            Self::Cuda { index, .. } => Device::Cuda(*index),
         }
     }
 
@@ -150,37 +143,6 @@ impl Quantizer {
             }
         }
     }
-
-    /// Quantizes a weight for export: packed codes, FP8 block scales and `weight_scale_2`,
-    /// byte-identical to [`qatflow_nvfp4::codec::quantize`].
-    pub fn quantize<T: KernelElement>(
-        &self,
-        name: &str,
-        data: &[T],
-        shape: &[usize],
-        amax: f32,
-    ) -> Result<Nvfp4Tensor> {
-        match self {
-            Self::Cpu => Ok(codec::quantize(name, data, shape, amax)?),
-            Self::Cuda { index, client } => {
-                let (n, scale_2) = prepare(name, data.len(), shape, amax)?;
-                let input = client.create_from_slice(T::as_bytes(data));
-                let packed = client.empty(n / 2);
-                let scales = client.empty(n / BLOCK_SIZE);
-                launch_quantize::<T>(client, input, packed.clone(), scales.clone(), n, scale_2);
-                let err = |e| device_error("quantize_kernel", *index, name, e);
-                let packed = client.read_one(packed).map_err(err)?.to_vec();
-                let scales = client.read_one(scales).map_err(err)?.to_vec();
-                Ok(Nvfp4Tensor::from_parts(
-                    name,
-                    shape.to_vec(),
-                    packed,
-                    scales,
-                    scale_2,
-                )?)
-            }
-        }
-    }
 }
 
 /// Launches [`kernel::fake_quantize_kernel`] on device buffers: `input` and `output` hold `n`
@@ -202,33 +164,6 @@ pub fn launch_fake_quantize<T: KernelElement>(
             CubeDim::new_1d(CUBE_SIZE),
             ArrayArg::from_raw_parts(input, n / 8),
             ArrayArg::from_raw_parts(output, n / 8),
-            scale_2,
-            blocks as u32,
-        );
-    }
-}
-
-/// Launches [`kernel::quantize_kernel`] on device buffers: `input` holds `n` elements of `T`,
-/// `packed` `n / 2` bytes and `scales` `n / 16` bytes.
-pub fn launch_quantize<T: KernelElement>(
-    client: &ComputeClient<CudaRuntime>,
-    input: Handle,
-    packed: Handle,
-    scales: Handle,
-    n: usize,
-    scale_2: f32,
-) {
-    let blocks = n / BLOCK_SIZE;
-    // SAFETY: the buffers hold n elements, n / 8 words and n / 16 bytes; block b < n / 16
-    // touches input vectors 2b, 2b + 1, packed words 2b, 2b + 1 and scale byte b.
-    unsafe {
-        kernel::quantize_kernel::launch_unchecked::<T, CudaRuntime>(
-            client,
-            cube_count(blocks),
-            CubeDim::new_1d(CUBE_SIZE),
-            ArrayArg::from_raw_parts(input, n / 8),
-            ArrayArg::from_raw_parts(packed, n / 8),
-            ArrayArg::from_raw_parts(scales, blocks),
             scale_2,
             blocks as u32,
         );
@@ -292,19 +227,14 @@ mod tests {
             .map(|i| bf16::from_f32((i as f32 - 31.5) / 9.0))
             .collect();
         let amax = codec::amax("w", &data).expect("finite");
-        let q = Quantizer::new(QuantDevice::Cpu);
-        assert_eq!(q.device(), QuantDevice::Cpu);
-        let got = q.quantize("w", &data, &[2, 32], amax).expect("quantizable");
-        assert_eq!(
-            got,
-            codec::quantize("w", &data, &[2, 32], amax).expect("quantizable")
-        );
+        let q = Quantizer::new(Device::Cpu);
+        assert_eq!(q.device(), Device::Cpu);
         let fq = q
             .fake_quantize("w", &data, &[2, 32], amax)
             .expect("quantizable");
         let want = codec::fake_quantize("w", &data, &[2, 32], amax).expect("quantizable");
         assert_eq!(fq, want.into_iter().map(bf16::from_f32).collect::<Vec<_>>());
-        let err = q.quantize("w", &data, &[4, 16], 0.0).unwrap_err();
+        let err = q.fake_quantize("w", &data, &[4, 16], 0.0).unwrap_err();
         assert!(matches!(
             err,
             Error::Nvfp4(qatflow_nvfp4::Error::InvalidAmax { .. })

@@ -4,7 +4,8 @@
 //! A checkpoint is a directory `RUN_DIR/checkpoints/step-{step:08}/` holding
 //! `model.safetensors` (every parameter under its Hugging Face name), `quantizers.safetensors`
 //! (per quantized linear `M`: F32 scalars `M.weight_quantizer._amax` and
-//! `M.input_quantizer._amax`, group rule applied), the base model's `config.json`,
+//! `M.input_quantizer._amax`, group rule applied; the names are `qatflow_nvfp4::keys`),
+//! the base model's `config.json`,
 //! `generation_config.json` and tokenizer files (so the directory loads as a Hugging Face
 //! model), trainer-private files, and `manifest.json` (written last) with the size and sha256
 //! of every other file.
@@ -41,12 +42,8 @@ pub const VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 /// The parameters' file.
 pub const MODEL_FILE: &str = "model.safetensors";
-/// The quantizer state's file.
+/// The quantizer state's file (tensor names: `qatflow_nvfp4::keys::{WEIGHT_AMAX, INPUT_AMAX}`).
 pub const QUANTIZERS_FILE: &str = "quantizers.safetensors";
-/// Suffix of a linear's weight quantizer amax in [`QUANTIZERS_FILE`] (after the module name).
-pub const WEIGHT_AMAX_SUFFIX: &str = ".weight_quantizer._amax";
-/// Suffix of a linear's input quantizer amax in [`QUANTIZERS_FILE`] (after the module name).
-pub const INPUT_AMAX_SUFFIX: &str = ".input_quantizer._amax";
 /// Tokenizer and chat template files copied from a base model, when present.
 pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",

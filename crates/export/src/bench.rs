@@ -7,14 +7,14 @@ use std::path::Path;
 
 use qatflow_checkpoint::st::TensorSpec;
 use qatflow_checkpoint::{
-    CheckpointInfo, CheckpointWriter, TensorEntry, INPUT_AMAX_SUFFIX, MODEL_FILE, QUANTIZERS_FILE,
-    WEIGHT_AMAX_SUFFIX,
+    CheckpointInfo, CheckpointWriter, TensorEntry, MODEL_FILE, QUANTIZERS_FILE,
 };
+use qatflow_nvfp4::keys::{key, INPUT_AMAX, WEIGHT_AMAX};
+use qatflow_nvfp4::linears::quantized_module;
 use safetensors::Dtype;
 use serde_json::{json, Value};
 
 use crate::error::ExportError;
-use crate::modelopt::quantized_module;
 
 /// `config.json` of Qwen3-1.7B (hidden 2048, intermediate 6144, 28 layers, 16 heads, 8 KV
 /// heads, head_dim 128, vocabulary 151936, tied embeddings).
@@ -177,14 +177,8 @@ pub fn write_random_checkpoint(
     let input_amax = qatflow_model::apply_group_rule(&input_amax);
     let mut q = Vec::new();
     for (m, a) in &weight_amax {
-        q.push(TensorEntry::scalar_f32(
-            format!("{m}{WEIGHT_AMAX_SUFFIX}"),
-            *a,
-        ));
-        q.push(TensorEntry::scalar_f32(
-            format!("{m}{INPUT_AMAX_SUFFIX}"),
-            input_amax[m],
-        ));
+        q.push(TensorEntry::scalar_f32(key(m, WEIGHT_AMAX), *a));
+        q.push(TensorEntry::scalar_f32(key(m, INPUT_AMAX), input_amax[m]));
     }
     w.write_safetensors(QUANTIZERS_FILE, &q)?;
     let bytes = serde_json::to_vec_pretty(config).expect("a config serializes");

@@ -6,16 +6,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use qatflow_checkpoint::{
-    list, verify, verify_checksums, verify_structure, CheckpointInfo, INPUT_AMAX_SUFFIX,
-    MODEL_FILE, QUANTIZERS_FILE, WEIGHT_AMAX_SUFFIX,
+    list, verify, verify_checksums, verify_structure, CheckpointInfo, MODEL_FILE, QUANTIZERS_FILE,
 };
 use qatflow_core::Progress;
+use qatflow_nvfp4::keys::{key, INPUT_AMAX, WEIGHT_AMAX};
+use qatflow_nvfp4::LinearAmax;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::ExportError;
 use crate::report::{ExportReport, SourceDescription};
 use crate::source::SourceTensors;
-use crate::writer::{quantized_modules, write_export_then, ExportOptions, LinearAmax};
+use crate::writer::{quantized_modules, write_export_then, ExportOptions};
 use tokio_util::sync::CancellationToken;
 
 /// Reads `quantizers.safetensors`: every F32 scalar, by name.
@@ -64,7 +65,7 @@ pub fn linear_amaxes(
     file: &Path,
 ) -> Result<BTreeMap<String, LinearAmax>, ExportError> {
     let get = |module: &str, suffix: &str| {
-        let tensor = format!("{module}{suffix}");
+        let tensor = key(module, suffix);
         quantizers
             .get(&tensor)
             .copied()
@@ -76,13 +77,13 @@ pub fn linear_amaxes(
     let mut weight = BTreeMap::new();
     let mut input = BTreeMap::new();
     for m in modules {
-        weight.insert(m.clone(), get(m, WEIGHT_AMAX_SUFFIX)?);
-        input.insert(m.clone(), get(m, INPUT_AMAX_SUFFIX)?);
+        weight.insert(m.clone(), get(m, WEIGHT_AMAX)?);
+        input.insert(m.clone(), get(m, INPUT_AMAX)?);
     }
     for name in quantizers.keys() {
         let module = name
-            .strip_suffix(WEIGHT_AMAX_SUFFIX)
-            .or_else(|| name.strip_suffix(INPUT_AMAX_SUFFIX));
+            .strip_suffix(WEIGHT_AMAX)
+            .or_else(|| name.strip_suffix(INPUT_AMAX));
         if !module.is_some_and(|m| weight.contains_key(m)) {
             return Err(ExportError::UnknownAmax {
                 file: file.to_path_buf(),

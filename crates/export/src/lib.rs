@@ -7,19 +7,20 @@
 //! - [`writer`]: the streaming pipeline (a tensor at a time, split into pieces that several
 //!   threads quantize at once), the temporary sibling directory, read-back verification
 //!   and the final rename;
-//! - [`modelopt`]: which tensors are quantized and the config blocks ModelOpt writes;
+//! - [`modelopt`]: the config blocks ModelOpt writes;
 //! - [`source`]: memory-mapped reading of source weights;
 //! - [`report`]: the `export_report.json` it writes;
 //! - [`shape`]: source tensor shapes checked against `config.json` before writing;
 //! - [`bench`]: random-init checkpoints for benchmarking.
 //!
-//! The codec itself is `qatflow-nvfp4`'s; nothing here re-implements NVFP4.
+//! The NVFP4 scheme is `qatflow-nvfp4`'s (the codec and its vectorized variant, which linears
+//! are quantized, the group rule, the tensor names); nothing here re-implements NVFP4.
 
 pub mod bench;
 pub mod checkpoint;
 pub mod error;
-mod fast;
 pub mod modelopt;
+mod pieces;
 pub mod ptq;
 pub mod report;
 pub mod shape;
@@ -31,4 +32,4 @@ pub use error::ExportError;
 pub use ptq::{quantize_hf, quantize_hf_on, read_conversations, read_token_ids};
 pub use report::ExportReport;
 pub use tokio_util::sync::CancellationToken;
-pub use writer::{ExportOptions, LinearAmax, VlWrapper, PAUSE_ENV};
+pub use writer::{ExportOptions, VlWrapper, PAUSE_ENV};

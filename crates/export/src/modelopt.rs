@@ -1,8 +1,9 @@
-//! What ModelOpt 0.47's `export_hf_checkpoint` writes besides the tensors: which tensors are
-//! NVFP4-quantized, the `quantization_config` block of `config.json`, and
-//! `hf_quant_config.json`. `quant_algo` is always plain `NVFP4` (vLLM refuses
+//! What ModelOpt 0.47's `export_hf_checkpoint` writes besides the tensors: the
+//! `quantization_config` block of `config.json` and `hf_quant_config.json` (which tensors are
+//! NVFP4-quantized is `qatflow_nvfp4::linears`). `quant_algo` is always plain `NVFP4` (vLLM refuses
 //! `MIXED_PRECISION` in the seeds' builds, and `NVFP4_AWQ` everywhere).
 
+use qatflow_nvfp4::BLOCK_SIZE;
 use serde_json::{json, Map, Value};
 
 /// ModelOpt's version whose format this exporter reproduces.
@@ -12,66 +13,6 @@ pub const MODELOPT_VERSION: &str = "0.47.0";
 /// local label, so tools that parse it still read 0.47.0.
 pub fn producer_version() -> String {
     format!("{MODELOPT_VERSION}+qatflow.{}", env!("CARGO_PKG_VERSION"))
-}
-
-/// Modules ModelOpt always leaves unquantized (BF16) and lists first in `exclude_modules`.
-pub const EXCLUDE_MODULES: &[&str] = &["lm_head", "model.embed_tokens"];
-
-/// Last name component of the linears NVFP4 quantizes: attention and MLP projections, and
-/// Qwen3.5's Gated DeltaNet projections `in_proj_qkv`, `in_proj_z` and `out_proj`.
-pub const QUANTIZED_LINEARS: &[&str] = &[
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "in_proj_qkv",
-    "in_proj_z",
-    "out_proj",
-];
-
-/// Last name component of the decoder-layer modules ModelOpt leaves in BF16 and names in
-/// `exclude_modules`: Qwen3.5's depthwise `conv1d` and the tiny `in_proj_a` / `in_proj_b`
-/// (`[linear_num_value_heads, hidden]`) of its linear-attention layers.
-pub const EXCLUDED_LAYER_MODULES: &[&str] = &["conv1d", "in_proj_a", "in_proj_b"];
-
-/// Name prefixes of decoder layers: text-only checkpoints (`model.layers.`) and the
-/// language model of a VL checkpoint (`model.language_model.layers.`).
-pub const LAYER_PREFIXES: &[&str] = &["model.layers.", "model.language_model.layers."];
-
-fn in_layer(module: &str) -> bool {
-    LAYER_PREFIXES.iter().any(|p| module.starts_with(p))
-}
-
-/// The module name if `tensor` is the weight of a quantized linear
-/// (`model.layers.N.….{q,k,v,o,gate,up,down}_proj.weight` or Qwen3.5's
-/// `linear_attn.{in_proj_qkv,in_proj_z,out_proj}.weight`, of rank 2).
-pub fn quantized_module<'a>(tensor: &'a str, shape: &[usize]) -> Option<&'a str> {
-    let module = tensor.strip_suffix(".weight")?;
-    let leaf = module.rsplit('.').next()?;
-    (shape.len() == 2 && in_layer(module) && QUANTIZED_LINEARS.contains(&leaf)).then_some(module)
-}
-
-/// `exclude_modules` of a model with these tensor names: [`EXCLUDE_MODULES`], then every
-/// module of [`EXCLUDED_LAYER_MODULES`] the model has, in name order (as ModelOpt lists them).
-pub fn exclude_modules<'a>(tensor_names: impl IntoIterator<Item = &'a str>) -> Vec<String> {
-    let mut layers: Vec<String> = tensor_names
-        .into_iter()
-        .filter_map(|t| t.strip_suffix(".weight"))
-        .filter(|m| {
-            in_layer(m) && EXCLUDED_LAYER_MODULES.contains(&m.rsplit('.').next().unwrap_or(""))
-        })
-        .map(str::to_owned)
-        .collect();
-    layers.sort();
-    layers.dedup();
-    EXCLUDE_MODULES
-        .iter()
-        .map(|m| (*m).to_owned())
-        .chain(layers)
-        .collect()
 }
 
 fn producer() -> Value {
@@ -85,7 +26,7 @@ pub fn hf_quant_config(exclude: &[String]) -> Value {
         "quantization": {
             "quant_algo": "NVFP4",
             "kv_cache_quant_algo": null,
-            "group_size": 16,
+            "group_size": BLOCK_SIZE,
             "exclude_modules": exclude,
         }
     })
@@ -93,7 +34,7 @@ pub fn hf_quant_config(exclude: &[String]) -> Value {
 
 /// The `quantization_config` block ModelOpt appends to `config.json`.
 pub fn quantization_config(exclude: &[String]) -> Value {
-    let fp4 = json!({"dynamic": false, "num_bits": 4, "type": "float", "group_size": 16});
+    let fp4 = json!({"dynamic": false, "num_bits": 4, "type": "float", "group_size": BLOCK_SIZE});
     json!({
         "config_groups": {
             "group_0": {
@@ -175,66 +116,6 @@ pub fn preprocessor_config() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quantized_modules_are_the_projections() {
-        fn q(n: &str) -> Option<&str> {
-            quantized_module(n, &[32, 16])
-        }
-        assert_eq!(
-            q("model.layers.3.self_attn.k_proj.weight"),
-            Some("model.layers.3.self_attn.k_proj")
-        );
-        assert_eq!(
-            q("model.layers.0.mlp.down_proj.weight"),
-            Some("model.layers.0.mlp.down_proj")
-        );
-        assert_eq!(q("lm_head.weight"), None);
-        assert_eq!(q("model.embed_tokens.weight"), None);
-        assert_eq!(q("model.layers.0.self_attn.q_norm.weight"), None);
-        assert_eq!(q("model.layers.0.self_attn.q_proj.bias"), None);
-        assert_eq!(
-            quantized_module("model.layers.0.mlp.up_proj.weight", &[16]),
-            None
-        );
-        assert_eq!(
-            q("model.layers.0.linear_attn.in_proj_qkv.weight"),
-            Some("model.layers.0.linear_attn.in_proj_qkv")
-        );
-        assert_eq!(
-            q("model.language_model.layers.2.linear_attn.out_proj.weight"),
-            Some("model.language_model.layers.2.linear_attn.out_proj")
-        );
-        assert_eq!(q("model.layers.0.linear_attn.in_proj_a.weight"), None);
-        assert_eq!(q("model.layers.0.linear_attn.conv1d.weight"), None);
-        assert_eq!(q("mtp.layers.0.mlp.up_proj.weight"), None);
-    }
-
-    #[test]
-    fn qwen3_5_exclusions_follow_the_tensors() {
-        let names = [
-            "model.layers.1.linear_attn.in_proj_b.weight",
-            "model.layers.0.linear_attn.conv1d.weight",
-            "model.layers.0.linear_attn.in_proj_a.weight",
-            "model.layers.0.linear_attn.A_log",
-            "model.layers.0.linear_attn.in_proj_qkv.weight",
-            "model.layers.3.self_attn.q_proj.weight",
-        ];
-        assert_eq!(
-            exclude_modules(names),
-            [
-                "lm_head",
-                "model.embed_tokens",
-                "model.layers.0.linear_attn.conv1d",
-                "model.layers.0.linear_attn.in_proj_a",
-                "model.layers.1.linear_attn.in_proj_b",
-            ]
-        );
-        assert_eq!(
-            exclude_modules(["model.layers.0.mlp.up_proj.weight"]),
-            EXCLUDE_MODULES
-        );
-    }
 
     #[test]
     fn vl_wrapper_nests_the_text_config() {

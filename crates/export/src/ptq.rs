@@ -15,13 +15,14 @@ use qatflow_model::{
     apply_group_rule, calibrate_inputs, weight_amax, CausalLm, LoadOptions, ModelConfig,
     ModelFamily, Precision, Tokenizer,
 };
+use qatflow_nvfp4::LinearAmax;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ExportError;
 use crate::report::{ExportReport, SourceDescription};
 use crate::source::{weight_files, SourceTensors};
-use crate::writer::{quantized_modules, write_export, ExportOptions, LinearAmax};
+use crate::writer::{quantized_modules, write_export, ExportOptions};
 
 /// Calibrated amaxes of a model directory: loads it in f32 on `device`, runs
 /// [`calibrate_inputs`] over `calib`, takes `max|W|` per linear, applies the group rule.

@@ -9,16 +9,19 @@ use std::time::{Duration, Instant};
 use qatflow_checkpoint::st::{Layout, StreamWriter, TensorSpec};
 use qatflow_checkpoint::{fsync_dir, remove_stale_temp_dirs, write_synced, TOKENIZER_FILES};
 use qatflow_core::Progress;
-use qatflow_nvfp4::codec;
+use qatflow_nvfp4::keys::{key, INPUT_SCALE, WEIGHT_AMAX, WEIGHT_SCALE, WEIGHT_SCALE_2};
+use qatflow_nvfp4::linears::{exclude_modules, quantized_module};
+use qatflow_nvfp4::vectorized::quantize_bytes;
+use qatflow_nvfp4::{codec, LinearAmax};
 use safetensors::{Dtype, SafeTensors};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ExportError;
-use crate::fast::{quantize_bytes, run_pieces};
 use crate::modelopt;
+use crate::pieces::run_pieces;
 use crate::report::{ExportReport, OutputFile, SourceDescription, TensorReport, Totals};
 use crate::source::{SourceInfo, SourceTensors};
 
@@ -38,15 +41,6 @@ const PIECE_ELEMENTS: usize = 1 << 18;
 
 /// Bytes per piece when a BF16 tensor is copied unchanged.
 const COPY_BYTES: usize = 8 << 20;
-
-/// Calibrated global amaxes of one quantized linear (group rule applied).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct LinearAmax {
-    /// Weight quantizer amax → `weight_scale_2`.
-    pub weight: f32,
-    /// Input quantizer amax → `input_scale`.
-    pub input: f32,
-}
 
 /// How to export.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,12 +105,12 @@ impl VlWrapper {
 }
 
 /// The quantized linears of a model: module names of every tensor that
-/// [`modelopt::quantized_module`] selects.
+/// [`quantized_module`] selects.
 pub fn quantized_modules(tensors: &SourceTensors) -> Vec<String> {
     tensors
         .tensors()
         .iter()
-        .filter_map(|(name, info)| modelopt::quantized_module(name, &info.shape))
+        .filter_map(|(name, info)| quantized_module(name, &info.shape))
         .map(str::to_owned)
         .collect()
 }
@@ -427,10 +421,10 @@ fn plan<'a>(
                 ),
             });
         }
-        if let Some(module) = modelopt::quantized_module(name, &info.shape) {
+        if let Some(module) = quantized_module(name, &info.shape) {
             let a = *amax.get(module).ok_or_else(|| ExportError::MissingAmax {
                 file: amax_origin.to_path_buf(),
-                tensor: format!("{module}{}", qatflow_checkpoint::WEIGHT_AMAX_SUFFIX),
+                tensor: key(module, WEIGHT_AMAX),
             })?;
             if !is_readable_float(info.dtype) {
                 return Err(ExportError::BadInput {
@@ -445,12 +439,12 @@ fn plan<'a>(
             codec::check_shape(name, &info.shape, info.numel())?;
             specs.push(spec(name.clone(), Dtype::U8, vec![rows, cols / 2]));
             specs.push(spec(
-                format!("{module}.weight_scale"),
+                key(module, WEIGHT_SCALE),
                 Dtype::F8_E4M3,
                 vec![rows, cols / codec::BLOCK_SIZE],
             ));
-            specs.push(spec(format!("{module}.weight_scale_2"), Dtype::F32, vec![]));
-            specs.push(spec(format!("{module}.input_scale"), Dtype::F32, vec![]));
+            specs.push(spec(key(module, WEIGHT_SCALE_2), Dtype::F32, vec![]));
+            specs.push(spec(key(module, INPUT_SCALE), Dtype::F32, vec![]));
             jobs.push((name, info, Job::Quantize { module, amax: a }));
         } else if is_float(info.dtype) {
             specs.push(spec(name.clone(), Dtype::BF16, info.shape.clone()));
@@ -470,7 +464,7 @@ fn plan<'a>(
     if let Some(extra) = amax.keys().find(|m| !quantized.contains(m.as_str())) {
         return Err(ExportError::UnknownAmax {
             file: amax_origin.to_path_buf(),
-            tensor: format!("{extra}{}", qatflow_checkpoint::WEIGHT_AMAX_SUFFIX),
+            tensor: key(extra, WEIGHT_AMAX),
         });
     }
     Ok((jobs, specs))
@@ -541,7 +535,7 @@ fn write_tensors(
                 let [rows, cols] = [info.shape[0], info.shape[1]];
                 let scale_2 = codec::weight_scale_2(module, amax.weight)?;
                 let input_scale = codec::input_scale(module, amax.input)?;
-                let scale_name = format!("{module}.weight_scale");
+                let scale_name = key(module, WEIGHT_SCALE);
                 let per = (PIECE_ELEMENTS / cols).max(1);
                 let sums = run_pieces(rows.div_ceil(per), threads, cancel, |i| {
                     let (e0, e1) = (i * per * cols, ((i + 1) * per).min(rows) * cols);
@@ -563,8 +557,8 @@ fn write_tensors(
                 let (err, reference) = sums
                     .iter()
                     .fold((0f64, 0f64), |(e, r), s| (e + s.0, r + s.1));
-                sharded.write(&format!("{module}.weight_scale_2"), &scale_2.to_le_bytes())?;
-                sharded.write(&format!("{module}.input_scale"), &input_scale.to_le_bytes())?;
+                sharded.write(&key(module, WEIGHT_SCALE_2), &scale_2.to_le_bytes())?;
+                sharded.write(&key(module, INPUT_SCALE), &input_scale.to_le_bytes())?;
                 sharded.start_writeback(name)?;
                 sharded.start_writeback(&scale_name)?;
                 report.exported_as = "NVFP4".into();
@@ -739,7 +733,7 @@ pub(crate) fn write_export_then(
 
     // Plan: one job per source tensor, and the output tensors.
     let (jobs, specs) = plan(tensors, amax, amax_origin)?;
-    let exclude = modelopt::exclude_modules(tensors.tensors().keys().map(String::as_str));
+    let exclude = exclude_modules(tensors.tensors().keys().map(String::as_str));
 
     let dir = OutDir::prepare(out, src_dir, options.force)?;
     let (mut sharded, layouts) = open_shards(&dir.tmp, specs, options.max_shard_bytes)?;

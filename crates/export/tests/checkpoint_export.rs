@@ -8,14 +8,15 @@ use std::path::Path;
 
 use burn::backend::Flex;
 use common::*;
-use qatflow_checkpoint::{INPUT_AMAX_SUFFIX, WEIGHT_AMAX_SUFFIX};
 use qatflow_core::NoProgress;
 use qatflow_export::checkpoint::read_quantizers;
 use qatflow_export::{
     export_checkpoint, latest_valid_checkpoint, CancellationToken, ExportError, ExportOptions,
     ExportReport,
 };
-use qatflow_model::{eval_nll, CausalLm, FakeQuant, LoadOptions, Precision};
+use qatflow_model::{eval_nll, CausalLm, LoadOptions, Precision};
+use qatflow_nvfp4::keys::{INPUT_AMAX, WEIGHT_AMAX};
+use qatflow_nvfp4::QuantizerAmax;
 
 type B = Flex;
 
@@ -28,9 +29,9 @@ fn nll_of_fake_quantized(ckpt: &Path) -> f64 {
     let mut model = CausalLm::<B>::load(ckpt, LoadOptions::default(), &Default::default()).unwrap();
     let q = read_quantizers(&ckpt.join("quantizers.safetensors")).unwrap();
     for l in model.linears_mut() {
-        let quant = FakeQuant {
-            weight: Some(q[&format!("{}{WEIGHT_AMAX_SUFFIX}", l.name)]),
-            input: Some(q[&format!("{}{INPUT_AMAX_SUFFIX}", l.name)]),
+        let quant = QuantizerAmax {
+            weight: Some(q[&format!("{}{WEIGHT_AMAX}", l.name)]),
+            input: Some(q[&format!("{}{INPUT_AMAX}", l.name)]),
         };
         l.set_fake_quant(quant).unwrap();
     }

@@ -11,12 +11,12 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{assert_configs_match_modelopt, fixture, json, tensors, without_version};
-use qatflow_checkpoint::{
-    CheckpointInfo, CheckpointWriter, TensorEntry, INPUT_AMAX_SUFFIX, WEIGHT_AMAX_SUFFIX,
-};
+use qatflow_checkpoint::{CheckpointInfo, CheckpointWriter, TensorEntry};
 use qatflow_core::NoProgress;
-use qatflow_export::modelopt::{preprocessor_config, quantized_module, vl_wrapper_config};
+use qatflow_export::modelopt::{preprocessor_config, vl_wrapper_config};
 use qatflow_export::{export_checkpoint, quantize_hf, CancellationToken, ExportOptions, VlWrapper};
+use qatflow_nvfp4::keys::{INPUT_AMAX, WEIGHT_AMAX};
+use qatflow_nvfp4::linears::quantized_module;
 use serde_json::Value;
 
 fn meta() -> Value {
@@ -56,12 +56,9 @@ fn qwen35_checkpoint(run: &Path) -> CheckpointInfo {
             .collect();
         let w = qatflow_nvfp4::codec::amax(name, &values).unwrap();
         let input = amax_for_scale(scalar(&want[&format!("{module}.input_scale")].2));
+        q.push(TensorEntry::scalar_f32(format!("{module}{WEIGHT_AMAX}"), w));
         q.push(TensorEntry::scalar_f32(
-            format!("{module}{WEIGHT_AMAX_SUFFIX}"),
-            w,
-        ));
-        q.push(TensorEntry::scalar_f32(
-            format!("{module}{INPUT_AMAX_SUFFIX}"),
+            format!("{module}{INPUT_AMAX}"),
             input,
         ));
     }

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use qatflow_nvfp4::linears::{ArchLinears, DENSE, QWEN3_5};
 use serde_json::Value;
 
 /// Errors of reading a `config.json`.
@@ -56,6 +57,17 @@ pub enum Architecture {
     /// Qwen3.5 (`qwen3_5_text`, or a `qwen3_5` VL config's text model): Gated DeltaNet
     /// linear-attention layers mixed with gated full-attention layers.
     Qwen35,
+}
+
+impl Architecture {
+    /// The linears NVFP4 quantizes in this architecture, and their shared-input groups
+    /// (`qatflow_nvfp4::linears`' table).
+    pub fn nvfp4_linears(self) -> &'static ArchLinears {
+        match self {
+            Architecture::Llama | Architecture::Qwen3 => &DENSE,
+            Architecture::Qwen35 => &QWEN3_5,
+        }
+    }
 }
 
 /// The token mixer of one Qwen3.5 decoder layer (`layer_types`).

@@ -33,7 +33,7 @@ pub use io::fetch::{cached_smollm2, fetch_model, fetch_smollm2, FetchError};
 pub use io::import::{import_gguf, ImportError, ImportSummary};
 pub use io::qwen35_tokenizer::fetch_tokenizer;
 pub use io::weights::{Checkpoint, LoadError, Precision};
-pub use linear::{FakeQuant, QLinear};
+pub use linear::QLinear;
 pub use run::calib::{apply_group_rule, calibrate_inputs, weight_amax, CalibError};
 pub use run::eval::{
     eval_decode, eval_kld, eval_nll, DecodeReport, EvalError, KldReport, NllReport,

@@ -12,6 +12,8 @@ pub use hook::InputAmaxHook;
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
+use qatflow_nvfp4::keys::{INPUT_QUANTIZER, WEIGHT_QUANTIZER};
+use qatflow_nvfp4::QuantizerAmax;
 
 /// Errors of configuring a layer's fake quantizers.
 #[derive(Debug, thiserror::Error)]
@@ -27,24 +29,6 @@ pub enum QuantConfigError {
     },
 }
 
-/// Calibrated global amaxes of a layer's NVFP4 fake quantizers; `None` leaves that side
-/// unquantized (weight-only W4A16 sets only `weight`; an imported NVFP4 export whose
-/// weights are already dequantized sets only `input`).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct FakeQuant {
-    /// Weight quantizer amax (frozen during QAT; the group's largest under the group rule).
-    pub weight: Option<f32>,
-    /// Input-activation quantizer amax.
-    pub input: Option<f32>,
-}
-
-impl FakeQuant {
-    /// True when neither side is quantized.
-    pub fn is_off(&self) -> bool {
-        self.weight.is_none() && self.input.is_none()
-    }
-}
-
 /// A bias-free linear layer `y = x · Wᵀ` with `W` in Hugging Face layout `[out, in]`.
 #[derive(Module, Debug)]
 pub struct QLinear<B: Backend> {
@@ -52,8 +36,10 @@ pub struct QLinear<B: Backend> {
     pub weight: Param<Tensor<B, 2>>,
     /// Hugging Face module name (e.g. `model.layers.0.self_attn.q_proj`), for messages.
     pub name: String,
-    /// The fake quantizers (off by default).
-    pub quant: FakeQuant,
+    /// The fake quantizers' amaxes (both sides off by default; `None` leaves a side
+    /// unquantized: weight-only W4A16 sets only `weight`, an imported NVFP4 export whose
+    /// weights are already dequantized only `input`).
+    pub quant: QuantizerAmax,
 }
 
 impl<B: Backend> QLinear<B> {
@@ -62,7 +48,7 @@ impl<B: Backend> QLinear<B> {
         QLinear {
             weight: Param::from_tensor(weight),
             name: name.into(),
-            quant: FakeQuant::default(),
+            quant: QuantizerAmax::default(),
         }
     }
 
@@ -71,18 +57,21 @@ impl<B: Backend> QLinear<B> {
         self.weight.dims()
     }
 
-    /// Turns the fake quantizers on (or off with `FakeQuant::default()`), checking that the
+    /// Turns the fake quantizers on (or off with [`QuantizerAmax::OFF`]), checking that the
     /// layer's shape and the amaxes are quantizable so that [`QLinear::forward`] cannot fail.
-    pub fn set_fake_quant(&mut self, quant: FakeQuant) -> Result<(), QuantConfigError> {
+    pub fn set_fake_quant(&mut self, quant: QuantizerAmax) -> Result<(), QuantConfigError> {
         let err = |source| QuantConfigError::Nvfp4 {
             layer: self.name.clone(),
             source,
         };
         let [out, inp] = self.dims();
-        for (side, amax) in [("weight", quant.weight), ("input", quant.input)] {
+        for (side, amax) in [
+            (WEIGHT_QUANTIZER, quant.weight),
+            (INPUT_QUANTIZER, quant.input),
+        ] {
             if let Some(amax) = amax {
                 qatflow_nvfp4::codec::check_shape(
-                    &format!("{}.{side}_quantizer", self.name),
+                    &format!("{}{side}", self.name),
                     &[out, inp],
                     out * inp,
                 )
@@ -132,7 +121,7 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
     use burn::tensor::TensorData;
-    use qatflow_nvfp4::fake_quant;
+    use qatflow_nvfp4::{fake_quant, LinearAmax};
 
     type B = Flex;
 
@@ -163,15 +152,11 @@ mod tests {
         let mut l = layer(4, 32);
         let x_data: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
         let x = Tensor::<B, 2>::from_data(TensorData::new(x_data, [2, 32]), &Default::default());
-        let amax = fake_quant::LinearAmax {
+        let amax = LinearAmax {
             weight: 6.0,
             input: 0.9,
         };
-        l.set_fake_quant(FakeQuant {
-            weight: Some(amax.weight),
-            input: Some(amax.input),
-        })
-        .unwrap();
+        l.set_fake_quant(amax.into()).unwrap();
         let want = fake_quant::linear("l", x.clone(), l.weight.val(), None, amax).unwrap();
         let got = l.forward(x).into_data().to_vec::<f32>().unwrap();
         // Same quantized operands; the GEMMs may sum in another order.
@@ -184,7 +169,7 @@ mod tests {
     fn unquantizable_layers_are_refused() {
         let mut l = layer(4, 24);
         let err = l
-            .set_fake_quant(FakeQuant {
+            .set_fake_quant(QuantizerAmax {
                 weight: Some(1.0),
                 input: None,
             })
@@ -192,7 +177,7 @@ mod tests {
         assert!(err.to_string().contains("multiple of 16"), "{err}");
         let mut l = layer(4, 32);
         assert!(l
-            .set_fake_quant(FakeQuant {
+            .set_fake_quant(QuantizerAmax {
                 weight: None,
                 input: Some(0.0),
             })

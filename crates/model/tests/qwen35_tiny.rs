@@ -11,7 +11,8 @@ use burn::backend::Flex;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use qatflow_model::eval::eval_nll;
 use qatflow_model::weights::Checkpoint;
-use qatflow_model::{Architecture, CausalLm, FakeQuant, LoadOptions, ModelConfig, Precision};
+use qatflow_model::{Architecture, CausalLm, LoadOptions, ModelConfig, Precision};
+use qatflow_nvfp4::QuantizerAmax;
 use safetensors::SafeTensors;
 use serde_json::Value;
 
@@ -282,7 +283,7 @@ fn nvfp4_export_equals_fake_quantized_bf16_model() {
             .find(|l| l.name == name)
             .unwrap();
         layer
-            .set_fake_quant(FakeQuant {
+            .set_fake_quant(QuantizerAmax {
                 weight: Some(amax),
                 input: None,
             })
@@ -482,7 +483,7 @@ mod qat {
         let weight = qatflow_model::apply_group_rule(&qatflow_model::weight_amax(&model));
         for layer in model.linears_mut() {
             layer
-                .set_fake_quant(FakeQuant {
+                .set_fake_quant(QuantizerAmax {
                     weight: Some(weight[&layer.name]),
                     input: Some(input[&layer.name]),
                 })

@@ -11,8 +11,9 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use qatflow_model::eval::{eval_kld, eval_nll};
 use qatflow_model::weights::Checkpoint;
 use qatflow_model::{
-    CausalLm, ConfigError, FakeQuant, KvCache, LoadError, LoadOptions, ModelConfig, Precision,
+    CausalLm, ConfigError, KvCache, LoadError, LoadOptions, ModelConfig, Precision,
 };
+use qatflow_nvfp4::QuantizerAmax;
 use safetensors::SafeTensors;
 use serde_json::Value;
 
@@ -212,7 +213,7 @@ fn nvfp4_export_equals_fake_quantized_bf16_model() {
             .find(|l| l.name == name)
             .unwrap();
         layer
-            .set_fake_quant(FakeQuant {
+            .set_fake_quant(QuantizerAmax {
                 weight: Some(amax),
                 input: None,
             })

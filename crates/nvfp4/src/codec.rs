@@ -25,7 +25,10 @@ pub const GLOBAL_SCALE_DIVISOR: f32 = e2m1::E2M1_MAX * fp8::E4M3_MAX;
 /// `fp32(1 / 2688)`, the factor ModelOpt's global scales are computed with.
 pub const RECIP_GLOBAL_SCALE_DIVISOR: f32 = 1.0 / GLOBAL_SCALE_DIVISOR;
 
-/// FP8 byte of the scale ModelOpt gives an all-zero block (1.0).
+/// The scale ModelOpt gives an all-zero block.
+pub const ZERO_BLOCK_SCALE_VALUE: f32 = 1.0;
+
+/// FP8 byte of [`ZERO_BLOCK_SCALE_VALUE`].
 pub const ZERO_BLOCK_SCALE: u8 = 0x38;
 
 /// A float element type the codec reads (converted exactly to `f32`).
@@ -114,7 +117,7 @@ pub fn input_scale(name: &str, amax: f32) -> Result<f32> {
 /// scale `scale_2` (a positive normal float32 from [`global_scale`]).
 #[inline]
 pub fn block_scale(block_amax: f32, scale_2: f32) -> u8 {
-    let s = block_amax / (6.0 * scale_2);
+    let s = block_amax / (e2m1::E2M1_MAX * scale_2);
     if s == 0.0 {
         return ZERO_BLOCK_SCALE;
     }
@@ -441,6 +444,11 @@ mod tests {
         assert_eq!(q.weight_scale[0], ZERO_BLOCK_SCALE);
         assert_eq!(q.weight_scale[1], block_scale(3.0, q.weight_scale_2));
         assert!(q.dequantize()[..16].iter().all(|v| v.to_bits() == 0));
+    }
+
+    #[test]
+    fn zero_block_scale_byte_is_its_value() {
+        assert_eq!(fp8::encode(ZERO_BLOCK_SCALE_VALUE), ZERO_BLOCK_SCALE);
     }
 
     #[test]

@@ -29,21 +29,11 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Tensor};
 
-use crate::codec::{global_scale, BLOCK_SIZE};
+use crate::amax::LinearAmax;
+use crate::codec::{global_scale, BLOCK_SIZE, ZERO_BLOCK_SCALE_VALUE};
+use crate::e2m1::{tie_rounds_up, E2M1_BOUNDS, E2M1_MAX, E2M1_VALUES, SMALLEST_NONZERO_BOUND};
 use crate::error::{Error, Result};
-use crate::fp8::{E4M3_MAX, E4M3_MIN_POSITIVE};
-
-/// Thresholds of ModelOpt's E2M1 rounding as `(bound, inclusive, value)`: magnitudes above
-/// `bound` (or equal, when `inclusive`) round to at least `value`.
-const E2M1_STEPS: [(f32, bool, f32); 7] = [
-    (0.25, false, 0.5),
-    (0.75, true, 1.0),
-    (1.25, false, 1.5),
-    (1.75, true, 2.0),
-    (2.5, false, 3.0),
-    (3.5, true, 4.0),
-    (5.0, false, 6.0),
-];
+use crate::fp8::{E4M3_MANTISSA_BITS, E4M3_MAX, E4M3_MIN_NORMAL, E4M3_MIN_POSITIVE};
 
 /// NVFP4 fake quantization with the straight-through estimator.
 ///
@@ -91,10 +81,10 @@ pub fn fake_quantize_value<B: Backend, const D: usize>(
     let blocks = x.reshape([n / k, k / BLOCK_SIZE, BLOCK_SIZE]);
 
     // FP8 block scale: amax_b / (6 * ws2), zero -> 1.0, clamp to [2^-9, 448], round to E4M3.
-    let s = block_amax(blocks.clone()).div_scalar(6.0 * scale_2);
+    let s = block_amax(blocks.clone()).div_scalar(E2M1_MAX * scale_2);
     let s = s
         .clone()
-        .mask_fill(s.equal_elem(0.0), 1.0)
+        .mask_fill(s.equal_elem(0.0), ZERO_BLOCK_SCALE_VALUE)
         .clamp(E4M3_MIN_POSITIVE, E4M3_MAX);
     let s = round_to_e4m3(s);
 
@@ -103,16 +93,18 @@ pub fn fake_quantize_value<B: Backend, const D: usize>(
     let scaled = blocks / divisor.clone();
     let magnitude = scaled.clone().abs();
     let mut value = magnitude.zeros_like();
-    for (bound, inclusive, v) in E2M1_STEPS {
-        let mask = if inclusive {
+    for (i, &bound) in E2M1_BOUNDS.iter().enumerate() {
+        let v = E2M1_VALUES[i + 1];
+        let mask = if tie_rounds_up(i) {
             magnitude.clone().greater_equal_elem(bound)
         } else {
             magnitude.clone().greater_elem(bound)
         };
         value = value.mask_fill(mask, v);
     }
-    // Only magnitudes above 0.25 are non-zero, so zero results stay +0.0 like the codec's.
-    let negative = scaled.lower_elem(-0.25);
+    // Only magnitudes above the first bound are non-zero, so zero results stay +0.0 like the
+    // codec's.
+    let negative = scaled.lower_elem(-SMALLEST_NONZERO_BOUND);
     let value = value.clone().mask_where(negative, value.neg());
     let out = (value * divisor).reshape(dims);
     Ok(if dtype == DType::F32 {
@@ -145,11 +137,17 @@ fn block_amax<B: Backend>(blocks: Tensor<B, 3>) -> Tensor<B, 3> {
 /// burn backend (`rint` in CUDA).
 fn round_to_e4m3<B: Backend, const D: usize>(s: Tensor<B, D>) -> Tensor<B, D> {
     let mut quantum = s.full_like(E4M3_MIN_POSITIVE);
-    for e in -5..=8 {
+    // The first normal binade has the subnormals' quantum already.
+    for e in binade(E4M3_MIN_NORMAL) + 1..=binade(E4M3_MAX) {
         let mask = s.clone().greater_equal_elem(f32::powi(2.0, e));
-        quantum = quantum.mask_fill(mask, f32::powi(2.0, e - 3));
+        quantum = quantum.mask_fill(mask, f32::powi(2.0, e - E4M3_MANTISSA_BITS as i32));
     }
     (s / quantum.clone()).round() * quantum
+}
+
+/// `e` of the binade `[2^e, 2^(e+1))` that holds the positive normal `x`.
+fn binade(x: f32) -> i32 {
+    ((x.to_bits() >> 23) & 0xFF) as i32 - 127
 }
 
 /// Running `max|x|` over calibration batches: ModelOpt's `max` calibration of an input
@@ -214,15 +212,6 @@ impl AmaxCalibrator {
     pub fn input_scale(&self, name: &str) -> Result<f32> {
         crate::codec::input_scale(name, self.amax)
     }
-}
-
-/// Global amaxes of one quantized linear: its weight quantizer's and its input quantizer's.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LinearAmax {
-    /// Calibrated weight amax (frozen during QAT; the group's largest under the group rule).
-    pub weight: f32,
-    /// Calibrated input-activation amax (the group's largest under the group rule).
-    pub input: f32,
 }
 
 /// A W4A4 NVFP4 fake-quantized linear layer: `fq(x) · fq(W)ᵀ + b`.
@@ -317,6 +306,12 @@ mod tests {
                 .expect("quantizable");
             assert_eq!(bits(ste), want, "STE forward, amax {amax}");
         }
+    }
+
+    #[test]
+    fn e4m3_binades_span_the_scale_range() {
+        assert_eq!(binade(E4M3_MIN_NORMAL) + 1, -5);
+        assert_eq!(binade(E4M3_MAX), 8);
     }
 
     #[test]

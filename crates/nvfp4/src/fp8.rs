@@ -14,8 +14,12 @@ pub const E4M3_MIN_POSITIVE: f32 = 1.0 / 512.0;
 /// The canonical NaN byte.
 pub const E4M3_NAN: u8 = 0x7F;
 
-/// Smallest normal E4M3FN value, 2^-6.
-const MIN_NORMAL: f32 = 1.0 / 64.0;
+/// Smallest normal E4M3FN value, 2^-6. The rounding quantum is `2^(e - E4M3_MANTISSA_BITS)`
+/// in a binade `[2^e, 2^(e+1))` from here up, and [`E4M3_MIN_POSITIVE`] below.
+pub const E4M3_MIN_NORMAL: f32 = 1.0 / 64.0;
+
+/// Mantissa bits of E4M3FN.
+pub const E4M3_MANTISSA_BITS: u32 = 3;
 
 /// Encodes `x` as E4M3FN: round to nearest even, saturate to ±448, NaN to `0x7F`.
 ///
@@ -30,7 +34,7 @@ pub fn encode(x: f32) -> u8 {
     if a >= E4M3_MAX {
         return sign | 0x7E;
     }
-    if a < MIN_NORMAL {
+    if a < E4M3_MIN_NORMAL {
         // Subnormals are multiples of 2^-9; 8 * 2^-9 is the smallest normal, whose code is 0x08.
         // `a * 512` is exact (power-of-two scaling of a value far from the float32 limits).
         return sign | ((a * 512.0).round_ties_even() as u8);
@@ -73,7 +77,7 @@ mod tests {
         assert_eq!(decode(0x7E), 448.0);
         assert_eq!(decode(0x38), 1.0);
         assert_eq!(decode(0x01), E4M3_MIN_POSITIVE);
-        assert_eq!(decode(0x08), MIN_NORMAL);
+        assert_eq!(decode(0x08), E4M3_MIN_NORMAL);
         assert_eq!(decode(0x43), 2.75);
         assert!(decode(0x7F).is_nan() && decode(0xFF).is_nan());
         assert_eq!(encode(448.0), 0x7E);

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use half::bf16;
-use qatflow_nvfp4::groups::shared_input_group;
+use qatflow_nvfp4::linears::shared_input_group;
 use qatflow_nvfp4::{codec, input_scale, quantize, Nvfp4Tensor};
 use safetensors::{Dtype, SafeTensors};
 

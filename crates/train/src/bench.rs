@@ -242,7 +242,7 @@ pub fn bench_train_on<B: AutodiffBackend>(
         ));
         for layer in model.linears_mut() {
             layer
-                .set_fake_quant(qatflow_model::FakeQuant {
+                .set_fake_quant(qatflow_nvfp4::QuantizerAmax {
                     weight: weight.get(&layer.name).copied(),
                     input: input.get(&layer.name).copied(),
                 })

@@ -12,7 +12,8 @@ use burn::tensor::{ElementConversion, Tensor};
 use qatflow_checkpoint::CheckpointInfo;
 use qatflow_core::NoProgress;
 use qatflow_model::params::{hf_name, map_params};
-use qatflow_model::{CausalLm, FakeQuant, LoadOptions, ModelFamily, Precision, Tokenizer};
+use qatflow_model::{CausalLm, LoadOptions, ModelFamily, Precision, Tokenizer};
+use qatflow_nvfp4::QuantizerAmax;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TrainConfig;
@@ -85,7 +86,7 @@ fn load_options(config: &TrainConfig) -> LoadOptions {
 /// Sets every linear's fake quantizers; `None` entries leave a layer unquantized.
 fn apply_quant<B: Backend>(
     model: &mut CausalLm<B>,
-    quant: &BTreeMap<String, FakeQuant>,
+    quant: &BTreeMap<String, QuantizerAmax>,
 ) -> Result<(), TrainError> {
     for layer in model.linears_mut() {
         let q = quant
@@ -109,7 +110,7 @@ fn calibrate<B: Backend>(
     model: &CausalLm<B>,
     examples: &[Example],
     samples: usize,
-) -> Result<BTreeMap<String, FakeQuant>, TrainError> {
+) -> Result<BTreeMap<String, QuantizerAmax>, TrainError> {
     let seqs: Vec<Vec<u32>> = examples
         .iter()
         .take(samples)
@@ -127,7 +128,7 @@ fn calibrate<B: Backend>(
         .map(|(name, &w)| {
             (
                 name.clone(),
-                FakeQuant {
+                QuantizerAmax {
                     weight: Some(w),
                     input: input.get(name).copied(),
                 },

@@ -10,7 +10,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use qatflow_checkpoint::{CheckpointInfo, CheckpointWriter, TensorEntry};
 use qatflow_model::params::named_params;
-use qatflow_model::{CausalLm, FakeQuant};
+use qatflow_model::CausalLm;
+use qatflow_nvfp4::keys::{key, INPUT_AMAX, WEIGHT_AMAX};
+use qatflow_nvfp4::QuantizerAmax;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
@@ -96,7 +98,7 @@ pub fn save<B: Backend>(
     run_dir: &Path,
     base: &Path,
     model: &CausalLm<B>,
-    quant: &BTreeMap<String, FakeQuant>,
+    quant: &BTreeMap<String, QuantizerAmax>,
     optimizer: &AdamW<B>,
     state: &TrainerState,
 ) -> Result<CheckpointInfo, StateError> {
@@ -111,16 +113,10 @@ pub fn save<B: Backend>(
     let mut q = Vec::new();
     for (name, fq) in quant {
         if let Some(a) = fq.weight {
-            q.push(TensorEntry::scalar_f32(
-                format!("{name}.weight_quantizer._amax"),
-                a,
-            ));
+            q.push(TensorEntry::scalar_f32(key(name, WEIGHT_AMAX), a));
         }
         if let Some(a) = fq.input {
-            q.push(TensorEntry::scalar_f32(
-                format!("{name}.input_quantizer._amax"),
-                a,
-            ));
+            q.push(TensorEntry::scalar_f32(key(name, INPUT_AMAX), a));
         }
     }
     w.write_safetensors(files::QUANTIZERS, &q)?;
@@ -168,10 +164,10 @@ pub fn load_trainer_state(dir: &Path) -> Result<TrainerState, StateError> {
 }
 
 /// Reads the quantizer amaxes of a checkpoint directory, by linear module name.
-pub fn load_quantizers(dir: &Path) -> Result<BTreeMap<String, FakeQuant>, StateError> {
+pub fn load_quantizers(dir: &Path) -> Result<BTreeMap<String, QuantizerAmax>, StateError> {
     let bytes = read(dir, files::QUANTIZERS)?;
     let st = parse(dir, files::QUANTIZERS, &bytes)?;
-    let mut out: BTreeMap<String, FakeQuant> = BTreeMap::new();
+    let mut out: BTreeMap<String, QuantizerAmax> = BTreeMap::new();
     for (name, view) in st.tensors() {
         let bad = |problem: String| StateError::File {
             path: dir.join(files::QUANTIZERS),
@@ -182,9 +178,9 @@ pub fn load_quantizers(dir: &Path) -> Result<BTreeMap<String, FakeQuant>, StateE
             .try_into()
             .map_err(|_| bad("not an F32 scalar".into()))?;
         let value = f32::from_le_bytes(value);
-        if let Some(module) = name.strip_suffix(".weight_quantizer._amax") {
+        if let Some(module) = name.strip_suffix(WEIGHT_AMAX) {
             out.entry(module.to_string()).or_default().weight = Some(value);
-        } else if let Some(module) = name.strip_suffix(".input_quantizer._amax") {
+        } else if let Some(module) = name.strip_suffix(INPUT_AMAX) {
             out.entry(module.to_string()).or_default().input = Some(value);
         } else {
             return Err(bad("unexpected tensor name".into()));

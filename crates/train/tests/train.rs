@@ -128,7 +128,7 @@ fn qat_loss_falls_and_checkpoints_hold_the_quantizer_state() {
 /// 6.0e-3 for quantization itself.
 fn export_computes_the_trained_fake_quantized_model(
     ckpt: &Path,
-    quant: &std::collections::BTreeMap<String, qatflow_model::FakeQuant>,
+    quant: &std::collections::BTreeMap<String, qatflow_nvfp4::QuantizerAmax>,
     tmp: &Path,
 ) {
     use qatflow_model::{eval_nll, CausalLm, LoadOptions, Precision};
@@ -173,7 +173,7 @@ fn export_computes_the_trained_fake_quantized_model(
 /// through BF16 (still stored as F32).
 fn bf16_unquantized_copy(
     ckpt: &Path,
-    quant: &std::collections::BTreeMap<String, qatflow_model::FakeQuant>,
+    quant: &std::collections::BTreeMap<String, qatflow_nvfp4::QuantizerAmax>,
     out: &Path,
 ) -> PathBuf {
     use safetensors::{tensor::TensorView, Dtype, SafeTensors};

@@ -6,10 +6,9 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use qatflow_checkpoint::{
-    CheckpointInfo, CheckpointWriter, TensorEntry, INPUT_AMAX_SUFFIX, WEIGHT_AMAX_SUFFIX,
-};
+use qatflow_checkpoint::{CheckpointInfo, CheckpointWriter, TensorEntry};
 use qatflow_core::NoProgress;
+use qatflow_nvfp4::keys::{INPUT_AMAX, WEIGHT_AMAX};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
@@ -86,13 +85,10 @@ pub fn tiny_checkpoint(run: &Path, hf: &Path, step: u64) -> CheckpointInfo {
     let mut q = Vec::new();
     for (m, a) in &amax {
         q.push(TensorEntry::scalar_f32(
-            format!("{m}{WEIGHT_AMAX_SUFFIX}"),
+            format!("{m}{WEIGHT_AMAX}"),
             a.weight,
         ));
-        q.push(TensorEntry::scalar_f32(
-            format!("{m}{INPUT_AMAX_SUFFIX}"),
-            a.input,
-        ));
+        q.push(TensorEntry::scalar_f32(format!("{m}{INPUT_AMAX}"), a.input));
     }
     let mut w = CheckpointWriter::create(run, step).unwrap();
     w.write_safetensors("model.safetensors", &tensors).unwrap();

@@ -254,7 +254,8 @@ pub fn expected_tensors(config: &ModelConfig) -> Vec<(String, Vec<usize>, bool)>
             ("mlp.up_proj", [i, h]),
             ("mlp.down_proj", [h, i]),
         ] {
-            out.push((format!("{p}.{n}"), shape.to_vec(), true));
+            let quantized = config.architecture.nvfp4_linears().quantizes(n);
+            out.push((format!("{p}.{n}"), shape.to_vec(), quantized));
         }
     }
     out.push(("model.norm.weight".into(), vec![h], false));

@@ -213,3 +213,46 @@ pub fn load_with_tokenizer<B: Backend>(
     let model = CausalLm::from_checkpoint(&config, &ckpt, options, device)?;
     Ok((model, tokenizer))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use burn::backend::Flex;
+
+    use super::*;
+    use crate::arch::init::{random_init, tiny_config};
+
+    /// The model's quantized linears are exactly what `qatflow_nvfp4::linears` lists for its
+    /// architecture, and its shared-input groups are siblings that exist in every layer.
+    #[test]
+    fn linears_follow_the_nvfp4_table() {
+        for arch in [
+            Architecture::Llama,
+            Architecture::Qwen3,
+            Architecture::Qwen35,
+        ] {
+            let config = tiny_config(arch, 64);
+            let table = arch.nvfp4_linears();
+            let mut model = random_init::<Flex>(&config, 3, &Default::default());
+            let names: Vec<String> = model.linears_mut().iter().map(|l| l.name.clone()).collect();
+            let leaves: BTreeSet<&str> = names
+                .iter()
+                .map(|n| n.rsplit('.').next().unwrap_or(n))
+                .collect();
+            let want: BTreeSet<&str> = table.quantized.iter().copied().collect();
+            assert_eq!(leaves, want, "{arch:?}");
+            let expected: BTreeSet<String> = expected_tensors(&config)
+                .into_iter()
+                .filter(|(_, _, quantized)| *quantized)
+                .map(|(n, _, _)| n)
+                .collect();
+            assert_eq!(names.iter().cloned().collect::<BTreeSet<_>>(), expected);
+            for name in &names {
+                for sibling in qatflow_nvfp4::linears::shared_input_group(name) {
+                    assert!(names.contains(&sibling), "{arch:?}: {name} -> {sibling}");
+                }
+            }
+        }
+    }
+}

@@ -412,45 +412,42 @@ pub fn expected_tensors(config: &ModelConfig, prefix: &str) -> Vec<(String, Vec<
         vec![config.vocab_size, hid],
         false,
     )];
+    // Quantized linears are named without `.weight`; every other tensor with it.
+    let linears = config.architecture.nvfp4_linears();
     for (l, kind) in h.layer_types.iter().enumerate() {
         let p = format!("{prefix}.layers.{l}");
-        let mut push = |n: &str, shape: Vec<usize>, linear: bool| {
-            out.push((format!("{p}.{n}"), shape, linear));
+        let mut push = |n: &str, shape: Vec<usize>| {
+            out.push((format!("{p}.{n}"), shape, linears.quantizes(n)));
         };
-        push("input_layernorm.weight", vec![hid], false);
+        push("input_layernorm.weight", vec![hid]);
         match kind {
             LayerKind::LinearAttention => {
-                push("linear_attn.in_proj_qkv", vec![h.conv_dim(), hid], true);
-                push("linear_attn.in_proj_z", vec![h.value_dim(), hid], true);
-                push("linear_attn.in_proj_b.weight", vec![hv, hid], false);
-                push("linear_attn.in_proj_a.weight", vec![hv, hid], false);
+                push("linear_attn.in_proj_qkv", vec![h.conv_dim(), hid]);
+                push("linear_attn.in_proj_z", vec![h.value_dim(), hid]);
+                push("linear_attn.in_proj_b.weight", vec![hv, hid]);
+                push("linear_attn.in_proj_a.weight", vec![hv, hid]);
                 push(
                     "linear_attn.conv1d.weight",
                     vec![h.conv_dim(), 1, h.linear_conv_kernel_dim],
-                    false,
                 );
-                push("linear_attn.dt_bias", vec![hv], false);
-                push("linear_attn.A_log", vec![hv], false);
-                push(
-                    "linear_attn.norm.weight",
-                    vec![h.linear_value_head_dim],
-                    false,
-                );
-                push("linear_attn.out_proj", vec![hid, h.value_dim()], true);
+                push("linear_attn.dt_bias", vec![hv]);
+                push("linear_attn.A_log", vec![hv]);
+                push("linear_attn.norm.weight", vec![h.linear_value_head_dim]);
+                push("linear_attn.out_proj", vec![hid, h.value_dim()]);
             }
             LayerKind::FullAttention => {
-                push("self_attn.q_proj", vec![q_rows, hid], true);
-                push("self_attn.k_proj", vec![kv, hid], true);
-                push("self_attn.v_proj", vec![kv, hid], true);
-                push("self_attn.o_proj", vec![hid, config.num_heads * hd], true);
-                push("self_attn.q_norm.weight", vec![hd], false);
-                push("self_attn.k_norm.weight", vec![hd], false);
+                push("self_attn.q_proj", vec![q_rows, hid]);
+                push("self_attn.k_proj", vec![kv, hid]);
+                push("self_attn.v_proj", vec![kv, hid]);
+                push("self_attn.o_proj", vec![hid, config.num_heads * hd]);
+                push("self_attn.q_norm.weight", vec![hd]);
+                push("self_attn.k_norm.weight", vec![hd]);
             }
         }
-        push("post_attention_layernorm.weight", vec![hid], false);
-        push("mlp.gate_proj", vec![inter, hid], true);
-        push("mlp.up_proj", vec![inter, hid], true);
-        push("mlp.down_proj", vec![hid, inter], true);
+        push("post_attention_layernorm.weight", vec![hid]);
+        push("mlp.gate_proj", vec![inter, hid]);
+        push("mlp.up_proj", vec![inter, hid]);
+        push("mlp.down_proj", vec![hid, inter]);
     }
     out.push((format!("{prefix}.norm.weight"), vec![hid], false));
     if !config.tie_word_embeddings {

@@ -17,7 +17,9 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use crate::config::ConfigError;
-use crate::linear::{FakeQuant, QLinear, QuantConfigError};
+use crate::linear::{QLinear, QuantConfigError};
+use qatflow_nvfp4::keys::{key, INPUT_SCALE, WEIGHT_SCALE, WEIGHT_SCALE_2};
+use qatflow_nvfp4::QuantizerAmax;
 
 /// Errors of loading a model.
 #[derive(Debug, thiserror::Error)]
@@ -312,7 +314,7 @@ impl Checkpoint {
                 inp / 2
             ));
         }
-        let scale = format!("{prefix}.weight_scale");
+        let scale = key(prefix, WEIGHT_SCALE);
         let want = [out, inp / qatflow_nvfp4::BLOCK_SIZE];
         match self.stored(&scale) {
             None => problems.push(format!("`{scale}`: missing (F8_E4M3 {want:?})")),
@@ -324,8 +326,8 @@ impl Checkpoint {
             }
             Some(_) => {}
         }
-        self.check_scalar(&format!("{prefix}.weight_scale_2"), true, problems);
-        self.check_scalar(&format!("{prefix}.input_scale"), false, problems);
+        self.check_scalar(&key(prefix, WEIGHT_SCALE_2), true, problems);
+        self.check_scalar(&key(prefix, INPUT_SCALE), false, problems);
     }
 
     fn scalar(&self, name: &str) -> Option<f32> {
@@ -451,12 +453,12 @@ impl<'a, B: Backend> Weights<'a, B> {
         if s.info.dtype != Dtype::U8 {
             return Ok(QLinear::new(prefix, self.tensor(&name, [out, inp])?));
         }
-        let scale_name = format!("{prefix}.weight_scale");
+        let scale_name = key(prefix, WEIGHT_SCALE);
         let scale = self
             .ckpt
             .stored(&scale_name)
             .ok_or_else(|| self.missing(&scale_name, "missing".into()))?;
-        let scale_2_name = format!("{prefix}.weight_scale_2");
+        let scale_2_name = key(prefix, WEIGHT_SCALE_2);
         let scale_2 = self
             .ckpt
             .scalar(&scale_2_name)
@@ -474,8 +476,8 @@ impl<'a, B: Backend> Weights<'a, B> {
         })?;
         let mut layer = QLinear::new(prefix, self.make(nvfp4.dequantize(), [out, inp]));
         if self.emulate_activations {
-            if let Some(input_scale) = self.ckpt.scalar(&format!("{prefix}.input_scale")) {
-                layer.set_fake_quant(FakeQuant {
+            if let Some(input_scale) = self.ckpt.scalar(&key(prefix, INPUT_SCALE)) {
+                layer.set_fake_quant(QuantizerAmax {
                     weight: None,
                     input: Some(qatflow_nvfp4::codec::amax_for_global_scale(input_scale)),
                 })?;

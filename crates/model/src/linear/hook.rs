@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use qatflow_nvfp4::fake_quant::AmaxCalibrator;
+use qatflow_nvfp4::keys::{key, INPUT_QUANTIZER};
 
 thread_local! {
     static ACTIVE: Cell<bool> = const { Cell::new(false) };
@@ -45,7 +46,7 @@ fn record<B: Backend, const D: usize>(name: &str, x: &Tensor<B, D>) {
             .amax
             .entry(name.to_owned())
             .or_default()
-            .observe(&format!("{name}.input_quantizer"), x);
+            .observe(&key(name, INPUT_QUANTIZER), x);
         if let Err(e) = result {
             o.error = Some(e);
         }

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use qatflow_core::Progress;
-use qatflow_nvfp4::groups::shared_input_group;
+use qatflow_nvfp4::linears::shared_input_group;
 
 use crate::arch::layers::to_dtype;
 use crate::arch::model::CausalLm;

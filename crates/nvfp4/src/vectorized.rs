@@ -1,19 +1,17 @@
-//! The exporter's hot path: NVFP4 quantization of whole rows straight from a tensor's mapped
-//! source bytes (BF16, F16 or F32), block by block with no per-element allocation, and a
-//! work loop that hands fixed-size pieces of a tensor to scoped threads.
+//! The vectorized CPU variant of [`crate::codec::quantize`]: NVFP4 quantization of whole rows
+//! straight from a tensor's raw little-endian bytes (BF16, F16 or F32), block by block with no
+//! per-element allocation, written so that the compiler vectorizes it (and built for AVX2
+//! where the CPU has it). The exporter's hot path.
 //!
-//! The block math is `qatflow-nvfp4`'s ([`codec::block_scale`] and the E2M1 rounding rule of
-//! [`e2m1::encode`]) written so that the compiler can vectorize it; the tests check that the
-//! output is byte-identical to [`codec::quantize`].
+//! The block math is the codec's ([`codec::block_scale`], the branch-free [`e2m1::code`] of
+//! the E2M1 rule, the same divisor); the tests check that the output is byte-identical to
+//! [`codec::quantize`].
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
-use qatflow_nvfp4::{codec, e2m1, fp8};
 use safetensors::Dtype;
-use tokio_util::sync::CancellationToken;
 
-use crate::error::ExportError;
+use crate::{codec, e2m1, fp8};
 
 const BLOCK: usize = codec::BLOCK_SIZE;
 
@@ -68,29 +66,11 @@ impl Source for F32 {
     }
 }
 
-/// E2M1 code of an already-scaled value: [`e2m1::encode`]'s rule without branches, in a
-/// 32-bit lane so that a block of them vectorizes.
-#[inline(always)]
-fn e2m1_code(q: f32) -> u32 {
-    let a = q.abs();
-    let [b0, b1, b2, b3, b4, b5, b6] = e2m1::E2M1_BOUNDS;
-    let mag = u32::from(a > b0)
-        + u32::from(a > b1)
-        + u32::from(a > b2)
-        + u32::from(a > b3)
-        + u32::from(a > b4)
-        + u32::from(a > b5)
-        + u32::from(a > b6)
-        + u32::from((a == b1) | (a == b3) | (a == b5));
-    let mag = if a.is_nan() { 7 } else { mag };
-    mag | if q < 0.0 { 8 } else { 0 }
-}
+/// Squared error and squared source of the quantized elements: `(Σ(dequantized − x)², Σx²)`.
+pub type ErrorSums = (f64, f64);
 
-/// Squared error and squared source of one piece: `(Σ(dequantized − x)², Σx²)`.
-pub(crate) type ErrorSums = (f64, f64);
-
-/// A NaN or infinite element: its index within the piece and its value.
-pub(crate) type NonFinite = (usize, f32);
+/// A NaN or infinite element: its index within the source and its value.
+pub type NonFinite = (usize, f32);
 
 /// [`quantize_blocks`] compiled for AVX2 where the CPU has it (the same IEEE operations in
 /// the same order, so the same bytes; only wider registers), else as is.
@@ -152,7 +132,7 @@ fn quantize_blocks<S: Source>(
         let step = table[usize::from(s)] * scale_2;
         let mut codes = [0u32; BLOCK];
         for (c, v) in codes.iter_mut().zip(x) {
-            *c = e2m1_code(v / step);
+            *c = e2m1::code(v / step);
         }
         for (o, pair) in out.iter_mut().zip(codes.chunks_exact(2)) {
             *o = (pair[0] | (pair[1] << 4)) as u8;
@@ -170,12 +150,13 @@ fn quantize_blocks<S: Source>(
 }
 
 /// Quantizes the raw little-endian elements `src` (of `dtype`; whole blocks) with the global
-/// scale `scale_2` into `packed` (`n / 2` bytes) and `scales` (`n / 16` FP8 bytes), exactly
-/// as [`codec::quantize`] does. Returns the error sums, or the first NaN or infinite element.
+/// scale `scale_2` (from [`codec::weight_scale_2`]) into `packed` (`n / 2` bytes) and
+/// `scales` (`n / 16` FP8 bytes), exactly as [`codec::quantize`] does. Returns the error
+/// sums, or the first NaN or infinite element.
 ///
 /// # Panics
 /// If `dtype` is not BF16, F16 or F32, or the buffers do not fit `src`.
-pub(crate) fn quantize_bytes(
+pub fn quantize_bytes(
     dtype: Dtype,
     src: &[u8],
     scale_2: f32,
@@ -194,64 +175,6 @@ pub(crate) fn quantize_bytes(
         Dtype::F32 => quantize_with::<F32>(src, scale_2, packed, scales),
         other => panic!("quantize_bytes: {other:?} is not a float source type"),
     }
-}
-
-/// Runs `work(i)` for every `i` in `0..items` on up to `threads` scoped threads, each taking
-/// the next piece when it is done with one, and returns the results in item order. Stops
-/// early at the first error (the one of the lowest item is returned) or when `cancel` fires.
-pub(crate) fn run_pieces<R: Send>(
-    items: usize,
-    threads: usize,
-    cancel: &CancellationToken,
-    work: impl Fn(usize) -> Result<R, ExportError> + Sync,
-) -> Result<Vec<R>, ExportError> {
-    let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let failure: Mutex<Option<(usize, ExportError)>> = Mutex::new(None);
-    let worker = || {
-        let mut done = Vec::new();
-        loop {
-            if stop.load(Ordering::Relaxed) || cancel.is_cancelled() {
-                break;
-            }
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= items {
-                break;
-            }
-            match work(i) {
-                Ok(r) => done.push((i, r)),
-                Err(e) => {
-                    stop.store(true, Ordering::Relaxed);
-                    let mut f = failure.lock().expect("no worker panics holding it");
-                    if f.as_ref().is_none_or(|(j, _)| i < *j) {
-                        *f = Some((i, e));
-                    }
-                    break;
-                }
-            }
-        }
-        done
-    };
-    let workers = threads.clamp(1, items.max(1));
-    let mut results: Vec<(usize, R)> = if workers == 1 {
-        worker()
-    } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..workers).map(|_| s.spawn(worker)).collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().expect("export workers do not panic"))
-                .collect()
-        })
-    };
-    if let Some((_, e)) = failure.into_inner().expect("workers have finished") {
-        return Err(e);
-    }
-    if cancel.is_cancelled() {
-        return Err(ExportError::Cancelled);
-    }
-    results.sort_by_key(|(i, _)| *i);
-    Ok(results.into_iter().map(|(_, r)| r).collect())
 }
 
 #[cfg(test)]
@@ -339,7 +262,7 @@ mod tests {
     }
 
     #[test]
-    fn e2m1_code_is_the_codec_rule() {
+    fn e2m1_lane_code_is_the_codec_rule() {
         let mut probes = vec![
             0.0f32,
             -0.0,
@@ -360,11 +283,11 @@ mod tests {
             }
         }
         for x in probes {
-            assert_eq!(e2m1_code(x), u32::from(e2m1::encode(x)), "{x}");
+            assert_eq!(e2m1::code(x), u32::from(e2m1::encode(x)), "{x}");
         }
         for bits in (0..=u32::MAX).step_by(65_537) {
             let x = f32::from_bits(bits);
-            assert_eq!(e2m1_code(x), u32::from(e2m1::encode(x)), "{x} ({bits:#x})");
+            assert_eq!(e2m1::code(x), u32::from(e2m1::encode(x)), "{x} ({bits:#x})");
         }
     }
 
@@ -392,30 +315,6 @@ mod tests {
         let err = quantize_bytes(Dtype::F32, &bytes, 0.01, &mut p, &mut s).unwrap_err();
         assert_eq!(err.0, 37);
         assert!(err.1.is_nan());
-    }
-
-    #[test]
-    fn pieces_come_back_in_order_and_errors_stop_the_work() {
-        let cancel = CancellationToken::new();
-        let out = run_pieces(100, 4, &cancel, |i| Ok(i * 2)).unwrap();
-        assert_eq!(out, (0..100).map(|i| i * 2).collect::<Vec<_>>());
-        let err = run_pieces(100, 3, &cancel, |i| {
-            if i >= 40 {
-                Err(ExportError::Verify {
-                    path: "x".into(),
-                    problem: format!("piece {i}"),
-                })
-            } else {
-                Ok(i)
-            }
-        })
-        .unwrap_err();
-        assert!(err.to_string().contains("piece 4"), "{err}");
-        cancel.cancel();
-        assert!(matches!(
-            run_pieces(10, 2, &cancel, Ok),
-            Err(ExportError::Cancelled)
-        ));
     }
 
     proptest! {
