@@ -22,6 +22,8 @@ pub mod cache;
 pub mod cublaslt;
 pub mod fake_quant;
 pub mod gemm;
+// The launch modules and types that `#[cube]` generates for each kernel carry no docs.
+#[allow(missing_docs)]
 pub mod kernel;
 pub mod loss;
 pub mod recompute;

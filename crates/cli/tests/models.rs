@@ -227,7 +227,7 @@ fn eval_decode_checks_the_cache_of_every_architecture() {
     // refused.
     let out = qatflow(d)
         .args(["eval", "decode", "tiny-llama", "--token-ids", "ids.json"])
-        .args(["--prefill", "8", "--tolerance", "-1"])
+        .args(["--prefill", "8", "--tolerance=-1"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

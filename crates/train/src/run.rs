@@ -335,7 +335,7 @@ fn wait_for_data(
 /// calibrated amaxes, the optimizer and the trainer's counters.
 type RunParts<B> = (
     CausalLm<B>,
-    BTreeMap<String, FakeQuant>,
+    BTreeMap<String, QuantizerAmax>,
     AdamW<<B as AutodiffBackend>::InnerBackend>,
     TrainerState,
 );

@@ -5,7 +5,7 @@
 //! it from scratch (the export writes into a temporary directory and renames it into place
 //! when complete, so a cut-off export leaves no output).
 
-use super::jobs::{JobError, JobHandle, JobHub};
+use super::jobs::{Intent, JobError, JobHandle, JobHub};
 use super::serving::Promote;
 use crate::status::{Field, StatusBoard};
 use crate::trace::actor_span;
@@ -62,11 +62,7 @@ impl ExporterActor {
     }
 
     fn set_intent(&self, state: &str) {
-        let result = self
-            .store
-            .jobs()
-            .and_then(|j| j.set(INTENT_KEY, Some(state.as_bytes())));
-        if let Err(e) = result {
+        if let Err(e) = Intent::new(&self.store, INTENT_KEY).set(state) {
             tracing::error!(
                 actor = "ExporterActor",
                 "cannot record the export state: {e}"
@@ -75,7 +71,7 @@ impl ExporterActor {
     }
 
     fn intent(&self) -> Option<String> {
-        self.store.jobs().ok()?.text(INTENT_KEY)
+        Intent::new(&self.store, INTENT_KEY).get()
     }
 }
 

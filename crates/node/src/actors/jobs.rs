@@ -3,12 +3,39 @@
 //! the events so far kept for late watchers.
 
 use qatflow_proto::v1::{job_event, JobEvent, JobKind, JobState};
+use qatflow_store::{Store, StoreError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+
+/// The durable intent of one of the GPU node's long jobs (`train`, `export`) in the
+/// store's jobs keyspace: `running` while it runs, so a restarted node resumes it, then how
+/// it ended.
+#[derive(Clone, Copy)]
+pub(crate) struct Intent<'a> {
+    store: &'a Store,
+    key: &'static str,
+}
+
+impl<'a> Intent<'a> {
+    /// The intent recorded under `key`.
+    pub(crate) fn new(store: &'a Store, key: &'static str) -> Self {
+        Intent { store, key }
+    }
+
+    /// Records `state` durably.
+    pub(crate) fn set(self, state: &str) -> Result<(), StoreError> {
+        self.store.jobs()?.set(self.key, Some(state.as_bytes()))
+    }
+
+    /// The recorded state, if any.
+    pub(crate) fn get(self) -> Option<String> {
+        self.store.jobs().ok()?.text(self.key)
+    }
+}
 
 /// Why a job did not start (the answer of the actors' start messages; `StartJob` sends
 /// its text back as a failed precondition).

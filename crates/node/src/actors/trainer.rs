@@ -7,7 +7,7 @@
 //! resumes the run by itself.
 
 use super::blocking;
-use super::jobs::{JobError, JobHandle, JobHub};
+use super::jobs::{Intent, JobError, JobHandle, JobHub};
 use crate::status::StatusBoard;
 use crate::trace::actor_span;
 use actix::prelude::*;
@@ -67,22 +67,14 @@ enum RunError {
     Train(#[from] qatflow_train::TrainError),
 }
 
-/// Records the training run's state durably.
-fn set_intent(store: &Store, state: &str) -> Result<(), StoreError> {
-    store.jobs()?.set(INTENT_KEY, Some(state.as_bytes()))
-}
-
-/// The recorded state of the training run, if any.
-fn intent(store: &Store) -> Option<String> {
-    store.jobs().ok()?.text(INTENT_KEY)
-}
-
 impl Actor for TrainerActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.current = None;
-        if self.auto_start || intent(&self.store).as_deref() == Some("running") {
+        if self.auto_start
+            || Intent::new(&self.store, INTENT_KEY).get().as_deref() == Some("running")
+        {
             ctx.notify(StartTraining);
         }
     }
@@ -210,7 +202,7 @@ impl Handler<StartTraining> for TrainerActor {
         );
         let cancel = job.cancel.clone();
         let work = blocking(move || -> Result<_, RunError> {
-            set_intent(&store, "running")?;
+            Intent::new(&store, INTENT_KEY).set("running")?;
             let summary = qatflow_train::train(
                 &config,
                 Dataset::Store {
@@ -238,14 +230,11 @@ impl Handler<StartTraining> for TrainerActor {
                     summary.steps
                 );
             } else {
-                set_intent(
-                    &store,
-                    if summary.cancelled {
-                        "cancelled"
-                    } else {
-                        "finished"
-                    },
-                )?;
+                Intent::new(&store, INTENT_KEY).set(if summary.cancelled {
+                    "cancelled"
+                } else {
+                    "finished"
+                })?;
             }
             Ok(summary)
         })
