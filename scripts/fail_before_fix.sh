@@ -14,7 +14,7 @@
 #        on the old tree (the compile errors are printed), then
 #        scripts/fail_before_fix/before-api.patch adapts only their plumbing to the old API
 #        (every adaptation is commented "fail_before_fix" in the patch). The patch also
-#        adds six before-only variants (ship.rs, export.rs, node.rs, otlp_export.rs) that
+#        adds seven before-only variants (ship.rs, export.rs, node.rs, otlp_export.rs) that
 #        check a later part of a multi-part test on its own, because on the old code the
 #        test stops at its first failed assertion; in the table their "after" is main's
 #        whole test.
@@ -119,6 +119,7 @@ TESTS='
 14|node|one_trace_covers_both_nodes|=
 14|node|one_trace_covers_both_nodes_at_info|one_trace_covers_both_nodes
 14|node|one_trace_covers_both_nodes_at_info_without_the_generation_block|one_trace_covers_both_nodes
+14|node|one_trace_covers_both_nodes_at_info_ship_shard_and_kicks_only|one_trace_covers_both_nodes
 15|cli|an_endless_line_is_a_clear_error|=
 15|lib:qatflow-core|jsonl::failfirst::a_line_without_end_stops_the_reader|jsonl::tests::a_line_without_end_stops_the_reader
 15|node|a_refused_workstation_backs_off_and_says_so|status_shows_the_peer_state
