@@ -14,7 +14,7 @@
 #        on the old tree (the compile errors are printed), then
 #        scripts/fail_before_fix/before-api.patch adapts only their plumbing to the old API
 #        (every adaptation is commented "fail_before_fix" in the patch). The patch also
-#        adds seven before-only variants (ship.rs, export.rs, node.rs, otlp_export.rs) that
+#        adds eight before-only variants (ship.rs, export.rs, node.rs, otlp_export.rs) that
 #        check a later part of a multi-part test on its own, because on the old code the
 #        test stops at its first failed assertion; in the table their "after" is main's
 #        whole test.
@@ -120,6 +120,7 @@ TESTS='
 14|node|one_trace_covers_both_nodes_at_info|one_trace_covers_both_nodes
 14|node|one_trace_covers_both_nodes_at_info_without_the_generation_block|one_trace_covers_both_nodes
 14|node|one_trace_covers_both_nodes_at_info_ship_shard_and_kicks_only|one_trace_covers_both_nodes
+14|node|one_trace_covers_both_nodes_at_info_idle_kicks_only|one_trace_covers_both_nodes
 15|cli|an_endless_line_is_a_clear_error|=
 15|lib:qatflow-core|jsonl::failfirst::a_line_without_end_stops_the_reader|jsonl::tests::a_line_without_end_stops_the_reader
 15|node|a_refused_workstation_backs_off_and_says_so|status_shows_the_peer_state
@@ -251,7 +252,7 @@ if [ "$after_bin" = "$before_bin" ]; then
     exit 2
 fi
 mkdir -p "$(dirname "$OUT_TSV")"
-printf 'defect\tbinary\ttest\tbefore\tafter\n' >"$OUT_TSV"
+printf 'defect\tbinary\ttest (after)\ttest (before, if another)\tbefore\tafter\n' >"$OUT_TSV"
 bad=0
 declare -A AFTER
 for i in "${!ROWS[@]}"; do
@@ -267,7 +268,10 @@ for i in "${!ROWS[@]}"; do
     # old code is expected of them (they found a bug only in the fix's own BOM code).
     case $defect:$b in fuzz:ok) ;; *:ok | *:"NOT FOUND"* | *:"NO BINARY"*) bad=1 ;; esac
     [ "$a" = ok ] || bad=1
-    printf '%s\t%s\t%s\t%s\t%s\n' "$defect" "$key" "$after" "$b" "$a" | tee -a "$OUT_TSV"
+    other=$before
+    [ "$before" = "$after" ] && other=
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$defect" "$key" "$after" "$other" "$b" "$a" |
+        tee -a "$OUT_TSV"
 done
 
 log "results (also in $OUT_TSV; logs in $LOGS)"
