@@ -35,8 +35,9 @@
 # Needs:  git, cargo (the workspace's toolchain), jq, timeout. Only the package registry is
 #         reached (cargo fetches crates the before tree's Cargo.lock names).
 # Cost:   two builds of the workspace's CLI/node test binaries and all lib test harnesses
-#         (on a 2-core VM: about 25 min each with a warm dependency cache), then about
-#         10 min of tests per tree (the node tests start real nodes and train a tiny model).
+#         (on a 2-core VM with main's dependency builds in the target directory: about
+#         8 min each), then about 6 min of "before" tests (mostly waiting on time limits:
+#         the old code hangs or never answers) and 1 min of "after" tests.
 # Expect: every "before" is FAIL (or DOES NOT COMPILE for a feature the old API lacks),
 #         except the "fuzz" rows (new properties that the old code also satisfies); every
 #         "after" is ok. The script exits 1 if an "after" is not ok or another "before"
