@@ -52,6 +52,30 @@ fn the_example_dataset_passes_v4() {
     assert!(text.contains("conversations            1000"), "{text}");
 }
 
+/// The example dataset repeats no conversation: its 1,000 lines are 1,000 distinct message
+/// lists (it had 936, the ids differing only through metadata; issue 18, defect 12).
+#[test]
+fn the_example_dataset_repeats_no_conversation() {
+    let text = std::fs::read_to_string(example()).unwrap();
+    let mut seen = std::collections::HashMap::new();
+    let mut repeats = Vec::new();
+    let mut lines = 0;
+    for (i, l) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        lines += 1;
+        let v: Value = serde_json::from_str(l).unwrap();
+        if let Some(first) = seen.insert(v["messages"].to_string(), i + 1) {
+            repeats.push((first, i + 1));
+        }
+    }
+    assert_eq!(lines, 1000);
+    assert!(
+        repeats.is_empty(),
+        "{} distinct message lists in {lines} lines; repeated (first, again): {:?}",
+        seen.len(),
+        &repeats[..repeats.len().min(5)]
+    );
+}
+
 #[test]
 fn json_report_lists_every_flagged_line_and_exit_1_on_a_failed_gate() {
     let dir = tempfile::tempdir().unwrap();
