@@ -113,6 +113,9 @@ struct Running {
     store: Store,
 }
 
+/// The fake servers' latencies are scheduler noise on a loaded machine (2 ms sleeps between
+/// a few chunks), so the promotion here is decided by the gates alone: a candidate may be up
+/// to 10× slower. The latency rule has its own tests in `qatflow-bench`'s `decide`.
 fn start(dir: &Path, model: &Path) -> Running {
     let text = format!(
         "name = \"spark\"\nrole = \"spark\"\ndata_dir = {data:?}\n\
@@ -120,7 +123,7 @@ fn start(dir: &Path, model: &Path) -> Running {
          max_model_len = 4096\n\
          [serving.health]\nstartup_timeout_s = 30\ninterval_ms = 100\nrequest_timeout_ms = 2000\nstall_timeout_ms = 700\n\
          failures_before_restart = 2\nmax_restarts = 3\nbackoff_initial_ms = 100\nbackoff_max_ms = 400\n\
-         [serving.promote]\nsuite = {suite:?}\nidle_timeout_ms = 10000\n",
+         [serving.promote]\nsuite = {suite:?}\nidle_timeout_ms = 10000\nlatency_margin_pct = 1000\n",
         data = dir.display().to_string(),
         prog = fake_vllm().display().to_string(),
         model = model.display().to_string(),
