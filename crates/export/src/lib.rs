@@ -1,6 +1,6 @@
 //! qatflow-export: turns a QAT checkpoint, or (for the PTQ baseline) a plain Hugging Face
 //! model, into a directory that vLLM serves with `--quantization modelopt_fp4`, in exactly
-//! the format NVIDIA ModelOpt 0.47 writes (see DESIGN.md, "The NVFP4 format").
+//! the format NVIDIA ModelOpt 0.47 writes (the scheme itself is `qatflow-nvfp4`'s).
 //!
 //! - [`checkpoint`]: export of a verified checkpoint with its quantizer state;
 //! - [`ptq`]: max calibration of a Hugging Face model on the CPU, then the same export;

@@ -9,8 +9,9 @@
 //! - [`inbox`]: the receiving side: appends at the committed offset into a temporary file,
 //!   verifies the checksum, commits idempotently and imports into the dataset store.
 //!
-//! Files are the truth and sled is the index (DESIGN.md, "Pitfalls"): a shard file is
-//! written, fsynced and renamed into place, its directory fsynced, and only then recorded.
+//! Files are the truth and sled is the index (ARCHITECTURE.md, "The restart contract"): a
+//! shard file is written, fsynced and renamed into place, its directory fsynced, and only
+//! then recorded.
 //! Nothing here knows about actors or gRPC.
 
 pub mod error;
