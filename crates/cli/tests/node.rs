@@ -461,6 +461,33 @@ fn kill_nine_of_either_node_loses_and_duplicates_nothing() {
 #[derive(Clone, Default)]
 struct Receiver {
     requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    /// Where the collector listens (`http://127.0.0.1:PORT`).
+    url: String,
+}
+
+/// An OTLP trace collector on loopback, and the runtime that serves it (keep it alive).
+fn collector() -> (Receiver, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let receiver = Receiver {
+        url: format!("http://{}", listener.local_addr().unwrap()),
+        ..Receiver::default()
+    };
+    let service = TraceServiceServer::new(receiver.clone());
+    rt.spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    (receiver, rt)
 }
 
 #[tonic::async_trait]
@@ -476,9 +503,11 @@ impl TraceService for Receiver {
     }
 }
 
-/// (name, trace id, node.name attribute, node.name resource attribute) of every
-/// received span.
-fn spans(receiver: &Receiver) -> Vec<(String, Vec<u8>, String, String)> {
+/// (name, trace id, node.name attribute, node.name resource attribute, trace ids of its
+/// links) of every received span.
+type SpanRow = (String, Vec<u8>, String, String, Vec<Vec<u8>>);
+
+fn spans(receiver: &Receiver) -> Vec<SpanRow> {
     use opentelemetry_proto::tonic::common::v1::KeyValue;
     fn text(attrs: &[KeyValue], key: &str) -> String {
         attrs
@@ -508,6 +537,7 @@ fn spans(receiver: &Receiver) -> Vec<(String, Vec<u8>, String, String)> {
                         s.trace_id.clone(),
                         text(&s.attributes, "node.name"),
                         resource.clone(),
+                        s.links.iter().map(|l| l.trace_id.clone()).collect(),
                     )
                 })
         })
@@ -516,27 +546,9 @@ fn spans(receiver: &Receiver) -> Vec<(String, Vec<u8>, String, String)> {
 
 #[test]
 fn one_trace_covers_both_nodes() {
-    let receiver = Receiver::default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let addr = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let service = TraceServiceServer::new(receiver.clone());
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-                .unwrap();
-        });
-        addr
-    });
+    let (receiver, _collector) = collector();
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Cluster::new(dir.path(), 1, 0, Some(format!("http://{addr}")));
+    let mut cluster = Cluster::new(dir.path(), 1, 0, Some(receiver.url.clone()));
     // The default stderr level: it must not decide what is traced.
     cluster.log_level = "warn";
     cluster.start_spark();
@@ -613,6 +625,65 @@ fn one_trace_covers_both_nodes() {
         assert!(
             Instant::now() < deadline,
             "no trace with spans of both nodes; spans: {:?}",
+            all.iter().map(|s| (&s.0, &s.2)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The GPU node is down while the workstation generates: the rounds the teacher kicks fail,
+/// the timer's rounds ship once it is up, each in a trace of its own, and their `ship_shard`
+/// spans link back to the generation, so every commit is connected to it.
+#[test]
+fn rounds_after_a_peer_outage_link_back_to_the_generation() {
+    let (receiver, _collector) = collector();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::new(dir.path(), 1, 0, Some(receiver.url.clone()));
+    cluster.start_ws();
+    let rt = runtime();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ws = cluster.status(&rt).and_then(|n| n.into_iter().next());
+        if ws
+            .as_ref()
+            .is_some_and(|w| w.teacher.starts_with("finished") && w.shards_sealed > 0)
+        {
+            assert_eq!(ws.unwrap().shards_shipped, 0, "the peer is down");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "generation did not finish: {ws:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.start_spark();
+    cluster.wait_done(&rt, Duration::from_secs(60), "after the outage");
+    cluster.stop_all();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = spans(&receiver);
+        let generation = all.iter().find(|s| s.0 == "TeacherActor.Generate");
+        let commits: Vec<_> = all.iter().filter(|s| s.0 == "Shards/CommitShard").collect();
+        if let (Some(generation), false) = (generation, commits.is_empty()) {
+            let g = &generation.1;
+            let linked: Vec<&SpanRow> = all
+                .iter()
+                .filter(|s| s.0 == "ship_shard" && &s.1 != g && s.4.contains(g))
+                .collect();
+            assert!(!linked.is_empty(), "a later round links to the generation");
+            for c in &commits {
+                assert!(
+                    &c.1 == g || linked.iter().any(|l| l.1 == c.1),
+                    "every commit is in the generation's trace or in a linked round's"
+                );
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no generation or commit spans; spans: {:?}",
             all.iter().map(|s| (&s.0, &s.2)).collect::<Vec<_>>()
         );
         std::thread::sleep(Duration::from_millis(100));

@@ -10,6 +10,11 @@
 //! The outbox marks a shard shipped only after the receiver answered its commit; a crash
 //! before that re-sends from the receiver's offset and the commit is idempotent, so nothing
 //! is lost or duplicated.
+//!
+//! Tracing: a round a generation kicked runs in the generation's trace. A round the timer
+//! starts (a peer that was down, data left over) has its own trace, and each of its
+//! `ship_shard` spans carries span links to the generations whose data waited for it, so a
+//! conversation's generation, validation, shard and commit stay connected either way.
 
 use super::blocking;
 use crate::client::{AuthChannel, ShardsClient};
@@ -17,6 +22,7 @@ use crate::status::{Field, StatusBoard};
 use crate::trace::actor_span_in;
 use crate::watchdog::{self, Heartbeat};
 use actix::prelude::*;
+use opentelemetry::trace::{SpanContext, TraceContextExt};
 use qatflow_proto::v1::{CommitShardRequest, QueryShardRequest, ShardChunk};
 use qatflow_proto::MAX_CHUNK_BYTES;
 use qatflow_shards::{Outbox, SealLimits, ShardMeta};
@@ -25,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// What a shipper works with.
 pub struct ShipperParts {
@@ -52,6 +59,18 @@ pub struct ShardShipper {
     heartbeat: Heartbeat,
     backoff: Option<Backoff>,
     parent: Option<tracing::Span>,
+    /// Span contexts of the generations that kicked since data last shipped: the links of
+    /// the next round's `ship_shard` spans.
+    origins: Vec<SpanContext>,
+}
+
+/// Most generations a shipping round links to (the newest are kept).
+const MAX_ORIGINS: usize = 32;
+
+/// The OpenTelemetry context of `span`, when it is sampled into a trace.
+fn span_context(span: &tracing::Span) -> Option<SpanContext> {
+    let cx = span.context().span().span_context().clone();
+    cx.is_valid().then_some(cx)
 }
 
 impl ShardShipper {
@@ -66,7 +85,20 @@ impl ShardShipper {
             heartbeat: Heartbeat::default(),
             backoff: None,
             parent: None,
+            origins: Vec::new(),
         }
+    }
+
+    /// Keeps `contexts` (generations whose data is not shipped yet) for the next round's
+    /// links, without repeats and at most [`MAX_ORIGINS`] of them.
+    fn remember(&mut self, contexts: impl Iterator<Item = SpanContext>) {
+        for cx in contexts {
+            if !self.origins.contains(&cx) {
+                self.origins.push(cx);
+            }
+        }
+        let excess = self.origins.len().saturating_sub(MAX_ORIGINS);
+        self.origins.drain(..excess);
     }
 }
 
@@ -121,8 +153,9 @@ impl Handler<Kick> for ShardShipper {
     type Result = ();
 
     fn handle(&mut self, msg: Kick, ctx: &mut Context<Self>) {
-        if msg.parent.is_some() {
-            self.parent = msg.parent.clone();
+        if let Some(parent) = &msg.parent {
+            self.parent = Some(parent.clone());
+            self.remember(span_context(parent).into_iter());
         }
         if self.busy {
             self.again = Some(self.again.unwrap_or(false) || msg.flush);
@@ -145,12 +178,14 @@ impl Handler<Kick> for ShardShipper {
             self.board.name().to_string(),
             self.parent.take().unwrap_or_else(tracing::Span::current),
         );
+        let links = std::mem::take(&mut self.origins);
         let work = round(
             self.parts.clone(),
             self.board.clone(),
             msg.flush,
             hb.clone(),
             span,
+            links.clone(),
         );
         let round = tokio::spawn(work);
         hb.start(round.abort_handle());
@@ -158,8 +193,14 @@ impl Handler<Kick> for ShardShipper {
             act.busy = false;
             act.heartbeat.finish();
             match result {
-                Ok(Ok(())) => act.backoff = None,
+                Ok(Ok(shipped)) => {
+                    act.backoff = None;
+                    if shipped == 0 {
+                        act.remember(links.into_iter());
+                    }
+                }
                 Ok(Err(e)) if e.unauthorized => {
+                    act.remember(links.into_iter());
                     // A wrong token does not fix itself: retry less and less often, and
                     // warn only when the wait grows.
                     let wait = act
@@ -188,6 +229,7 @@ impl Handler<Kick> for ShardShipper {
                     );
                 }
                 Ok(Err(e)) => {
+                    act.remember(links.into_iter());
                     act.backoff = None;
                     tracing::warn!(actor = "ShardShipper", "{}; retrying", e.text);
                     act.board.set(Field::Shipper, format!("retrying: {}", e.text));
@@ -246,7 +288,8 @@ async fn round(
     flush: bool,
     hb: Heartbeat,
     span: (String, tracing::Span),
-) -> Result<(), RoundError> {
+    links: Vec<SpanContext>,
+) -> Result<usize, RoundError> {
     let p = parts.clone();
     blocking(move || p.outbox.seal(&p.store, &p.limits, flush))
         .await?
@@ -257,12 +300,14 @@ async fn round(
         .await?
         .map_err(|e| e.to_string())?;
     if pending.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
+    let shipped = pending.len();
     let kick = actor_span_in(&span.1, &span.0, "ShardShipper", "Kick");
-    ship_all(parts, board, pending, hb, span.0)
+    ship_all(parts, board, pending, hb, span.0, links)
         .instrument(kick)
-        .await
+        .await?;
+    Ok(shipped)
 }
 
 /// Ships `pending` in order, then reports the shipper idle (with the rejected shards).
@@ -272,6 +317,7 @@ async fn ship_all(
     pending: Vec<ShardMeta>,
     hb: Heartbeat,
     node: String,
+    links: Vec<SpanContext>,
 ) -> Result<(), RoundError> {
     for meta in pending {
         hb.beat();
@@ -282,6 +328,9 @@ async fn ship_all(
             shard.id = %meta.id,
             shard.size = meta.size
         );
+        for cx in &links {
+            span.add_link(cx.clone());
+        }
         ship(&parts, &meta, &hb).instrument(span).await?;
     }
     let p = parts.clone();
