@@ -74,3 +74,46 @@ fn offline_generation_stores_checks_and_resumes() {
     assert_eq!(report["validate_only"], true);
     assert_eq!(report["dataset"]["conversations"], 90);
 }
+
+/// `--max-requests` caps each run: a run stops starting batches at the cap, keeps what it
+/// stored and says how to go on; `--resume` makes at most as many more.
+#[test]
+fn the_request_cap_stops_a_run_and_resume_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = [
+        "generate",
+        "--backend",
+        "offline",
+        "--count",
+        "10",
+        "--per-batch",
+        "5",
+        "--concurrency",
+        "1",
+        "--max-requests",
+        "3",
+        "--json",
+    ];
+    let stored = |out: &std::process::Output| -> u64 {
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["dataset"]["conversations"].as_u64().unwrap()
+    };
+    let out = qatflow(d).args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("request cap reached: 3 of --max-requests 3"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("run again with --resume"), "{stderr}");
+    assert_eq!(stored(&out), 15, "3 requests of 5 conversations");
+    let out = qatflow(d).args(args).arg("--resume").output().unwrap();
+    assert_eq!(stored(&out), 30, "{}", String::from_utf8_lossy(&out.stderr));
+    let out = qatflow(d)
+        .args(&args[..9])
+        .args(["--resume", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(stored(&out), 90, "without a cap the rest is generated");
+}

@@ -799,7 +799,7 @@ async fn generate_batches(
             }
             Outcome::Capped(cap) => {
                 if !report.cost_cap_reached {
-                    warn!("{cap}: starting no new batch; rerun with --resume and a higher cap to go on");
+                    warn!("{cap}: starting no new batch; rerun with --resume to go on");
                     report.cost_cap_reached = true;
                     report.cap = cap;
                 }

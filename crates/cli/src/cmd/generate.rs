@@ -215,7 +215,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     if report.cost_cap_reached {
         eprintln!(
-            "{}: stored batches are kept; run again with --resume (and a higher cap) to generate the rest",
+            "{}: stored batches are kept; run again with --resume to generate the rest (the cap counts each run's requests)",
             report.cap
         );
     }
