@@ -118,8 +118,10 @@ pub enum EvalCommand {
         /// Tokens given in the first call.
         #[arg(long, default_value_t = 16)]
         prefill: usize,
-        /// Largest |Δlogit| accepted.
-        #[arg(long, default_value_t = 1e-3)]
+        /// Largest |Δlogit| accepted. Measured on the tiny Qwen3.5 fixture: about 2e-6 in F32
+        /// on the CPU, 1e-3 in F32 on an H100 and 2e-2 in BF16; a broken cache is off by whole
+        /// logits.
+        #[arg(long, default_value_t = 0.05)]
         tolerance: f64,
         #[command(flatten)]
         data: DataArgs,
