@@ -264,12 +264,7 @@ fn chat_on<B: Backend>(a: &ChatArgs, device: B::Device) -> anyhow::Result<String
 /// Runs `qatflow chat`.
 pub fn chat(a: ChatArgs) -> anyhow::Result<ExitCode> {
     let _span = tracing::info_span!("chat", model = %a.model_dir.display()).entered();
-    let reply = match a.model.device {
-        Device::Cpu => chat_on::<burn::backend::Flex>(&a, Default::default())?,
-        Device::Cuda(i) => {
-            chat_on::<burn::backend::Cuda>(&a, burn::backend::cuda::CudaDevice::new(i))?
-        }
-    };
+    let reply = on_inference_backend!(a.model.device, chat_on(&a))?;
     println!("{reply}");
     Ok(ExitCode::SUCCESS)
 }
@@ -322,18 +317,7 @@ fn decode(
     data: &DataArgs,
     model: &ModelArgs,
 ) -> anyhow::Result<ExitCode> {
-    let report = match model.device {
-        Device::Cpu => {
-            decode_on::<burn::backend::Flex>(dir, prefill, data, model, Default::default())?
-        }
-        Device::Cuda(i) => decode_on::<burn::backend::Cuda>(
-            dir,
-            prefill,
-            data,
-            model,
-            burn::backend::cuda::CudaDevice::new(i),
-        )?,
-    };
+    let report = on_inference_backend!(model.device, decode_on(dir, prefill, data, model))?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     if report.max_abs_diff > tolerance {
         eprintln!(
@@ -352,34 +336,13 @@ pub fn eval(cmd: EvalCommand) -> anyhow::Result<ExitCode> {
             model_dir,
             data,
             model,
-        } => match model.device {
-            Device::Cpu => {
-                nll_on::<burn::backend::Flex>(model_dir, data, model, Default::default())?
-            }
-            Device::Cuda(i) => nll_on::<burn::backend::Cuda>(
-                model_dir,
-                data,
-                model,
-                burn::backend::cuda::CudaDevice::new(i),
-            )?,
-        },
+        } => on_inference_backend!(model.device, nll_on(model_dir, data, model))?,
         EvalCommand::Kld {
             base,
             other,
             data,
             model,
-        } => match model.device {
-            Device::Cpu => {
-                kld_on::<burn::backend::Flex>(base, other, data, model, Default::default())?
-            }
-            Device::Cuda(i) => kld_on::<burn::backend::Cuda>(
-                base,
-                other,
-                data,
-                model,
-                burn::backend::cuda::CudaDevice::new(i),
-            )?,
-        },
+        } => on_inference_backend!(model.device, kld_on(base, other, data, model))?,
         EvalCommand::Decode {
             model_dir,
             prefill,

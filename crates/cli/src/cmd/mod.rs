@@ -1,5 +1,19 @@
 //! One module per subcommand.
 
+/// `$f::<B>(args…, device)` with `B` the inference backend of `$device` (a
+/// `qatflow_core::Device`): burn's `flex` on the CPU, CUDA on `cuda:N`. The one place the
+/// CLI's inference commands name those backends.
+macro_rules! on_inference_backend {
+    ($device:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $device {
+            qatflow_core::Device::Cpu => $f::<burn::backend::Flex>($($arg,)* Default::default()),
+            qatflow_core::Device::Cuda(i) => {
+                $f::<burn::backend::Cuda>($($arg,)* burn::backend::cuda::CudaDevice::new(i))
+            }
+        }
+    };
+}
+
 pub mod bench;
 pub mod bench_gates;
 pub mod dataset;

@@ -12,7 +12,6 @@ use burn::tensor::backend::Backend;
 use qatflow_serve::{AppState, EngineConfig, ServeOptions, ToolCallFormat};
 
 use super::infer::ModelArgs;
-use qatflow_core::Device;
 
 /// Arguments of `qatflow serve`.
 #[derive(clap::Args)]
@@ -103,11 +102,6 @@ fn serve_on<B: Backend>(a: &ServeArgs, device: B::Device) -> anyhow::Result<()> 
 
 /// Runs `qatflow serve`.
 pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
-    match a.model.device {
-        Device::Cpu => serve_on::<burn::backend::Flex>(&a, Default::default())?,
-        Device::Cuda(i) => {
-            serve_on::<burn::backend::Cuda>(&a, burn::backend::cuda::CudaDevice::new(i))?
-        }
-    }
+    on_inference_backend!(a.model.device, serve_on(&a))?;
     Ok(ExitCode::SUCCESS)
 }

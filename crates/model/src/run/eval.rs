@@ -328,18 +328,18 @@ pub fn eval_decode<B: Backend>(
     for seq in &sequences {
         let full = to_dtype(model.forward(ids(seq), None), DType::F32);
         let mut cache = model.new_cache();
-        let mut worst = 0f64;
         let steps = std::iter::once((0, prefill)).chain((prefill..seq.len()).map(|p| (p, p + 1)));
-        for (start, end) in steps {
-            let hidden = model.forward_hidden(ids(&seq[start..end]), None, Some(&mut cache));
-            let part = to_dtype(model.logits(hidden), DType::F32);
-            let want = full.clone().slice([0..1, start..end]);
-            let diff = (part - want).abs().max();
-            worst = to_f64(diff).into_iter().fold(worst, f64::max);
-        }
+        // Each step's largest |Δ| stays on the device; one read-back per sequence.
+        let diffs: Vec<Tensor<B, 1>> = steps
+            .map(|(start, end)| {
+                let hidden = model.forward_hidden(ids(&seq[start..end]), None, Some(&mut cache));
+                let part = to_dtype(model.logits(hidden), DType::F32);
+                (part - full.clone().slice([0..1, start..end])).abs().max()
+            })
+            .collect();
         per_seq.push(SequenceDecode {
             tokens: seq.len(),
-            max_abs_diff: worst,
+            max_abs_diff: to_f64(Tensor::cat(diffs, 0).max())[0],
         });
     }
     Ok(DecodeReport {
