@@ -1,11 +1,13 @@
 //! NVFP4 fake quantization of burn tensors, through the one-pass CubeCL kernel
-//! ([`crate::kernel::fake_quantize_kernel`]) when the tensor lives on CUDA and through
-//! `qatflow_nvfp4::fake_quant`'s tensor operations everywhere else. Both give bit-identical
+//! ([`crate::kernel::fake_quantize_kernel`]) when the tensor lives on CUDA, through the
+//! reference codec's block loop on the CPU, and through `qatflow_nvfp4::fake_quant`'s tensor
+//! operations on any other backend. All give bit-identical
 //! values (`examples/gpu_check.rs` checks it on a GPU).
 //!
 //! The model code is generic over burn backends, so the CUDA path is found at run time: the
 //! tensor's primitive is matched against the CUDA primitives qatflow runs on (`CubeBackend`,
-//! `Fusion<CubeBackend>`, and both under `Autodiff`). Under fusion the kernel is registered
+//! `Fusion<CubeBackend>`, and both under `Autodiff`). On burn's `flex` CPU backend the
+//! reference codec runs over the tensor's data on every core. Under fusion the kernel is registered
 //! as a custom operation of the fusion stream, so it runs in stream order and needs no sync.
 //! The straight-through estimator is the same as `qatflow_nvfp4::fake_quant::fake_quantize`'s
 //! (`fq(x.detach()) + (x - x.detach())`): the kernel only ever sees detached values.
@@ -21,9 +23,10 @@ use burn::backend::autodiff::checkpoint::strategy::{
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
 use burn::backend::autodiff::{Autodiff, NodeId};
+use burn::backend::Flex;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
@@ -32,6 +35,7 @@ use burn_fusion::{Fusion, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use cubecl::cuda::CudaRuntime;
 use half::bf16;
+use qatflow_nvfp4::codec::BLOCK_SIZE;
 use qatflow_nvfp4::fake_quant::fake_quantize_value as tensor_ops_fake_quantize;
 
 use crate::{launch_fake_quantize, Result};
@@ -176,6 +180,9 @@ pub fn fake_quantize_value<B: Backend, const D: usize>(
     if !matches!(x.dtype(), DType::F32 | DType::BF16) {
         return Ok(tensor_ops_fake_quantize(name, x, amax)?);
     }
+    if is_host::<B>() {
+        return Ok(on_host(x, scale_2));
+    }
     let primitive = x.into_primitive().tensor();
     match on_cuda::<B>(primitive, scale_2) {
         Ok(out) => Ok(Tensor::from_primitive(TensorPrimitive::Float(out))),
@@ -184,6 +191,48 @@ pub fn fake_quantize_value<B: Backend, const D: usize>(
             Ok(tensor_ops_fake_quantize(name, x, amax)?)
         }
     }
+}
+
+/// Whether `B` keeps its tensors in host memory (burn's `flex`, with or without autodiff):
+/// reading a tensor back is then a copy, not a device transfer.
+fn is_host<B: Backend>() -> bool {
+    TypeId::of::<burn::tensor::Device<B>>() == TypeId::of::<burn::tensor::Device<Flex>>()
+}
+
+/// Elements below which the host path stays on one thread.
+const HOST_PARALLEL_MIN: usize = 1 << 16;
+
+/// The reference codec's block loop over the tensor's values, on every core: one pass over
+/// the data instead of the ~20 tensor operations of the composed form (which dominated
+/// CPU evaluation of NVFP4 exports). Output in the input's dtype; values as the codec's
+/// (F32 and BF16 inputs; BF16 results rounded to nearest even, as the CUDA kernel does).
+fn on_host<B: Backend, const D: usize>(x: Tensor<B, D>, scale_2: f32) -> Tensor<B, D> {
+    let device = x.device();
+    let dtype = x.dtype();
+    let data = x.into_data();
+    let shape = data.shape.clone();
+    let mut values: Vec<f32> = data
+        .convert::<f32>()
+        .into_vec()
+        .expect("converted to f32 just above");
+    let blocks = |chunk: &mut [f32]| {
+        for block in chunk.chunks_exact_mut(BLOCK_SIZE) {
+            let block: &mut [f32; BLOCK_SIZE] = block.try_into().expect("exact chunks");
+            qatflow_nvfp4::codec::fake_quantize_block(block, scale_2);
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if values.len() < HOST_PARALLEL_MIN || threads == 1 {
+        blocks(&mut values);
+    } else {
+        let per = values.len().div_ceil(threads).next_multiple_of(BLOCK_SIZE);
+        std::thread::scope(|s| {
+            for chunk in values.chunks_mut(per) {
+                s.spawn(move || blocks(chunk));
+            }
+        });
+    }
+    Tensor::from_data(TensorData::new(values, shape), (&device, dtype))
 }
 
 /// Runs the kernel when `B`'s float primitive is one of the CUDA primitives; gives the
@@ -310,8 +359,6 @@ impl Operation<FusedRuntime> for FakeQuantizeOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::Flex;
-    use burn::tensor::TensorData;
 
     type Ad = Autodiff<Flex>;
 
@@ -346,6 +393,29 @@ mod tests {
             bits(got),
             codec.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn the_host_path_matches_the_codec_on_many_threads_and_in_bf16() {
+        let rows = HOST_PARALLEL_MIN / 64 + 3;
+        let data = sample(rows * 64);
+        let codec = qatflow_nvfp4::codec::fake_quantize("x", &data, &[rows, 64], 21.0).unwrap();
+        let x = Tensor::<Flex, 2>::from_data(
+            TensorData::new(data.clone(), [rows, 64]),
+            &Default::default(),
+        );
+        let got = fake_quantize_value("x", x, 21.0).unwrap().into_data();
+        assert_eq!(got.to_vec::<f32>().unwrap(), codec);
+        let halves: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+        let codec = qatflow_nvfp4::codec::fake_quantize("x", &halves, &[rows, 64], 21.0).unwrap();
+        let x = Tensor::<Flex, 2>::from_data(
+            TensorData::new(halves, [rows, 64]),
+            (&Default::default(), DType::BF16),
+        );
+        let got = fake_quantize_value("x", x, 21.0).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let want: Vec<bf16> = codec.iter().map(|&v| bf16::from_f32(v)).collect();
+        assert_eq!(got.into_data().to_vec::<bf16>().unwrap(), want);
     }
 
     #[test]

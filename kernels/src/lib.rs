@@ -29,6 +29,13 @@ pub mod loss;
 pub mod recompute;
 
 use cubecl::cuda::{CudaDevice, CudaRuntime};
+
+/// burn's CUDA backend without its fusion layer (`burn::backend::Cuda` is the fused one).
+/// `qatflow serve` runs on it: its engine thread drives a model loaded on another thread,
+/// and burn-fusion 0.21's stream bookkeeping failed there on the first request ("index out
+/// of bounds" in `burn-cubecl-fusion`'s `engine/codegen/ir.rs`, then "Ordering is bigger
+/// than operations"). The fake-quant kernel and the cuBLASLt GEMMs serve both.
+pub type CudaUnfused = burn_cubecl::CubeBackend<CudaRuntime, f32, i32, u8>;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use half::bf16;

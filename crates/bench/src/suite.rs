@@ -363,6 +363,19 @@ impl Suite {
         Ok(self)
     }
 
+    /// Caps every request's `max_tokens` (the suite's and each prompt's override) at `cap`.
+    pub fn cap_max_tokens(mut self, cap: u32) -> Suite {
+        self.max_tokens = self.max_tokens.min(cap);
+        for p in self
+            .categories
+            .iter_mut()
+            .flat_map(|c| c.prompts.iter_mut())
+        {
+            p.max_tokens = p.max_tokens.map(|m| m.min(cap));
+        }
+        self
+    }
+
     /// Number of prompts over all categories.
     pub fn prompt_count(&self) -> usize {
         self.categories.iter().map(|c| c.prompts.len()).sum()
@@ -518,5 +531,27 @@ mod tests {
         let err = s.clone().only(&["nope".into()]).unwrap_err().to_string();
         assert!(err.contains("no category `nope`"), "{err}");
         assert_eq!(s.only(&["c".into()]).unwrap().prompt_count(), 1);
+    }
+
+    #[test]
+    fn a_max_tokens_cap_lowers_the_suite_and_every_override() {
+        let cat = "[category]\nname = \"c\"\nchecks = [\"markdown\"]\nmin_pass_pct = 50\n\
+                   [[prompts]]\nid = \"a\"\nuser = \"hi\"\nmax_tokens = 512\n\
+                   [[prompts]]\nid = \"b\"\nuser = \"hi\"\nmax_tokens = 16\n\
+                   [[prompts]]\nid = \"c\"\nuser = \"hi\"\n";
+        let s = Suite::from_texts(
+            "t",
+            "name = \"t\"\nmax_tokens = 256\n",
+            &[("c.toml".into(), cat.into())],
+        )
+        .unwrap()
+        .cap_max_tokens(64);
+        assert_eq!(s.max_tokens, 64);
+        let overrides: Vec<Option<u32>> = s.categories[0]
+            .prompts
+            .iter()
+            .map(|p| p.max_tokens)
+            .collect();
+        assert_eq!(overrides, vec![Some(64), Some(16), None]);
     }
 }

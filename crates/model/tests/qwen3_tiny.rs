@@ -255,6 +255,15 @@ fn nvfp4_export_logits_are_close_to_bf16() {
         );
         assert!(diff > 0.0 && diff <= margin, "{label}: max |Δ| = {diff}");
         assert!(kld.mean_kld <= kl_margin, "{label}: {kld:?}");
+        // The NLLs that come with the KL are `eval nll`'s.
+        for (model, nll) in [(&bf16, kld.base_nll), (&export, kld.other_nll)] {
+            let want = eval_nll(model, calib_ids()).unwrap().mean_nll;
+            let got = nll.expect("sequences of two or more tokens");
+            assert!(
+                (got - want).abs() < 1e-6 * want.abs().max(1.0),
+                "{label}: {got} vs {want}"
+            );
+        }
         assert!(
             kld.mean_kld > previous,
             "activation quantization adds error"
@@ -309,6 +318,11 @@ fn kld_of_a_model_with_itself_is_zero() {
     assert_eq!(r.positions, 256);
     assert!(r.mean_kld.abs() < 1e-6 && r.p99_kld.abs() < 1e-6, "{r:?}");
     assert_eq!(r.top1_agreement, 1.0);
+    assert_eq!(r.base_nll, r.other_nll);
+    assert_eq!(
+        eval_kld(&model, &model, vec![vec![1]]).unwrap().base_nll,
+        None
+    );
     assert!(eval_nll(&model, vec![vec![1]]).is_err());
     assert!(eval_nll(&model, vec![vec![1, 5000]]).is_err());
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::config::{MomentPrecision, OptimPrecision, OptimSection};
 use crate::data::Example;
+use crate::loss::Objective;
 use crate::optim::AdamW;
 use crate::run::{optimizer_step, StepOutcome};
 use crate::{CancellationToken, TrainError};
@@ -263,9 +264,15 @@ pub fn bench_train_on<B: AutodiffBackend>(
     for i in 0..options.warmup + options.steps {
         let t0 = Instant::now();
         let g0 = qatflow_kernels::gemm::stats();
-        let StepOutcome::Done(next, stats) =
-            optimizer_step(model, &mut optimizer, &micro, 1e-5, i as u64, &cancel)
-        else {
+        let StepOutcome::Done(next, stats) = optimizer_step(
+            model,
+            &mut optimizer,
+            &Objective::Sft,
+            &micro,
+            1e-5,
+            i as u64,
+            &cancel,
+        ) else {
             unreachable!("the benchmark's token is never cancelled")
         };
         model = next;

@@ -188,6 +188,41 @@ impl Default for QuantSection {
     }
 }
 
+/// `loss.kind`: what the student is trained against.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossKind {
+    /// Next-token cross-entropy on the assistant tokens (the seeds' recipe).
+    #[default]
+    Sft,
+    /// Quantization-aware distillation: forward KL(teacher ‖ student) at temperature 1 on
+    /// the assistant tokens, against a teacher model's logits computed on the fly on the
+    /// same device (NVIDIA's QAD), optionally mixed with the SFT loss.
+    Qad,
+}
+
+/// `[loss]`: the training objective.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossSection {
+    /// `sft` (default) or `qad`.
+    pub kind: LossKind,
+    /// The teacher's model directory for `qad` (default: `model.base`, the BF16 model QAT
+    /// starts from). Resolved against the config file's directory like `model.base`.
+    pub teacher: Option<PathBuf>,
+    /// Weight `w` of the SFT loss in `qad`: loss = (1 − w)·KL + w·NLL, per target token
+    /// (default 0: pure distillation).
+    pub sft_weight: f64,
+}
+
+impl LossSection {
+    /// The default objective (plain SFT), which leaves [`TrainConfig::hash`] as it was
+    /// before `[loss]` existed.
+    pub fn is_default(&self) -> bool {
+        *self == LossSection::default()
+    }
+}
+
 /// `[run]`: where, on what and how often to save.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -238,6 +273,9 @@ pub struct TrainConfig {
     /// `[quant]`.
     #[serde(default)]
     pub quant: QuantSection,
+    /// `[loss]`.
+    #[serde(default, skip_serializing_if = "LossSection::is_default")]
+    pub loss: LossSection,
     /// `[run]`.
     #[serde(default)]
     pub run: RunSection,
@@ -271,6 +309,9 @@ impl TrainConfig {
                 fix(p);
             }
             if let Some(p) = config.data.store.as_mut() {
+                fix(p);
+            }
+            if let Some(p) = config.loss.teacher.as_mut() {
                 fix(p);
             }
         }
@@ -336,6 +377,16 @@ impl TrainConfig {
                 "must be at least 1 when quant.enabled",
             ));
         }
+        let l = &self.loss;
+        if !(0.0..=1.0).contains(&l.sft_weight) {
+            return Err(bad("loss.sft_weight", "must be in [0, 1]"));
+        }
+        if l.kind == LossKind::Sft && (l.teacher.is_some() || l.sft_weight != 0.0) {
+            return Err(bad(
+                "loss",
+                "`teacher` and `sft_weight` apply to kind = \"qad\" only; set kind = \"qad\" or remove them",
+            ));
+        }
         if self.run.checkpoint_every == 0 {
             return Err(bad("run.checkpoint_every", "must be at least 1"));
         }
@@ -359,6 +410,12 @@ impl TrainConfig {
         semantic.run.max_steps = None;
         let json = serde_json::to_vec(&semantic).expect("configs serialize");
         hex::encode(Sha256::digest(json))
+    }
+
+    /// The QAD teacher's directory (`loss.teacher`, else `model.base`); `None` for SFT.
+    pub fn teacher_dir(&self) -> Option<&Path> {
+        (self.loss.kind == LossKind::Qad)
+            .then(|| self.loss.teacher.as_deref().unwrap_or(&self.model.base))
     }
 
     /// Micro-batch × accumulation: conversations per optimizer step.
@@ -419,6 +476,50 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("data.jsonl"), "{err}");
+    }
+
+    #[test]
+    fn qad_reads_its_teacher_and_weight_and_checks_them() {
+        let c = TrainConfig::from_toml(
+            &format!("{MIN}[loss]\nkind = \"qad\"\nteacher = \"t\"\nsft_weight = 0.25\n"),
+            Path::new("dir/t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.loss.kind, LossKind::Qad);
+        assert_eq!(c.teacher_dir(), Some(Path::new("dir/t")));
+        assert_eq!(c.loss.sft_weight, 0.25);
+        let c = TrainConfig::from_toml(
+            &format!("{MIN}[loss]\nkind = \"qad\"\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.teacher_dir(), Some(Path::new("m")));
+        assert_eq!(
+            TrainConfig::from_toml(MIN, Path::new("t.toml"))
+                .unwrap()
+                .teacher_dir(),
+            None
+        );
+        for (body, field) in [
+            ("kind = \"qad\"\nsft_weight = 1.5\n", "loss.sft_weight"),
+            ("teacher = \"t\"\n", "`loss`"),
+            ("kind = \"kd\"\n", "kind"),
+        ] {
+            let err = TrainConfig::from_toml(&format!("{MIN}[loss]\n{body}"), Path::new("t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field) && err.contains("t.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_sft_config_hashes_as_before_loss_existed() {
+        let a = TrainConfig::from_toml(MIN, Path::new("t.toml")).unwrap();
+        let json = serde_json::to_value(&a).unwrap();
+        assert!(json.get("loss").is_none(), "{json}");
+        let mut b = a.clone();
+        b.loss.kind = LossKind::Qad;
+        assert_ne!(a.hash(), b.hash());
     }
 
     #[test]

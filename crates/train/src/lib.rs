@@ -4,7 +4,7 @@
 //!
 //! - [`config`]: the TOML recipe ([`TrainConfig`]);
 //! - [`data`]: conversations → token ids + assistant masks, deterministic epoch order;
-//! - [`loss`]: the assistant-only cross-entropy;
+//! - [`loss`]: the assistant-only losses (cross-entropy; KL to a teacher for QAD);
 //! - [`optim`]: AdamW with FP32 master weights or compensated BF16 updates;
 //! - [`state`]: checkpoints (through `qatflow-checkpoint`) and exact resume;
 //! - [`run`]: the loop; [`metrics`] and [`report`]: what a run leaves to look at;
@@ -28,7 +28,9 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::{Autodiff, Cuda, Flex};
 use burn::tensor::backend::AutodiffBackend;
-pub use config::{ConfigError, DeviceSpec, MomentPrecision, OptimPrecision, TrainConfig};
+pub use config::{
+    ConfigError, DeviceSpec, LossKind, LossSection, MomentPrecision, OptimPrecision, TrainConfig,
+};
 pub use data::{Dataset, Example};
 pub use qatflow_kernels::cache::{enable_compilation_cache, CacheSetting};
 pub use run::{train_on, Follow, RunOptions};
@@ -99,6 +101,13 @@ pub enum TrainEvent {
         /// Calibration sequences used.
         samples: usize,
     },
+    /// The QAD teacher was loaded.
+    TeacherLoaded {
+        /// Its model directory.
+        dir: PathBuf,
+        /// Weight of the SFT loss in the objective.
+        sft_weight: f64,
+    },
     /// The loop starts (or resumes).
     Started {
         /// Optimizer steps of the whole run.
@@ -116,7 +125,8 @@ pub enum TrainEvent {
         total_steps: u64,
         /// Current epoch (0-based).
         epoch: u32,
-        /// Mean target NLL of the step.
+        /// Mean loss per target token of the step (the NLL for SFT; KL, or the QAD mix, for
+        /// QAD).
         loss: f32,
         /// Learning rate of the step.
         lr: f64,

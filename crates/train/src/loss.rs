@@ -1,10 +1,13 @@
-//! The assistant-only loss: next-token cross-entropy summed over exactly the positions
-//! whose *target* token the model generates when serving (the `model` crate's assistant
-//! mask), computed from hidden states in row chunks so the `[tokens, vocab]` logits never
-//! exist at once in f32 for the whole batch. On CUDA the LM head and the loss are one
-//! operation (`qatflow_kernels::loss`) that also recomputes the chunks in backward.
+//! The assistant-only losses, over exactly the positions whose *target* token the model
+//! generates when serving (the `model` crate's assistant mask), computed from hidden states
+//! in row chunks so the `[tokens, vocab]` logits never exist at once in f32 for the whole
+//! batch:
+//! - SFT: next-token cross-entropy. On CUDA the LM head and the loss are one operation
+//!   (`qatflow_kernels::loss`) that also recomputes the chunks in backward.
+//! - QAD: forward KL(teacher ‖ student) at temperature 1 against a teacher model run on the
+//!   same device without gradients ([`Objective::Qad`]), optionally mixed with the SFT loss.
 
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use qatflow_model::CausalLm;
 
@@ -92,36 +95,104 @@ pub fn nll_sum_from_hidden<B: Backend>(
         let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.to_vec(), [n]), &device);
         let tgt =
             Tensor::<B, 2, Int>::from_data(TensorData::new(targets.to_vec(), [n, 1]), &device);
-        let logits = model.logits(flat.clone().select(0, idx));
-        let logits = if logits.dtype() == DType::F32 {
-            logits
-        } else {
-            logits.cast(DType::F32)
-        };
-        let max = logits.clone().detach().max_dim(1);
-        let shifted = logits - max;
-        let lse = shifted.clone().exp().sum_dim(1).log();
-        let picked = shifted.gather(1, tgt);
-        total = total + (lse - picked).sum();
+        let picked = log_softmax(model.logits(flat.clone().select(0, idx))).gather(1, tgt);
+        total = total - picked.sum();
     }
     total
 }
 
-/// Runs the training forward of `batch` and returns the summed target NLL.
-pub fn nll_sum<B: Backend>(model: &CausalLm<B>, batch: &Batch) -> Tensor<B, 1> {
+/// `[rows, vocab]` logits as f32 log-probabilities.
+fn log_softmax<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 2> {
+    let logits = if logits.dtype() == DType::F32 {
+        logits
+    } else {
+        logits.cast(DType::F32)
+    };
+    let max = logits.clone().detach().max_dim(1);
+    let shifted = logits - max;
+    let lse = shifted.clone().exp().sum_dim(1).log();
+    shifted - lse
+}
+
+/// Sum over `batch`'s target positions of KL(teacher ‖ student) between the next-token
+/// distributions (a scalar tensor `[1]` in f32), from the student's hidden states (with
+/// gradient) and the teacher's (without). The gradient with respect to the student's logits
+/// is `p_student − p_teacher` at each target position and zero elsewhere.
+pub fn kl_sum_from_hidden<B: AutodiffBackend>(
+    student: &CausalLm<B>,
+    hidden: Tensor<B, 3>,
+    teacher: &CausalLm<B::InnerBackend>,
+    teacher_hidden: Tensor<B::InnerBackend, 3>,
+    batch: &Batch,
+) -> Tensor<B, 1> {
+    let device = hidden.device();
+    let inner_device = teacher_hidden.device();
+    let [b, w, h] = hidden.dims();
+    let flat = hidden.reshape([b * w, h]);
+    let teacher_flat = teacher_hidden.reshape([b * w, teacher.config().hidden_size]);
+    let vocab = student.config().vocab_size;
+    let chunk = (MAX_CHUNK_LOGITS / vocab.max(1)).max(1);
+    let mut total = Tensor::<B, 1>::zeros([1], (&device, DType::F32));
+    for rows in batch.rows.chunks(chunk) {
+        let n = rows.len();
+        let data = TensorData::new(rows.to_vec(), [n]);
+        let idx = Tensor::<B, 1, Int>::from_data(data.clone(), &device);
+        let inner_idx = Tensor::<B::InnerBackend, 1, Int>::from_data(data, &inner_device);
+        let log_p_teacher = log_softmax(teacher.logits(teacher_flat.clone().select(0, inner_idx)));
+        let p_teacher = Tensor::<B, 2>::from_inner(log_p_teacher.clone().exp());
+        let log_p_teacher = Tensor::<B, 2>::from_inner(log_p_teacher);
+        let log_p_student = log_softmax(student.logits(flat.clone().select(0, idx)));
+        total = total + (p_teacher * (log_p_teacher - log_p_student)).sum();
+    }
+    total
+}
+
+/// What the student learns from: the data's tokens, or a teacher's distributions too.
+pub enum Objective<B: AutodiffBackend> {
+    /// Next-token cross-entropy ([`nll_sum_from_hidden`]).
+    Sft,
+    /// Quantization-aware distillation: `(1 − sft_weight)·KL + sft_weight·NLL` per target.
+    Qad {
+        /// The teacher (the BF16 model), without fake quantization or gradients.
+        teacher: Box<CausalLm<B::InnerBackend>>,
+        /// Weight of the SFT loss in the mix, in [0, 1].
+        sft_weight: f64,
+    },
+}
+
+/// Runs the training forward of `batch` and returns its summed loss under `objective`
+/// (the summed target NLL for [`Objective::Sft`]).
+pub fn loss_sum<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    batch: &Batch,
+    objective: &Objective<B>,
+) -> Tensor<B, 1> {
     let device = model.device();
-    let ids = Tensor::<B, 2, Int>::from_data(
-        TensorData::new(batch.ids.clone(), [batch.lengths.len(), batch.width]),
-        &device,
-    );
-    let hidden = model.forward_hidden(ids, Some(&batch.lengths), None);
-    nll_sum_from_hidden(model, hidden, batch)
+    let data = TensorData::new(batch.ids.clone(), [batch.lengths.len(), batch.width]);
+    let ids = Tensor::<B, 2, Int>::from_data(data.clone(), &device);
+    let hidden = model.forward_hidden(ids.clone(), Some(&batch.lengths), None);
+    match objective {
+        Objective::Sft => nll_sum_from_hidden(model, hidden, batch),
+        Objective::Qad {
+            teacher,
+            sft_weight,
+        } => {
+            let teacher_hidden = teacher.forward_hidden(ids.inner(), Some(&batch.lengths), None);
+            let kl = kl_sum_from_hidden(model, hidden.clone(), teacher, teacher_hidden, batch);
+            if *sft_weight == 0.0 {
+                kl
+            } else {
+                kl * (1.0 - sft_weight) + nll_sum_from_hidden(model, hidden, batch) * *sft_weight
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
+    use burn::module::AutodiffModule;
     use qatflow_model::init::{random_init, tiny_config};
     use qatflow_model::Architecture;
 
@@ -183,14 +254,99 @@ mod tests {
     fn chunked_sum_equals_eval_nll() {
         // The same targets as eval's full-sequence NLL when every token is a target.
         let config = tiny_config(Architecture::Qwen3, 61);
-        let model = random_init::<Flex>(&config, 5, &Default::default());
+        let model = random_init::<A>(&config, 5, &Default::default());
         let ids = vec![3u32, 14, 15, 9, 26, 5, 35];
         let ex = example(&ids, &[true; 7]);
-        let sum: f32 = nll_sum(&model, &Batch::new(&[&ex])).into_scalar();
+        let sum: f32 = loss_sum(&model, &Batch::new(&[&ex]), &Objective::Sft).into_scalar();
         let report = qatflow_model::eval_nll(&model, vec![ids]).unwrap();
         assert!(
             (sum as f64 / 6.0 - report.mean_nll).abs() < 1e-5,
             "{sum} vs {report:?}"
         );
+    }
+
+    fn qad(teacher: CausalLm<Flex>, sft_weight: f64) -> Objective<A> {
+        Objective::Qad {
+            teacher: Box::new(teacher),
+            sft_weight,
+        }
+    }
+
+    #[test]
+    fn qad_against_itself_is_zero_and_against_another_model_is_eval_kld() {
+        let config = tiny_config(Architecture::Llama, 61);
+        let student = random_init::<A>(&config, 5, &Default::default());
+        let ids = vec![3u32, 14, 15, 9, 26, 5, 35, 7];
+        let ex = example(&ids, &[true; 8]);
+        let batch = Batch::new(&[&ex]);
+        let own = qad(student.valid(), 0.0);
+        let kl: f32 = loss_sum(&student, &batch, &own).into_scalar();
+        assert!(kl.abs() < 1e-5, "{kl}");
+        // The KL at the 7 target positions is eval's KL over the first 7 tokens (the same
+        // contexts), with the teacher as eval's base.
+        let teacher = random_init::<Flex>(&config, 6, &Default::default());
+        let report =
+            qatflow_model::eval_kld(&teacher, &student.valid(), vec![ids[..7].to_vec()]).unwrap();
+        let kl: f32 = loss_sum(&student, &batch, &qad(teacher.clone(), 0.0)).into_scalar();
+        assert!(kl > 0.0);
+        assert!(
+            (kl as f64 / 7.0 - report.mean_kld).abs() < 1e-5 * report.mean_kld.max(1.0),
+            "{kl} vs {report:?}"
+        );
+        // sft_weight mixes in the cross-entropy linearly.
+        let nll: f32 = loss_sum(&student, &batch, &Objective::Sft).into_scalar();
+        let mixed: f32 = loss_sum(&student, &batch, &qad(teacher.clone(), 0.25)).into_scalar();
+        assert!(
+            (mixed - (0.75 * kl + 0.25 * nll)).abs() < 1e-4 * nll,
+            "{mixed}"
+        );
+        let only_nll: f32 = loss_sum(&student, &batch, &qad(teacher, 1.0)).into_scalar();
+        assert!((only_nll - nll).abs() < 1e-5 * nll, "{only_nll} vs {nll}");
+    }
+
+    #[test]
+    fn qad_gradient_reaches_only_target_rows_and_is_p_student_minus_p_teacher() {
+        let config = tiny_config(Architecture::Llama, 29);
+        let student = random_init::<A>(&config, 2, &Default::default());
+        let teacher = random_init::<Flex>(&config, 3, &Default::default());
+        let ex = example(&[1, 5, 9, 13, 17], &[false, false, true, true, false]);
+        let batch = Batch::new(&[&ex]);
+        let ids = Tensor::<A, 2, Int>::from_data(
+            TensorData::new(batch.ids.clone(), [1, batch.width]),
+            &Default::default(),
+        );
+        let hidden = student.forward_hidden(ids.clone(), Some(&batch.lengths), None);
+        let teacher_hidden = teacher.forward_hidden(ids.inner(), Some(&batch.lengths), None);
+        // Gradient with respect to the logits: take them as the leaf.
+        let logits = student.logits(hidden.clone()).detach().require_grad();
+        let log_p = |l: Tensor<A, 2>| log_softmax(l);
+        let t_log_p = log_softmax(teacher.logits(teacher_hidden.clone()).squeeze_dim::<2>(0));
+        let s_log_p = log_p(logits.clone().squeeze_dim::<2>(0));
+        let kl = (Tensor::<A, 2>::from_inner(t_log_p.clone().exp())
+            * (Tensor::<A, 2>::from_inner(t_log_p.clone()) - s_log_p.clone()))
+        .select(
+            0,
+            Tensor::<A, 1, Int>::from_data(TensorData::new(vec![1, 2], [2]), &Default::default()),
+        )
+        .sum();
+        let grads = kl.backward();
+        let g = logits
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let ps = s_log_p.inner().exp().into_data().to_vec::<f32>().unwrap();
+        let pt = t_log_p.exp().into_data().to_vec::<f32>().unwrap();
+        for (i, ((g, s), t)) in g.iter().zip(&ps).zip(&pt).enumerate() {
+            let row = i / 29;
+            let want = if row == 1 || row == 2 { s - t } else { 0.0 };
+            assert!((g - want).abs() < 1e-6, "row {row}: {g} vs {want}");
+        }
+        // kl_sum_from_hidden computes the same value at the same rows.
+        let sum: f32 =
+            kl_sum_from_hidden(&student, hidden, &teacher, teacher_hidden, &batch).into_scalar();
+        let direct: f32 = kl.into_scalar();
+        assert!((sum - direct).abs() < 1e-5, "{sum} vs {direct}");
     }
 }

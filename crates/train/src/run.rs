@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::TrainConfig;
 use crate::data::{encode_all, epoch_order, steps_per_epoch, Dataset, Example};
-use crate::loss::{nll_sum, Batch};
+use crate::loss::{self, Batch, Objective};
 use crate::metrics::{MetricsWriter, StepMetrics};
 use crate::optim::{uniform, AdamW};
 use crate::state::{self, TrainerState};
@@ -180,11 +180,13 @@ pub enum StepOutcome<B: AutodiffBackend> {
 }
 
 /// One optimizer step over `micro_batches` (each a list of examples): forward/backward per
-/// micro-batch with the loss normalized by the step's total target count, global-norm
-/// clipping, one AdamW update at `lr`. `sr_seed` seeds stochastic rounding.
+/// micro-batch with `objective`'s loss normalized by the step's total target count,
+/// global-norm clipping, one AdamW update at `lr`. `sr_seed` seeds stochastic rounding.
+#[allow(clippy::too_many_arguments)]
 pub fn optimizer_step<B: AutodiffBackend>(
     model: CausalLm<B>,
     optimizer: &mut AdamW<B::InnerBackend>,
+    objective: &Objective<B>,
     micro_batches: &[Vec<&Example>],
     lr: f64,
     sr_seed: u64,
@@ -202,7 +204,7 @@ pub fn optimizer_step<B: AutodiffBackend>(
         }
         let batch = Batch::new(examples);
         tokens += batch.tokens() as u64;
-        let loss = nll_sum(&model, &batch) / denom;
+        let loss = loss::loss_sum(&model, &batch, objective) / denom;
         loss_sum += f64::from(loss.clone().into_scalar().elem::<f32>());
         let grads = loss.backward();
         let mut visitor = Grads::<B> {
@@ -463,6 +465,39 @@ fn start_fresh<B: AutodiffBackend>(
     Ok((model, quant, AdamW::new(config.optim.clone()), st))
 }
 
+/// The run's objective: for QAD, the teacher loaded (without fake quantization) on the
+/// student's device.
+fn objective<B: AutodiffBackend>(
+    config: &TrainConfig,
+    student: &CausalLm<B>,
+    sink: &dyn TrainSink,
+) -> Result<Objective<B>, TrainError> {
+    let Some(dir) = config.teacher_dir() else {
+        return Ok(Objective::Sft);
+    };
+    let device = student.embed_weight().inner().device();
+    let teacher = CausalLm::<B::InnerBackend>::load(dir, load_options(config), &device)?;
+    if teacher.config().vocab_size != student.config().vocab_size {
+        return Err(TrainError::Config(crate::ConfigError::Invalid {
+            path: dir.join("config.json"),
+            field: "loss.teacher",
+            problem: format!(
+                "has a vocabulary of {} tokens, the student {}: a QAD teacher must share the student's tokenizer",
+                teacher.config().vocab_size,
+                student.config().vocab_size
+            ),
+        }));
+    }
+    sink.event(&TrainEvent::TeacherLoaded {
+        dir: dir.to_path_buf(),
+        sft_weight: config.loss.sft_weight,
+    });
+    Ok(Objective::Qad {
+        teacher: Box::new(teacher),
+        sft_weight: config.loss.sft_weight,
+    })
+}
+
 /// Runs (or resumes) a QAT run on backend `B` and `device`.
 pub fn train_on<B: AutodiffBackend>(
     config: &TrainConfig,
@@ -496,6 +531,7 @@ pub fn train_on<B: AutodiffBackend>(
         None => start_fresh::<B>(config, &examples, config_hash, device, sink)?,
     };
 
+    let objective = objective::<B>(config, &model, sink)?;
     let per_step = config.effective_batch();
     let mut metrics = MetricsWriter::open(&run_dir, st.step).map_err(|source| TrainError::Io {
         path: run_dir.join(crate::metrics::METRICS_FILE),
@@ -568,6 +604,7 @@ pub fn train_on<B: AutodiffBackend>(
             let (next, stats) = match optimizer_step(
                 model,
                 &mut optimizer,
+                &objective,
                 &micro,
                 lr,
                 sr_seed(config.run.seed, st.step),

@@ -313,3 +313,40 @@ fn an_existing_run_is_not_overwritten_without_resume() {
     .to_string();
     assert!(err.contains("--resume"), "{err}");
 }
+
+/// QAD: the student (fake-quantized) learns a teacher's distributions. Against a different
+/// random model as teacher, the KL falls; against its own base model without fake
+/// quantization, the first step's KL is zero.
+#[test]
+fn qad_distils_the_teacher_and_is_zero_against_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let teacher = tmp.path().join("teacher");
+    let json = qatflow_model::init::named_config("tiny-llama").unwrap();
+    qatflow_model::init::write_random_model(&json, 12, safetensors::Dtype::F32, &teacher).unwrap();
+    let data = data(tmp.path(), 8);
+    let extra = format!("[loss]\nkind = \"qad\"\nteacher = {teacher:?}\n");
+    let mut c = config(&model, &data, &tmp.path().join("run"), &extra);
+    // Every step sees all 8 conversations, so the losses are the KL on the same data.
+    c.optim.grad_accum = 4;
+    c.optim.epochs = 6;
+    c.optim.lr = 2e-3;
+    let (summary, sink) = run(&c, false);
+    let losses = sink.losses();
+    assert_eq!(summary.steps, 6);
+    assert!(losses[0] > 0.0);
+    assert!(losses[5] < 0.8 * losses[0], "KL did not fall: {losses:?}");
+    assert!(sink.0.lock().unwrap().iter().any(
+        |e| matches!(e, TrainEvent::TeacherLoaded { dir, sft_weight } if *dir == teacher && *sft_weight == 0.0)
+    ));
+    let mut c = config(&model, &data, &tmp.path().join("self"), "");
+    c.loss.kind = qatflow_train::LossKind::Qad;
+    c.quant.enabled = false;
+    c.run.max_steps = Some(1);
+    let (_, sink) = run(&c, false);
+    let first = sink.losses()[0];
+    assert!(
+        first.abs() < 1e-6,
+        "KL of the model against itself: {first}"
+    );
+}

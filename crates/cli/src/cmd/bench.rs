@@ -36,6 +36,10 @@ pub struct Args {
     /// built-in).
     #[arg(long, value_name = "DIR")]
     pub teacher_dir: Option<PathBuf>,
+    /// Cap every request's max_tokens at N (the suite asks for 256; a smaller cap makes a
+    /// slow CPU run shorter, and replies cut at the cap may fail length checks).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens: Option<u32>,
     /// Measured repetitions of each prompt.
     #[arg(long, default_value_t = 1)]
     pub runs: u32,
@@ -80,7 +84,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     if a.endpoint.is_none() && a.model_dir.is_none() {
         bail!("nothing to benchmark: give a MODEL_DIR, --endpoint URL (with --model NAME), or --compare A.json B.json");
     }
-    let suite = Suite::resolve(a.suite.as_deref())?.only(&a.category)?;
+    let mut suite = Suite::resolve(a.suite.as_deref())?.only(&a.category)?;
+    if let Some(cap) = a.max_tokens {
+        suite = suite.cap_max_tokens(cap);
+    }
     let setup = Setup::resolve(&suite, a.teacher_dir.as_deref())?;
     let api_key = match &a.api_key_env {
         Some(var) => Some(std::env::var(var).with_context(|| {

@@ -1,10 +1,11 @@
 //! `qatflow demo`: the whole loop on one machine, as a new user would run it by hand. Each
 //! stage runs this same binary's own subcommand (printed before it runs, so the demo also
 //! teaches the commands): fetch SmolLM2-135M-Instruct → offline teacher → gates and render
-//! audit → behaviour SFT in BF16 (the "production model") → PTQ of it → QAT of it → NVFP4
-//! export → KL and NLL of PTQ and QAT against the SFT model on held-out conversations →
-//! replies of all three to the same prompts → the behaviour suite (`qatflow bench`, each
-//! model served by `qatflow serve`) → a final table.
+//! audit → behaviour SFT in BF16 (the "production model") → PTQ of it → QAT of it → QAD of
+//! it (when the budget has QAD epochs) → NVFP4 exports → KL and NLL of the NVFP4 models
+//! against the SFT model on held-out conversations → replies of every model to the same
+//! prompts → the behaviour suite (`qatflow bench`, each model served by `qatflow serve`) → a
+//! final table.
 //!
 //! Every finished stage leaves `DIR/stages/NAME.json` (its result and wall time), written
 //! atomically after the stage's own outputs: a second run skips finished stages, and a run
@@ -21,6 +22,7 @@ use std::time::Instant;
 const DEMO_TOML: &str = include_str!("../../../../config/demo/demo.toml");
 const SFT_TOML: &str = include_str!("../../../../config/demo/sft.toml");
 const QAT_TOML: &str = include_str!("../../../../config/demo/qat.toml");
+const QAD_TOML: &str = include_str!("../../../../config/demo/qad.toml");
 const SYSTEM_PROMPT: &str = include_str!("../../../../config/teacher/system_prompt.txt");
 
 /// The prompts every model answers at the end, with the production system prompt.
@@ -32,8 +34,8 @@ const PROMPTS: &[&str] = &[
 
 /// The stages, in order (names of `--from`).
 const STAGES: &[&str] = &[
-    "fetch", "generate", "split", "validate", "sft", "ptq", "qat", "export", "eval", "replies",
-    "bench",
+    "fetch", "generate", "split", "validate", "sft", "ptq", "qat", "qad", "export", "eval",
+    "replies", "bench",
 ];
 
 /// `--budget`.
@@ -60,7 +62,7 @@ pub struct Args {
     #[arg(long)]
     pub device: Option<String>,
     /// Redo this stage and every later one (fetch, generate, split, validate, sft, ptq,
-    /// qat, export, eval, replies, bench).
+    /// qat, qad, export, eval, replies, bench).
     #[arg(long, value_name = "STAGE")]
     pub from: Option<String>,
     /// Budgets file (default: the shipped config/demo/demo.toml).
@@ -76,10 +78,17 @@ struct Budget {
     heldout_conversations: usize,
     sft_epochs: u32,
     qat_epochs: u32,
+    /// Epochs of QAD (distillation from the SFT model); 0 (the default) skips the QAD stage.
+    #[serde(default)]
+    qad_epochs: u32,
     max_seq_len: usize,
     calib_samples: usize,
     /// Behaviour-suite categories the bench stage runs (empty: all of them).
     bench_categories: Vec<String>,
+    /// Cap of each bench request's max_tokens (`qatflow bench --max-tokens`; default: the
+    /// suite's own).
+    #[serde(default)]
+    bench_max_tokens: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -456,34 +465,67 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
         Ok(json!({"export": p(&ptq)}))
     })?;
     results.insert("ptq".into(), r);
+    // QAT and QAD of the SFT model: `recipe` (its TOML) with the calibration size.
+    let quantized_training =
+        |d: &Demo, recipe: &str, toml: &str, run: &Path, epochs: u32| -> anyhow::Result<Value> {
+            let path = recipes.join(recipe);
+            write_atomic(&path, toml.as_bytes())?;
+            let mut a = args(&["train", "--config", &p(&path)]);
+            a.extend(common(run, &sft, epochs));
+            a.extend(args(&["--calib-samples", &b.calib_samples.to_string()]));
+            d.run(&a)?;
+            Ok(json!({"checkpoint": p(&latest_checkpoint(run)?)}))
+        };
     let qat_run = d.path("runs/qat");
     let r = d.stage(next("qat"), "qat", |d| {
-        write_atomic(&recipes.join("qat.toml"), QAT_TOML.as_bytes())?;
-        let mut a = args(&["train", "--config", &p(&recipes.join("qat.toml"))]);
-        a.extend(common(&qat_run, &sft, b.qat_epochs));
-        a.extend(args(&["--calib-samples", &b.calib_samples.to_string()]));
-        d.run(&a)?;
-        Ok(json!({"checkpoint": p(&latest_checkpoint(&qat_run)?)}))
+        quantized_training(d, "qat.toml", QAT_TOML, &qat_run, b.qat_epochs)
     })?;
     results.insert("qat".into(), r);
-    let qat = d.path("exports/qat");
+    let qad_run = d.path("runs/qad");
+    let r = d.stage(next("qad"), "qad", |d| {
+        if b.qad_epochs == 0 {
+            eprintln!("(the {} budget has no QAD epochs)", d.budget_name);
+            return Ok(json!({"skipped": true}));
+        }
+        quantized_training(d, "qad.toml", QAD_TOML, &qad_run, b.qad_epochs)
+    })?;
+    let qad_trained = r.get("checkpoint").is_some();
+    results.insert("qad".into(), r);
+    // The NVFP4 models compared with the SFT model: (name, export directory).
+    let mut quantized = vec![
+        ("ptq", d.path("exports/ptq")),
+        ("qat", d.path("exports/qat")),
+    ];
+    let mut trained = vec![(qat_run.clone(), d.path("exports/qat"))];
+    if qad_trained {
+        quantized.push(("qad", d.path("exports/qad")));
+        trained.push((qad_run.clone(), d.path("exports/qad")));
+    }
     let r = d.stage(next("export"), "export", |d| {
-        d.run(&args(&[
-            "export",
-            &p(&qat_run),
-            "--checkpoint",
-            "latest-valid",
-            "--out",
-            &p(&qat),
-            "--force",
-        ]))?;
-        Ok(json!({"export": p(&qat)}))
+        let mut out = serde_json::Map::new();
+        for (run, export) in &trained {
+            d.run(&args(&[
+                "export",
+                &p(run),
+                "--checkpoint",
+                "latest-valid",
+                "--out",
+                &p(export),
+                "--force",
+            ]))?;
+            out.insert(p(run), json!(p(export)));
+        }
+        Ok(Value::Object(out))
     })?;
     results.insert("export".into(), r);
+    let mut models = vec![("sft", sft.clone())];
+    models.extend(quantized.iter().cloned());
     let heldout = data.join("heldout.jsonl");
     let r = d.stage(next("eval"), "eval", |d| {
+        // One `eval kld` per export: the KL, the top-1 agreement and both models' NLL come
+        // from the same forward passes.
         let mut out = serde_json::Map::new();
-        for (name, dir) in [("ptq", &ptq), ("qat", &qat)] {
+        for (name, dir) in &quantized {
             let kld: Value = serde_json::from_str(&d.output(&args(&[
                 "eval",
                 "kld",
@@ -496,22 +538,10 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
                 "--device",
                 &d.device,
             ]))?)?;
-            out.insert(name.into(), kld);
-        }
-        for (name, dir) in [("sft", &sft), ("ptq", &ptq), ("qat", &qat)] {
-            let nll: Value = serde_json::from_str(&d.output(&args(&[
-                "eval",
-                "nll",
-                &p(dir),
-                "--data",
-                &p(&heldout),
-                "--device",
-                &d.device,
-            ]))?)?;
-            out.insert(
-                format!("{name}_nll"),
-                json!({"mean_nll": nll["mean_nll"], "perplexity": nll["perplexity"]}),
-            );
+            let nll = |v: &Value| json!({"mean_nll": v, "perplexity": v.as_f64().map(f64::exp)});
+            out.insert("sft_nll".into(), nll(&kld["base_nll"]));
+            out.insert(format!("{name}_nll"), nll(&kld["other_nll"]));
+            out.insert(name.to_string(), kld);
         }
         Ok(Value::Object(out))
     })?;
@@ -523,7 +553,7 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
         for prompt in PROMPTS {
             let mut row = serde_json::Map::new();
             row.insert("prompt".into(), json!(prompt));
-            for (name, dir) in [("sft", &sft), ("ptq", &ptq), ("qat", &qat)] {
+            for (name, dir) in &models {
                 let reply = d.output(&args(&[
                     "chat",
                     &p(dir),
@@ -535,7 +565,7 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
                     "--device",
                     &d.device,
                 ]))?;
-                row.insert(name.into(), json!(reply.trim()));
+                row.insert(name.to_string(), json!(reply.trim()));
             }
             out.push(Value::Object(row));
         }
@@ -547,11 +577,15 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
         std::fs::create_dir_all(&reports)
             .with_context(|| format!("creating {}", reports.display()))?;
         let mut out = serde_json::Map::new();
-        for (name, dir) in [("sft", &sft), ("ptq", &ptq), ("qat", &qat)] {
+        for (name, dir) in &models {
             let report = reports.join(format!("{name}.json"));
             let mut a = args(&["bench", &p(dir), "--label", name, "--out", &p(&report)]);
             a.push("--serve-arg=--device".into());
             a.push(format!("--serve-arg={}", d.device));
+            if let Some(cap) = b.bench_max_tokens {
+                a.push("--max-tokens".into());
+                a.push(cap.to_string());
+            }
             if !b.bench_categories.is_empty() {
                 a.push("--category".into());
                 a.push(b.bench_categories.join(","));
@@ -560,7 +594,7 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
             d.run_ok(&a, &[0, 1])?;
             let summary = qatflow_bench::Report::load(&report)?.summary();
             out.insert(
-                name.into(),
+                name.to_string(),
                 json!({"report": p(&report), "summary": summary}),
             );
         }
@@ -580,31 +614,35 @@ fn final_report(d: &Demo, r: &serde_json::Map<String, Value>, seconds: f64) -> S
     };
     let split = &r["split"];
     let mut out = format!(
-        "# qatflow demo ({} budget, {})\n\n{} training conversations, {} held out; SmolLM2-135M-Instruct → behaviour SFT (BF16) → PTQ and QAT (NVFP4, W4A4 emulated).\n\n",
-        d.budget_name, d.device, split["train"], split["heldout"]
+        "# qatflow demo ({} budget, {})\n\n{} training conversations, {} held out; SmolLM2-135M-Instruct → behaviour SFT (BF16) → PTQ, QAT{} (NVFP4, W4A4 emulated).\n\n",
+        d.budget_name,
+        d.device,
+        split["train"],
+        split["heldout"],
+        if with_qad(r) { " and QAD" } else { " (no QAD in this budget)" }
     );
     out.push_str("| model | NLL on held-out | KL vs SFT (mean) | KL vs SFT (p99) | top-1 agreement with SFT |\n|---|---|---|---|---|\n");
     out.push_str(&format!(
         "| BF16 SFT | {} | - | - | - |\n",
         f(&eval["sft_nll"]["mean_nll"])
     ));
-    for (label, key) in [("PTQ (NVFP4)", "ptq"), ("QAT (NVFP4)", "qat")] {
+    for (key, label) in model_labels(r).into_iter().skip(1) {
         out.push_str(&format!(
-            "| {label} | {} | {} | {} | {} |\n",
+            "| {label} (NVFP4) | {} | {} | {} | {} |\n",
             f(&eval[format!("{key}_nll")]["mean_nll"]),
             f(&eval[key]["mean_kld"]),
             f(&eval[key]["p99_kld"]),
             pct(&eval[key]["top1_agreement"])
         ));
     }
-    out.push_str(&behaviour_table(d));
+    out.push_str(&behaviour_table(d, r));
     out.push_str("\n## Replies (production system prompt, greedy)\n");
     for row in r["replies"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "\n**{}**\n\n",
             row["prompt"].as_str().unwrap_or("")
         ));
-        for (label, key) in [("SFT", "sft"), ("PTQ", "ptq"), ("QAT", "qat")] {
+        for (key, label) in model_labels(r) {
             let reply = row[key].as_str().unwrap_or("").replace('\n', "\\n");
             out.push_str(&format!("- {label}: {reply}\n"));
         }
@@ -620,12 +658,26 @@ fn final_report(d: &Demo, r: &serde_json::Map<String, Value>, seconds: f64) -> S
     out
 }
 
-/// The behaviour suite of the three models side by side, as `qatflow bench --compare`
+/// Whether the run trained a QAD model.
+fn with_qad(r: &serde_json::Map<String, Value>) -> bool {
+    r.get("qad").and_then(|v| v.get("checkpoint")).is_some()
+}
+
+/// The compared models' result keys and labels, the BF16 SFT model first.
+fn model_labels(r: &serde_json::Map<String, Value>) -> Vec<(&'static str, &'static str)> {
+    let mut labels = vec![("sft", "SFT"), ("ptq", "PTQ"), ("qat", "QAT")];
+    if with_qad(r) {
+        labels.push(("qad", "QAD"));
+    }
+    labels
+}
+
+/// The behaviour suite of the compared models side by side, as `qatflow bench --compare`
 /// prints it (empty when the bench stage wrote no reports).
-fn behaviour_table(d: &Demo) -> String {
-    let reports: Result<Vec<_>, _> = ["sft", "ptq", "qat"]
+fn behaviour_table(d: &Demo, r: &serde_json::Map<String, Value>) -> String {
+    let reports: Result<Vec<_>, _> = model_labels(r)
         .iter()
-        .map(|name| qatflow_bench::Report::load(&d.path(&format!("bench/{name}.json"))))
+        .map(|(name, _)| qatflow_bench::Report::load(&d.path(&format!("bench/{name}.json"))))
         .collect();
     match reports {
         Ok(reports) => format!(
@@ -645,6 +697,7 @@ mod tests {
         let b: Budgets = toml::from_str(DEMO_TOML).unwrap();
         assert!(b.full.train_conversations >= 1000);
         assert!(b.smoke.train_conversations < b.full.train_conversations);
+        assert!(b.full.qad_epochs > 0);
         let dir = tempfile::tempdir().unwrap();
         let all = dir.path().join("all.jsonl");
         let lines: Vec<String> = (0..100).map(|i| format!("{{\"i\": {i}}}")).collect();

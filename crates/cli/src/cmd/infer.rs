@@ -92,7 +92,8 @@ pub enum EvalCommand {
         model: ModelArgs,
     },
     /// KL divergence of `other`'s next-token distributions from `base`'s (mean, p99) and
-    /// top-1 agreement: what quantization did to a model.
+    /// top-1 agreement: what quantization did to a model; also both models' NLL (as `eval
+    /// nll` computes it) from the same forward passes.
     Kld {
         /// The reference model directory.
         #[arg(long)]

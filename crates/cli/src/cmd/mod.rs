@@ -2,8 +2,18 @@
 
 /// `$f::<B>(args…, device)` with `B` the inference backend of `$device` (a
 /// `qatflow_core::Device`): burn's `flex` on the CPU, CUDA on `cuda:N`. The one place the
-/// CLI's inference commands name those backends.
+/// CLI's inference commands name those backends. `unfused` picks CUDA without burn's fusion
+/// layer (`qatflow_kernels::CudaUnfused`; the server needs it).
 macro_rules! on_inference_backend {
+    (unfused $device:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $device {
+            qatflow_core::Device::Cpu => $f::<burn::backend::Flex>($($arg,)* Default::default()),
+            qatflow_core::Device::Cuda(i) => $f::<qatflow_kernels::CudaUnfused>(
+                $($arg,)*
+                burn::backend::cuda::CudaDevice::new(i),
+            ),
+        }
+    };
     ($device:expr, $f:ident($($arg:expr),* $(,)?)) => {
         match $device {
             qatflow_core::Device::Cpu => $f::<burn::backend::Flex>($($arg,)* Default::default()),

@@ -102,6 +102,6 @@ fn serve_on<B: Backend>(a: &ServeArgs, device: B::Device) -> anyhow::Result<()> 
 
 /// Runs `qatflow serve`.
 pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
-    on_inference_backend!(a.model.device, serve_on(&a))?;
+    on_inference_backend!(unfused a.model.device, serve_on(&a))?;
     Ok(ExitCode::SUCCESS)
 }

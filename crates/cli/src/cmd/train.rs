@@ -185,6 +185,10 @@ impl TrainSink for BarSink {
             TrainEvent::Calibrated { layers, samples } => self.bar.println(format!(
                 "calibrated {layers} quantized linears on {samples} conversations"
             )),
+            TrainEvent::TeacherLoaded { dir, sft_weight } => self.bar.println(format!(
+                "QAD: distilling from {} (SFT weight {sft_weight})",
+                dir.display()
+            )),
             TrainEvent::Step {
                 step,
                 loss,

@@ -97,6 +97,12 @@ pub struct KldReport {
     pub top1_agreement: f64,
     /// Number of positions compared.
     pub positions: usize,
+    /// Mean next-token NLL of the base model over the predicted tokens (every position but
+    /// each sequence's last), as [`eval_nll`] computes it; `None` when no sequence has two
+    /// tokens.
+    pub base_nll: Option<f64>,
+    /// The same for the other model.
+    pub other_nll: Option<f64>,
 }
 
 /// One sequence of [`eval_decode`].
@@ -245,7 +251,8 @@ pub fn eval_nll_with<B: Backend>(
 }
 
 /// KL(base ‖ other) of the next-token distributions at every position of `sequences`
-/// (each at least 1 token), with top-1 agreement.
+/// (each at least 1 token), with top-1 agreement and both models' NLL from the same forward
+/// passes.
 pub fn eval_kld<B: Backend>(
     base: &CausalLm<B>,
     other: &CausalLm<B>,
@@ -273,18 +280,34 @@ pub fn eval_kld_with<B: Backend>(
     let chunk = chunk_rows(vocab, options);
     let mut klds = Vec::new();
     let mut agree = 0usize;
+    let (mut nll_base, mut nll_other, mut predicted) = (0f64, 0f64, 0usize);
     for batch in sequences.chunks(options.batch_size.max(1)) {
         let (hb, width) = batch_hidden(base, batch);
         let (ho, _) = batch_hidden(other, batch);
-        let rows: Vec<usize> = batch
+        // (row of the position, next token if there is one)
+        let rows: Vec<(usize, Option<usize>)> = batch
             .iter()
             .enumerate()
-            .flat_map(|(b, s)| (0..s.len()).map(move |p| b * width + p))
+            .flat_map(|(b, s)| {
+                (0..s.len()).map(move |p| (b * width + p, s.get(p + 1).map(|&t| t as usize)))
+            })
             .collect();
         for part in rows.chunks(chunk) {
-            let idx = index_tensor::<B>(part, &device);
+            let idx: Vec<usize> = part.iter().map(|r| r.0).collect();
+            let idx = index_tensor::<B>(&idx, &device);
             let lb = log_probs(base, hb.clone().select(0, idx.clone()));
             let lo = log_probs(other, ho.clone().select(0, idx));
+            let targets: Vec<usize> = part.iter().map(|r| r.1.unwrap_or(0)).collect();
+            let targets = index_tensor::<B>(&targets, &device).unsqueeze_dim(1);
+            let picked_b = to_f64(lb.clone().gather(1, targets.clone()));
+            let picked_o = to_f64(lo.clone().gather(1, targets));
+            for ((r, b), o) in part.iter().zip(picked_b).zip(picked_o) {
+                if r.1.is_some() {
+                    nll_base -= b;
+                    nll_other -= o;
+                    predicted += 1;
+                }
+            }
             let top_b = lb.clone().argmax(1);
             let top_o = lo.clone().argmax(1);
             let kl = (lb.clone().exp() * (lb - lo)).sum_dim(1);
@@ -293,6 +316,7 @@ pub fn eval_kld_with<B: Backend>(
             agree += same.into_data().iter::<i64>().next().unwrap_or(0) as usize;
         }
     }
+    let mean = |sum: f64| (predicted > 0).then(|| sum / predicted as f64);
     let n = klds.len();
     let mean_kld = klds.iter().sum::<f64>() / n as f64;
     let mut sorted = klds;
@@ -303,6 +327,8 @@ pub fn eval_kld_with<B: Backend>(
         p99_kld: sorted[rank - 1],
         top1_agreement: agree as f64 / n as f64,
         positions: n,
+        base_nll: mean(nll_base),
+        other_nll: mean(nll_other),
     })
 }
 

@@ -160,6 +160,12 @@ impl TrainSink for JobSink {
             TrainEvent::Calibrated { layers, samples } => self.job.emit(job_event::Event::Message(
                 format!("calibrated {layers} quantized linears on {samples} samples"),
             )),
+            TrainEvent::TeacherLoaded { dir, sft_weight } => {
+                self.job.emit(job_event::Event::Message(format!(
+                    "QAD teacher {} (SFT weight {sft_weight})",
+                    dir.display()
+                )))
+            }
         }
         self.board.set_training(p.1.clone());
     }
