@@ -169,7 +169,7 @@ pub fn loss_sum<B: AutodiffBackend>(
 ) -> Tensor<B, 1> {
     let device = model.device();
     let data = TensorData::new(batch.ids.clone(), [batch.lengths.len(), batch.width]);
-    let ids = Tensor::<B, 2, Int>::from_data(data.clone(), &device);
+    let ids = Tensor::<B, 2, Int>::from_data(data, &device);
     let hidden = model.forward_hidden(ids.clone(), Some(&batch.lengths), None);
     match objective {
         Objective::Sft => nll_sum_from_hidden(model, hidden, batch),

@@ -489,31 +489,31 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
         }
         quantized_training(d, "qad.toml", QAD_TOML, &qad_run, b.qad_epochs)
     })?;
-    let qad_trained = r.get("checkpoint").is_some();
     results.insert("qad".into(), r);
-    // The NVFP4 models compared with the SFT model: (name, export directory).
-    let mut quantized = vec![
-        ("ptq", d.path("exports/ptq")),
-        ("qat", d.path("exports/qat")),
-    ];
-    let mut trained = vec![(qat_run.clone(), d.path("exports/qat"))];
-    if qad_trained {
-        quantized.push(("qad", d.path("exports/qad")));
-        trained.push((qad_run.clone(), d.path("exports/qad")));
+    // The trained NVFP4 models (name, run directory), exported to `exports/NAME`.
+    let mut trained = vec![("qat", qat_run.clone())];
+    if with_qad(&results) {
+        trained.push(("qad", qad_run.clone()));
     }
+    let export_dir = |name: &str| d.path(&format!("exports/{name}"));
+    // The NVFP4 models compared with the SFT model: (name, export directory).
+    let quantized: Vec<(&str, PathBuf)> = std::iter::once(("ptq", ptq.clone()))
+        .chain(trained.iter().map(|(name, _)| (*name, export_dir(name))))
+        .collect();
     let r = d.stage(next("export"), "export", |d| {
         let mut out = serde_json::Map::new();
-        for (run, export) in &trained {
+        for (name, run) in &trained {
+            let export = export_dir(name);
             d.run(&args(&[
                 "export",
                 &p(run),
                 "--checkpoint",
                 "latest-valid",
                 "--out",
-                &p(export),
+                &p(&export),
                 "--force",
             ]))?;
-            out.insert(p(run), json!(p(export)));
+            out.insert(p(run), json!(p(&export)));
         }
         Ok(Value::Object(out))
     })?;
@@ -539,7 +539,9 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
                 &d.device,
             ]))?)?;
             let nll = |v: &Value| json!({"mean_nll": v, "perplexity": v.as_f64().map(f64::exp)});
-            out.insert("sft_nll".into(), nll(&kld["base_nll"]));
+            // Every run computes the same SFT NLL; the first one is kept.
+            out.entry("sft_nll")
+                .or_insert_with(|| nll(&kld["base_nll"]));
             out.insert(format!("{name}_nll"), nll(&kld["other_nll"]));
             out.insert(name.to_string(), kld);
         }

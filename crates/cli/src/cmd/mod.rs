@@ -6,19 +6,16 @@
 /// layer (`qatflow_kernels::CudaUnfused`; the server needs it).
 macro_rules! on_inference_backend {
     (unfused $device:expr, $f:ident($($arg:expr),* $(,)?)) => {
-        match $device {
-            qatflow_core::Device::Cpu => $f::<burn::backend::Flex>($($arg,)* Default::default()),
-            qatflow_core::Device::Cuda(i) => $f::<qatflow_kernels::CudaUnfused>(
-                $($arg,)*
-                burn::backend::cuda::CudaDevice::new(i),
-            ),
-        }
+        on_inference_backend!(@on qatflow_kernels::CudaUnfused, $device, $f($($arg),*))
     };
     ($device:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        on_inference_backend!(@on burn::backend::Cuda, $device, $f($($arg),*))
+    };
+    (@on $cuda:ty, $device:expr, $f:ident($($arg:expr),*)) => {
         match $device {
             qatflow_core::Device::Cpu => $f::<burn::backend::Flex>($($arg,)* Default::default()),
             qatflow_core::Device::Cuda(i) => {
-                $f::<burn::backend::Cuda>($($arg,)* burn::backend::cuda::CudaDevice::new(i))
+                $f::<$cuda>($($arg,)* burn::backend::cuda::CudaDevice::new(i))
             }
         }
     };
