@@ -152,65 +152,77 @@ fn binade(x: f32) -> i32 {
 
 /// Running `max|x|` over calibration batches: ModelOpt's `max` calibration of an input
 /// quantizer (per tensor, over all batches and tokens).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct AmaxCalibrator {
-    amax: f32,
+///
+/// The running maximum and the count of NaN/infinite activations stay on the device:
+/// [`observe`](Self::observe) only queues kernels, so a calibration pass over a GPU model
+/// runs as one stream of work, and [`amax`](Self::amax) reads the result back once.
+#[derive(Debug, Clone)]
+pub struct AmaxCalibrator<B: Backend> {
+    /// `(max|x| in f32, NaN/infinite count)` of everything seen; `None` before the first batch.
+    seen: Option<(Tensor<B, 1>, Tensor<B, 1, burn::tensor::Int>)>,
 }
 
-impl AmaxCalibrator {
+impl<B: Backend> Default for AmaxCalibrator<B> {
+    fn default() -> Self {
+        Self { seen: None }
+    }
+}
+
+impl<B: Backend> AmaxCalibrator<B> {
     /// A calibrator that has seen nothing (amax 0).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Folds one batch into the running maximum (reads one scalar back from the device).
-    ///
-    /// Fails on a NaN or infinite activation: a calibration batch with them cannot give a
-    /// usable scale, so find the batch (`name` says which quantizer) and fix it.
-    pub fn observe<B: Backend, const D: usize>(
-        &mut self,
-        name: &str,
-        x: &Tensor<B, D>,
-    ) -> Result<()> {
+    /// Folds one batch into the running maximum (queued on the device; nothing is read back).
+    pub fn observe<const D: usize>(&mut self, x: &Tensor<B, D>) {
         let x = x.clone().detach();
         // Counted as integers: boolean tensors read back in a backend-specific element type
         // (CUDA stores them as integers), so `to_vec::<bool>` is not portable.
-        let non_finite: i64 = x
-            .clone()
-            .is_finite()
-            .bool_not()
-            .int()
-            .sum()
-            .into_scalar()
-            .elem();
-        let m: f32 = x.clone().abs().max().into_scalar().elem();
-        if non_finite != 0 || !m.is_finite() {
-            return Err(Error::Tensor {
-                name: name.to_owned(),
-                message: format!(
-                    "calibration batch of shape {:?} has max|x| = {m}; remove the NaN or infinite \
-                     activations (or the batch) before calibrating",
-                    x.dims()
-                ),
-            });
-        }
-        self.amax = self.amax.max(m);
-        Ok(())
+        let non_finite = x.clone().is_finite().bool_not().int().sum();
+        let m = x.abs().max().cast(DType::F32);
+        self.seen = Some(match self.seen.take() {
+            None => (m, non_finite),
+            Some((amax, count)) => (amax.max_pair(m), count + non_finite),
+        });
     }
 
     /// Merges another calibrator (e.g. from another data-parallel rank): the max of both.
     pub fn merge(&mut self, other: &Self) {
-        self.amax = self.amax.max(other.amax);
+        let Some((m, n)) = other.seen.clone() else {
+            return;
+        };
+        self.seen = Some(match self.seen.take() {
+            None => (m, n),
+            Some((amax, count)) => (amax.max_pair(m), count + n),
+        });
     }
 
-    /// The calibrated amax so far.
-    pub fn amax(&self) -> f32 {
-        self.amax
+    /// The calibrated amax (0 before any batch), read back from the device.
+    ///
+    /// Fails when a NaN or infinite activation was seen: a calibration set with them cannot
+    /// give a usable scale, so find the batch (`name` says which quantizer) and fix it.
+    pub fn amax(&self, name: &str) -> Result<f32> {
+        let Some((amax, count)) = &self.seen else {
+            return Ok(0.0);
+        };
+        let non_finite: i64 = count.clone().into_scalar().elem();
+        let m: f32 = amax.clone().into_scalar().elem();
+        if non_finite != 0 || !m.is_finite() {
+            return Err(Error::Tensor {
+                name: name.to_owned(),
+                message: format!(
+                    "{non_finite} NaN or infinite calibration activations (max|x| = {m}); remove \
+                     the conversations that produce them before calibrating"
+                ),
+            });
+        }
+        Ok(m)
     }
 
     /// `input_scale` for the export (`amax / 2688`); fails while nothing non-zero was seen.
     pub fn input_scale(&self, name: &str) -> Result<f32> {
-        crate::codec::input_scale(name, self.amax)
+        crate::codec::input_scale(name, self.amax(name)?)
     }
 }
 
@@ -409,28 +421,35 @@ mod tests {
 
     #[test]
     fn calibrator_tracks_max_and_merges() {
-        let mut cal = AmaxCalibrator::new();
+        let mut cal = AmaxCalibrator::<B>::new();
+        assert_eq!(cal.amax("x").expect("nothing seen"), 0.0);
         assert!(matches!(
             cal.input_scale("x"),
             Err(Error::InvalidAmax { .. })
         ));
-        cal.observe("x", &tensor::<B, 2>(vec![0.5, -3.0, 1.0, 2.0], [2, 2]))
-            .expect("finite");
-        cal.observe("x", &tensor::<B, 2>(vec![0.5, 2.5, 1.0, -2.0], [2, 2]))
-            .expect("finite");
-        assert_eq!(cal.amax(), 3.0);
+        cal.observe(&tensor::<B, 2>(vec![0.5, -3.0, 1.0, 2.0], [2, 2]));
+        cal.observe(&tensor::<B, 2>(vec![0.5, 2.5, 1.0, -2.0], [2, 2]));
+        assert_eq!(cal.amax("x").expect("finite"), 3.0);
         let mut other = AmaxCalibrator::new();
-        other
-            .observe("x", &tensor::<B, 1>(vec![-7.0, 1.0], [2]))
-            .expect("finite");
+        other.observe(&tensor::<B, 1>(vec![-7.0, 1.0], [2]));
         cal.merge(&other);
-        assert_eq!(cal.amax(), 7.0);
+        cal.merge(&AmaxCalibrator::new());
+        assert_eq!(cal.amax("x").expect("finite"), 7.0);
         assert_eq!(
             cal.input_scale("x").expect("positive"),
             codec::input_scale("x", 7.0).expect("positive")
         );
-        let err = cal.observe("x", &tensor::<B, 1>(vec![f32::NAN, 1.0], [2]));
-        assert!(matches!(err, Err(Error::Tensor { .. })));
+        // A NaN is reported however large the rest is, and names the quantizer.
+        cal.observe(&tensor::<B, 1>(vec![f32::NAN, 1.0], [2]));
+        cal.observe(&tensor::<B, 1>(vec![9.0, 1.0], [2]));
+        let err = cal.amax("x").unwrap_err();
+        assert!(
+            matches!(&err, Error::Tensor { name, message } if name == "x" && message.starts_with("1 NaN")),
+            "{err}"
+        );
+        let mut inf = AmaxCalibrator::<B>::new();
+        inf.observe(&tensor::<B, 1>(vec![f32::INFINITY, 1.0], [2]));
+        assert!(inf.amax("x").is_err());
     }
 
     #[test]

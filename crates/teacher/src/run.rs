@@ -87,6 +87,9 @@ pub struct GenerateOptions {
     pub category: Option<String>,
     /// Conversations per category, instead of each category's `count`.
     pub count: Option<u64>,
+    /// Scales the selected categories' counts (after `count`) so that they sum to at least
+    /// this many conversations, keeping their mix (each count rounded up).
+    pub total: Option<u64>,
     /// Conversations asked for per batch.
     pub per_batch: usize,
     /// Batches in flight at once.
@@ -122,6 +125,7 @@ impl std::fmt::Debug for GenerateOptions {
             .field("profile", &self.profile.name)
             .field("category", &self.category)
             .field("count", &self.count)
+            .field("total", &self.total)
             .field("per_batch", &self.per_batch)
             .field("concurrency", &self.concurrency)
             .field("max_retries", &self.max_retries)
@@ -146,6 +150,7 @@ impl GenerateOptions {
             profile,
             category: None,
             count: None,
+            total: None,
             per_batch: 25,
             concurrency: 4,
             max_retries: 3,
@@ -580,7 +585,9 @@ async fn run_batch(
     result
 }
 
-fn selected_categories(
+/// The categories a run of `opts` generates, with the counts it aims for (`category`,
+/// `count` and `total` applied).
+pub fn selected_categories(
     teacher: &TeacherConfig,
     opts: &GenerateOptions,
 ) -> Result<Vec<Category>, TeacherError> {
@@ -593,7 +600,22 @@ fn selected_categories(
             c.count = n;
         }
     }
+    if let Some(total) = opts.total {
+        scale_counts(&mut cats, total);
+    }
     Ok(cats)
+}
+
+/// Scales the counts of `cats` so they sum to at least `total`, keeping their mix: each
+/// count becomes `⌈count × total / sum⌉`.
+fn scale_counts(cats: &mut [Category], total: u64) {
+    let sum: u64 = cats.iter().map(|c| c.count).sum();
+    if sum == 0 {
+        return;
+    }
+    for c in cats {
+        c.count = (c.count as u128 * total as u128).div_ceil(sum as u128) as u64;
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -988,6 +1010,30 @@ async fn store_parsed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_total_scales_every_category_and_keeps_the_mix() {
+        let teacher = TeacherConfig::resolve(None).unwrap();
+        let before = teacher.categories.clone();
+        let sum: u64 = before.iter().map(|c| c.count).sum();
+        for total in [12, sum, sum + 32, 3 * sum] {
+            let mut cats = before.clone();
+            scale_counts(&mut cats, total);
+            let got: u64 = cats.iter().map(|c| c.count).sum();
+            assert!(
+                got >= total && got < total + cats.len() as u64,
+                "{total} → {got}"
+            );
+            for (a, b) in before.iter().zip(&cats) {
+                let share = b.count as f64 / total as f64 - a.count as f64 / sum as f64;
+                assert!(
+                    share.abs() <= 1.0 / total as f64 + 1e-12,
+                    "{}: {share}",
+                    a.name
+                );
+            }
+        }
+    }
 
     #[test]
     fn retry_delay_is_the_longer_of_backoff_and_retry_after_capped() {

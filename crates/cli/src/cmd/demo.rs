@@ -85,6 +85,12 @@ struct Budget {
     calib_samples: usize,
     /// Behaviour-suite categories the bench stage runs (empty: all of them).
     bench_categories: Vec<String>,
+    /// Conversations per forward pass of SFT, QAT and QAD (default: each recipe's own). The
+    /// recipes' effective batch stays: gradient accumulation becomes effective ÷ this, so
+    /// it must divide the effective batch. A GPU trains several conversations at once far
+    /// faster than one after another; a CPU gains nothing.
+    #[serde(default)]
+    micro_batch: Option<usize>,
     /// Cap of each bench request's max_tokens (`qatflow bench --max-tokens`; default: the
     /// suite's own).
     #[serde(default)]
@@ -215,6 +221,41 @@ fn human(seconds: f64) -> String {
     } else {
         format!("{:.1} min", seconds / 60.0)
     }
+}
+
+/// `--micro-batch M --grad-accum E/M` for a recipe (`toml`, read from `origin`) whose
+/// effective batch is `E`, so `micro_batch` changes how a step is computed, not what it is;
+/// nothing when `micro_batch` is unset.
+fn batch_flags(
+    origin: &str,
+    toml: &str,
+    micro_batch: Option<usize>,
+) -> anyhow::Result<Vec<String>> {
+    let Some(micro) = micro_batch else {
+        return Ok(Vec::new());
+    };
+    let recipe: toml::Value =
+        toml::from_str(toml).with_context(|| format!("{origin}: not TOML"))?;
+    let field = |name: &str| {
+        recipe
+            .get("optim")
+            .and_then(|o| o.get(name))
+            .and_then(toml::Value::as_integer)
+            .map_or(1, |v| v.max(1) as usize)
+    };
+    let effective = field("micro_batch") * field("grad_accum");
+    if micro == 0 || effective % micro != 0 {
+        bail!(
+            "demo budget: micro_batch = {micro} must divide the effective batch {effective} of \
+             {origin} (optim.micro_batch × optim.grad_accum); use one of its divisors"
+        );
+    }
+    Ok(args(&[
+        "--micro-batch",
+        &micro.to_string(),
+        "--grad-accum",
+        &(effective / micro).to_string(),
+    ]))
 }
 
 /// Splits the clean dataset: every conversation whose position is a multiple of `stride`
@@ -353,6 +394,8 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
                 "generate",
                 "--backend",
                 "offline",
+                "--total",
+                &(b.train_conversations + b.heldout_conversations).to_string(),
                 "--resume",
                 "--seed",
                 "0",
@@ -442,6 +485,11 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
         write_atomic(&recipes.join("sft.toml"), SFT_TOML.as_bytes())?;
         let mut a = args(&["train", "--config", &p(&recipes.join("sft.toml"))]);
         a.extend(common(&sft_run, &models, b.sft_epochs));
+        a.extend(batch_flags(
+            "config/demo/sft.toml",
+            SFT_TOML,
+            b.micro_batch,
+        )?);
         d.run(&a)?;
         Ok(json!({"checkpoint": p(&latest_checkpoint(&sft_run)?)}))
     })?;
@@ -472,6 +520,11 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
             write_atomic(&path, toml.as_bytes())?;
             let mut a = args(&["train", "--config", &p(&path)]);
             a.extend(common(run, &sft, epochs));
+            a.extend(batch_flags(
+                &format!("config/demo/{recipe}"),
+                toml,
+                b.micro_batch,
+            )?);
             a.extend(args(&["--calib-samples", &b.calib_samples.to_string()]));
             d.run(&a)?;
             Ok(json!({"checkpoint": p(&latest_checkpoint(run)?)}))
@@ -708,5 +761,26 @@ mod tests {
         assert_eq!((train.len(), heldout.len()), (50, 8));
         assert!(heldout.iter().all(|h| !train.contains(h)));
         assert!(split(&all, 10, 100).is_err());
+    }
+
+    #[test]
+    fn a_budget_micro_batch_keeps_the_recipes_effective_batch() {
+        for (origin, recipe) in [("sft", SFT_TOML), ("qat", QAT_TOML), ("qad", QAD_TOML)] {
+            assert!(batch_flags(origin, recipe, None).unwrap().is_empty());
+            assert_eq!(
+                batch_flags(origin, recipe, Some(4)).unwrap(),
+                args(&["--micro-batch", "4", "--grad-accum", "2"])
+            );
+            let err = batch_flags(origin, recipe, Some(3))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("must divide the effective batch 8"), "{err}");
+        }
+        let b: Budgets = toml::from_str(DEMO_TOML).unwrap();
+        for budget in [&b.full, &b.smoke] {
+            if let Some(m) = budget.micro_batch {
+                batch_flags("sft", SFT_TOML, Some(m)).unwrap();
+            }
+        }
     }
 }

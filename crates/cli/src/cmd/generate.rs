@@ -59,6 +59,10 @@ pub struct Args {
     /// Conversations per category, instead of each category's count.
     #[arg(long)]
     pub count: Option<u64>,
+    /// Scale the categories' counts (after --count) to sum to at least N conversations,
+    /// keeping their mix.
+    #[arg(long, value_name = "N")]
+    pub total: Option<u64>,
     /// Conversations asked for per batch.
     #[arg(long, default_value_t = 25)]
     pub per_batch: usize,
@@ -164,22 +168,12 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     }
     let profile = load_profile(&a.profile, None)?;
     let teacher = TeacherConfig::resolve(a.teacher_dir.as_deref())?;
-    let targets: HashMap<String, u64> = teacher
-        .category_names()
-        .into_iter()
-        .filter_map(|n| teacher.category(n).ok())
-        .map(|c| (c.name.clone(), a.count.unwrap_or(c.count)))
-        .collect();
     let store = Store::open(&a.db.db)?;
-    let bars = Arc::new(CategoryBars {
-        multi: MultiProgress::new(),
-        bars: Mutex::new(HashMap::new()),
-        targets,
-    });
     let mut opts = GenerateOptions::new(backend(&a)?, profile);
     opts.teacher_dir = a.teacher_dir.clone();
     opts.category = a.category.clone();
     opts.count = a.count;
+    opts.total = a.total;
     opts.per_batch = a.per_batch;
     opts.concurrency = a.concurrency;
     opts.max_retries = a.retries;
@@ -189,6 +183,15 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     opts.max_cost_usd = a.max_cost_usd;
     opts.max_requests = a.max_requests;
     opts.max_tokens = a.max_total_tokens;
+    let targets: HashMap<String, u64> = qatflow_teacher::run::selected_categories(&teacher, &opts)?
+        .into_iter()
+        .map(|c| (c.name, c.count))
+        .collect();
+    let bars = Arc::new(CategoryBars {
+        multi: MultiProgress::new(),
+        bars: Mutex::new(HashMap::new()),
+        targets,
+    });
     let sink = bars.clone();
     opts.events = Some(Arc::new(move |e: &GenerationEvent| sink.on_event(e)));
 

@@ -5,8 +5,11 @@
 //!
 //! Outside an installed [`InputAmaxHook`] an observation is one read of a thread-local flag;
 //! inside, the input's amax is folded into the running maximum of the calling thread's
-//! observer (an [`AmaxCalibrator`] per linear, keyed by its Hugging Face module name).
+//! observer (an [`AmaxCalibrator`] per linear, keyed by its Hugging Face module name). The
+//! maxima stay on the device until [`InputAmaxHook::finish`] reads them back, so a pass on a
+//! GPU never waits for the host between layers.
 
+use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
@@ -20,10 +23,25 @@ thread_local! {
     static OBSERVED: RefCell<Observed> = RefCell::new(Observed::default());
 }
 
+/// One linear's calibrator with its backend erased (the thread-local cannot be generic).
+trait Pending {
+    fn as_any(&mut self) -> &mut dyn Any;
+    fn amax(&self, name: &str) -> Result<f32, qatflow_nvfp4::Error>;
+}
+
+impl<B: Backend> Pending for AmaxCalibrator<B> {
+    fn as_any(&mut self) -> &mut dyn Any {
+        self
+    }
+
+    fn amax(&self, name: &str) -> Result<f32, qatflow_nvfp4::Error> {
+        AmaxCalibrator::amax(self, &key(name, INPUT_QUANTIZER))
+    }
+}
+
 #[derive(Default)]
 struct Observed {
-    amax: BTreeMap<String, AmaxCalibrator>,
-    error: Option<qatflow_nvfp4::Error>,
+    amax: BTreeMap<String, Box<dyn Pending>>,
 }
 
 /// Records `max|x|` of the input of linear `name` when an [`InputAmaxHook`] is installed
@@ -39,17 +57,15 @@ pub(super) fn observe_input<B: Backend, const D: usize>(name: &str, x: &Tensor<B
 fn record<B: Backend, const D: usize>(name: &str, x: &Tensor<B, D>) {
     OBSERVED.with(|o| {
         let mut o = o.borrow_mut();
-        if o.error.is_some() {
-            return;
-        }
-        let result = o
+        let pending = o
             .amax
             .entry(name.to_owned())
-            .or_default()
-            .observe(&key(name, INPUT_QUANTIZER), x);
-        if let Err(e) = result {
-            o.error = Some(e);
-        }
+            .or_insert_with(|| Box::new(AmaxCalibrator::<B>::new()));
+        pending
+            .as_any()
+            .downcast_mut::<AmaxCalibrator<B>>()
+            .expect("one calibration pass runs one backend")
+            .observe(x);
     });
 }
 
@@ -73,14 +89,11 @@ impl InputAmaxHook {
     /// `|x|` its input reached, or the first NaN/infinite activation's error.
     pub fn finish(self) -> Result<BTreeMap<String, f32>, qatflow_nvfp4::Error> {
         let observed = OBSERVED.with(|o| std::mem::take(&mut *o.borrow_mut()));
-        if let Some(e) = observed.error {
-            return Err(e);
-        }
-        Ok(observed
+        observed
             .amax
             .into_iter()
-            .map(|(name, c)| (name, c.amax()))
-            .collect())
+            .map(|(name, c)| c.amax(&name).map(|amax| (name, amax)))
+            .collect()
     }
 }
 

@@ -36,8 +36,9 @@ pub struct OfflineConfig {
 }
 
 /// The scene names a category's `offline` list may use.
-pub const SCENES: [&str; 11] = [
+pub const SCENES: [&str; 12] = [
     "fact",
+    "quick_fact",
     "long_question",
     "task",
     "search",
@@ -66,6 +67,7 @@ fn base_variants(scene: &str) -> u64 {
     let p = phrases();
     (match scene {
         "fact" => p.topics.len() * p.leads.len(),
+        "quick_fact" => p.quick_facts.len(),
         "long_question" => p.long_questions.len(),
         "task" => task_variants(p),
         "search" => p.searches.len(),
@@ -200,6 +202,11 @@ impl Writer {
                 let (topic, answer) = &p.topics[b % p.topics.len()];
                 self.user(opener, &p.leads[b / p.topics.len()].replace("{}", topic));
                 self.reply(answer);
+            }
+            "quick_fact" => {
+                let (q, a) = &p.quick_facts[b];
+                self.user(opener, q);
+                self.reply(a);
             }
             "long_question" => {
                 let (q, a) = &p.long_questions[b];

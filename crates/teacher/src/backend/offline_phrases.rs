@@ -13,6 +13,7 @@ pub(crate) struct Phrases {
     pub openers: Vec<String>,
     pub topics: Vec<(String, String)>,
     pub leads: Vec<String>,
+    pub quick_facts: Vec<(String, String)>,
     pub long_questions: Vec<(String, String)>,
     pub switches: Vec<(String, String)>,
     pub searches: Vec<(String, String, String, String)>,
@@ -42,6 +43,7 @@ impl Phrases {
             ("openers", p.openers.len()),
             ("topics", p.topics.len()),
             ("leads", p.leads.len()),
+            ("quick_facts", p.quick_facts.len()),
             ("long_questions", p.long_questions.len()),
             ("switches", p.switches.len()),
             ("searches", p.searches.len()),
@@ -94,6 +96,48 @@ mod tests {
         assert_eq!(p.openers[0], "");
         assert_eq!(p.topics.len(), 16);
         assert!(p.leads.iter().all(|l| l.contains("{}")));
+    }
+
+    /// The user prompts of every behaviour-suite file in `config/bench/`, lower-cased.
+    fn bench_prompts() -> Vec<String> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/bench");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            let value: toml::Value = toml::from_str(&text).unwrap();
+            for prompt in value
+                .get("prompts")
+                .and_then(|p| p.as_array())
+                .into_iter()
+                .flatten()
+            {
+                if let Some(user) = prompt.get("user").and_then(|u| u.as_str()) {
+                    out.push(user.to_lowercase());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn no_training_question_is_a_bench_prompt() {
+        let p = Phrases::parse(TEXT).unwrap();
+        let bench = bench_prompts();
+        assert!(bench.len() >= 40, "read {} suite prompts", bench.len());
+        let questions = p
+            .quick_facts
+            .iter()
+            .chain(&p.long_questions)
+            .chain(&p.switches)
+            .chain(&p.feelings)
+            .chain(&p.user_context)
+            .map(|(q, _)| q);
+        for q in questions {
+            assert!(
+                !bench.contains(&q.to_lowercase()),
+                "{q:?} is a behaviour-suite prompt: the suite must measure held-out prompts"
+            );
+        }
     }
 
     #[test]
