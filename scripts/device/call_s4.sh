@@ -13,9 +13,7 @@
 #              each on 48 offline-teacher conversations: QAD runs on CUDA, and its step time
 #              beside QAT's
 # Usage: bash scripts/device/call_s4.sh STEP [SECONDS]
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH}
-P=/tmp/gguf_parts; D=/tmp/demo; mkdir -p $P
-stamp() { echo "=== $(date +%T) $*"; }
+. scripts/device/gguf_parts.sh
 follow() { # tails the demo log until the demo ends or $1 seconds pass
   local end=$((SECONDS + $1))
   while [ $SECONDS -lt $end ] && pgrep -f "qatflow demo" > /dev/null; do sleep 5; done
@@ -27,16 +25,13 @@ follow() { # tails the demo log until the demo ends or $1 seconds pass
 case $1 in
 first)
   stamp first; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  for f in .gpu/*.xz; do n=$(basename $f .xz); xz -dc $f > /tmp/$n && chmod +x /tmp/$n; done
-  cp .gpu/part* $P/; cp .gpu/demo_gpu.toml /tmp/
+  unpack_binaries
   stamp decode-anchor; timeout 150 python3 .gpu/decode_anchor.py 2>&1 | grep -v Warning | tail -4
   stamp done ;;
 part)
-  cp .xfer/part* $P/ && ls -la $P ;;
+  take_part ;;
 start)
-  cp .xfer/part* $P/ 2>/dev/null; ls -la $P
-  cat $P/part* | xz -dc > /tmp/smol.gguf && sha256sum /tmp/smol.gguf
-  /tmp/qatflow model import-gguf /tmp/smol.gguf --out $D/models/smollm2 2>&1 | tail -2
+  take_part; join_and_import
   stamp demo
   setsid nohup /tmp/qatflow demo --dir $D --budget full --device cuda --recipe /tmp/demo_gpu.toml \
     > /tmp/demo.log 2>&1 < /dev/null &

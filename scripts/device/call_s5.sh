@@ -15,9 +15,7 @@
 #           (scripts/device/modelopt_ptq_anchor.py) and `qatflow quantize --device cuda`,
 #           64 and 512 calibration sequences of the offline dataset, each timed
 # Usage: bash scripts/device/call_s5.sh STEP [SECONDS]
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH}
-P=/tmp/gguf_parts; D=/tmp/demo; mkdir -p $P
-stamp() { echo "=== $(date +%T) $*"; }
+. scripts/device/gguf_parts.sh
 follow() { # tails the demo log until the driver ends or $1 seconds pass
   local end=$((SECONDS + $1))
   # By pid: `pgrep -f demo_driver.sh` also matches a call whose own command names the driver.
@@ -30,14 +28,11 @@ follow() { # tails the demo log until the driver ends or $1 seconds pass
 case $1 in
 first)
   stamp first; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  for f in .gpu/*.xz; do n=$(basename $f .xz); xz -dc $f > /tmp/$n && chmod +x /tmp/$n; done
-  cp .gpu/part* $P/; cp .gpu/demo_gpu.toml /tmp/; ls -la $P; stamp done ;;
+  unpack_binaries; ls -la $P; stamp done ;;
 part)
-  cp .xfer/part* $P/ && ls -la $P ;;
+  take_part ;;
 start)
-  cp .xfer/part* $P/ 2>/dev/null; ls -la $P
-  cat $P/part* | xz -dc > /tmp/smol.gguf && sha256sum /tmp/smol.gguf
-  /tmp/qatflow model import-gguf /tmp/smol.gguf --out $D/models/smollm2 2>&1 | tail -2
+  take_part; join_and_import
   stamp demo
   setsid nohup bash scripts/device/demo_driver.sh /tmp/qatflow $D /tmp/demo_gpu.toml \
     > /tmp/demo.log 2>&1 < /dev/null &

@@ -194,6 +194,50 @@ fn eval_nll_on_token_ids_needs_no_tokenizer() {
 }
 
 #[test]
+fn eval_kld_compares_one_or_several_models_with_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (name, seed) in [("base", "1"), ("a", "2"), ("b", "3")] {
+        run_ok(
+            d,
+            &[
+                "model",
+                "init",
+                "--config",
+                "tiny-llama",
+                "--out",
+                name,
+                "--seed",
+                seed,
+            ],
+        );
+    }
+    std::fs::write(d.join("ids.json"), "[[1, 5, 9, 17, 2], [3, 4, 5]]").unwrap();
+    let kld = |others: &[&str]| -> Value {
+        let mut a = vec!["eval", "kld", "--base", "base", "--token-ids", "ids.json"];
+        for o in others {
+            a.extend(["--other", o]);
+        }
+        serde_json::from_str(&run_ok(d, &a)).unwrap()
+    };
+    let single = kld(&["a"]);
+    assert_eq!(single["positions"], 8);
+    assert!(single["mean_kld"].as_f64().unwrap() > 0.0);
+    let both = kld(&["a", "b", "base"]);
+    assert_eq!(
+        both["a"], single,
+        "one pass for several models gives each one's report"
+    );
+    assert_eq!(both["b"], kld(&["b"]));
+    assert!(both["base"]["mean_kld"].as_f64().unwrap().abs() < 1e-6);
+    let out = qatflow(d)
+        .args(["eval", "kld", "--base", "base", "--token-ids", "ids.json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "--other is required");
+}
+
+#[test]
 fn eval_decode_checks_the_cache_of_every_architecture() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

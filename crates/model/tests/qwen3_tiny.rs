@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use qatflow_model::eval::{eval_kld, eval_nll};
+use qatflow_model::eval::{eval_kld, eval_kld_many, eval_nll};
 use qatflow_model::weights::Checkpoint;
 use qatflow_model::{
     CausalLm, ConfigError, KvCache, LoadError, LoadOptions, ModelConfig, Precision,
@@ -309,6 +309,40 @@ fn eval_nll_matches_transformers_log_softmax() {
     assert!(report.perplexity > 1000.0, "{report:?}");
     let json = serde_json::to_value(&report).unwrap();
     assert!(json["sequences"][1]["mean_nll"].is_number());
+}
+
+/// Several models against one base in one pass give each model's own `eval_kld` report.
+#[test]
+fn kld_of_several_models_in_one_pass_equals_one_at_a_time() {
+    let bf16 = load("qwen3_tiny_bf16.safetensors", f32_options());
+    let w4a4 = load(
+        "qwen3_tiny_nvfp4.safetensors",
+        LoadOptions {
+            emulate_nvfp4_activations: true,
+            ..LoadOptions::default()
+        },
+    );
+    let w4a16 = load("qwen3_tiny_nvfp4.safetensors", LoadOptions::default());
+    let options = qatflow_model::eval::EvalOptions::default();
+    let many = eval_kld_many(&bf16, &[&w4a4, &bf16, &w4a16], calib_ids(), &options).unwrap();
+    assert_eq!(many.len(), 3);
+    for (got, other) in many.iter().zip([&w4a4, &bf16, &w4a16]) {
+        let want = eval_kld(&bf16, other, calib_ids()).unwrap();
+        assert_eq!(got.positions, want.positions);
+        assert_eq!(got.base_nll, want.base_nll);
+        for (a, b) in [
+            (got.mean_kld, want.mean_kld),
+            (got.p99_kld, want.p99_kld),
+            (got.top1_agreement, want.top1_agreement),
+            (got.other_nll.unwrap(), want.other_nll.unwrap()),
+        ] {
+            assert!(
+                (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+                "{got:?} vs {want:?}"
+            );
+        }
+    }
+    assert!(many[0].mean_kld > 0.0 && many[1].mean_kld.abs() < 1e-6);
 }
 
 #[test]

@@ -387,6 +387,11 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
     results.insert("fetch".into(), r);
     let r = d.stage(next("generate"), "generate", |d| {
         let db = d.path("db");
+        // The teacher's own dataset (its categories' counts, what the gates are sized for),
+        // scaled up when the budget needs more conversations than it has.
+        let teacher = qatflow_teacher::TeacherConfig::resolve(None)?;
+        let default_total: u64 = teacher.categories.iter().map(|c| c.count).sum();
+        let total = default_total.max((b.train_conversations + b.heldout_conversations) as u64);
         // Exit 1 means a dataset gate failed; the conversations are stored all the same and
         // the validate stage reports the gates.
         d.run_ok(
@@ -395,7 +400,7 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
                 "--backend",
                 "offline",
                 "--total",
-                &(b.train_conversations + b.heldout_conversations).to_string(),
+                &total.to_string(),
                 "--resume",
                 "--seed",
                 "0",
@@ -575,24 +580,22 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
     models.extend(quantized.iter().cloned());
     let heldout = data.join("heldout.jsonl");
     let r = d.stage(next("eval"), "eval", |d| {
-        // One `eval kld` per export: the KL, the top-1 agreement and both models' NLL come
-        // from the same forward passes.
+        // One `eval kld` for every export: the SFT model runs once, and the KL, the top-1
+        // agreement and both models' NLL come from the same forward passes.
+        let mut a = args(&["eval", "kld", "--base", &p(&sft)]);
+        for (_, dir) in &quantized {
+            a.extend(args(&["--other", &p(dir)]));
+        }
+        a.extend(args(&["--data", &p(&heldout), "--device", &d.device]));
+        let reports: Value = serde_json::from_str(&d.output(&a)?)?;
+        let nll = |v: &Value| json!({"mean_nll": v, "perplexity": v.as_f64().map(f64::exp)});
         let mut out = serde_json::Map::new();
         for (name, dir) in &quantized {
-            let kld: Value = serde_json::from_str(&d.output(&args(&[
-                "eval",
-                "kld",
-                "--base",
-                &p(&sft),
-                "--other",
-                &p(dir),
-                "--data",
-                &p(&heldout),
-                "--device",
-                &d.device,
-            ]))?)?;
-            let nll = |v: &Value| json!({"mean_nll": v, "perplexity": v.as_f64().map(f64::exp)});
-            // Every run computes the same SFT NLL; the first one is kept.
+            let kld = if quantized.len() == 1 {
+                reports.clone()
+            } else {
+                reports[p(dir)].clone()
+            };
             out.entry("sft_nll")
                 .or_insert_with(|| nll(&kld["base_nll"]));
             out.insert(format!("{name}_nll"), nll(&kld["other_nll"]));

@@ -4,9 +4,10 @@
 use anyhow::{bail, Context};
 use burn::tensor::backend::Backend;
 use qatflow_core::{Device, JsonlReader};
+use qatflow_model::eval::{eval_kld_many, EvalOptions};
 use qatflow_model::{
-    eval_decode, eval_kld, eval_nll, generate_with_tools, load_with_tokenizer, CausalLm,
-    DecodeReport, GenerateOptions, LoadOptions, Precision, Tokenizer,
+    eval_decode, eval_nll, generate_with_tools, load_with_tokenizer, CausalLm, DecodeReport,
+    GenerateOptions, LoadOptions, Precision, Tokenizer,
 };
 use qatflow_serve::ToolCallFormat;
 use serde_json::{json, Value};
@@ -93,14 +94,17 @@ pub enum EvalCommand {
     },
     /// KL divergence of `other`'s next-token distributions from `base`'s (mean, p99) and
     /// top-1 agreement: what quantization did to a model; also both models' NLL (as `eval
-    /// nll` computes it) from the same forward passes.
+    /// nll` computes it) from the same forward passes. With several `--other`, the base
+    /// model runs once for all of them (all are loaded at once) and the JSON holds one
+    /// report per `--other`, keyed by the path as given.
     Kld {
         /// The reference model directory.
         #[arg(long)]
         base: PathBuf,
-        /// The model compared with it (for example its NVFP4 export).
-        #[arg(long)]
-        other: PathBuf,
+        /// The model compared with it (for example its NVFP4 export); repeat to compare
+        /// several.
+        #[arg(long, required = true)]
+        other: Vec<PathBuf>,
         #[command(flatten)]
         data: DataArgs,
         #[command(flatten)]
@@ -283,19 +287,28 @@ fn nll_on<B: Backend>(
 
 fn kld_on<B: Backend>(
     base: &Path,
-    other: &Path,
+    others: &[PathBuf],
     data: &DataArgs,
     m: &ModelArgs,
     device: B::Device,
 ) -> anyhow::Result<Value> {
     let (base_model, tokenizer) = load_for_eval::<B>(base, data, m, &device)?;
-    let (other_model, _) = load_for_eval::<B>(other, data, m, &device)?;
+    let other_models = others
+        .iter()
+        .map(|o| Ok(load_for_eval::<B>(o, data, m, &device)?.0))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let seqs = read_sequences(data, tokenizer.as_ref())?;
-    Ok(serde_json::to_value(eval_kld(
-        &base_model,
-        &other_model,
-        seqs,
-    )?)?)
+    let refs: Vec<&CausalLm<B>> = other_models.iter().collect();
+    let mut reports = eval_kld_many(&base_model, &refs, seqs, &EvalOptions::default())?;
+    if reports.len() == 1 {
+        return Ok(serde_json::to_value(reports.remove(0))?);
+    }
+    let keyed: serde_json::Map<String, Value> = others
+        .iter()
+        .zip(reports)
+        .map(|(o, r)| Ok((o.display().to_string(), serde_json::to_value(r)?)))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Value::Object(keyed))
 }
 
 fn decode_on<B: Backend>(

@@ -268,8 +268,28 @@ pub fn eval_kld_with<B: Backend>(
     sequences: Vec<Vec<u32>>,
     options: &EvalOptions,
 ) -> Result<KldReport, EvalError> {
+    let mut reports = eval_kld_many(base, &[other], sequences, options)?;
+    Ok(reports.remove(0))
+}
+
+/// What [`eval_kld_many`] accumulates for one compared model.
+#[derive(Default)]
+struct KldSums {
+    klds: Vec<f64>,
+    agree: usize,
+    nll: f64,
+}
+
+/// [`eval_kld_with`] for several models against one base: the base model's forward pass runs
+/// once per batch for all of them. One report per model of `others`, in order.
+pub fn eval_kld_many<B: Backend>(
+    base: &CausalLm<B>,
+    others: &[&CausalLm<B>],
+    sequences: Vec<Vec<u32>>,
+    options: &EvalOptions,
+) -> Result<Vec<KldReport>, EvalError> {
     let vocab = base.config().vocab_size;
-    if other.config().vocab_size != vocab {
+    if let Some(other) = others.iter().find(|o| o.config().vocab_size != vocab) {
         return Err(EvalError::VocabMismatch {
             base: vocab,
             other: other.config().vocab_size,
@@ -278,12 +298,11 @@ pub fn eval_kld_with<B: Backend>(
     check(&sequences, vocab, 1)?;
     let device = base.device();
     let chunk = chunk_rows(vocab, options);
-    let mut klds = Vec::new();
-    let mut agree = 0usize;
-    let (mut nll_base, mut nll_other, mut predicted) = (0f64, 0f64, 0usize);
+    let mut sums: Vec<KldSums> = others.iter().map(|_| KldSums::default()).collect();
+    let (mut nll_base, mut predicted) = (0f64, 0usize);
     for batch in sequences.chunks(options.batch_size.max(1)) {
         let (hb, width) = batch_hidden(base, batch);
-        let (ho, _) = batch_hidden(other, batch);
+        let hidden: Vec<Tensor<B, 2>> = others.iter().map(|o| batch_hidden(o, batch).0).collect();
         // (row of the position, next token if there is one)
         let rows: Vec<(usize, Option<usize>)> = batch
             .iter()
@@ -295,41 +314,53 @@ pub fn eval_kld_with<B: Backend>(
         for part in rows.chunks(chunk) {
             let idx: Vec<usize> = part.iter().map(|r| r.0).collect();
             let idx = index_tensor::<B>(&idx, &device);
-            let lb = log_probs(base, hb.clone().select(0, idx.clone()));
-            let lo = log_probs(other, ho.clone().select(0, idx));
             let targets: Vec<usize> = part.iter().map(|r| r.1.unwrap_or(0)).collect();
             let targets = index_tensor::<B>(&targets, &device).unsqueeze_dim(1);
+            let lb = log_probs(base, hb.clone().select(0, idx.clone()));
             let picked_b = to_f64(lb.clone().gather(1, targets.clone()));
-            let picked_o = to_f64(lo.clone().gather(1, targets));
-            for ((r, b), o) in part.iter().zip(picked_b).zip(picked_o) {
+            for (r, b) in part.iter().zip(&picked_b) {
                 if r.1.is_some() {
                     nll_base -= b;
-                    nll_other -= o;
                     predicted += 1;
                 }
             }
             let top_b = lb.clone().argmax(1);
-            let top_o = lo.clone().argmax(1);
-            let kl = (lb.clone().exp() * (lb - lo)).sum_dim(1);
-            klds.extend(to_f64(kl));
-            let same = top_b.equal(top_o).int().sum();
-            agree += same.into_data().iter::<i64>().next().unwrap_or(0) as usize;
+            let pb = lb.clone().exp();
+            for ((other, ho), sum) in others.iter().zip(&hidden).zip(&mut sums) {
+                let lo = log_probs(other, ho.clone().select(0, idx.clone()));
+                let picked_o = to_f64(lo.clone().gather(1, targets.clone()));
+                for (r, o) in part.iter().zip(picked_o) {
+                    if r.1.is_some() {
+                        sum.nll -= o;
+                    }
+                }
+                let top_o = lo.clone().argmax(1);
+                let kl = (pb.clone() * (lb.clone() - lo)).sum_dim(1);
+                sum.klds.extend(to_f64(kl));
+                let same = top_b.clone().equal(top_o).int().sum();
+                sum.agree += same.into_data().iter::<i64>().next().unwrap_or(0) as usize;
+            }
         }
     }
     let mean = |sum: f64| (predicted > 0).then(|| sum / predicted as f64);
-    let n = klds.len();
-    let mean_kld = klds.iter().sum::<f64>() / n as f64;
-    let mut sorted = klds;
-    sorted.sort_unstable_by(f64::total_cmp);
-    let rank = ((0.99 * n as f64).ceil() as usize).clamp(1, n);
-    Ok(KldReport {
-        mean_kld,
-        p99_kld: sorted[rank - 1],
-        top1_agreement: agree as f64 / n as f64,
-        positions: n,
-        base_nll: mean(nll_base),
-        other_nll: mean(nll_other),
-    })
+    Ok(sums
+        .into_iter()
+        .map(|s| {
+            let n = s.klds.len();
+            let mean_kld = s.klds.iter().sum::<f64>() / n as f64;
+            let mut sorted = s.klds;
+            sorted.sort_unstable_by(f64::total_cmp);
+            let rank = ((0.99 * n as f64).ceil() as usize).clamp(1, n);
+            KldReport {
+                mean_kld,
+                p99_kld: sorted[rank - 1],
+                top1_agreement: s.agree as f64 / n as f64,
+                positions: n,
+                base_nll: mean(nll_base),
+                other_nll: mean(s.nll),
+            }
+        })
+        .collect())
 }
 
 /// Incremental decoding checked against one full forward: each sequence's first `prefill`

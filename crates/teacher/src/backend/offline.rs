@@ -54,10 +54,14 @@ pub const SCENES: [&str; 12] = [
 const THINK: &str = "<think>\n</think>\n";
 const PRIMES: [u128; 4] = [1_000_003, 998_244_353, 1_000_000_007, 2_147_483_647];
 
-/// Variants of the task scene: timers, reminders (each at 1 to 11 pm), music, lights, weather.
+/// Reminder times of the task scene: every hour from 1 to 11 pm, on the hour and at half past.
+const REMINDER_TIMES: usize = 22;
+
+/// Variants of the task scene: timers, reminders (each at [`REMINDER_TIMES`] times), music,
+/// lights, weather.
 fn task_variants(p: &Phrases) -> usize {
     p.timer_minutes.len()
-        + 11 * p.reminders.len()
+        + REMINDER_TIMES * p.reminders.len()
         + p.genres.len()
         + p.rooms.len() * p.light_states.len()
         + p.cities.len()
@@ -145,20 +149,26 @@ impl Writer {
             return;
         }
         v -= p.timer_minutes.len();
-        if v < 11 * p.reminders.len() {
-            let (h, what) = (v % 11 + 1, &p.reminders[v / 11]);
-            self.user(opener, &format!("Remind me to {what} at {h} pm."));
+        if v < REMINDER_TIMES * p.reminders.len() {
+            let what = &p.reminders[v / REMINDER_TIMES];
+            let (h, half) = (v % 11 + 1, v % REMINDER_TIMES >= 11);
+            let (said, time) = if half {
+                (format!("{h}:30 pm"), format!("{h}:30 PM"))
+            } else {
+                (format!("{h} pm"), format!("{h}:00 PM"))
+            };
+            self.user(opener, &format!("Remind me to {what} at {said}."));
             let mut text = what.to_string();
             text[..1].make_ascii_uppercase();
             self.tool(
                 "set_reminder",
-                json!({"text": text, "time": format!("{h}:00 PM")}),
-                &format!("Reminder created for {h}:00 PM."),
+                json!({"text": text, "time": time}),
+                &format!("Reminder created for {time}."),
             );
-            self.reply(&format!("I'll remind you to {what} at {h} pm."));
+            self.reply(&format!("I'll remind you to {what} at {said}."));
             return;
         }
-        v -= 11 * p.reminders.len();
+        v -= REMINDER_TIMES * p.reminders.len();
         if v < p.genres.len() {
             let g = &p.genres[v];
             self.user(opener, &format!("Play some {g} music."));

@@ -1,0 +1,24 @@
+# Shared steps of the device calls that carry SmolLM2-135M-Instruct's 98 MB GGUF, which
+# exceeds one call's 64 MiB tree: it travels xz-compressed in parts over consecutive calls
+# to one warm machine. Sourced by call_s4.sh and call_s5.sh: sets the CUDA library path, P
+# (the parts folder), D (the demo folder) and `stamp`, and defines the transfer steps.
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH}
+P=/tmp/gguf_parts; D=/tmp/demo; mkdir -p $P
+stamp() { echo "=== $(date +%T) $*"; }
+
+# The stripped binaries (.gpu/*.xz) into /tmp, and the first GGUF part.
+unpack_binaries() {
+  for f in .gpu/*.xz; do n=$(basename $f .xz); xz -dc $f > /tmp/$n && chmod +x /tmp/$n; done
+  cp .gpu/part* $P/; cp .gpu/demo_gpu.toml /tmp/
+}
+
+# A later part (in .xfer/).
+take_part() {
+  cp .xfer/part* $P/ 2>/dev/null; ls -la $P
+}
+
+# Joins the parts into /tmp/smol.gguf and imports it as the demo's base model.
+join_and_import() {
+  cat $P/part* | xz -dc > /tmp/smol.gguf && sha256sum /tmp/smol.gguf
+  /tmp/qatflow model import-gguf /tmp/smol.gguf --out $D/models/smollm2 2>&1 | tail -2
+}
