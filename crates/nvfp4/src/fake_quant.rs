@@ -180,21 +180,21 @@ impl<B: Backend> AmaxCalibrator<B> {
         // Counted as integers: boolean tensors read back in a backend-specific element type
         // (CUDA stores them as integers), so `to_vec::<bool>` is not portable.
         let non_finite = x.clone().is_finite().bool_not().int().sum();
-        let m = x.abs().max().cast(DType::F32);
-        self.seen = Some(match self.seen.take() {
-            None => (m, non_finite),
-            Some((amax, count)) => (amax.max_pair(m), count + non_finite),
-        });
+        self.fold(x.abs().max().cast(DType::F32), non_finite);
     }
 
     /// Merges another calibrator (e.g. from another data-parallel rank): the max of both.
     pub fn merge(&mut self, other: &Self) {
-        let Some((m, n)) = other.seen.clone() else {
-            return;
-        };
+        if let Some((m, n)) = other.seen.clone() {
+            self.fold(m, n);
+        }
+    }
+
+    /// Folds a maximum and a NaN/infinity count into what was seen.
+    fn fold(&mut self, m: Tensor<B, 1>, non_finite: Tensor<B, 1, burn::tensor::Int>) {
         self.seen = Some(match self.seen.take() {
-            None => (m, n),
-            Some((amax, count)) => (amax.max_pair(m), count + n),
+            None => (m, non_finite),
+            Some((amax, count)) => (amax.max_pair(m), count + non_finite),
         });
     }
 

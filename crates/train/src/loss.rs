@@ -205,6 +205,22 @@ mod tests {
         }
     }
 
+    /// `batch`'s token ids as the model's `[batch, width]` input.
+    fn ids_of(batch: &Batch) -> Tensor<A, 2, Int> {
+        Tensor::from_data(
+            TensorData::new(batch.ids.clone(), [batch.lengths.len(), batch.width]),
+            &Default::default(),
+        )
+    }
+
+    /// The gradient of the leaf `x` in `grads`, flattened.
+    fn grad_of<const D: usize>(
+        x: &Tensor<A, D>,
+        grads: &<A as AutodiffBackend>::Gradients,
+    ) -> Vec<f32> {
+        x.grad(grads).unwrap().into_data().to_vec::<f32>().unwrap()
+    }
+
     #[test]
     fn only_masked_targets_are_rows() {
         let a = example(&[5, 6, 7, 8], &[false, true, true, false]);
@@ -225,22 +241,13 @@ mod tests {
             &[false, false, true, true, false, false],
         );
         let batch = Batch::new(&[&ex]);
-        let ids = Tensor::<A, 2, Int>::from_data(
-            TensorData::new(batch.ids.clone(), [1, batch.width]),
-            &Default::default(),
-        );
+        let ids = ids_of(&batch);
         let hidden = model
             .forward_hidden(ids, Some(&batch.lengths), None)
             .detach()
             .require_grad();
         let loss = nll_sum_from_hidden(&model, hidden.clone(), &batch);
-        let grads = loss.backward();
-        let g = hidden
-            .grad(&grads)
-            .unwrap()
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap();
+        let g = grad_of(&hidden, &loss.backward());
         let h = config.hidden_size;
         // Rows 1 and 2 predict the masked tokens 2 and 3; every other row is untouched.
         for pos in 0..6 {
@@ -311,17 +318,13 @@ mod tests {
         let teacher = random_init::<Flex>(&config, 3, &Default::default());
         let ex = example(&[1, 5, 9, 13, 17], &[false, false, true, true, false]);
         let batch = Batch::new(&[&ex]);
-        let ids = Tensor::<A, 2, Int>::from_data(
-            TensorData::new(batch.ids.clone(), [1, batch.width]),
-            &Default::default(),
-        );
+        let ids = ids_of(&batch);
         let hidden = student.forward_hidden(ids.clone(), Some(&batch.lengths), None);
         let teacher_hidden = teacher.forward_hidden(ids.inner(), Some(&batch.lengths), None);
         // Gradient with respect to the logits: take them as the leaf.
         let logits = student.logits(hidden.clone()).detach().require_grad();
-        let log_p = |l: Tensor<A, 2>| log_softmax(l);
         let t_log_p = log_softmax(teacher.logits(teacher_hidden.clone()).squeeze_dim::<2>(0));
-        let s_log_p = log_p(logits.clone().squeeze_dim::<2>(0));
+        let s_log_p = log_softmax(logits.clone().squeeze_dim::<2>(0));
         let kl = (Tensor::<A, 2>::from_inner(t_log_p.clone().exp())
             * (Tensor::<A, 2>::from_inner(t_log_p.clone()) - s_log_p.clone()))
         .select(
@@ -329,13 +332,7 @@ mod tests {
             Tensor::<A, 1, Int>::from_data(TensorData::new(vec![1, 2], [2]), &Default::default()),
         )
         .sum();
-        let grads = kl.backward();
-        let g = logits
-            .grad(&grads)
-            .unwrap()
-            .into_data()
-            .to_vec::<f32>()
-            .unwrap();
+        let g = grad_of(&logits, &kl.backward());
         let ps = s_log_p.inner().exp().into_data().to_vec::<f32>().unwrap();
         let pt = t_log_p.exp().into_data().to_vec::<f32>().unwrap();
         for (i, ((g, s), t)) in g.iter().zip(&ps).zip(&pt).enumerate() {

@@ -234,16 +234,8 @@ fn batch_flags(
     let Some(micro) = micro_batch else {
         return Ok(Vec::new());
     };
-    let recipe: toml::Value =
-        toml::from_str(toml).with_context(|| format!("{origin}: not TOML"))?;
-    let field = |name: &str| {
-        recipe
-            .get("optim")
-            .and_then(|o| o.get(name))
-            .and_then(toml::Value::as_integer)
-            .map_or(1, |v| v.max(1) as usize)
-    };
-    let effective = field("micro_batch") * field("grad_accum");
+    let effective =
+        qatflow_train::config::TrainConfig::from_toml(toml, Path::new(origin))?.effective_batch();
     if micro == 0 || effective % micro != 0 {
         bail!(
             "demo budget: micro_batch = {micro} must divide the effective batch {effective} of \
@@ -779,6 +771,14 @@ mod tests {
                 .to_string();
             assert!(err.contains("must divide the effective batch 8"), "{err}");
         }
+        // A recipe that leaves the batch to the trainer's defaults (micro-batch 1, 8 steps of
+        // accumulation) has their effective batch.
+        let defaults = SFT_TOML.replace("grad_accum = 8\n", "");
+        assert_ne!(defaults, SFT_TOML);
+        assert_eq!(
+            batch_flags("sft", &defaults, Some(2)).unwrap(),
+            args(&["--micro-batch", "2", "--grad-accum", "4"])
+        );
         let b: Budgets = toml::from_str(DEMO_TOML).unwrap();
         for budget in [&b.full, &b.smoke] {
             if let Some(m) = budget.micro_batch {
