@@ -2,13 +2,17 @@
 //! printed as one JSON object:
 //!
 //! ```text
-//! cargo run --release -p qatflow-model --example generate_bench -- \
-//!     [--device cpu|cuda] [--model-dir DIR] [--precision f32|bf16] [--tokens N] [--prompt TEXT]
+//! cargo run --release --example generate_bench -- [--device cpu|cuda] [--model-dir DIR] \
+//!     [--precision f32|bf16] [--decoder auto|burn|both] [--tokens N] [--runs N] [--prompt TEXT]
 //! ```
 //!
 //! Without `--model-dir` the model is fetched into `<cache>/models/smollm2-135m-instruct`.
-//! The decode rate counts tokens after the first one (the first includes the prefill);
-//! stop tokens are ignored so every run generates exactly `--tokens` tokens.
+//! `--decoder auto` generates as `qatflow serve` and `qatflow chat` do (the packed CPU
+//! decoder for a float32 dense model on the CPU, burn elsewhere); `burn` forces burn's
+//! forward; `both` (CPU) times burn's forward and the CPU decoder run by run in turn and
+//! reports the decode speed-up and whether both generated the same tokens. The decode rate counts tokens after the first one (the first includes the
+//! prefill); stop tokens are ignored so every run generates exactly `--tokens` tokens. Rates
+//! are the median of `--runs` timed runs after one warm-up.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -17,7 +21,9 @@ use std::time::Instant;
 
 use burn::tensor::backend::Backend;
 use qatflow_model::generate::generate_tokens;
-use qatflow_model::{load_with_tokenizer, GenerateOptions, LoadOptions, Precision};
+use qatflow_model::{
+    load_with_tokenizer, CpuDecoder, GenerateOptions, Generator, LoadOptions, Precision,
+};
 use serde_json::json;
 
 struct Args {
@@ -25,7 +31,20 @@ struct Args {
     model_dir: Option<PathBuf>,
     precision: Option<Precision>,
     tokens: usize,
+    runs: usize,
+    decoder: Decoder,
     prompt: String,
+}
+
+/// `--decoder`.
+#[derive(Clone, Copy)]
+enum Decoder {
+    /// What `qatflow serve` and `qatflow chat` use.
+    Auto,
+    /// burn's forward.
+    Burn,
+    /// burn's forward and the CPU decoder, run by run in turn.
+    Both,
 }
 
 fn parse() -> Result<Args, String> {
@@ -34,6 +53,8 @@ fn parse() -> Result<Args, String> {
         model_dir: None,
         precision: None,
         tokens: 64,
+        runs: 5,
+        decoder: Decoder::Auto,
         prompt: "Write a short story about a robot who learns to paint.".into(),
     };
     let mut it = std::env::args().skip(1);
@@ -50,6 +71,15 @@ fn parse() -> Result<Args, String> {
                 })
             }
             "--tokens" => args.tokens = value()?.parse().map_err(|e| format!("--tokens: {e}"))?,
+            "--runs" => args.runs = value()?.parse().map_err(|e| format!("--runs: {e}"))?,
+            "--decoder" => {
+                args.decoder = match value()?.as_str() {
+                    "auto" => Decoder::Auto,
+                    "burn" => Decoder::Burn,
+                    "both" => Decoder::Both,
+                    other => return Err(format!("--decoder {other}: use auto, burn or both")),
+                }
+            }
             "--prompt" => args.prompt = value()?,
             other => return Err(format!("unknown argument {other}")),
         }
@@ -57,7 +87,24 @@ fn parse() -> Result<Args, String> {
     if args.tokens < 2 {
         return Err("--tokens must be at least 2".into());
     }
+    if args.runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
     Ok(args)
+}
+
+/// Timings of one generator over the runs.
+#[derive(Default)]
+struct Timings {
+    prefill_s: Vec<f64>,
+    decode_tokens_per_s: Vec<f64>,
+    ids: Vec<u32>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn run<B: Backend>(
@@ -76,6 +123,17 @@ fn run<B: Backend>(
         &device,
     )
     .map_err(|e| e.to_string())?;
+    let generators = match args.decoder {
+        Decoder::Burn => vec![Generator::Burn(Box::new(model))],
+        Decoder::Auto => vec![Generator::new(model)],
+        Decoder::Both => {
+            let cpu = CpuDecoder::new(&model).map_err(|e| format!("--decoder both: {e}"))?;
+            vec![
+                Generator::Burn(Box::new(model)),
+                Generator::Cpu(Box::new(cpu)),
+            ]
+        }
+    };
     let load_s = start.elapsed().as_secs_f64();
     let messages = [json!({"role": "user", "content": args.prompt})];
     let prompt = tokenizer
@@ -85,29 +143,53 @@ fn run<B: Backend>(
         max_new_tokens: args.tokens,
         ..GenerateOptions::default()
     };
-    // Warm-up (kernel compilation and autotuning on GPUs).
-    generate_tokens(
-        &model,
-        &prompt,
-        &[],
-        &GenerateOptions {
-            max_new_tokens: 2,
-            ..options.clone()
-        },
-        |_| ControlFlow::Continue(()),
-    )
-    .map_err(|e| e.to_string())?;
-    let start = Instant::now();
-    let mut first = None;
-    let (ids, _) = generate_tokens(&model, &prompt, &[], &options, |_| {
-        first.get_or_insert_with(Instant::now);
-        ControlFlow::Continue(())
-    })
-    .map_err(|e| e.to_string())?;
-    let end = Instant::now();
-    let first = first.unwrap_or(end);
-    let prefill_s = (first - start).as_secs_f64();
-    let decode_s = (end - first).as_secs_f64();
+    let time = |model: &Generator<B>, options: &GenerateOptions, t: &mut Timings| {
+        let start = Instant::now();
+        let mut first = None;
+        let (ids, _) = generate_tokens(model, &prompt, &[], options, |_| {
+            first.get_or_insert_with(Instant::now);
+            ControlFlow::Continue(())
+        })
+        .map_err(|e| e.to_string())?;
+        let end = Instant::now();
+        let first = first.unwrap_or(end);
+        t.prefill_s.push((first - start).as_secs_f64());
+        t.decode_tokens_per_s
+            .push((ids.len() - 1) as f64 / (end - first).as_secs_f64());
+        t.ids = ids;
+        Ok::<_, String>(())
+    };
+    // Warm-up (kernel compilation and autotuning on GPUs), then the generators take turns
+    // run by run, so that both see the same machine.
+    let warm_up = GenerateOptions {
+        max_new_tokens: 2,
+        ..options.clone()
+    };
+    let mut timings: Vec<Timings> = generators.iter().map(|_| Timings::default()).collect();
+    for (g, t) in generators.iter().zip(timings.iter_mut()) {
+        time(g, &warm_up, t)?;
+        *t = Timings::default();
+    }
+    for _ in 0..args.runs {
+        for (g, t) in generators.iter().zip(timings.iter_mut()) {
+            time(g, &options, t)?;
+        }
+    }
+    let mut results = Vec::new();
+    for (g, t) in generators.iter().zip(&timings) {
+        results.push(json!({
+            "decoder": g.kind(),
+            "prefill_s_median": median(&t.prefill_s),
+            "prefill_tokens_per_s_median": prompt.len() as f64 / median(&t.prefill_s),
+            "decode_tokens_per_s_median": median(&t.decode_tokens_per_s),
+            "decode_tokens_per_s_runs": t.decode_tokens_per_s,
+            "new_tokens": t.ids.len(),
+            "text": tokenizer.decode(&t.ids, true).map_err(|e| e.to_string())?,
+        }));
+    }
+    let same_tokens = timings.windows(2).all(|w| w[0].ids == w[1].ids);
+    let speedup = (timings.len() == 2)
+        .then(|| median(&timings[1].decode_tokens_per_s) / median(&timings[0].decode_tokens_per_s));
     Ok(json!({
         "model_dir": dir.display().to_string(),
         "device": args.device,
@@ -115,12 +197,10 @@ fn run<B: Backend>(
         "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "load_s": load_s,
         "prompt_tokens": prompt.len(),
-        "new_tokens": ids.len(),
-        "prefill_s": prefill_s,
-        "prefill_tokens_per_s": prompt.len() as f64 / prefill_s,
-        "decode_tokens_per_s": (ids.len() - 1) as f64 / decode_s,
-        "total_s": (end - start).as_secs_f64(),
-        "text": tokenizer.decode(&ids, true).map_err(|e| e.to_string())?,
+        "runs": args.runs,
+        "results": results,
+        "same_tokens": same_tokens,
+        "decode_speedup": speedup,
     }))
 }
 
@@ -128,7 +208,7 @@ fn main() -> ExitCode {
     let args = match parse() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("error: {e}\nusage: generate_bench [--device cpu|cuda] [--model-dir DIR] [--precision f32|bf16] [--tokens N] [--prompt TEXT]");
+            eprintln!("error: {e}\nusage: generate_bench [--device cpu|cuda] [--model-dir DIR] [--precision f32|bf16] [--decoder auto|burn|both] [--tokens N] [--runs N] [--prompt TEXT]");
             return ExitCode::from(2);
         }
     };

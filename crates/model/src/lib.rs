@@ -23,7 +23,7 @@ pub mod text;
 // The flat module paths of before the folders, for the crates that use them.
 pub use arch::{deltanet, dense, init, layers, model, params, qwen35, rope};
 pub use io::{fetch, gguf, import, qwen35_tokenizer, tiktoken, weights};
-pub use run::{batch, calib, eval, generate};
+pub use run::{batch, calib, cpu, eval, generate, lm};
 pub use text::{audit, mask, pyjson, template, tokenizer, toolcall};
 
 pub use arch::layers::{CacheSlot, KvCache};
@@ -35,9 +35,11 @@ pub use io::qwen35_tokenizer::fetch_tokenizer;
 pub use io::weights::{Checkpoint, LoadError, Precision};
 pub use linear::QLinear;
 pub use run::calib::{apply_group_rule, calibrate_inputs, weight_amax, CalibError};
+pub use run::cpu::{CpuCache, CpuDecoder};
 pub use run::eval::{
     eval_decode, eval_kld, eval_nll, DecodeReport, EvalError, KldReport, NllReport,
 };
 pub use run::generate::{generate, generate_with_tools, GenerateError, GenerateOptions, Reply};
+pub use run::lm::{Generator, GeneratorCache, LanguageModel};
 pub use text::template::{ChatTemplate, TemplateError};
 pub use text::tokenizer::{EncodedConversation, ModelFamily, Tokenizer, TokenizerError};

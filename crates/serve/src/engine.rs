@@ -1,5 +1,5 @@
 //! The model worker: one thread owns the model and advances every active sequence by one
-//! token per step ([`qatflow_model::batch::decode_step`], per-sequence KV caches), admits
+//! token per step ([`LanguageModel::decode_step`], per-sequence KV caches), admits
 //! waiting requests from a bounded queue between steps (prefilling each new prompt from
 //! the longest cached prefix of token ids), and streams token ids back to the request
 //! handlers. A handler that goes away (client disconnect, stop string) cancels its
@@ -12,10 +12,8 @@ use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
-use qatflow_model::batch::decode_step;
-use qatflow_model::generate::{next_logits, Sampler};
-use qatflow_model::{CausalLm, GenerateOptions, KvCache, LoadError};
+use qatflow_model::generate::Sampler;
+use qatflow_model::{GenerateOptions, LanguageModel, LoadError};
 
 use crate::ServeError;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -138,14 +136,14 @@ impl Engine {
     /// Starts the worker thread, which builds the model with `load` on its own thread
     /// (burn models need not be `Send`) and then serves jobs until every handle is dropped.
     /// Returns once the model is loaded, or the load error.
-    pub fn start<B, F>(
+    pub fn start<M, F>(
         load: F,
         config: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Engine, ServeError>
     where
-        B: Backend,
-        F: FnOnce() -> Result<CausalLm<B>, LoadError> + Send + 'static,
+        M: LanguageModel + 'static,
+        F: FnOnce() -> Result<M, LoadError> + Send + 'static,
     {
         let (jobs, rx) = mpsc::sync_channel(config.queue_capacity);
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -191,16 +189,16 @@ impl Engine {
 }
 
 /// Caches of recent prompts, for reuse by prompts that start with the same tokens.
-struct PrefixCache<B: Backend> {
-    entries: VecDeque<(Vec<u32>, KvCache<B>)>,
+struct PrefixCache<M: LanguageModel> {
+    entries: VecDeque<(Vec<u32>, M::Cache)>,
     max_entries: usize,
     min_tokens: usize,
 }
 
-impl<B: Backend> PrefixCache<B> {
+impl<M: LanguageModel> PrefixCache<M> {
     /// The cache of the longest cached prefix of `prompt` (leaving at least one token to
     /// prefill), truncated to that prefix, and its length.
-    fn lookup(&mut self, prompt: &[u32]) -> Option<(usize, KvCache<B>)> {
+    fn lookup(&mut self, prompt: &[u32]) -> Option<(usize, M::Cache)> {
         let (i, shared) = self
             .entries
             .iter()
@@ -216,11 +214,11 @@ impl<B: Backend> PrefixCache<B> {
         let entry = self.entries.remove(i)?;
         let mut cache = entry.1.clone();
         self.entries.push_front(entry);
-        cache.truncate(shared);
+        M::truncate_cache(&mut cache, shared);
         Some((shared, cache))
     }
 
-    fn insert(&mut self, prompt: &[u32], cache: &KvCache<B>) {
+    fn insert(&mut self, prompt: &[u32], cache: &M::Cache) {
         if self.max_entries == 0 {
             return;
         }
@@ -232,8 +230,8 @@ impl<B: Backend> PrefixCache<B> {
 }
 
 /// A sequence being decoded.
-struct Seq<B: Backend> {
-    cache: KvCache<B>,
+struct Seq<M: LanguageModel> {
+    cache: M::Cache,
     next: u32,
     generated: usize,
     max_tokens: usize,
@@ -243,12 +241,12 @@ struct Seq<B: Backend> {
     last_token_at: Instant,
 }
 
-struct Worker<B: Backend> {
-    model: CausalLm<B>,
+struct Worker<M: LanguageModel> {
+    model: M,
     config: EngineConfig,
     metrics: Arc<Metrics>,
-    prefix: PrefixCache<B>,
-    active: Vec<Seq<B>>,
+    prefix: PrefixCache<M>,
+    active: Vec<Seq<M>>,
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -258,8 +256,8 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-impl<B: Backend> Worker<B> {
-    fn new(model: CausalLm<B>, config: EngineConfig, metrics: Arc<Metrics>) -> Self {
+impl<M: LanguageModel> Worker<M> {
+    fn new(model: M, config: EngineConfig, metrics: Arc<Metrics>) -> Self {
         Worker {
             model,
             prefix: PrefixCache {
@@ -296,7 +294,7 @@ impl<B: Backend> Worker<B> {
 
     /// Samples from `logits` for a sequence, sends the token and says whether the
     /// sequence goes on.
-    fn emit(&self, seq: &mut Seq<B>, logits: &[f32], first_at: Option<Instant>) -> bool {
+    fn emit(&self, seq: &mut Seq<M>, logits: &[f32], first_at: Option<Instant>) -> bool {
         let token = seq.sampler.sample(logits);
         seq.generated += 1;
         self.metrics
@@ -342,7 +340,7 @@ impl<B: Backend> Worker<B> {
             let (cached, mut cache) = prefix
                 .lookup(prompt)
                 .unwrap_or_else(|| (0, model.new_cache()));
-            let logits = next_logits(model, &prompt[cached..], &mut cache);
+            let logits = model.next_logits(&prompt[cached..], &mut cache);
             prefix.insert(prompt, &cache);
             (cached, cache, logits)
         }));
@@ -385,11 +383,9 @@ impl<B: Backend> Worker<B> {
         }
         let tokens: Vec<u32> = self.active.iter().map(|s| s.next).collect();
         let model = &self.model;
-        let mut caches: Vec<&mut KvCache<B>> =
-            self.active.iter_mut().map(|s| &mut s.cache).collect();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            decode_step(model, &tokens, &mut caches)
-        }));
+        let mut caches: Vec<&mut M::Cache> = self.active.iter_mut().map(|s| &mut s.cache).collect();
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| model.decode_step(&tokens, &mut caches)));
         let logits = match result {
             Ok(l) => l,
             Err(p) => {

@@ -20,7 +20,9 @@ use axum::{Json, Router};
 use burn::tensor::backend::Backend;
 use qatflow_model::rng::SplitMix64;
 use qatflow_model::template::normalize_messages;
-use qatflow_model::{CausalLm, GenerateOptions, LoadOptions, ModelConfig, ModelFamily, Tokenizer};
+use qatflow_model::{
+    CausalLm, GenerateOptions, Generator, LoadOptions, ModelConfig, ModelFamily, Tokenizer,
+};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -136,8 +138,8 @@ impl AppState {
         let metrics = Arc::new(Metrics::default());
         let model_dir = dir.to_path_buf();
         let load = options.load;
-        let engine = Engine::start::<B, _>(
-            move || CausalLm::<B>::load(&model_dir, load, &device),
+        let engine = Engine::start(
+            move || CausalLm::<B>::load(&model_dir, load, &device).map(Generator::new),
             options.engine,
             metrics.clone(),
         )?;

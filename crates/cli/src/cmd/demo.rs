@@ -10,10 +10,16 @@
 //! Every finished stage leaves `DIR/stages/NAME.json` (its result and wall time), written
 //! atomically after the stage's own outputs: a second run skips finished stages, and a run
 //! cut off mid-stage redoes only that stage (training resumes from its newest checkpoint).
+//!
+//! On a machine with several GPUs (`--device cuda`), work that does not depend on each other
+//! runs side by side, one GPU each (`CUDA_VISIBLE_DEVICES`), its output in `DIR/logs/`: PTQ,
+//! QAT and QAD of the SFT model, then each model's replies, and each model's bench when
+//! every model has a GPU of its own (so that no two latency measurements share one).
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::fs::File;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -58,7 +64,8 @@ pub struct Args {
     /// How much to train: auto, smoke or full (see config/demo/demo.toml).
     #[arg(long, value_enum, default_value = "auto")]
     pub budget: BudgetArg,
-    /// cpu, cuda or cuda:N; default cuda when an NVIDIA driver is present, else cpu.
+    /// cpu, cuda or cuda:N; default cuda when an NVIDIA driver is present, else cpu. With
+    /// `cuda` and several visible GPUs, independent stages run side by side, one GPU each.
     #[arg(long)]
     pub device: Option<String>,
     /// Redo this stage and every later one (fetch, generate, split, validate, sft, ptq,
@@ -105,16 +112,52 @@ struct Budgets {
 }
 
 /// The demo's state: where it works and how it runs stages.
+#[derive(Clone)]
 struct Demo {
     dir: PathBuf,
     exe: PathBuf,
     device: String,
     budget_name: &'static str,
     budget: Budget,
+    /// GPUs (`CUDA_VISIBLE_DEVICES` ids) that independent stages are spread over; fewer
+    /// than two: everything runs one after another.
+    gpus: Vec<String>,
+    /// Where this demo's subcommands run when it is one of several side by side.
+    lane: Option<Lane>,
+}
+
+/// One of several jobs running side by side: the GPU its subcommands see and the file
+/// their output goes to.
+#[derive(Clone)]
+struct Lane {
+    gpu: String,
+    log: PathBuf,
 }
 
 fn has_nvidia_driver() -> bool {
     Path::new("/proc/driver/nvidia/version").exists()
+}
+
+/// The GPUs a `cuda` demo may spread its stages over: `CUDA_VISIBLE_DEVICES` when it is
+/// set, else every GPU the NVIDIA driver lists.
+fn visible_gpus() -> Vec<String> {
+    if let Ok(list) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        return list
+            .split(',')
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .map(String::from)
+            .collect();
+    }
+    let count = std::fs::read_dir("/proc/driver/nvidia/gpus").map_or(0, |d| d.count());
+    (0..count).map(|i| i.to_string()).collect()
+}
+
+/// The last `n` lines of a log file (empty when it cannot be read).
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 impl Demo {
@@ -151,27 +194,65 @@ impl Demo {
         Ok(result)
     }
 
-    fn command(&self, args: &[String]) -> Command {
-        eprintln!("$ qatflow {}", args.join(" "));
+    /// A subcommand with its standard error on the terminal, or in a lane on the lane's
+    /// log and with the lane's GPU.
+    fn command(&self, args: &[String]) -> anyhow::Result<Command> {
         let mut c = Command::new(&self.exe);
         c.args(args);
-        c
+        match &self.lane {
+            None => {
+                eprintln!("$ qatflow {}", args.join(" "));
+                c.stderr(Stdio::inherit());
+            }
+            Some(lane) => {
+                eprintln!(
+                    "[GPU {}] $ qatflow {}  (output: {})",
+                    lane.gpu,
+                    args.join(" "),
+                    lane.log.display()
+                );
+                let mut log = File::options()
+                    .create(true)
+                    .append(true)
+                    .open(&lane.log)
+                    .with_context(|| format!("opening {}", lane.log.display()))?;
+                writeln!(log, "$ qatflow {}", args.join(" "))?;
+                c.env("CUDA_VISIBLE_DEVICES", &lane.gpu).stderr(log);
+            }
+        }
+        Ok(c)
     }
 
-    /// Runs a subcommand with its output on the terminal; `ok` lists the exit codes that
-    /// count as success.
+    /// The error of a failed subcommand, with the end of its log when it ran in a lane.
+    fn failed(&self, args: &[String], status: std::process::ExitStatus) -> anyhow::Error {
+        let mut msg = format!("`qatflow {}` failed ({status})", args.join(" "));
+        if let Some(lane) = &self.lane {
+            msg += &format!(
+                "; the end of its log {}:\n{}",
+                lane.log.display(),
+                tail(&lane.log, 20)
+            );
+        }
+        anyhow::anyhow!(msg)
+    }
+
+    /// Runs a subcommand with its output on the terminal (or the lane's log); `ok` lists
+    /// the exit codes that count as success.
     fn run_ok(&self, args: &[String], ok: &[i32]) -> anyhow::Result<i32> {
-        let status = self
-            .command(args)
+        let mut c = self.command(args)?;
+        if let Some(lane) = &self.lane {
+            c.stdout(File::options().append(true).open(&lane.log)?);
+        }
+        let status = c
             .status()
             .with_context(|| format!("starting {}", self.exe.display()))?;
         match status.code() {
             Some(code) if ok.contains(&code) => Ok(code),
-            _ => bail!("`qatflow {}` failed ({status})", args.join(" ")),
+            _ => Err(self.failed(args, status)),
         }
     }
 
-    /// Runs a subcommand with its output on the terminal; it must exit 0.
+    /// Runs a subcommand with its output on the terminal (or the lane's log); it must exit 0.
     fn run(&self, args: &[String]) -> anyhow::Result<()> {
         self.run_ok(args, &[0]).map(drop)
     }
@@ -179,14 +260,74 @@ impl Demo {
     /// Runs a subcommand and returns its standard output.
     fn output(&self, args: &[String]) -> anyhow::Result<String> {
         let out = self
-            .command(args)
-            .stderr(Stdio::inherit())
+            .command(args)?
             .output()
             .with_context(|| format!("starting {}", self.exe.display()))?;
         if !out.status.success() {
-            bail!("`qatflow {}` failed ({})", args.join(" "), out.status);
+            return Err(self.failed(args, out.status));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// This demo with everything one after another.
+    fn sequential(&self) -> Demo {
+        Demo {
+            gpus: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// Runs `job(demo, i)` for each of `names`: side by side over the GPUs (round robin,
+    /// output in `logs/NAME.log`) when there are several, else one after another. Every job
+    /// runs to its end; the results come back in order, or the failures together.
+    fn fan_out<T: Send>(
+        &self,
+        names: &[&str],
+        job: impl Fn(&Demo, usize) -> anyhow::Result<T> + Sync,
+    ) -> anyhow::Result<Vec<T>> {
+        if self.gpus.len() < 2 || names.len() < 2 {
+            return (0..names.len()).map(|i| job(self, i)).collect();
+        }
+        let logs = self.path("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        let lanes: Vec<Demo> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| Demo {
+                lane: Some(Lane {
+                    gpu: self.gpus[i % self.gpus.len()].clone(),
+                    log: logs.join(format!("{name}.log")),
+                }),
+                ..self.clone()
+            })
+            .collect();
+        let results: Vec<anyhow::Result<T>> = std::thread::scope(|scope| {
+            let job = &job;
+            let handles: Vec<_> = lanes
+                .iter()
+                .enumerate()
+                .map(|(i, lane)| scope.spawn(move || job(lane, i)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a demo job panicked")))
+                })
+                .collect()
+        });
+        let mut done = Vec::new();
+        let mut failures = Vec::new();
+        for (name, result) in names.iter().zip(results) {
+            match result {
+                Ok(v) => done.push(v),
+                Err(e) => failures.push(format!("{name}: {e:#}")),
+            }
+        }
+        if !failures.is_empty() {
+            bail!("{}", failures.join("\n\n"));
+        }
+        Ok(done)
     }
 }
 
@@ -330,13 +471,23 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let demo = Demo {
         dir: a.dir.clone(),
         exe: std::env::current_exe().context("locating the qatflow binary")?,
+        gpus: if device == "cuda" {
+            visible_gpus()
+        } else {
+            Vec::new()
+        },
         device,
         budget_name,
         budget,
+        lane: None,
     };
     eprintln!(
-        "qatflow demo: budget {budget_name} on {} in {}{}",
+        "qatflow demo: budget {budget_name} on {}{} in {}{}",
         demo.device,
+        match demo.gpus.len() {
+            0 | 1 => String::new(),
+            n => format!(" ({n} GPUs: independent stages side by side)"),
+        },
         demo.dir.display(),
         if full {
             ""
@@ -441,8 +592,7 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
                 "--template",
                 &p(&models),
                 "--json",
-            ]))
-            .stderr(Stdio::inherit())
+            ]))?
             .output()?;
         let report: Value = serde_json::from_slice(&out.stdout)
             .context("reading the JSON report of `qatflow validate`")?;
@@ -493,7 +643,7 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
     let sft = PathBuf::from(r["checkpoint"].as_str().unwrap_or_default());
     results.insert("sft".into(), r);
     let ptq = d.path("exports/ptq");
-    let r = d.stage(next("ptq"), "ptq", |d| {
+    let ptq_stage = |d: &Demo| -> anyhow::Result<Value> {
         d.run(&args(&[
             "quantize",
             &p(&sft),
@@ -508,8 +658,7 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
             "--force",
         ]))?;
         Ok(json!({"export": p(&ptq)}))
-    })?;
-    results.insert("ptq".into(), r);
+    };
     // QAT and QAD of the SFT model: `recipe` (its TOML) with the calibration size.
     let quantized_training =
         |d: &Demo, recipe: &str, toml: &str, run: &Path, epochs: u32| -> anyhow::Result<Value> {
@@ -527,19 +676,24 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
             Ok(json!({"checkpoint": p(&latest_checkpoint(run)?)}))
         };
     let qat_run = d.path("runs/qat");
-    let r = d.stage(next("qat"), "qat", |d| {
-        quantized_training(d, "qat.toml", QAT_TOML, &qat_run, b.qat_epochs)
-    })?;
-    results.insert("qat".into(), r);
     let qad_run = d.path("runs/qad");
-    let r = d.stage(next("qad"), "qad", |d| {
-        if b.qad_epochs == 0 {
-            eprintln!("(the {} budget has no QAD epochs)", d.budget_name);
-            return Ok(json!({"skipped": true}));
-        }
-        quantized_training(d, "qad.toml", QAD_TOML, &qad_run, b.qad_epochs)
+    // PTQ, QAT and QAD each start from the SFT model alone: side by side on several GPUs.
+    let quantized_stages = ["ptq", "qat", "qad"];
+    let indices = quantized_stages.map(&mut next);
+    let stage_results = d.fan_out(&quantized_stages, |d, i| {
+        d.stage(indices[i], quantized_stages[i], |d| match i {
+            0 => ptq_stage(d),
+            1 => quantized_training(d, "qat.toml", QAT_TOML, &qat_run, b.qat_epochs),
+            _ if b.qad_epochs == 0 => {
+                eprintln!("(the {} budget has no QAD epochs)", d.budget_name);
+                Ok(json!({"skipped": true}))
+            }
+            _ => quantized_training(d, "qad.toml", QAD_TOML, &qad_run, b.qad_epochs),
+        })
     })?;
-    results.insert("qad".into(), r);
+    for (name, r) in quantized_stages.iter().zip(stage_results) {
+        results.insert(name.to_string(), r);
+    }
     // The trained NVFP4 models (name, run directory), exported to `exports/NAME`.
     let mut trained = vec![("qat", qat_run.clone())];
     if with_qad(&results) {
@@ -599,35 +753,59 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
     let r = d.stage(next("replies"), "replies", |d| {
         write_atomic(&d.path("system_prompt.txt"), SYSTEM_PROMPT.as_bytes())?;
         let system = format!("@{}", p(&d.path("system_prompt.txt")));
-        let mut out = Vec::new();
-        for prompt in PROMPTS {
+        let names: Vec<String> = models
+            .iter()
+            .map(|(name, _)| format!("replies-{name}"))
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let replies = d.fan_out(&names, |d, i| {
+            PROMPTS
+                .iter()
+                .map(|prompt| {
+                    let reply = d.output(&args(&[
+                        "chat",
+                        &p(&models[i].1),
+                        prompt,
+                        "--system",
+                        &system,
+                        "--max-tokens",
+                        "96",
+                        "--device",
+                        &d.device,
+                    ]))?;
+                    Ok(reply.trim().to_string())
+                })
+                .collect::<anyhow::Result<Vec<String>>>()
+        })?;
+        let rows = PROMPTS.iter().enumerate().map(|(k, prompt)| {
             let mut row = serde_json::Map::new();
             row.insert("prompt".into(), json!(prompt));
-            for (name, dir) in &models {
-                let reply = d.output(&args(&[
-                    "chat",
-                    &p(dir),
-                    prompt,
-                    "--system",
-                    &system,
-                    "--max-tokens",
-                    "96",
-                    "--device",
-                    &d.device,
-                ]))?;
-                row.insert(name.to_string(), json!(reply.trim()));
+            for ((name, _), replies) in models.iter().zip(&replies) {
+                row.insert(name.to_string(), json!(replies[k]));
             }
-            out.push(Value::Object(row));
-        }
-        Ok(Value::Array(out))
+            Value::Object(row)
+        });
+        Ok(Value::Array(rows.collect()))
     })?;
     results.insert("replies".into(), r);
     let r = d.stage(next("bench"), "bench", |d| {
         let reports = d.path("bench");
         std::fs::create_dir_all(&reports)
             .with_context(|| format!("creating {}", reports.display()))?;
-        let mut out = serde_json::Map::new();
-        for (name, dir) in &models {
+        // Side by side only when every model has a GPU of its own: latencies measured on a
+        // shared GPU would not compare.
+        let runner = if d.gpus.len() >= models.len() {
+            d.clone()
+        } else {
+            d.sequential()
+        };
+        let names: Vec<String> = models
+            .iter()
+            .map(|(name, _)| format!("bench-{name}"))
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let summaries = runner.fan_out(&names, |d, i| {
+            let (name, dir) = &models[i];
             let report = reports.join(format!("{name}.json"));
             let mut a = args(&["bench", &p(dir), "--label", name, "--out", &p(&report)]);
             a.push("--serve-arg=--device".into());
@@ -643,12 +821,13 @@ fn run_stages(d: &Demo) -> anyhow::Result<serde_json::Map<String, Value>> {
             // Exit 1 means a behaviour gate failed: a result of the comparison, not an error.
             d.run_ok(&a, &[0, 1])?;
             let summary = qatflow_bench::Report::load(&report)?.summary();
-            out.insert(
-                name.to_string(),
-                json!({"report": p(&report), "summary": summary}),
-            );
-        }
-        Ok(Value::Object(out))
+            Ok(json!({"report": p(&report), "summary": summary}))
+        })?;
+        let out = models
+            .iter()
+            .zip(summaries)
+            .map(|((name, _), summary)| (name.to_string(), summary));
+        Ok(Value::Object(out.collect()))
     })?;
     results.insert("bench".into(), r);
     Ok(results)
@@ -756,6 +935,71 @@ mod tests {
         assert_eq!((train.len(), heldout.len()), (50, 8));
         assert!(heldout.iter().all(|h| !train.contains(h)));
         assert!(split(&all, 10, 100).is_err());
+    }
+
+    /// A demo over `gpus` whose "qatflow" is `sh`.
+    fn shell_demo(dir: &Path, gpus: &[&str]) -> Demo {
+        let budgets: Budgets = toml::from_str(DEMO_TOML).unwrap();
+        Demo {
+            dir: dir.to_path_buf(),
+            exe: PathBuf::from("sh"),
+            device: "cuda".into(),
+            budget_name: "smoke",
+            budget: budgets.smoke,
+            gpus: gpus.iter().map(|g| g.to_string()).collect(),
+            lane: None,
+        }
+    }
+
+    #[test]
+    fn fan_out_gives_each_job_a_gpu_and_a_log_and_reports_every_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = shell_demo(dir.path(), &["2", "5"]);
+        let script = |code: i32| {
+            args(&[
+                "-c",
+                &format!("echo \"gpu=$CUDA_VISIBLE_DEVICES\"; echo to-stderr >&2; exit {code}"),
+            ])
+        };
+        let out = d
+            .fan_out(&["a", "b", "c"], |d, i| {
+                d.output(&script(0)).map(|o| (i, o))
+            })
+            .unwrap();
+        let seen: Vec<_> = out
+            .iter()
+            .map(|(i, o)| (*i, o.trim().to_string()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (0, "gpu=2".to_string()),
+                (1, "gpu=5".into()),
+                (2, "gpu=2".into())
+            ]
+        );
+        let log = std::fs::read_to_string(dir.path().join("logs/b.log")).unwrap();
+        assert!(log.contains("to-stderr"), "{log}");
+        // `run` sends standard output to the log too; a failure names the job and shows
+        // the end of its log, and the other jobs still finish.
+        let err = d
+            .fan_out(&["ok", "bad"], |d, i| d.run(&script(i as i32 * 3)))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("bad: "), "{err}");
+        assert!(
+            err.contains("gpu=5") && err.contains("logs/bad.log"),
+            "{err}"
+        );
+        let ok_log = std::fs::read_to_string(dir.path().join("logs/ok.log")).unwrap();
+        assert!(ok_log.contains("gpu=2"), "{ok_log}");
+        // One GPU: the jobs run in this process's own environment, one after another.
+        let one = shell_demo(dir.path(), &["7"]);
+        let out = one
+            .fan_out(&["x", "y"], |d, _| d.output(&args(&["-c", "echo run"])))
+            .unwrap();
+        assert_eq!(out, ["run\n", "run\n"]);
+        assert!(!dir.path().join("logs/x.log").exists());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use qatflow_core::{Device, JsonlReader};
 use qatflow_model::eval::{eval_kld_many, EvalOptions};
 use qatflow_model::{
     eval_decode, eval_nll, generate_with_tools, load_with_tokenizer, CausalLm, DecodeReport,
-    GenerateOptions, LoadOptions, Precision, Tokenizer,
+    GenerateOptions, Generator, LoadOptions, Precision, Tokenizer,
 };
 use qatflow_serve::ToolCallFormat;
 use serde_json::{json, Value};
@@ -236,7 +236,7 @@ fn chat_on<B: Backend>(a: &ChatArgs, device: B::Device) -> anyhow::Result<String
         ..Default::default()
     };
     let reply = generate_with_tools(
-        &model,
+        &Generator::new(model),
         &tokenizer,
         &messages,
         tools.as_deref(),

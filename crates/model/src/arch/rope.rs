@@ -56,6 +56,11 @@ impl Rope {
         }
     }
 
+    /// The inverse frequencies, `head_dim / 2` of them.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// `cos` and `sin` tables `[len, head_dim]` for positions `offset..offset + len`,
     /// computed in float32 and created in `dtype` on `device`.
     pub fn tables<B: Backend>(

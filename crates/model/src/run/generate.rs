@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::arch::layers::{to_dtype, KvCache};
 use crate::arch::model::CausalLm;
 use crate::rng::SplitMix64;
+use crate::run::lm::LanguageModel;
 use crate::text::tokenizer::{Tokenizer, TokenizerError};
 
 /// Errors of generation.
@@ -187,8 +188,8 @@ pub fn next_logits<B: Backend>(
 
 /// Generates after `prompt` until a token of `stop` or `max_new_tokens`; `on_token` sees
 /// each generated token and may cancel. Returns the generated ids and why it ended.
-pub fn generate_tokens<B: Backend>(
-    model: &CausalLm<B>,
+pub fn generate_tokens<M: LanguageModel>(
+    model: &M,
     prompt: &[u32],
     stop: &[u32],
     options: &GenerateOptions,
@@ -204,7 +205,7 @@ pub fn generate_tokens<B: Backend>(
     let mut sampler = Sampler::new(options);
     let mut cache = model.new_cache();
     let mut out = Vec::new();
-    let mut logits = next_logits(model, prompt, &mut cache);
+    let mut logits = model.next_logits(prompt, &mut cache);
     while out.len() < options.max_new_tokens {
         let token = sampler.sample(&logits);
         out.push(token);
@@ -217,18 +218,14 @@ pub fn generate_tokens<B: Backend>(
         if out.len() == options.max_new_tokens {
             break;
         }
-        logits = next_logits(model, &[token], &mut cache);
+        logits = model.next_logits(&[token], &mut cache);
     }
     Ok((out, FinishReason::Length))
 }
 
 /// The stop tokens of a model and tokenizer: end-of-sequence ids of the tokenizer and
 /// config, `<|im_end|>` and `<|endoftext|>` when the vocabulary has them, and `extra`.
-pub fn stop_tokens<B: Backend>(
-    model: &CausalLm<B>,
-    tokenizer: &Tokenizer,
-    extra: &[u32],
-) -> Vec<u32> {
+pub fn stop_tokens<M: LanguageModel>(model: &M, tokenizer: &Tokenizer, extra: &[u32]) -> Vec<u32> {
     let mut stop: Vec<u32> = tokenizer.eos_token_ids().to_vec();
     stop.extend(&model.config().eos_token_ids);
     stop.extend(
@@ -245,8 +242,8 @@ pub fn stop_tokens<B: Backend>(
 /// Answers an OpenAI-format conversation (`[{"role": ..., "content": ...}, ...]`) with
 /// the model's chat template, calling `on_token` for each generated token (progress and
 /// cancellation).
-pub fn generate_with<B: Backend>(
-    model: &CausalLm<B>,
+pub fn generate_with<M: LanguageModel>(
+    model: &M,
     tokenizer: &Tokenizer,
     messages: &[Value],
     options: &GenerateOptions,
@@ -258,8 +255,8 @@ pub fn generate_with<B: Backend>(
 /// [`generate_with`] with OpenAI-format tool definitions rendered into the prompt by the
 /// chat template (the reply text keeps the tool calls the model writes; parse them in
 /// the template's format).
-pub fn generate_with_tools<B: Backend>(
-    model: &CausalLm<B>,
+pub fn generate_with_tools<M: LanguageModel>(
+    model: &M,
     tokenizer: &Tokenizer,
     messages: &[Value],
     tools: Option<&[Value]>,
@@ -282,8 +279,8 @@ pub fn generate_with_tools<B: Backend>(
 }
 
 /// [`generate_with`] without a callback.
-pub fn generate<B: Backend>(
-    model: &CausalLm<B>,
+pub fn generate<M: LanguageModel>(
+    model: &M,
     tokenizer: &Tokenizer,
     messages: &[Value],
     options: &GenerateOptions,

@@ -296,6 +296,17 @@ pub fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// An empty directory `name` under cargo's per-target scratch folder (`CARGO_TARGET_TMPDIR`),
+/// for an import a whole test binary shares. A static `TempDir` is never dropped, so each
+/// run would leave its copy (a 259 MB model) behind; this folder is reused instead.
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    dir
+}
+
 /// Path of the shared template fixtures.
 pub fn fixtures() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/templates")

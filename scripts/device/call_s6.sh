@@ -1,0 +1,44 @@
+#!/bin/bash
+# Device calls of 2026-12-07 (sixth session, one machine with 4 GPUs): the demo's shipped full
+# recipe (`qatflow demo --budget full`: 1,000 conversations, SFT 3 epochs, QAT 5, QAD 5) on
+# the real SmolLM2-135M-Instruct (issue 15), with PTQ, QAT and QAD side by side on GPUs 0-2
+# and each model's bench on a GPU of its own; meanwhile GPU 3 times `qatflow quantize
+# --device cuda` against ModelOpt's PTQ on a Qwen3-1.7B shape (`call_s5.sh ptq`).
+#   first   the binary from .gpu/, GGUF part 1
+#   part    the GGUF part in .xfer/
+#   start   joins the parts, imports the GGUF, starts scripts/device/demo_driver.sh with the
+#           shipped config/demo/demo.toml in its own session, follows it
+#   ptq     (wheels in .xfer/whl/) the PTQ comparison on GPU 3, then follows the demo
+#   poll    follows the running demo; packs its results into $OUT/demo_gpu.tgz
+# Usage: bash scripts/device/call_s6.sh STEP [SECONDS]
+. scripts/device/gguf_parts.sh
+follow() { # tails the demo log until the driver ends or $1 seconds pass
+  local end=$((SECONDS + $1))
+  while [ $SECONDS -lt $end ] && kill -0 "$(cat /tmp/driver.pid 2>/dev/null)" 2>/dev/null; do sleep 5; done
+  grep "^==>\|^driver\|GPU" /tmp/demo.log | tail -30; tail -4 /tmp/demo.log | cut -c1-300
+  for f in $D/logs/*.log; do [ -f "$f" ] && { echo "--- $f"; tail -2 "$f" | cut -c1-200; }; done
+  nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader
+  tar czf $OUT/demo_gpu.tgz --exclude='*.safetensors' --exclude='db' --exclude='models' \
+    --exclude='*.jsonl' --exclude='*.gguf' -C /tmp demo demo.log demo_recipe.toml 2>/dev/null
+  ls -la $OUT
+}
+case $1 in
+first)
+  stamp first; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+  unpack_binaries; ls -la $P; stamp done ;;
+part)
+  take_part ;;
+start)
+  take_part; join_and_import
+  cp config/demo/demo.toml /tmp/demo_recipe.toml
+  stamp demo
+  setsid nohup bash scripts/device/demo_driver.sh /tmp/qatflow $D /tmp/demo_recipe.toml \
+    > /tmp/demo.log 2>&1 < /dev/null &
+  echo $! > /tmp/driver.pid
+  sleep 5; follow ${2:-60} ;;
+ptq)
+  CUDA_VISIBLE_DEVICES=3 bash scripts/device/call_s5.sh ptq
+  follow ${2:-10} ;;
+poll)
+  follow ${2:-540} ;;
+esac
