@@ -11,8 +11,8 @@ cargo build --release --locked --offline --example generate_bench
 bench=target/release/examples/generate_bench
 long="$(tr '\n' ' ' < config/teacher/system_prompt.txt)"
 : > "$out"
-"$bench" --decoder both --tokens 64 --runs 7 >> "$out"
-"$bench" --decoder both --tokens 64 --runs 5 --prompt "$long" >> "$out"
+"$bench" --decoder both --tokens 64 --runs 11 >> "$out"
+"$bench" --decoder both --tokens 64 --runs 7 --prompt "$long" >> "$out"
 python3 - "$out" <<'PY'
 import json, sys
 for line in open(sys.argv[1]):

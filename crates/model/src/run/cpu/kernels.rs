@@ -364,6 +364,126 @@ mod avx2 {
     }
 }
 
+/// One key/value head of a sequence's cache: position `j`'s key is
+/// `keys[j * head_dim..][..head_dim]`, its value likewise in `values`.
+#[derive(Debug, Clone, Copy)]
+pub struct KvView<'a> {
+    /// Keys `[positions, head_dim]`.
+    pub keys: &'a [f32],
+    /// Values `[positions, head_dim]`.
+    pub values: &'a [f32],
+    /// Floats per head.
+    pub head_dim: usize,
+}
+
+/// Attention of some query heads over a run of positions, not yet normalized (the pieces of
+/// one softmax computed apart and joined by [`merge`]): per head, the largest score `m`, the
+/// sum of `exp(score − m)` and the sum of `exp(score − m) · value`.
+#[derive(Debug, Clone)]
+pub struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    out: Vec<f32>,
+}
+
+/// [`Partial`] attention of the query heads `qs` (`[heads, head_dim]`, every one reading
+/// `kv`) over `positions`, scores `q·k × scale`. Each key and value is read once for all the
+/// heads.
+pub fn attend(
+    qs: &[f32],
+    kv: KvView<'_>,
+    positions: std::ops::Range<usize>,
+    scale: f32,
+) -> Partial {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { attend_avx2(qs, kv, positions, scale) };
+    }
+    attend_with(qs, kv, positions, scale, |k, q| {
+        k.iter().zip(q).fold(0.0, |s, (&a, &b)| a.mul_add(b, s))
+    })
+}
+
+/// [`attend`] compiled for AVX2 + FMA: the AVX2 dot product for the scores, the weighted
+/// sums vectorized by the compiler.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    qs: &[f32],
+    kv: KvView<'_>,
+    positions: std::ops::Range<usize>,
+    scale: f32,
+) -> Partial {
+    // SAFETY: this function runs only where the CPU has AVX2 and FMA.
+    attend_with(qs, kv, positions, scale, |k, q| unsafe {
+        avx2::dot_f32(k, q)
+    })
+}
+
+/// [`attend`] with `dot` for the scores.
+#[inline(always)]
+fn attend_with(
+    qs: &[f32],
+    kv: KvView<'_>,
+    positions: std::ops::Range<usize>,
+    scale: f32,
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) -> Partial {
+    let head_dim = kv.head_dim;
+    let heads = qs.len() / head_dim;
+    let count = positions.len();
+    let at = |j: usize| j * head_dim..(j + 1) * head_dim;
+    let mut scores = vec![0f32; heads * count];
+    for (i, j) in positions.clone().enumerate() {
+        let k = &kv.keys[at(j)];
+        for (h, q) in qs.chunks_exact(head_dim).enumerate() {
+            scores[h * count + i] = dot(k, q) * scale;
+        }
+    }
+    let (mut max, mut sum) = (vec![f32::NEG_INFINITY; heads], vec![0f32; heads]);
+    for ((row, m), total) in scores.chunks_exact_mut(count).zip(&mut max).zip(&mut sum) {
+        *m = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        for s in row.iter_mut() {
+            *s = (*s - *m).exp();
+            *total += *s;
+        }
+    }
+    let mut out = vec![0f32; qs.len()];
+    for (i, j) in positions.enumerate() {
+        let v = &kv.values[at(j)];
+        for (h, o) in out.chunks_exact_mut(head_dim).enumerate() {
+            let p = scores[h * count + i];
+            for (o, v) in o.iter_mut().zip(v) {
+                *o += p * v;
+            }
+        }
+    }
+    Partial { max, sum, out }
+}
+
+/// Joins the [`Partial`]s of one set of query heads over disjoint runs of positions into
+/// their attention output `out` (`[heads, head_dim]`): the softmax over all the positions.
+pub fn merge(parts: &[Partial], out: &mut [f32]) {
+    let heads = parts[0].max.len();
+    let head_dim = out.len() / heads;
+    for (h, o) in out.chunks_exact_mut(head_dim).enumerate() {
+        let m = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.max[h]));
+        let weights: Vec<f32> = parts.iter().map(|p| (p.max[h] - m).exp()).collect();
+        let total: f32 = parts.iter().zip(&weights).map(|(p, w)| p.sum[h] * w).sum();
+        o.fill(0.0);
+        for (p, w) in parts.iter().zip(&weights) {
+            for (o, v) in o.iter_mut().zip(&p.out[h * head_dim..(h + 1) * head_dim]) {
+                *o += v * w;
+            }
+        }
+        o.iter_mut().for_each(|v| *v /= total);
+    }
+}
+
 /// RMSNorm of each `width`-wide row of `x` in place, as [`crate::layers::RmsNorm`] computes
 /// it in float32: `x / sqrt(mean(x²) + eps) * weight`.
 pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
@@ -455,6 +575,61 @@ mod tests {
             let portable = dot4_portable(cols, |i| w[i], xs);
             let fast = dot4_f32(&w[..cols], xs);
             prop_assert_eq!(portable, fast);
+        }
+    }
+
+    /// Softmax attention of one head in float64.
+    fn naive_attention(q: &[f32], keys: &[f32], values: &[f32], scale: f32) -> Vec<f32> {
+        let d = q.len();
+        let scores: Vec<f64> = keys
+            .chunks_exact(d)
+            .map(|k| {
+                k.iter()
+                    .zip(q)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+                    * scale as f64
+            })
+            .collect();
+        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+        let total: f64 = e.iter().sum();
+        (0..d)
+            .map(|i| {
+                e.iter()
+                    .zip(values.chunks_exact(d))
+                    .map(|(p, v)| p / total * v[i] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn attention_in_pieces_is_the_whole_softmax() {
+        let (heads, d, len) = (3, 24, 37);
+        let qs = values(heads * d, 5);
+        let keys: Vec<f32> = values(len * d, 6).iter().map(|v| v * 8.0).collect();
+        let vals = values(len * d, 7);
+        let kv = KvView {
+            keys: &keys,
+            values: &vals,
+            head_dim: d,
+        };
+        let whole = {
+            let mut out = vec![0f32; heads * d];
+            merge(&[attend(&qs, kv, 0..len, 0.3)], &mut out);
+            out
+        };
+        let mut pieces = vec![0f32; heads * d];
+        let parts = [0..5, 5..6, 6..30, 30..len].map(|r| attend(&qs, kv, r, 0.3));
+        merge(&parts, &mut pieces);
+        for h in 0..heads {
+            let reference = naive_attention(&qs[h * d..(h + 1) * d], &keys, &vals, 0.3);
+            for (i, r) in reference.iter().enumerate() {
+                for got in [whole[h * d + i], pieces[h * d + i]] {
+                    assert!((got - r).abs() < 1e-5, "head {h} [{i}]: {got} vs {r}");
+                }
+            }
         }
     }
 

@@ -155,7 +155,8 @@ struct Layer {
     down: Linear,
 }
 
-/// The keys and values of one sequence: per layer, `[positions, kv_heads * head_dim]`
+/// The keys and values of one sequence: per layer and key/value head (layer-major),
+/// `[positions, head_dim]`, so that a head's attention reads one contiguous run
 /// each, growing with the sequence.
 #[derive(Debug, Clone, Default)]
 pub struct CpuCache {
@@ -197,6 +198,10 @@ pub struct CpuDecoder {
     eps: f32,
     inv_freq: Vec<f32>,
 }
+
+/// Most positions one attention piece covers: long contexts split into pieces that run in
+/// parallel even for a single token (one piece per key/value head would leave cores idle).
+const ATTENTION_CHUNK: usize = 128;
 
 /// The decoder's own rayon pool, one thread per core. A forward runs inside it, so the
 /// thread that runs the layers is a worker that shares each projection's rows with the
@@ -291,8 +296,8 @@ impl CpuDecoder {
     /// An empty cache.
     pub fn new_cache(&self) -> CpuCache {
         CpuCache {
-            keys: vec![Vec::new(); self.layers.len()],
-            values: vec![Vec::new(); self.layers.len()],
+            keys: vec![Vec::new(); self.layers.len() * self.config.num_kv_heads],
+            values: vec![Vec::new(); self.layers.len() * self.config.num_kv_heads],
             len: 0,
         }
     }
@@ -369,28 +374,49 @@ impl CpuDecoder {
                 rope(&mut kr, co, si);
                 q[r * q_width..(r + 1) * q_width].copy_from_slice(&qr);
                 let cache = &mut caches[seq[r]];
-                cache.keys[li].extend_from_slice(&kr);
-                cache.values[li].extend_from_slice(vr);
+                for (kvh, (k, v)) in kr.chunks_exact(hd).zip(vr.chunks_exact(hd)).enumerate() {
+                    cache.keys[li * kv_heads + kvh].extend_from_slice(k);
+                    cache.values[li * kv_heads + kvh].extend_from_slice(v);
+                }
             }
-            // Every (row, head) pair on its own: a row sees its sequence's keys up to its
-            // own position (causal), a query head its key/value head (grouped-query).
-            let mut attn = vec![0f32; n * q_width];
+            // Attention in pieces that run side by side: each row with each key/value
+            // head (the query heads sharing it, adjacent, read its keys together), over
+            // runs of at most ATTENTION_CHUNK positions up to the row's own (causal),
+            // joined into one softmax afterwards.
+            let group = heads / kv_heads * hd;
+            let mut pieces = Vec::new();
+            for (r, position) in positions.iter().enumerate() {
+                for kvh in 0..kv_heads {
+                    let visible = position + 1;
+                    for start in (0..visible).step_by(ATTENTION_CHUNK) {
+                        pieces.push((r, kvh, start..visible.min(start + ATTENTION_CHUNK)));
+                    }
+                }
+            }
             let caches_ro: Vec<&CpuCache> = caches.iter().map(|c| &**c).collect();
-            attn.par_chunks_mut(hd).enumerate().for_each(|(i, out)| {
-                let (r, head) = (i / heads, i % heads);
-                let cache = caches_ro[seq[r]];
-                let kvh = head / (heads / kv_heads);
-                let qh = &q[r * q_width + head * hd..r * q_width + (head + 1) * hd];
-                attend(
-                    qh,
-                    &cache.keys[li],
-                    &cache.values[li],
-                    (kv_width, kvh * hd),
-                    positions[r] + 1,
-                    scale,
-                    out,
-                );
-            });
+            let partials: Vec<kernels::Partial> = pieces
+                .par_iter()
+                .map(|(r, kvh, range)| {
+                    let cache = caches_ro[seq[*r]];
+                    let at = r * q_width + kvh * group;
+                    let kv = kernels::KvView {
+                        keys: &cache.keys[li * kv_heads + kvh],
+                        values: &cache.values[li * kv_heads + kvh],
+                        head_dim: hd,
+                    };
+                    kernels::attend(&q[at..at + group], kv, range.clone(), scale)
+                })
+                .collect();
+            let mut attn = vec![0f32; n * q_width];
+            let mut first = 0;
+            for (i, out) in attn.chunks_exact_mut(group).enumerate() {
+                let count = pieces[first..]
+                    .iter()
+                    .take_while(|(r, kvh, _)| r * kv_heads + kvh == i)
+                    .count();
+                kernels::merge(&partials[first..first + count], out);
+                first += count;
+            }
             let o = layer.o.forward(&attn, n);
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let mut h = x.clone();
@@ -432,38 +458,6 @@ impl CpuDecoder {
             }
         }
         (cos, sin)
-    }
-}
-
-/// One query head's attention output into `out`: softmax of `q·k × scale` over the first
-/// `visible` positions of `keys`, then the probabilities' weighted sum of `values`. Keys and
-/// values are `[positions, stride]` with this head's `out.len()` values at `offset`.
-fn attend(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    (stride, offset): (usize, usize),
-    visible: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
-    let hd = out.len();
-    let at = |j: usize| j * stride + offset..j * stride + offset + hd;
-    let mut scores: Vec<f32> = (0..visible)
-        .map(|j| kernels::dot_f32(&keys[at(j)], q) * scale)
-        .collect();
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut total = 0.0;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        total += *s;
-    }
-    out.fill(0.0);
-    for (j, p) in scores.iter().enumerate() {
-        let p = p / total;
-        for (o, v) in out.iter_mut().zip(&values[at(j)]) {
-            *o += p * v;
-        }
     }
 }
 
@@ -521,7 +515,8 @@ mod tests {
     /// Prefill, decoding, a batched step and a truncated cache against burn's forward.
     fn check_against_burn(model: &CausalLm<B>) {
         let fast = CpuDecoder::new(model).unwrap();
-        let prompt: Vec<u32> = (0..37).map(|i| (i * 7 % 90) as u32).collect();
+        // Longer than ATTENTION_CHUNK: attention runs in several pieces.
+        let prompt: Vec<u32> = (0..150).map(|i| (i * 7 % 90) as u32).collect();
         let mut slow_cache = model.new_cache();
         let mut fast_cache = fast.new_cache();
         assert_close(
@@ -534,7 +529,7 @@ mod tests {
                 &next_logits(model, &[t], &mut slow_cache),
             );
         }
-        assert_eq!(fast_cache.len(), 40);
+        assert_eq!(fast_cache.len(), 153);
         let mut other_fast = fast_cache.clone();
         other_fast.truncate(10);
         let mut other_slow = slow_cache.clone();
@@ -546,7 +541,7 @@ mod tests {
         for (f, s) in fast_step.iter().zip(&slow_step) {
             assert_close(f, s);
         }
-        assert_eq!((fast_cache.len(), other_fast.len()), (41, 11));
+        assert_eq!((fast_cache.len(), other_fast.len()), (154, 11));
     }
 
     #[test]
