@@ -34,9 +34,7 @@ part)
 start)
   take_part; join_and_import
   stamp demo
-  setsid nohup bash scripts/device/demo_driver.sh /tmp/qatflow $D /tmp/demo_gpu.toml \
-    > /tmp/demo.log 2>&1 < /dev/null &
-  echo $! > /tmp/driver.pid
+  start_driver /tmp/demo_gpu.toml
   sleep 5; follow ${2:-500} ;;
 poll)
   follow ${2:-540} ;;
@@ -45,9 +43,7 @@ recut)
   sed -i "0,/^qat_epochs = .*/s//qat_epochs = $2/; 0,/^qad_epochs = .*/s//qad_epochs = $3/" /tmp/demo_gpu.toml
   [ -f $D/stages/qat.json ] || rm -rf $D/runs/qat
   mv /tmp/demo.log /tmp/demo_part1.log
-  setsid nohup bash scripts/device/demo_driver.sh /tmp/qatflow $D /tmp/demo_gpu.toml \
-    > /tmp/demo.log 2>&1 < /dev/null &
-  echo $! > /tmp/driver.pid
+  start_driver /tmp/demo_gpu.toml
   sleep 3; follow 540 ;;
 ptq)
   W=/tmp/ptq; mkdir -p $W; cd $W

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Device calls of 2026-12-07 (sixth session, one machine with 4 GPUs): the demo's shipped full
+# Device calls prepared on 2026-12-07 (sixth session, which had no device time left: not run
+# yet) for one machine with 4 GPUs (nvidia-h100-x4): the demo's shipped full
 # recipe (`qatflow demo --budget full`: 1,000 conversations, SFT 3 epochs, QAT 5, QAD 5) on
 # the real SmolLM2-135M-Instruct (issue 15), with PTQ, QAT and QAD side by side on GPUs 0-2
 # and each model's bench on a GPU of its own; meanwhile GPU 3 times `qatflow quantize
@@ -32,9 +33,7 @@ start)
   take_part; join_and_import
   cp config/demo/demo.toml /tmp/demo_recipe.toml
   stamp demo
-  setsid nohup bash scripts/device/demo_driver.sh /tmp/qatflow $D /tmp/demo_recipe.toml \
-    > /tmp/demo.log 2>&1 < /dev/null &
-  echo $! > /tmp/driver.pid
+  start_driver /tmp/demo_recipe.toml
   sleep 5; follow ${2:-60} ;;
 ptq)
   CUDA_VISIBLE_DEVICES=3 bash scripts/device/call_s5.sh ptq

@@ -1,7 +1,8 @@
 # Shared steps of the device calls that carry SmolLM2-135M-Instruct's 98 MB GGUF, which
 # exceeds one call's 64 MiB tree: it travels xz-compressed in parts over consecutive calls
-# to one warm machine. Sourced by call_s4.sh and call_s5.sh: sets the CUDA library path, P
-# (the parts folder), D (the demo folder) and `stamp`, and defines the transfer steps.
+# to one warm machine. Sourced by call_s4.sh, call_s5.sh and call_s6.sh: sets the CUDA library
+# path, P (the parts folder), D (the demo folder) and `stamp`, and defines the transfer steps
+# and the start of the demo driver.
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH}
 P=/tmp/gguf_parts; D=/tmp/demo; mkdir -p $P
 stamp() { echo "=== $(date +%T) $*"; }
@@ -15,6 +16,14 @@ unpack_binaries() {
 # A later part (in .xfer/).
 take_part() {
   cp .xfer/part* $P/ 2>/dev/null; ls -la $P
+}
+
+# Starts scripts/device/demo_driver.sh with the recipe $1 in its own session (its pid in
+# /tmp/driver.pid, its output in /tmp/demo.log).
+start_driver() {
+  setsid nohup bash scripts/device/demo_driver.sh /tmp/qatflow $D "$1" \
+    > /tmp/demo.log 2>&1 < /dev/null &
+  echo $! > /tmp/driver.pid
 }
 
 # Joins the parts into /tmp/smol.gguf and imports it as the demo's base model.

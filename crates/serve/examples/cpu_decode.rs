@@ -1,6 +1,7 @@
-//! Single-stream greedy decode speed of the server's model worker path (prefill, then
-//! `qatflow_model::batch::decode_step` with one sequence, argmax sampling) on a random
-//! model of SmolLM2-135M's shape, printed as JSON:
+//! Single-stream greedy decode speed of the server's model worker path (the `Generator` it
+//! loads — the CPU decoder for F32, burn's forward for BF16 — prefill, then
+//! `LanguageModel::decode_step` with one sequence, argmax sampling) on a random model of
+//! SmolLM2-135M's shape, printed as JSON:
 //!
 //! ```text
 //! cargo run -p qatflow-serve --example cpu_decode -- [--tokens N] [--runs R] [--prompt P] [--precision f32|bf16]
@@ -11,9 +12,8 @@
 
 use std::time::Instant;
 
-use qatflow_model::batch::decode_step;
-use qatflow_model::generate::{next_logits, Sampler};
-use qatflow_model::{CausalLm, GenerateOptions, LoadOptions, Precision};
+use qatflow_model::generate::Sampler;
+use qatflow_model::{CausalLm, GenerateOptions, Generator, LanguageModel, LoadOptions, Precision};
 use serde_json::json;
 
 type B = burn::backend::Flex;
@@ -51,6 +51,7 @@ fn main() {
         },
         &Default::default(),
     )
+    .map(Generator::new)
     .expect("loading the random model");
     let prompt: Vec<u32> = (0..prompt_len as u32)
         .map(|i| 100 + i * 37 % 4000)
@@ -61,13 +62,13 @@ fn main() {
         let mut sampler = Sampler::new(&GenerateOptions::default());
         let mut cache = model.new_cache();
         let start = Instant::now();
-        let logits = next_logits(&model, &prompt, &mut cache);
+        let logits = model.next_logits(&prompt, &mut cache);
         let mut token = sampler.sample(&logits);
         prefill_ms.push(start.elapsed().as_secs_f64() * 1e3);
         let start = Instant::now();
         for _ in 1..tokens {
             let mut caches = [&mut cache];
-            let logits = decode_step(&model, &[token], &mut caches);
+            let logits = model.decode_step(&[token], &mut caches);
             token = sampler.sample(&logits[0]);
         }
         rates.push((tokens - 1) as f64 / start.elapsed().as_secs_f64());
@@ -78,7 +79,8 @@ fn main() {
         "{}",
         json!({
             "model": "smollm2-135m shape, random weights", "backend": "flex (CPU)",
-            "precision": format!("{precision:?}"), "prompt_tokens": prompt_len,
+            "precision": format!("{precision:?}"), "decoder": model.kind(),
+            "prompt_tokens": prompt_len,
             "decode_tokens": tokens, "runs": runs, "tokens_per_s": rates,
             "median_tokens_per_s": sorted[sorted.len() / 2], "prefill_ms": prefill_ms,
             "threads": std::thread::available_parallelism().map_or(0, |n| n.get()),

@@ -1,6 +1,7 @@
-//! Step-level batched decoding for a server: one forward that advances many sequences by
-//! one token each, every sequence with its own [`KvCache`] (and so its own length). The
-//! projections, norms and MLPs run once over all sequences as one matrix; only RoPE
+//! burn's forward for generation: [`next_logits`] (prefill, or one token, after a
+//! [`KvCache`]) and step-level batched decoding for a server, one forward that advances many
+//! sequences by one token each, every sequence with its own cache (and so its own length).
+//! The projections, norms and MLPs run once over all sequences as one matrix; only RoPE
 //! positions and attention are per sequence. Architectures without a batched step here
 //! run each sequence on its own ([`decode_step`] does that transparently).
 
@@ -11,6 +12,25 @@ use crate::arch::dense::Dense;
 use crate::arch::layers::{self, to_dtype, KvCache};
 use crate::arch::model::CausalLm;
 use crate::arch::rope;
+
+/// Runs `ids` through the model with `cache` and returns the float32 logits of the last
+/// position.
+pub fn next_logits<B: Backend>(
+    model: &CausalLm<B>,
+    ids: &[u32],
+    cache: &mut KvCache<B>,
+) -> Vec<f32> {
+    let device = model.device();
+    let n = ids.len();
+    let data: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(data, [1, n]), &device);
+    let hidden = model.forward_hidden(input, None, Some(cache));
+    let last = hidden.narrow(1, n - 1, 1);
+    to_dtype(model.logits(last), DType::F32)
+        .into_data()
+        .iter::<f32>()
+        .collect()
+}
 
 /// The dense model whose layers the batched step runs; `None` for architectures that
 /// decode one sequence at a time.
@@ -23,7 +43,7 @@ fn dense<B: Backend>(model: &CausalLm<B>) -> Option<&Dense<B>> {
 
 /// Feeds `tokens[i]` to the sequence of `caches[i]` (one token each, appended to its
 /// cache) and returns each sequence's float32 next-token logits. Equivalent to
-/// [`crate::run::generate::next_logits`] on every sequence alone, up to float rounding.
+/// [`next_logits`] on every sequence alone, up to float rounding.
 ///
 /// # Panics
 /// When `tokens` and `caches` differ in length.
@@ -41,7 +61,7 @@ pub fn decode_step<B: Backend>(
         return tokens
             .iter()
             .zip(caches.iter_mut())
-            .map(|(&t, c)| crate::run::generate::next_logits(model, &[t], c))
+            .map(|(&t, c)| next_logits(model, &[t], c))
             .collect();
     };
     let config = model.config();
@@ -111,7 +131,6 @@ mod tests {
     use crate::arch::model::LoadOptions;
     use crate::config::Architecture;
     use crate::io::weights::Precision;
-    use crate::run::generate::next_logits;
     use burn::backend::Flex;
 
     type B = Flex;

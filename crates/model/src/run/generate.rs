@@ -5,12 +5,8 @@
 
 use std::ops::ControlFlow;
 
-use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor, TensorData};
 use serde_json::Value;
 
-use crate::arch::layers::{to_dtype, KvCache};
-use crate::arch::model::CausalLm;
 use crate::rng::SplitMix64;
 use crate::run::lm::LanguageModel;
 use crate::text::tokenizer::{Tokenizer, TokenizerError};
@@ -165,25 +161,6 @@ impl Sampler {
         }
         probs[kept - 1].0 as u32
     }
-}
-
-/// Runs `ids` through the model with `cache` and returns the float32 logits of the last
-/// position.
-pub fn next_logits<B: Backend>(
-    model: &CausalLm<B>,
-    ids: &[u32],
-    cache: &mut KvCache<B>,
-) -> Vec<f32> {
-    let device = model.device();
-    let n = ids.len();
-    let data: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
-    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(data, [1, n]), &device);
-    let hidden = model.forward_hidden(input, None, Some(cache));
-    let last = hidden.narrow(1, n - 1, 1);
-    to_dtype(model.logits(last), DType::F32)
-        .into_data()
-        .iter::<f32>()
-        .collect()
 }
 
 /// Generates after `prompt` until a token of `stop` or `max_new_tokens`; `on_token` sees

@@ -58,7 +58,7 @@ impl<B: Backend> LanguageModel for CausalLm<B> {
     }
 
     fn next_logits(&self, ids: &[u32], cache: &mut KvCache<B>) -> Vec<f32> {
-        crate::run::generate::next_logits(self, ids, cache)
+        crate::run::batch::next_logits(self, ids, cache)
     }
 
     fn decode_step(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Vec<Vec<f32>> {
@@ -222,35 +222,26 @@ mod tests {
         CausalLm::load(dir, options, &Default::default()).unwrap()
     }
 
+    /// Twelve greedy tokens after a fixed prompt.
+    fn greedy(model: &impl LanguageModel) -> (Vec<u32>, crate::run::generate::FinishReason) {
+        let options = crate::GenerateOptions {
+            max_new_tokens: 12,
+            ..Default::default()
+        };
+        crate::run::generate::generate_tokens(model, &[3, 14, 15, 92, 65], &[], &options, |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap()
+    }
+
     #[test]
     fn the_cpu_decoder_runs_float32_models_only_and_greedy_text_agrees() {
         let dir = tempfile::tempdir().unwrap();
         let burn = load(Precision::F32, dir.path());
-        let reference = crate::run::generate::generate_tokens(
-            &burn,
-            &[3, 14, 15, 92, 65],
-            &[],
-            &crate::GenerateOptions {
-                max_new_tokens: 12,
-                ..Default::default()
-            },
-            |_| std::ops::ControlFlow::Continue(()),
-        )
-        .unwrap();
+        let reference = greedy(&burn);
         let fast = Generator::new(burn);
         assert_eq!(fast.kind(), "cpu-decoder");
-        let tokens = crate::run::generate::generate_tokens(
-            &fast,
-            &[3, 14, 15, 92, 65],
-            &[],
-            &crate::GenerateOptions {
-                max_new_tokens: 12,
-                ..Default::default()
-            },
-            |_| std::ops::ControlFlow::Continue(()),
-        )
-        .unwrap();
-        assert_eq!(tokens, reference);
+        assert_eq!(greedy(&fast), reference);
         assert_eq!(
             Generator::new(load(Precision::Bf16, dir.path())).kind(),
             "burn"

@@ -480,8 +480,7 @@ mod tests {
     use crate::arch::init::{named_config, write_random_model};
     use crate::arch::model::LoadOptions;
     use crate::io::weights::Precision;
-    use crate::run::batch::decode_step;
-    use crate::run::generate::next_logits;
+    use crate::run::batch::{decode_step, next_logits};
     use burn::backend::Flex;
     use qatflow_nvfp4::QuantizerAmax;
 
