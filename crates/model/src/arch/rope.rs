@@ -56,9 +56,18 @@ impl Rope {
         }
     }
 
-    /// The inverse frequencies, `head_dim / 2` of them.
-    pub fn inv_freq(&self) -> &[f32] {
-        &self.inv_freq
+    /// `cos` and `sin` rows `[head_dim]` of each of `positions`, one after another, in
+    /// float32 (the halves repeated, as `rotate_half` pairs them).
+    pub fn cos_sin(&self, positions: impl IntoIterator<Item = usize>) -> (Vec<f32>, Vec<f32>) {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in positions {
+            let angles: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        (cos, sin)
     }
 
     /// `cos` and `sin` tables `[len, head_dim]` for positions `offset..offset + len`,
@@ -71,15 +80,7 @@ impl Rope {
         device: &B::Device,
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half * 2);
-        let mut sin = Vec::with_capacity(len * half * 2);
-        for p in offset..offset + len {
-            let angles: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
-            }
-        }
+        let (cos, sin) = self.cos_sin(offset..offset + len);
         let make = |v: Vec<f32>| {
             let t = Tensor::<B, 2>::from_data(
                 TensorData::new(v, [len, half * 2]),

@@ -80,11 +80,21 @@ impl Matrix {
         }
     }
 
-    /// Bytes the weight occupies (and every token reads).
-    pub fn bytes(&self) -> usize {
+    /// The dot product of row `o` with `x`.
+    fn dot(&self, o: usize, x: &[f32]) -> f32 {
+        let c = self.cols();
         match self {
-            Matrix::Bf16 { data, .. } => data.len() * 2,
-            Matrix::F32 { data, .. } => data.len() * 4,
+            Matrix::Bf16 { data, .. } => dot_bf16(&data[o * c..(o + 1) * c], x),
+            Matrix::F32 { data, .. } => dot_f32(&data[o * c..(o + 1) * c], x),
+        }
+    }
+
+    /// The dot products of row `o` with four input rows.
+    fn dot4(&self, o: usize, xs: [&[f32]; INPUT_BLOCK]) -> [f32; INPUT_BLOCK] {
+        let c = self.cols();
+        match self {
+            Matrix::Bf16 { data, .. } => dot4_bf16(&data[o * c..(o + 1) * c], xs),
+            Matrix::F32 { data, .. } => dot4_f32(&data[o * c..(o + 1) * c], xs),
         }
     }
 
@@ -100,12 +110,7 @@ impl Matrix {
                 let first = task * ROWS_PER_TASK;
                 if n == 1 {
                     for (o, y) in (first..).zip(out.iter_mut()) {
-                        *y = match self {
-                            Matrix::Bf16 { data, .. } => {
-                                dot_bf16(&data[o * cols..(o + 1) * cols], x)
-                            }
-                            Matrix::F32 { data, .. } => dot_f32(&data[o * cols..(o + 1) * cols], x),
-                        };
+                        *y = self.dot(o, x);
                     }
                     return;
                 }
@@ -116,14 +121,7 @@ impl Matrix {
                         &x[r * cols..(r + 1) * cols]
                     });
                     for (k, o) in (first..first + out.len() / n).enumerate() {
-                        let sums = match self {
-                            Matrix::Bf16 { data, .. } => {
-                                dot4_bf16(&data[o * cols..(o + 1) * cols], xs)
-                            }
-                            Matrix::F32 { data, .. } => {
-                                dot4_f32(&data[o * cols..(o + 1) * cols], xs)
-                            }
-                        };
+                        let sums = self.dot4(o, xs);
                         out[k * n + r0..k * n + r0 + block].copy_from_slice(&sums[..block]);
                     }
                 }

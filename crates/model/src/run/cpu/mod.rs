@@ -2,7 +2,7 @@
 //! without burn's per-operation tensors. Decoding a token is memory-bound: every weight is
 //! read once per step. Here weights are packed once at load (BF16 where lossless, so half
 //! the bytes of float32), the q/k/v projections and the MLP's gate/up projections are one
-//! matrix each, activations stay in reused float32 buffers, and each projection is one
+//! matrix each, activations are plain float32 slices, and each projection is one
 //! multi-threaded pass over its weight for every row of the step. The arithmetic is the
 //! burn float32 forward's (`crate::arch::dense`): same formulas in float32, including NVFP4
 //! activation emulation (fake-quantized linear inputs) and fake-quantized weights; only the
@@ -21,7 +21,7 @@ use crate::arch::model::CausalLm;
 use crate::arch::rope::Rope;
 use crate::config::ModelConfig;
 use crate::linear::QLinear;
-pub use kernels::Matrix;
+use kernels::Matrix;
 
 /// Why a model cannot run on the [`CpuDecoder`] (it then runs on burn).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -196,7 +196,7 @@ pub struct CpuDecoder {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     eps: f32,
-    inv_freq: Vec<f32>,
+    rope: Rope,
 }
 
 /// Most positions one attention piece covers: long contexts split into pieces that run in
@@ -267,7 +267,7 @@ impl CpuDecoder {
         Ok(CpuDecoder {
             norm: norm_weight(&dense.norm),
             eps: dense.norm.eps as f32,
-            inv_freq: Rope::new(&config.rope, config.head_dim).inv_freq().to_vec(),
+            rope: Rope::new(&config.rope, config.head_dim),
             config,
             embed,
             lm_head,
@@ -278,19 +278,6 @@ impl CpuDecoder {
     /// Hyperparameters.
     pub fn config(&self) -> &ModelConfig {
         &self.config
-    }
-
-    /// Bytes of weights one decoding step reads.
-    pub fn weight_bytes(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                let fused = |f: &Fused| f.parts.iter().map(|p| p.weight.bytes()).sum::<usize>();
-                fused(&l.qkv) + l.o.weight.bytes() + fused(&l.gate_up) + l.down.weight.bytes()
-            })
-            .sum();
-        layers + self.lm_head.as_ref().unwrap_or(&self.embed).bytes()
     }
 
     /// An empty cache.
@@ -345,7 +332,7 @@ impl CpuDecoder {
                 next[s] - 1
             })
             .collect();
-        let (cos, sin) = self.rope_tables(&positions);
+        let (cos, sin) = self.rope.cos_sin(positions.iter().copied());
         let mut x: Vec<f32> = ids
             .iter()
             .flat_map(|&t| self.embed.row(t as usize))
@@ -354,25 +341,21 @@ impl CpuDecoder {
         for (li, layer) in self.layers.iter().enumerate() {
             let mut h = x.clone();
             kernels::rms_norm(&mut h, &layer.input_norm, self.eps);
-            let qkv = layer.qkv.forward(&h, n);
+            // Rows of `[q | k | v]`; q and k normed (Qwen3) and rotated in place.
+            let mut qkv = layer.qkv.forward(&h, n);
             let width = layer.qkv.rows();
-            let mut q = vec![0f32; n * q_width];
-            for r in 0..n {
-                let row = &qkv[r * width..(r + 1) * width];
-                let (qr, kv) = row.split_at(q_width);
-                let (kr, vr) = kv.split_at(kv_width);
-                let mut qr = qr.to_vec();
-                let mut kr = kr.to_vec();
+            for (r, row) in qkv.chunks_exact_mut(width).enumerate() {
+                let (qr, kv) = row.split_at_mut(q_width);
+                let (kr, vr) = kv.split_at_mut(kv_width);
                 if let Some(w) = &layer.q_norm {
-                    kernels::rms_norm(&mut qr, w, self.eps);
+                    kernels::rms_norm(qr, w, self.eps);
                 }
                 if let Some(w) = &layer.k_norm {
-                    kernels::rms_norm(&mut kr, w, self.eps);
+                    kernels::rms_norm(kr, w, self.eps);
                 }
                 let (co, si) = (&cos[r * hd..(r + 1) * hd], &sin[r * hd..(r + 1) * hd]);
-                rope(&mut qr, co, si);
-                rope(&mut kr, co, si);
-                q[r * q_width..(r + 1) * q_width].copy_from_slice(&qr);
+                rope(qr, co, si);
+                rope(kr, co, si);
                 let cache = &mut caches[seq[r]];
                 for (kvh, (k, v)) in kr.chunks_exact(hd).zip(vr.chunks_exact(hd)).enumerate() {
                     cache.keys[li * kv_heads + kvh].extend_from_slice(k);
@@ -384,11 +367,13 @@ impl CpuDecoder {
             // runs of at most ATTENTION_CHUNK positions up to the row's own (causal),
             // joined into one softmax afterwards.
             let group = heads / kv_heads * hd;
-            let mut pieces = Vec::new();
+            let (mut pieces, mut per_group) = (Vec::new(), Vec::new());
             for (r, position) in positions.iter().enumerate() {
+                let visible = position + 1;
                 for kvh in 0..kv_heads {
-                    let visible = position + 1;
-                    for start in (0..visible).step_by(ATTENTION_CHUNK) {
+                    let starts = (0..visible).step_by(ATTENTION_CHUNK);
+                    per_group.push(starts.len());
+                    for start in starts {
                         pieces.push((r, kvh, start..visible.min(start + ATTENTION_CHUNK)));
                     }
                 }
@@ -398,22 +383,18 @@ impl CpuDecoder {
                 .par_iter()
                 .map(|(r, kvh, range)| {
                     let cache = caches_ro[seq[*r]];
-                    let at = r * q_width + kvh * group;
+                    let at = r * width + kvh * group;
                     let kv = kernels::KvView {
                         keys: &cache.keys[li * kv_heads + kvh],
                         values: &cache.values[li * kv_heads + kvh],
                         head_dim: hd,
                     };
-                    kernels::attend(&q[at..at + group], kv, range.clone(), scale)
+                    kernels::attend(&qkv[at..at + group], kv, range.clone(), scale)
                 })
                 .collect();
             let mut attn = vec![0f32; n * q_width];
             let mut first = 0;
-            for (i, out) in attn.chunks_exact_mut(group).enumerate() {
-                let count = pieces[first..]
-                    .iter()
-                    .take_while(|(r, kvh, _)| r * kv_heads + kvh == i)
-                    .count();
+            for (out, count) in attn.chunks_exact_mut(group).zip(per_group) {
                 kernels::merge(&partials[first..first + count], out);
                 first += count;
             }
@@ -445,19 +426,6 @@ impl CpuDecoder {
             .chunks_exact(head.rows())
             .map(<[f32]>::to_vec)
             .collect()
-    }
-
-    /// `cos` and `sin` rows `[head_dim]` of each position, as [`Rope::tables`] computes them.
-    fn rope_tables(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for &p in positions {
-            let angles: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
-            }
-        }
-        (cos, sin)
     }
 }
 
