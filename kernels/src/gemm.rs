@@ -700,7 +700,7 @@ fn when_backend<B: Backend, X: Backend>(
 }
 
 /// The CUDA device index of a burn device, when it is one.
-pub(crate) fn cuda_index<B: Backend>(device: &B::Device) -> Option<usize> {
+pub fn cuda_index<B: Backend>(device: &B::Device) -> Option<usize> {
     let any: &dyn std::any::Any = device;
     any.downcast_ref::<cubecl::cuda::CudaDevice>()
         .map(|d| d.index)

@@ -3,14 +3,17 @@
 //!
 //! ```text
 //! cargo run --release --example generate_bench -- [--device cpu|cuda] [--model-dir DIR] \
-//!     [--precision f32|bf16] [--decoder auto|burn|both] [--tokens N] [--runs N] [--prompt TEXT]
+//!     [--precision f32|bf16] [--decoder auto|burn|both] [--tokens N] [--runs N] [--prompt TEXT] \
+//!     [--repeat N]
 //! ```
 //!
 //! Without `--model-dir` the model is fetched into `<cache>/models/smollm2-135m-instruct`.
 //! `--decoder auto` generates as `qatflow serve` and `qatflow chat` do (the packed CPU
-//! decoder for a float32 dense model on the CPU, burn elsewhere); `burn` forces burn's
-//! forward; `both` (CPU) times burn's forward and the CPU decoder run by run in turn and
-//! reports the decode speed-up and whether both generated the same tokens. The decode rate counts tokens after the first one (the first includes the
+//! decoder for a float32 dense model on the CPU, the CUDA decoder for a dense model on a GPU
+//! when `QATFLOW_DECODER=cuda`, burn otherwise); `burn` forces burn's forward; `both` times burn's forward and the fast
+//! decoder run by run in turn and reports the decode speed-up and whether both generated the
+//! same tokens. `--repeat N` sends the prompt text N times in one message (a long prompt:
+//! the time to the first token is then mostly prefill). The decode rate counts tokens after the first one (the first includes the
 //! prefill); stop tokens are ignored so every run generates exactly `--tokens` tokens. Rates
 //! are the median of `--runs` timed runs after one warm-up.
 
@@ -22,7 +25,8 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 use qatflow_model::generate::generate_tokens;
 use qatflow_model::{
-    load_with_tokenizer, CpuDecoder, GenerateOptions, Generator, LoadOptions, Precision,
+    load_with_tokenizer, CpuDecoder, CudaDecoder, GenerateOptions, Generator, LoadOptions,
+    Precision,
 };
 use serde_json::json;
 
@@ -34,6 +38,7 @@ struct Args {
     runs: usize,
     decoder: Decoder,
     prompt: String,
+    repeat: usize,
 }
 
 /// `--decoder`.
@@ -43,7 +48,7 @@ enum Decoder {
     Auto,
     /// burn's forward.
     Burn,
-    /// burn's forward and the CPU decoder, run by run in turn.
+    /// burn's forward and the fast (CPU or CUDA) decoder, run by run in turn.
     Both,
 }
 
@@ -56,6 +61,7 @@ fn parse() -> Result<Args, String> {
         runs: 5,
         decoder: Decoder::Auto,
         prompt: "Write a short story about a robot who learns to paint.".into(),
+        repeat: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -81,6 +87,7 @@ fn parse() -> Result<Args, String> {
                 }
             }
             "--prompt" => args.prompt = value()?,
+            "--repeat" => args.repeat = value()?.parse().map_err(|e| format!("--repeat: {e}"))?,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -127,15 +134,19 @@ fn run<B: Backend>(
         Decoder::Burn => vec![Generator::Burn(Box::new(model))],
         Decoder::Auto => vec![Generator::new(model)],
         Decoder::Both => {
-            let cpu = CpuDecoder::new(&model).map_err(|e| format!("--decoder both: {e}"))?;
-            vec![
-                Generator::Burn(Box::new(model)),
-                Generator::Cpu(Box::new(cpu)),
-            ]
+            let both = |e: &dyn std::fmt::Display| format!("--decoder both: {e}");
+            let fast = if args.device == "cpu" {
+                Generator::Cpu(Box::new(CpuDecoder::new(&model).map_err(|e| both(&e))?))
+            } else {
+                let gpu = CudaDecoder::new(&model, 0).map_err(|e| both(&e))?;
+                Generator::Cuda(Box::new(gpu))
+            };
+            vec![Generator::Burn(Box::new(model)), fast]
         }
     };
     let load_s = start.elapsed().as_secs_f64();
-    let messages = [json!({"role": "user", "content": args.prompt})];
+    let text = vec![args.prompt.as_str(); args.repeat.max(1)].join(" ");
+    let messages = [json!({"role": "user", "content": text})];
     let prompt = tokenizer
         .encode_prompt(&messages, None, None)
         .map_err(|e| e.to_string())?;
@@ -208,7 +219,7 @@ fn main() -> ExitCode {
     let args = match parse() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("error: {e}\nusage: generate_bench [--device cpu|cuda] [--model-dir DIR] [--precision f32|bf16] [--decoder auto|burn|both] [--tokens N] [--runs N] [--prompt TEXT]");
+            eprintln!("error: {e}\nusage: generate_bench [--device cpu|cuda] [--model-dir DIR] [--precision f32|bf16] [--decoder auto|burn|both] [--tokens N] [--runs N] [--prompt TEXT] [--repeat N]");
             return ExitCode::from(2);
         }
     };

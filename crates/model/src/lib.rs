@@ -23,7 +23,7 @@ pub mod text;
 // The flat module paths of before the folders, for the crates that use them.
 pub use arch::{deltanet, dense, init, layers, model, params, qwen35, rope};
 pub use io::{fetch, gguf, import, qwen35_tokenizer, tiktoken, weights};
-pub use run::{batch, calib, cpu, eval, generate, lm};
+pub use run::{batch, calib, cpu, cuda, eval, generate, lm};
 pub use text::{audit, mask, pyjson, template, tokenizer, toolcall};
 
 pub use arch::layers::{CacheSlot, KvCache};
@@ -36,6 +36,7 @@ pub use io::weights::{Checkpoint, LoadError, Precision};
 pub use linear::QLinear;
 pub use run::calib::{apply_group_rule, calibrate_inputs, weight_amax, CalibError};
 pub use run::cpu::{CpuCache, CpuDecoder};
+pub use run::cuda::{CudaCache, CudaDecoder};
 pub use run::eval::{
     eval_decode, eval_kld, eval_nll, DecodeReport, EvalError, KldReport, NllReport,
 };

@@ -139,7 +139,15 @@ impl AppState {
         let model_dir = dir.to_path_buf();
         let load = options.load;
         let engine = Engine::start(
-            move || CausalLm::<B>::load(&model_dir, load, &device).map(Generator::new),
+            move || {
+                let model = CausalLm::<B>::load(&model_dir, load, &device)?;
+                let (generator, declined) = Generator::choose(model);
+                match declined {
+                    Some(why) => tracing::info!(generator = generator.kind(), %why, "model loaded"),
+                    None => tracing::info!(generator = generator.kind(), "model loaded"),
+                }
+                Ok(generator)
+            },
             options.engine,
             metrics.clone(),
         )?;

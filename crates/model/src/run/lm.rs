@@ -12,6 +12,7 @@ use crate::arch::layers::KvCache;
 use crate::arch::model::CausalLm;
 use crate::config::ModelConfig;
 use crate::run::cpu::{CpuCache, CpuDecoder};
+use crate::run::cuda::{CudaCache, CudaDecoder};
 
 /// A model that generates text token by token.
 pub trait LanguageModel {
@@ -66,6 +67,34 @@ impl<B: Backend> LanguageModel for CausalLm<B> {
     }
 }
 
+impl LanguageModel for CudaDecoder {
+    type Cache = CudaCache;
+
+    fn config(&self) -> &ModelConfig {
+        CudaDecoder::config(self)
+    }
+
+    fn new_cache(&self) -> CudaCache {
+        CudaDecoder::new_cache(self)
+    }
+
+    fn cache_len(cache: &CudaCache) -> usize {
+        cache.len()
+    }
+
+    fn truncate_cache(cache: &mut CudaCache, len: usize) {
+        cache.truncate(len)
+    }
+
+    fn next_logits(&self, ids: &[u32], cache: &mut CudaCache) -> Vec<f32> {
+        CudaDecoder::next_logits(self, ids, cache)
+    }
+
+    fn decode_step(&self, tokens: &[u32], caches: &mut [&mut CudaCache]) -> Vec<Vec<f32>> {
+        CudaDecoder::decode_step(self, tokens, caches)
+    }
+}
+
 impl LanguageModel for CpuDecoder {
     type Cache = CpuCache;
 
@@ -95,14 +124,22 @@ impl LanguageModel for CpuDecoder {
 }
 
 /// A loaded model ready to generate: the packed [`CpuDecoder`] when the model is a float32
-/// dense model on burn's CPU backend ([`Flex`]), burn's forward otherwise.
+/// dense model on burn's CPU backend ([`Flex`]), the [`CudaDecoder`] for a dense model on a
+/// CUDA device (opt-in, see [`DECODER_ENV`]), burn's forward otherwise.
 #[derive(Debug)]
 pub enum Generator<B: Backend> {
-    /// burn's forward (GPU, Qwen3.5, BF16, or the CPU decoder declined).
+    /// burn's forward (Qwen3.5, BF16 on the CPU, or a fast decoder declined).
     Burn(Box<CausalLm<B>>),
     /// The packed CPU decoder.
     Cpu(Box<CpuDecoder>),
+    /// The CUDA decoder.
+    Cuda(Box<CudaDecoder>),
 }
+
+/// Environment variable: `burn` keeps generation on burn's forward (no CPU decoder); `cuda`
+/// turns the CUDA decoder on for dense models on a GPU. It is opt-in until it has been checked
+/// on a GPU (`tests/cuda_decoder.rs`), as the cuBLASLt training path is.
+pub const DECODER_ENV: &str = "QATFLOW_DECODER";
 
 /// A [`Generator`]'s cache.
 #[derive(Debug, Clone)]
@@ -111,25 +148,47 @@ pub enum GeneratorCache<B: Backend> {
     Burn(KvCache<B>),
     /// The CPU decoder's cache.
     Cpu(CpuCache),
+    /// The CUDA decoder's cache.
+    Cuda(CudaCache),
 }
 
 impl<B: Backend> Generator<B> {
-    /// The CPU decoder for a float32 dense model on [`Flex`], else `model` itself.
+    /// The CPU decoder for a float32 dense model on [`Flex`], the CUDA decoder for a dense
+    /// model on a CUDA device when `QATFLOW_DECODER=cuda` ([`DECODER_ENV`]), else `model`
+    /// itself.
     pub fn new(model: CausalLm<B>) -> Generator<B> {
-        if TypeId::of::<B>() != TypeId::of::<Flex>() {
-            return Generator::Burn(Box::new(model));
+        Self::choose(model).0
+    }
+
+    /// As [`Generator::new`], with the reason a fast decoder was not taken (`None` when one
+    /// was, or when none exists for the backend).
+    pub fn choose(model: CausalLm<B>) -> (Generator<B>, Option<String>) {
+        let choice = std::env::var(DECODER_ENV).unwrap_or_default();
+        if choice == "burn" {
+            return (Generator::Burn(Box::new(model)), None);
         }
-        match CpuDecoder::new(&model) {
-            Ok(cpu) => Generator::Cpu(Box::new(cpu)),
-            Err(_) => Generator::Burn(Box::new(model)),
+        if TypeId::of::<B>() == TypeId::of::<Flex>() {
+            return match CpuDecoder::new(&model) {
+                Ok(cpu) => (Generator::Cpu(Box::new(cpu)), None),
+                Err(e) => (Generator::Burn(Box::new(model)), Some(e.to_string())),
+            };
+        }
+        match qatflow_kernels::gemm::cuda_index::<B>(&model.device()) {
+            Some(_) if choice != "cuda" => (Generator::Burn(Box::new(model)), None),
+            Some(ordinal) => match CudaDecoder::new(&model, ordinal) {
+                Ok(gpu) => (Generator::Cuda(Box::new(gpu)), None),
+                Err(e) => (Generator::Burn(Box::new(model)), Some(e.to_string())),
+            },
+            None => (Generator::Burn(Box::new(model)), None),
         }
     }
 
-    /// Which implementation runs: `"cpu-decoder"` or `"burn"`.
+    /// Which implementation runs: `"cpu-decoder"`, `"cuda-decoder"` or `"burn"`.
     pub fn kind(&self) -> &'static str {
         match self {
             Generator::Burn(_) => "burn",
             Generator::Cpu(_) => "cpu-decoder",
+            Generator::Cuda(_) => "cuda-decoder",
         }
     }
 }
@@ -146,6 +205,7 @@ impl<B: Backend> LanguageModel for Generator<B> {
         match self {
             Generator::Burn(m) => m.config(),
             Generator::Cpu(m) => m.config(),
+            Generator::Cuda(m) => m.config(),
         }
     }
 
@@ -153,6 +213,7 @@ impl<B: Backend> LanguageModel for Generator<B> {
         match self {
             Generator::Burn(m) => GeneratorCache::Burn(m.new_cache()),
             Generator::Cpu(m) => GeneratorCache::Cpu(m.new_cache()),
+            Generator::Cuda(m) => GeneratorCache::Cuda(m.new_cache()),
         }
     }
 
@@ -160,6 +221,7 @@ impl<B: Backend> LanguageModel for Generator<B> {
         match cache {
             GeneratorCache::Burn(c) => c.len(),
             GeneratorCache::Cpu(c) => c.len(),
+            GeneratorCache::Cuda(c) => c.len(),
         }
     }
 
@@ -167,6 +229,7 @@ impl<B: Backend> LanguageModel for Generator<B> {
         match cache {
             GeneratorCache::Burn(c) => c.truncate(len),
             GeneratorCache::Cpu(c) => c.truncate(len),
+            GeneratorCache::Cuda(c) => c.truncate(len),
         }
     }
 
@@ -174,6 +237,7 @@ impl<B: Backend> LanguageModel for Generator<B> {
         match (self, cache) {
             (Generator::Burn(m), GeneratorCache::Burn(c)) => m.next_logits(ids, c),
             (Generator::Cpu(m), GeneratorCache::Cpu(c)) => m.next_logits(ids, c),
+            (Generator::Cuda(m), GeneratorCache::Cuda(c)) => m.next_logits(ids, c),
             _ => mismatch(),
         }
     }
@@ -185,7 +249,7 @@ impl<B: Backend> LanguageModel for Generator<B> {
                     .iter_mut()
                     .map(|c| match &mut **c {
                         GeneratorCache::Burn(c) => c,
-                        GeneratorCache::Cpu(_) => mismatch(),
+                        _ => mismatch(),
                     })
                     .collect();
                 LanguageModel::decode_step(&**m, tokens, &mut inner)
@@ -195,7 +259,17 @@ impl<B: Backend> LanguageModel for Generator<B> {
                     .iter_mut()
                     .map(|c| match &mut **c {
                         GeneratorCache::Cpu(c) => c,
-                        GeneratorCache::Burn(_) => mismatch(),
+                        _ => mismatch(),
+                    })
+                    .collect();
+                m.decode_step(tokens, &mut inner)
+            }
+            Generator::Cuda(m) => {
+                let mut inner: Vec<&mut CudaCache> = caches
+                    .iter_mut()
+                    .map(|c| match &mut **c {
+                        GeneratorCache::Cuda(c) => c,
+                        _ => mismatch(),
                     })
                     .collect();
                 m.decode_step(tokens, &mut inner)

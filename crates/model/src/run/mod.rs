@@ -6,6 +6,7 @@
 pub mod batch;
 pub mod calib;
 pub mod cpu;
+pub mod cuda;
 pub mod eval;
 pub mod generate;
 pub mod lm;

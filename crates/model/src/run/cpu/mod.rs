@@ -8,7 +8,7 @@
 //! activation emulation (fake-quantized linear inputs) and fake-quantized weights; only the
 //! order of float32 sums differs.
 
-mod kernels;
+pub(crate) mod kernels;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
@@ -47,9 +47,9 @@ pub enum CpuDecoderError {
 /// quantizes weights) and the NVFP4 global scale of its input when it emulates NVFP4
 /// activations.
 #[derive(Debug, Clone)]
-struct Linear {
-    weight: Matrix,
-    input_scale_2: Option<f32>,
+pub(crate) struct Linear {
+    pub(crate) weight: Matrix,
+    pub(crate) input_scale_2: Option<f32>,
 }
 
 impl Linear {
@@ -108,8 +108,8 @@ impl Linear {
 /// run of linears with the same input quantizer (one in every checkpoint qatflow or
 /// ModelOpt writes, whose q/k/v and gate/up share the input amax).
 #[derive(Debug, Clone)]
-struct Fused {
-    parts: Vec<Linear>,
+pub(crate) struct Fused {
+    pub(crate) parts: Vec<Linear>,
 }
 
 impl Fused {
@@ -122,7 +122,7 @@ impl Fused {
     }
 
     /// Output features of all parts.
-    fn rows(&self) -> usize {
+    pub(crate) fn rows(&self) -> usize {
         self.parts.iter().map(|p| p.weight.rows()).sum()
     }
 
@@ -144,15 +144,15 @@ impl Fused {
 
 /// One decoder layer, packed.
 #[derive(Debug, Clone)]
-struct Layer {
-    input_norm: Vec<f32>,
-    qkv: Fused,
-    q_norm: Option<Vec<f32>>,
-    k_norm: Option<Vec<f32>>,
-    o: Linear,
-    post_norm: Vec<f32>,
-    gate_up: Fused,
-    down: Linear,
+pub(crate) struct Layer {
+    pub(crate) input_norm: Vec<f32>,
+    pub(crate) qkv: Fused,
+    pub(crate) q_norm: Option<Vec<f32>>,
+    pub(crate) k_norm: Option<Vec<f32>>,
+    pub(crate) o: Linear,
+    pub(crate) post_norm: Vec<f32>,
+    pub(crate) gate_up: Fused,
+    pub(crate) down: Linear,
 }
 
 /// The keys and values of one sequence: per layer and key/value head (layer-major),
@@ -190,13 +190,13 @@ impl CpuCache {
 /// A dense model packed for fast CPU generation (see the module header).
 #[derive(Debug, Clone)]
 pub struct CpuDecoder {
-    config: ModelConfig,
-    embed: Matrix,
-    lm_head: Option<Matrix>,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
-    eps: f32,
-    rope: Rope,
+    pub(crate) config: ModelConfig,
+    pub(crate) embed: Matrix,
+    pub(crate) lm_head: Option<Matrix>,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) eps: f32,
+    pub(crate) rope: Rope,
 }
 
 /// Most positions one attention piece covers: long contexts split into pieces that run in
@@ -232,16 +232,22 @@ fn norm_weight<B: Backend>(n: &RmsNorm<B>) -> Vec<f32> {
 impl CpuDecoder {
     /// Packs a loaded dense model (float32 precision).
     pub fn new<B: Backend>(model: &CausalLm<B>) -> Result<CpuDecoder, CpuDecoderError> {
+        let dtype = model.dtype();
+        if dtype != DType::F32 {
+            return Err(CpuDecoderError::Precision(dtype));
+        }
+        Self::pack(model)
+    }
+
+    /// Packs a loaded dense model of any precision (its weights read as float32; the CUDA
+    /// decoder uploads them from here).
+    pub(crate) fn pack<B: Backend>(model: &CausalLm<B>) -> Result<CpuDecoder, CpuDecoderError> {
         let dense: &Dense<B> = match model {
             CausalLm::Llama(m) | CausalLm::Qwen3(m) => m,
             CausalLm::Qwen35(_) | CausalLm::Qwen35Vl(_) => {
                 return Err(CpuDecoderError::Architecture("Qwen3.5".into()))
             }
         };
-        let dtype = model.dtype();
-        if dtype != DType::F32 {
-            return Err(CpuDecoderError::Precision(dtype));
-        }
         let config = model.config().clone();
         let mut layers = Vec::with_capacity(dense.layers.len());
         for l in &dense.layers {
