@@ -170,3 +170,62 @@ pub fn check(status: Status, what: &str) -> Result<(), String> {
         Err(format!("{what} failed with cuBLAS status {status}"))
     }
 }
+
+/// The algorithm cuBLASLt's heuristic ranks first for `desc` over the layouts `a`, `b` and
+/// `out` (C and D alike) within `workspace` bytes; `what` names the problem in the error.
+///
+/// # Safety
+/// `handle`, `desc` and the layouts must be live cuBLASLt objects made through `lib`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn best_algo(
+    lib: &Lib,
+    handle: Opaque,
+    desc: Opaque,
+    a: Opaque,
+    b: Opaque,
+    out: Opaque,
+    workspace: usize,
+    what: &str,
+) -> Result<Algo, String> {
+    let ws = workspace as u64;
+    let mut heuristic = Heuristic::default();
+    let mut found = 0;
+    let mut pref = std::ptr::null_mut();
+    // SAFETY: out-pointers and an attribute buffer of the documented type and size; the
+    // caller vouches for the handle, descriptor and layouts; the preference is destroyed
+    // after use.
+    unsafe {
+        check(
+            (lib.pref_create)(&mut pref),
+            "cublasLtMatmulPreferenceCreate",
+        )?;
+        let set = (lib.pref_set)(
+            pref,
+            PREF_MAX_WORKSPACE_BYTES,
+            &ws as *const u64 as *const c_void,
+            size_of::<u64>(),
+        );
+        let got = (lib.heuristic)(
+            handle,
+            desc,
+            a,
+            b,
+            out,
+            out,
+            pref,
+            1,
+            &mut heuristic,
+            &mut found,
+        );
+        (lib.pref_destroy)(pref);
+        check(set, "MAX_WORKSPACE_BYTES")?;
+        check(got, "cublasLtMatmulAlgoGetHeuristic")?;
+    }
+    if found == 0 || heuristic.state != 0 {
+        return Err(format!(
+            "cuBLASLt has no algorithm for {what} (state {})",
+            heuristic.state
+        ));
+    }
+    Ok(heuristic.algo)
+}

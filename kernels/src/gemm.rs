@@ -345,50 +345,25 @@ impl Device {
         let first = layout(r1, c1, ld1)?;
         let second = layout(r2, c2, ld2)?;
         let out = layout(shape.n as u64, shape.m as u64, ldc)?;
-        let ws = WORKSPACE_BYTES as u64;
-        let mut heuristic = lt::Heuristic::default();
-        let mut found = 0;
-        // SAFETY: as above; the preference is destroyed after use.
-        unsafe {
-            let mut pref = std::ptr::null_mut();
-            lt::check(
-                (lib.pref_create)(&mut pref),
-                "cublasLtMatmulPreferenceCreate",
-            )?;
-            let set = (lib.pref_set)(
-                pref,
-                lt::PREF_MAX_WORKSPACE_BYTES,
-                &ws as *const u64 as *const c_void,
-                size_of::<u64>(),
-            );
-            let got = (lib.heuristic)(
+        // SAFETY: the descriptor and layouts were just made through `lib`.
+        let algo = unsafe {
+            lt::best_algo(
+                lib,
                 self.handle,
                 desc,
                 first,
                 second,
                 out,
-                out,
-                pref,
-                1,
-                &mut heuristic,
-                &mut found,
-            );
-            (lib.pref_destroy)(pref);
-            lt::check(set, "MAX_WORKSPACE_BYTES")?;
-            lt::check(got, "cublasLtMatmulAlgoGetHeuristic")?;
-        }
-        if found == 0 || heuristic.state != 0 {
-            return Err(format!(
-                "cuBLASLt has no algorithm for {shape:?} (state {})",
-                heuristic.state
-            ));
-        }
+                WORKSPACE_BYTES,
+                &format!("{shape:?}"),
+            )
+        }?;
         Ok(Plan {
             desc,
             first,
             second,
             out,
-            algo: heuristic.algo,
+            algo,
         })
     }
 

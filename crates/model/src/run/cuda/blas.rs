@@ -103,50 +103,26 @@ impl Blas {
         let weight = layout(dtype, s.k, s.out, s.k)?;
         let input = layout(dtype, s.k, s.n, s.k)?;
         let output = layout(lt::R_32F, s.out, s.n, s.y_ld)?;
-        let ws = WORKSPACE_BYTES as u64;
-        let mut heuristic = lt::Heuristic::default();
-        let mut found = 0;
-        // SAFETY: as above; the preference is destroyed after use.
-        unsafe {
-            let mut pref = std::ptr::null_mut();
-            check(
-                (lib.pref_create)(&mut pref),
-                "cublasLtMatmulPreferenceCreate",
-            )?;
-            let set = (lib.pref_set)(
-                pref,
-                lt::PREF_MAX_WORKSPACE_BYTES,
-                &ws as *const u64 as *const c_void,
-                size_of::<u64>(),
-            );
-            let got = (lib.heuristic)(
+        // SAFETY: the descriptor and layouts were just made through `lib`.
+        let algo = unsafe {
+            lt::best_algo(
+                lib,
                 self.handle,
                 desc,
                 weight,
                 input,
                 output,
-                output,
-                pref,
-                1,
-                &mut heuristic,
-                &mut found,
-            );
-            (lib.pref_destroy)(pref);
-            check(set, "MAX_WORKSPACE_BYTES")?;
-            check(got, "cublasLtMatmulAlgoGetHeuristic")?;
+                WORKSPACE_BYTES,
+                &format!("{s:?}"),
+            )
         }
-        if found == 0 || heuristic.state != 0 {
-            return Err(CudaDecoderError::Cuda(format!(
-                "cuBLASLt has no algorithm for {s:?} (state {})",
-                heuristic.state
-            )));
-        }
+        .map_err(CudaDecoderError::Cuda)?;
         Ok(Plan {
             desc,
             weight,
             input,
             output,
-            algo: heuristic.algo,
+            algo,
         })
     }
 

@@ -658,19 +658,8 @@ impl CudaDecoder {
         let layers = self.layers.len() as i32;
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
-            let mut col = 0;
-            for part in &layer.qkv {
-                let input = In::Norm(dptr(&layer.input_norm, st));
-                let to = Out {
-                    y: bufs.qkv,
-                    col,
-                    ld: width,
-                    accumulate: false,
-                };
-                let (w, s2) = (&part.weight, part.input_scale_2);
-                self.project(bufs, n, bufs.x, hidden, input, w, s2, to)?;
-                col += part.weight.rows;
-            }
+            let norm = In::Norm(dptr(&layer.input_norm, st));
+            self.project_fused(bufs, n, norm, &layer.qkv, bufs.qkv)?;
             let opt = |o: &Option<CudaSlice<f32>>| o.as_ref().map_or(0, |b| dptr(b, st));
             self.launch(
                 &self.kernels.qkv_post,
@@ -772,20 +761,8 @@ impl CudaDecoder {
             let (w, s2) = (&layer.o.weight, layer.o.input_scale_2);
             self.project(bufs, n, bufs.att, heads * hd, In::Copy, w, s2, residual)?;
             // MLP block.
-            let gu_width: usize = layer.gate_up.iter().map(|p| p.weight.rows).sum();
-            let mut col = 0;
-            for part in &layer.gate_up {
-                let input = In::Norm(dptr(&layer.post_norm, st));
-                let to = Out {
-                    y: bufs.gate_up,
-                    col,
-                    ld: gu_width,
-                    accumulate: false,
-                };
-                let (w, s2) = (&part.weight, part.input_scale_2);
-                self.project(bufs, n, bufs.x, hidden, input, w, s2, to)?;
-                col += part.weight.rows;
-            }
+            let norm = In::Norm(dptr(&layer.post_norm, st));
+            let gu_width = self.project_fused(bufs, n, norm, &layer.gate_up, bufs.gate_up)?;
             let (w, s2) = (&layer.down.weight, layer.down.input_scale_2);
             let gu = bufs.gate_up;
             self.project(bufs, n, gu, gu_width, In::SwiGlu, w, s2, residual)?;
@@ -893,6 +870,33 @@ impl CudaDecoder {
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(cuda("launching a kernel"))
+    }
+
+    /// Linears reading the same normalized rows of `x`, their outputs side by side in rows of
+    /// `y`; returns the output width.
+    fn project_fused(
+        &self,
+        bufs: &Bufs,
+        n: usize,
+        norm: In,
+        parts: &[DLinear],
+        y: u64,
+    ) -> Result<usize, CudaDecoderError> {
+        let width = parts.iter().map(|p| p.weight.rows).sum();
+        let mut col = 0;
+        for part in parts {
+            let to = Out {
+                y,
+                col,
+                ld: width,
+                accumulate: false,
+            };
+            let hidden = self.config.hidden_size;
+            let (w, s2) = (&part.weight, part.input_scale_2);
+            self.project(bufs, n, bufs.x, hidden, norm, w, s2, to)?;
+            col += part.weight.rows;
+        }
+        Ok(width)
     }
 
     /// One projection of `n` rows: the input prepared from `x` (rows of stride `x_ld`) as
