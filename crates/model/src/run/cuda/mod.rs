@@ -512,29 +512,30 @@ impl CudaDecoder {
             Step::One(_) => vec![n - 1],
             Step::Each(_) => (0..n).collect(),
         };
-        // A single sequence's many rows attend through the tiled kernel.
-        let mut prefill_first = None;
-        let mut prefill_cache = (0u64, 0u64);
+        // Every id is checked before any cache changes.
+        for &id in ids {
+            self.check_id(id)?;
+        }
+        // A single sequence's many rows attend through the tiled kernel: `(first position,
+        // keys, values)`.
+        let mut prefill = None;
         match step {
             Step::One(cache) => {
                 let first = cache.len;
                 cache.reserve(first + n)?;
                 let (k, v) = cache.addresses();
                 for (i, &id) in ids.iter().enumerate() {
-                    self.check_id(id)?;
                     meta.extend([u64::from(id), (first + i) as u64, k, v]);
                     positions.push(first + i);
                 }
                 cache.len = first + n;
                 if n > GEMV_MAX_ROWS {
-                    prefill_first = Some(first);
-                    prefill_cache = (k, v);
+                    prefill = Some((first, k, v));
                 }
             }
             Step::Each(caches) => {
                 assert_eq!(caches.len(), n, "one token per cache");
                 for (cache, &id) in caches.iter_mut().zip(ids) {
-                    self.check_id(id)?;
                     let at = cache.len;
                     cache.reserve(at + 1)?;
                     let (k, v) = cache.addresses();
@@ -587,7 +588,6 @@ impl CudaDecoder {
             cos: p(&s.cos),
             sin: p(&s.sin),
         };
-        let prefill = prefill_first.map(|first| (first, prefill_cache.0, prefill_cache.1));
         let vocab = self.embed.rows;
         // Decoding steps replay a CUDA graph of the whole forward (one launch instead of
         // ~300): every argument is a scratch address or lives in `meta`, so one graph per
