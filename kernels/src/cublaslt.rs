@@ -61,10 +61,13 @@ pub struct Heuristic {
 pub struct Lib {
     _lib: libloading::Library,
     pub create: unsafe extern "C" fn(*mut Opaque) -> Status,
+    pub destroy: unsafe extern "C" fn(Opaque) -> Status,
     pub desc_create: unsafe extern "C" fn(*mut Opaque, c_int, c_int) -> Status,
     pub desc_set: unsafe extern "C" fn(Opaque, c_int, *const c_void, usize) -> Status,
+    pub desc_destroy: unsafe extern "C" fn(Opaque) -> Status,
     pub layout_create: unsafe extern "C" fn(*mut Opaque, c_int, u64, u64, i64) -> Status,
     pub layout_set: unsafe extern "C" fn(Opaque, c_int, *const c_void, usize) -> Status,
+    pub layout_destroy: unsafe extern "C" fn(Opaque) -> Status,
     pub pref_create: unsafe extern "C" fn(*mut Opaque) -> Status,
     pub pref_set: unsafe extern "C" fn(Opaque, c_int, *const c_void, usize) -> Status,
     pub pref_destroy: unsafe extern "C" fn(Opaque) -> Status,
@@ -142,10 +145,13 @@ impl Lib {
         }
         Ok(Lib {
             create: sym!(b"cublasLtCreate"),
+            destroy: sym!(b"cublasLtDestroy"),
             desc_create: sym!(b"cublasLtMatmulDescCreate"),
             desc_set: sym!(b"cublasLtMatmulDescSetAttribute"),
+            desc_destroy: sym!(b"cublasLtMatmulDescDestroy"),
             layout_create: sym!(b"cublasLtMatrixLayoutCreate"),
             layout_set: sym!(b"cublasLtMatrixLayoutSetAttribute"),
+            layout_destroy: sym!(b"cublasLtMatrixLayoutDestroy"),
             pref_create: sym!(b"cublasLtMatmulPreferenceCreate"),
             pref_set: sym!(b"cublasLtMatmulPreferenceSetAttribute"),
             pref_destroy: sym!(b"cublasLtMatmulPreferenceDestroy"),

@@ -9,8 +9,8 @@
 //!
 //! Without `--model-dir` the model is fetched into `<cache>/models/smollm2-135m-instruct`.
 //! `--decoder auto` generates as `qatflow serve` and `qatflow chat` do (the packed CPU
-//! decoder for a float32 dense model on the CPU, the CUDA decoder for a dense model on a GPU
-//! when `QATFLOW_DECODER=cuda`, burn otherwise); `burn` forces burn's forward; `both` times burn's forward and the fast
+//! decoder for a float32 dense model on the CPU, the CUDA decoder for a dense model on a GPU,
+//! burn otherwise); `burn` forces burn's forward; `both` times burn's forward and the fast
 //! decoder run by run in turn and reports the decode speed-up and whether both generated the
 //! same tokens. `--repeat N` sends the prompt text N times in one message (a long prompt:
 //! the time to the first token is then mostly prefill). The decode rate counts tokens after the first one (the first includes the

@@ -1,6 +1,7 @@
 //! The CUDA decoder against burn's float32 forward on the CPU, on random Llama and Qwen3
 //! models of several head sizes (16, 80, 128, 256): prefill through the tiled attention kernel and cuBLASLt
-//! (more than 16 rows), short prompts and decoding through the GEMV kernels, a batched step
+//! (more than 16 rows, also after cached positions), short prompts and decoding through the
+//! GEMV kernels, a batched step
 //! of two sequences (one cache truncated, one cloned), and NVFP4 activation emulation.
 //!
 //! Needs an NVIDIA GPU with its driver, NVRTC and cuBLASLt: run with
@@ -47,7 +48,8 @@ fn compare(gpu: &[f32], reference: &[f32]) -> (f32, bool) {
 }
 
 /// Checks every path against burn; `prefill_tol` bounds steps of more than 16 rows (BF16
-/// products when the weights are BF16), `decode_tol` the float32 GEMV steps.
+/// products when the weights are BF16) and the steps that attend over the keys and values
+/// such a step wrote, `decode_tol` the float32 GEMV steps over caches they wrote themselves.
 fn check(label: &str, model: &CausalLm<B>, prefill_tol: f32, decode_tol: f32) {
     let gpu = CudaDecoder::new(model, 0).unwrap();
     let mut failures = Vec::new();
@@ -69,12 +71,14 @@ fn check(label: &str, model: &CausalLm<B>, prefill_tol: f32, decode_tol: f32) {
         &next_logits(model, &prompt, &mut slow),
         prefill_tol,
     );
+    // Decoding after the prefill: float32 GEMVs, but over the keys and values that the
+    // prefill's (possibly BF16) products wrote, so within the prefill's bound.
     for t in [5u32, 61, 2] {
         expect(
-            "decode",
+            "decode after prefill",
             &gpu.next_logits(&[t], &mut fast),
             &next_logits(model, &[t], &mut slow),
-            decode_tol,
+            prefill_tol,
         );
     }
     // A short prompt: the row kernels and GEMVs.
@@ -86,6 +90,25 @@ fn check(label: &str, model: &CausalLm<B>, prefill_tol: f32, decode_tol: f32) {
         &next_logits(model, &prompt[..9], &mut slow_short),
         decode_tol,
     );
+    for t in [5u32, 61] {
+        expect(
+            "decode",
+            &gpu.next_logits(&[t], &mut fast_short),
+            &next_logits(model, &[t], &mut slow_short),
+            decode_tol,
+        );
+    }
+    // A many-row step after cached positions (a prompt after a cached prefix): the tiled
+    // attention with a first position other than 0.
+    let mut fast_more = fast_short.clone();
+    let mut slow_more = slow_short.clone();
+    expect(
+        "prefill 40 after 11 cached",
+        &gpu.next_logits(&prompt[100..140], &mut fast_more),
+        &next_logits(model, &prompt[100..140], &mut slow_more),
+        prefill_tol,
+    );
+    assert_eq!(fast_more.len(), 51);
     assert_eq!(fast.len(), 303);
     let mut other_fast = fast.clone();
     other_fast.truncate(10);
@@ -95,12 +118,14 @@ fn check(label: &str, model: &CausalLm<B>, prefill_tol: f32, decode_tol: f32) {
     let mut slow_caches = [&mut slow, &mut other_slow, &mut slow_short];
     let got = gpu.decode_step(&[8, 9, 10], &mut fast_caches);
     let want = decode_step(model, &[8, 9, 10], &mut slow_caches);
-    for (g, w) in got.iter().zip(&want) {
-        expect("batched step", g, w, decode_tol);
+    // The first two caches hold the prefill's keys and values, the third only the GEMVs'.
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let tol = if i < 2 { prefill_tol } else { decode_tol };
+        expect("batched step", g, w, tol);
     }
     assert_eq!(
         (fast.len(), other_fast.len(), fast_short.len()),
-        (304, 11, 10)
+        (304, 11, 12)
     );
     assert!(failures.is_empty(), "{failures:#?}");
 }

@@ -16,6 +16,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use burn::tensor::backend::Backend;
 use qatflow_model::rng::SplitMix64;
@@ -253,11 +254,20 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Serves `state` on `listener` until `shutdown` completes.
+///
+/// Every connection has Nagle's algorithm off: a streamed chunk is a small write that follows
+/// the response head, and with Nagle on it waits for the client's delayed ACK of the head
+/// (40 ms on Linux), which was the whole time to the first token on a GPU.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!("could not turn Nagle's algorithm off on a connection: {e}");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await

@@ -125,7 +125,7 @@ impl LanguageModel for CpuDecoder {
 
 /// A loaded model ready to generate: the packed [`CpuDecoder`] when the model is a float32
 /// dense model on burn's CPU backend ([`Flex`]), the [`CudaDecoder`] for a dense model on a
-/// CUDA device (opt-in, see [`DECODER_ENV`]), burn's forward otherwise.
+/// CUDA device, burn's forward otherwise (or when [`DECODER_ENV`] says `burn`).
 #[derive(Debug)]
 pub enum Generator<B: Backend> {
     /// burn's forward (Qwen3.5, BF16 on the CPU, or a fast decoder declined).
@@ -136,9 +136,7 @@ pub enum Generator<B: Backend> {
     Cuda(Box<CudaDecoder>),
 }
 
-/// Environment variable: `burn` keeps generation on burn's forward (no CPU decoder); `cuda`
-/// turns the CUDA decoder on for dense models on a GPU. It is opt-in until it has been checked
-/// on a GPU (`tests/cuda_decoder.rs`), as the cuBLASLt training path is.
+/// Environment variable: `burn` keeps generation on burn's forward (no CPU or CUDA decoder).
 pub const DECODER_ENV: &str = "QATFLOW_DECODER";
 
 /// A [`Generator`]'s cache.
@@ -154,8 +152,8 @@ pub enum GeneratorCache<B: Backend> {
 
 impl<B: Backend> Generator<B> {
     /// The CPU decoder for a float32 dense model on [`Flex`], the CUDA decoder for a dense
-    /// model on a CUDA device when `QATFLOW_DECODER=cuda` ([`DECODER_ENV`]), else `model`
-    /// itself.
+    /// model on a CUDA device, else `model` itself; `QATFLOW_DECODER=burn` ([`DECODER_ENV`])
+    /// keeps `model`.
     pub fn new(model: CausalLm<B>) -> Generator<B> {
         Self::choose(model).0
     }
@@ -163,8 +161,7 @@ impl<B: Backend> Generator<B> {
     /// As [`Generator::new`], with the reason a fast decoder was not taken (`None` when one
     /// was, or when none exists for the backend).
     pub fn choose(model: CausalLm<B>) -> (Generator<B>, Option<String>) {
-        let choice = std::env::var(DECODER_ENV).unwrap_or_default();
-        if choice == "burn" {
+        if std::env::var(DECODER_ENV).is_ok_and(|v| v == "burn") {
             return (Generator::Burn(Box::new(model)), None);
         }
         if TypeId::of::<B>() == TypeId::of::<Flex>() {
@@ -174,7 +171,6 @@ impl<B: Backend> Generator<B> {
             };
         }
         match qatflow_kernels::gemm::cuda_index::<B>(&model.device()) {
-            Some(_) if choice != "cuda" => (Generator::Burn(Box::new(model)), None),
             Some(ordinal) => match CudaDecoder::new(&model, ordinal) {
                 Ok(gpu) => (Generator::Cuda(Box::new(gpu)), None),
                 Err(e) => (Generator::Burn(Box::new(model)), Some(e.to_string())),

@@ -25,13 +25,33 @@ pub(super) struct Shape {
     pub f32_operands: bool,
 }
 
-/// A descriptor set with its chosen algorithm.
+/// A descriptor set with its chosen algorithm; dropping it destroys the descriptors it holds
+/// (also those of a plan left half-built by an error).
 struct Plan {
+    lib: &'static Lib,
     desc: lt::Opaque,
     weight: lt::Opaque,
     input: lt::Opaque,
     output: lt::Opaque,
     algo: lt::Algo,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each non-null field was made by `lib` and is destroyed once, here; the
+        // decoder's forwards end with a synchronization, so no product that uses them is
+        // still queued.
+        unsafe {
+            if !self.desc.is_null() {
+                (self.lib.desc_destroy)(self.desc);
+            }
+            for layout in [self.weight, self.input, self.output] {
+                if !layout.is_null() {
+                    (self.lib.layout_destroy)(layout);
+                }
+            }
+        }
+    }
 }
 
 /// cuBLASLt on the decoder's stream.
@@ -47,6 +67,18 @@ pub(super) struct Blas {
 unsafe impl Send for Blas {}
 // SAFETY: as above.
 unsafe impl Sync for Blas {}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // The plans' descriptors first, then the handle they were used with.
+        self.plans
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        // SAFETY: `handle` was made by `lib` in `Blas::new` and is destroyed once, here.
+        unsafe { (self.lib.destroy)(self.handle) };
+    }
+}
 
 fn check(status: lt::Status, what: &str) -> Result<(), CudaDecoderError> {
     lt::check(status, what).map_err(CudaDecoderError::Cuda)
@@ -78,7 +110,15 @@ impl Blas {
             lt::R_16BF
         };
         let (op_t, op_n) = (lt::OP_T, lt::OP_N);
-        let mut desc = std::ptr::null_mut();
+        let null = std::ptr::null_mut();
+        let mut plan = Plan {
+            lib,
+            desc: null,
+            weight: null,
+            input: null,
+            output: null,
+            algo: lt::Algo::default(),
+        };
         // Column-major: Yᵀ[out, n] = op_T(W stored k×out) · op_N(X stored k×n).
         let layout = |dtype, rows: usize, cols: usize, ld: usize| {
             let mut l = std::ptr::null_mut();
@@ -92,38 +132,32 @@ impl Blas {
         // SAFETY: out-pointers and attribute buffers of the documented types and sizes.
         unsafe {
             check(
-                (lib.desc_create)(&mut desc, lt::COMPUTE_32F, lt::R_32F),
+                (lib.desc_create)(&mut plan.desc, lt::COMPUTE_32F, lt::R_32F),
                 "cublasLtMatmulDescCreate",
             )?;
             let t = &op_t as *const _ as *const c_void;
-            check((lib.desc_set)(desc, lt::DESC_TRANSA, t, 4), "TRANSA")?;
+            check((lib.desc_set)(plan.desc, lt::DESC_TRANSA, t, 4), "TRANSA")?;
             let n = &op_n as *const _ as *const c_void;
-            check((lib.desc_set)(desc, lt::DESC_TRANSB, n, 4), "TRANSB")?;
+            check((lib.desc_set)(plan.desc, lt::DESC_TRANSB, n, 4), "TRANSB")?;
         }
-        let weight = layout(dtype, s.k, s.out, s.k)?;
-        let input = layout(dtype, s.k, s.n, s.k)?;
-        let output = layout(lt::R_32F, s.out, s.n, s.y_ld)?;
+        plan.weight = layout(dtype, s.k, s.out, s.k)?;
+        plan.input = layout(dtype, s.k, s.n, s.k)?;
+        plan.output = layout(lt::R_32F, s.out, s.n, s.y_ld)?;
         // SAFETY: the descriptor and layouts were just made through `lib`.
-        let algo = unsafe {
+        plan.algo = unsafe {
             lt::best_algo(
                 lib,
                 self.handle,
-                desc,
-                weight,
-                input,
-                output,
+                plan.desc,
+                plan.weight,
+                plan.input,
+                plan.output,
                 WORKSPACE_BYTES,
                 &format!("{s:?}"),
             )
         }
         .map_err(CudaDecoderError::Cuda)?;
-        Ok(Plan {
-            desc,
-            weight,
-            input,
-            output,
-            algo,
-        })
+        Ok(plan)
     }
 
     /// Enqueues `y (= or +=) x · wᵀ` on `stream` (device addresses; `accumulate` adds to

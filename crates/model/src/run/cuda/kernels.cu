@@ -429,89 +429,193 @@ extern "C" __global__ void attend_merge(const float* partials, float* out, int h
 }
 
 // Causal attention of `n` consecutive rows of one sequence (row i at position first + i)
-// over the cache `keys`/`values`: one block per blockDim.x / parts rows and head, `parts`
-// threads per row
-// (a power of two with 32 * parts >= hd; each holds the row's dimensions part, part +
-// parts, ...), keys and values staged through shared memory `tile` positions at a time.
-// Grid: (ceil(n / rows per block), heads); dynamic shared memory: 2 * tile * hd floats.
-extern "C" __global__ void attend_prefill(const float* q, float* out, int n, u64 first,
-                                          const float* keys, const float* values, int heads,
-                                          int kv_heads, int hd, int layer, int layers,
-                                          float scale, int tile, int parts) {
-    extern __shared__ float staged[];
-    float* ks = staged;
-    float* vs = staged + (size_t)tile * hd;
-    const int qi = threadIdx.x / parts, part = threadIdx.x % parts;
-    const int per_block = blockDim.x / parts;
-    const int r = blockIdx.x * per_block + qi;
-    const bool valid = r < n;
+// over the cache `keys`/`values`, flash-style: a block takes 16 * RPT query rows of one head
+// and walks the keys 16 * KPT at a time through shared memory, with an online softmax, so
+// no row of scores is ever stored whole. The 256 threads form a 16 x 16 grid: thread
+// (tr, tc) computes the scores of rows tr + 16 i and keys tc + 16 c, and the outputs of
+// rows tr + 16 i and columns 4 tc + 64 k .. + 4 (k < MAXK, hd <= 64 * MAXK). Rows of
+// queries, keys and values are staged with a row stride `ld` (hd + 4 or hd + 8) that keeps
+// the 16-byte loads of eight neighbouring threads on distinct banks. hd is a multiple of 4.
+// Grid: (ceil(n / (16 * RPT)), heads), 256 threads; dynamic shared memory:
+// the third value of prefill_tiles(hd) in mod.rs, in floats.
+template <int RPT, int KPT, int MAXK>
+__device__ __forceinline__ void attend_prefill_tiled(const float* q, float* out, int n, u64 first,
+                                                     const float* keys, const float* values,
+                                                     int heads, int kv_heads, int hd, int layer,
+                                                     int layers, float scale) {
+    constexpr int BR = 16 * RPT, BC = 16 * KPT, PLD = BC + 4;
+    extern __shared__ float4 staged4[];
+    float* staged = (float*)staged4;
+    const int ld = hd + (hd % 8 == 0 ? 4 : 8);
+    float* qs = staged;
+    float* ks = qs + BR * ld;
+    float* vs = ks + BC * ld;
+    float* ps = vs + BC * ld;
+    const int tr = threadIdx.x >> 4, tc = threadIdx.x & 15;
+    // The longest blocks (last rows, most keys) start first.
+    const int r0 = (gridDim.x - 1 - blockIdx.x) * BR;
     const int h = blockIdx.y, kvh = h / (heads / kv_heads);
     const u64 stride = (u64)layers * kv_heads * hd;
     const u64 base = ((u64)layer * kv_heads + kvh) * hd;
-    float qv[32], acc[32];
-    const float* qr = q + ((size_t)(valid ? r : 0) * heads + h) * hd;
-#pragma unroll
-    for (int i = 0; i < 32; i++) {
-        qv[i] = valid && part + parts * i < hd ? qr[part + parts * i] : 0.0f;
-        acc[i] = 0.0f;
-    }
-    float mx = NEG_INF, sum = 0.0f;
-    const u64 mine = first + (u64)r;
-    const int last_row = min(n, (int)(blockIdx.x + 1) * per_block) - 1;
-    const u64 end = first + (u64)last_row;
-    for (u64 start = 0; start <= end; start += tile) {
-        const int count = (int)min((u64)tile, end + 1 - start);
-        __syncthreads();
-        for (int idx = threadIdx.x; idx < count * hd; idx += blockDim.x) {
-            const int j = idx / hd, d = idx % hd;
-            const u64 at = (start + j) * stride + base + d;
-            ks[idx] = keys[at];
-            vs[idx] = values[at];
+    const int quads = hd >> 2;
+    for (int idx = threadIdx.x; idx < BR * quads; idx += blockDim.x) {
+        const int r = idx / quads, d = (idx % quads) * 4;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (r0 + r < n) {
+            v = *(const float4*)(q + ((size_t)(r0 + r) * heads + h) * hd + d);
+            v.x *= scale;
+            v.y *= scale;
+            v.z *= scale;
+            v.w *= scale;
         }
-        __syncthreads();
-        for (int j = 0; j < count; j++) {
-            const float* kj = ks + j * hd + part;
-            float d = 0.0f;
+        *(float4*)(qs + r * ld + d) = v;
+    }
+    float o[RPT][MAXK * 4], m[RPT], l[RPT];
 #pragma unroll
-            for (int i = 0; i < 32; i++) {
-                if (part + parts * i < hd) {
-                    d += qv[i] * kj[parts * i];
-                }
-            }
-            for (int o = parts >> 1; o > 0; o >>= 1) {
-                d += __shfl_xor_sync(0xffffffffu, d, o);
-            }
-            d *= scale;
-            if (!valid || start + j > mine) {
-                continue;
-            }
-            const float* vj = vs + j * hd + part;
-            if (d > mx) {
-                const float c = __expf(mx - d);
-                sum *= c;
+    for (int i = 0; i < RPT; i++) {
+        m[i] = NEG_INF;
+        l[i] = 0.0f;
 #pragma unroll
-                for (int i = 0; i < 32; i++) {
-                    acc[i] *= c;
-                }
-                mx = d;
-            }
-            const float pr = __expf(d - mx);
-            sum += pr;
-#pragma unroll
-            for (int i = 0; i < 32; i++) {
-                if (part + parts * i < hd) {
-                    acc[i] += pr * vj[parts * i];
-                }
-            }
+        for (int c = 0; c < MAXK * 4; c++) {
+            o[i][c] = 0.0f;
         }
     }
-    if (valid) {
-        float* o = out + ((size_t)r * heads + h) * hd + part;
+    const u64 end = first + (u64)min(n, r0 + BR) - 1;
+    for (u64 start = 0; start <= end; start += BC) {
+        const int count = (int)min((u64)BC, end + 1 - start);
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < BC * quads; idx += blockDim.x) {
+            const int j = idx / quads, d = (idx % quads) * 4;
+            float4 kv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv = kv;
+            if (j < count) {
+                const u64 at = (start + j) * stride + base + d;
+                kv = *(const float4*)(keys + at);
+                vv = *(const float4*)(values + at);
+            }
+            *(float4*)(ks + j * ld + d) = kv;
+            *(float4*)(vs + j * ld + d) = vv;
+        }
+        __syncthreads();
+        float sc[RPT][KPT];
 #pragma unroll
-        for (int i = 0; i < 32; i++) {
-            if (part + parts * i < hd) {
-                o[parts * i] = acc[i] / sum;
+        for (int i = 0; i < RPT; i++) {
+#pragma unroll
+            for (int c = 0; c < KPT; c++) {
+                sc[i][c] = 0.0f;
+            }
+        }
+        for (int d = 0; d < hd; d += 4) {
+            float4 qv[RPT], kv[KPT];
+#pragma unroll
+            for (int i = 0; i < RPT; i++) {
+                qv[i] = *(const float4*)(qs + (tr + 16 * i) * ld + d);
+            }
+#pragma unroll
+            for (int c = 0; c < KPT; c++) {
+                kv[c] = *(const float4*)(ks + (tc + 16 * c) * ld + d);
+            }
+#pragma unroll
+            for (int i = 0; i < RPT; i++) {
+#pragma unroll
+                for (int c = 0; c < KPT; c++) {
+                    sc[i][c] += qv[i].x * kv[c].x + qv[i].y * kv[c].y + qv[i].z * kv[c].z +
+                                qv[i].w * kv[c].w;
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < RPT; i++) {
+            const u64 pos = first + (u64)(r0 + tr + 16 * i);
+            float top = NEG_INF;
+#pragma unroll
+            for (int c = 0; c < KPT; c++) {
+                if (start + (u64)(tc + 16 * c) > pos) {
+                    sc[i][c] = NEG_INF;
+                }
+                top = fmaxf(top, sc[i][c]);
+            }
+            for (int w = 8; w > 0; w >>= 1) {
+                top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, w));
+            }
+            const float next = fmaxf(m[i], top);
+            // A row that has seen no key yet keeps zeros (its exponentials are all 0).
+            const float ref = next == NEG_INF ? 0.0f : next;
+            const float keep = __expf(m[i] - ref);
+            float sum = 0.0f;
+#pragma unroll
+            for (int c = 0; c < KPT; c++) {
+                const float p = __expf(sc[i][c] - ref);
+                sum += p;
+                ps[(tr + 16 * i) * PLD + tc + 16 * c] = p;
+            }
+            for (int w = 8; w > 0; w >>= 1) {
+                sum += __shfl_xor_sync(0xffffffffu, sum, w);
+            }
+            l[i] = l[i] * keep + sum;
+            m[i] = next;
+#pragma unroll
+            for (int c = 0; c < MAXK * 4; c++) {
+                o[i][c] *= keep;
+            }
+        }
+        __syncthreads();
+        for (int j = 0; j < BC; j += 4) {
+            float4 pv[RPT];
+#pragma unroll
+            for (int i = 0; i < RPT; i++) {
+                pv[i] = *(const float4*)(ps + (tr + 16 * i) * PLD + j);
+            }
+#pragma unroll
+            for (int k = 0; k < MAXK; k++) {
+                const int col = 4 * tc + 64 * k;
+                if (col < hd) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const float4 v = *(const float4*)(vs + (j + e) * ld + col);
+#pragma unroll
+                        for (int i = 0; i < RPT; i++) {
+                            const float p = e == 0 ? pv[i].x : e == 1 ? pv[i].y : e == 2 ? pv[i].z : pv[i].w;
+                            o[i][4 * k] += p * v.x;
+                            o[i][4 * k + 1] += p * v.y;
+                            o[i][4 * k + 2] += p * v.z;
+                            o[i][4 * k + 3] += p * v.w;
+                        }
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < RPT; i++) {
+        const int r = r0 + tr + 16 * i;
+        if (r >= n) {
+            continue;
+        }
+        const float inv = 1.0f / l[i];
+#pragma unroll
+        for (int k = 0; k < MAXK; k++) {
+            const int col = 4 * tc + 64 * k;
+            if (col < hd) {
+                *(float4*)(out + ((size_t)r * heads + h) * hd + col) =
+                    make_float4(o[i][4 * k] * inv, o[i][4 * k + 1] * inv, o[i][4 * k + 2] * inv,
+                                o[i][4 * k + 3] * inv);
             }
         }
     }
 }
+
+// The prefill attention's entry points: `name` with RPT rows and KPT keys per thread and
+// outputs of head sizes up to 64 * MAXK.
+#define ATTEND_PREFILL(name, RPT, KPT, MAXK)                                                  \
+    extern "C" __global__ void __launch_bounds__(256)                                         \
+        name(const float* q, float* out, int n, u64 first, const float* keys,                  \
+             const float* values, int heads, int kv_heads, int hd, int layer, int layers,      \
+             float scale) {                                                                   \
+        attend_prefill_tiled<RPT, KPT, MAXK>(q, out, n, first, keys, values, heads, kv_heads, \
+                                             hd, layer, layers, scale);                       \
+    }
+
+// 64 query rows and 32 keys per step, for head sizes up to 128.
+ATTEND_PREFILL(attend_prefill_64, 4, 2, 2)
+// 32 query rows and 16 keys per step, for head sizes up to 256 (less shared memory).
+ATTEND_PREFILL(attend_prefill_32, 2, 1, 4)

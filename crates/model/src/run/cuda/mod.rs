@@ -6,8 +6,10 @@
 //! emulates it) in one kernel, one GEMV per projection that reads each weight row once for
 //! all rows of the step and adds the residual itself, one kernel for q/k norms, RoPE and the
 //! cache write, one for attention (split over blocks of 256 positions on long
-//! contexts, plus one kernel that merges them). Steps of more than [`GEMV_MAX_ROWS`] rows (prefill) run
-//! their projections through cuBLASLt and their attention through a tiled kernel.
+//! contexts, plus one kernel that merges them). Steps of more than [`GEMV_MAX_ROWS`] rows
+//! (prefill) run their projections through cuBLASLt and their attention through a
+//! flash-style kernel (register tiles of scores and outputs, an online softmax, keys and
+//! values staged through shared memory; no row of scores is stored whole).
 //!
 //! Weights are packed as the CPU decoder packs them ([`CpuDecoder::pack`]: fused q/k/v and
 //! gate/up, fake-quantized weights, BF16 where lossless, float32 otherwise) and uploaded
@@ -37,12 +39,22 @@ use crate::run::cpu::{CpuDecoder, CpuDecoderError, Fused, Layer, Linear};
 /// their projections through cuBLASLt.
 pub const GEMV_MAX_ROWS: usize = 16;
 
-/// Query rows per block of the prefill attention kernel (`attend_prefill`); half as many for
-/// head sizes above 128, whose 512 threads would need more registers than an SM has.
-const PREFILL_ROWS: usize = 64;
+/// Largest head size of the prefill attention's wide variant (`attend_prefill_64`: 64 query
+/// rows and 32 keys per step); larger heads take `attend_prefill_32` (32 rows, 16 keys).
+const PREFILL_WIDE_MAX_HD: usize = 128;
 
-/// Floats of shared memory the prefill attention stages per tile (keys and values).
-const PREFILL_TILE_FLOATS: usize = 8192;
+/// The prefill attention's (query rows, keys) per step for head size `hd`, and the floats
+/// of shared memory it stages: queries, keys and values with the row stride of
+/// `kernels.cu` (hd + 4, or hd + 8 when hd is not a multiple of 8), and the probabilities.
+fn prefill_tiles(hd: usize) -> (usize, usize, usize) {
+    let (rows, keys) = if hd <= PREFILL_WIDE_MAX_HD {
+        (64, 32)
+    } else {
+        (32, 16)
+    };
+    let ld = hd + if hd % 8 == 0 { 4 } else { 8 };
+    (rows, keys, rows * ld + 2 * keys * ld + rows * (keys + 4))
+}
 
 /// Positions one block of the row attention kernel covers: longer contexts split over
 /// several blocks (flash-decoding) whose partial results are merged by a second kernel.
@@ -185,7 +197,8 @@ struct Kernels {
     qkv_post: CudaFunction,
     attend_rows: CudaFunction,
     attend_merge: CudaFunction,
-    attend_prefill: CudaFunction,
+    attend_prefill_64: CudaFunction,
+    attend_prefill_32: CudaFunction,
 }
 
 impl Kernels {
@@ -219,9 +232,22 @@ impl Kernels {
             qkv_post: f("qkv_post")?,
             attend_rows: f("attend_rows")?,
             attend_merge: f("attend_merge")?,
-            attend_prefill: f("attend_prefill")?,
+            attend_prefill_64: wide_shared(f("attend_prefill_64")?, PREFILL_WIDE_MAX_HD)?,
+            attend_prefill_32: wide_shared(f("attend_prefill_32")?, 256)?,
         })
     }
+}
+
+/// Lets `f` (a prefill attention kernel) use the dynamic shared memory it needs for head
+/// sizes up to `max_hd`, beyond the default 48 KiB.
+fn wide_shared(f: CudaFunction, max_hd: usize) -> Result<CudaFunction, CudaDecoderError> {
+    let bytes = prefill_tiles(max_hd).2 * 4;
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map_err(cuda("allowing the prefill attention its shared memory"))?;
+    Ok(f)
 }
 
 /// Captured decoding steps by (rows, attention runs, logit rows).
@@ -238,6 +264,8 @@ impl std::fmt::Debug for Graphs {
 #[derive(Debug, Default)]
 struct Scratch {
     rows: usize,
+    /// Rows of logits the logits buffer holds (a prefill returns one row, not one per token).
+    logit_rows: usize,
     x: Option<CudaSlice<f32>>,
     h: Option<CudaSlice<f32>>,
     h_bf16: Option<CudaSlice<u16>>,
@@ -404,9 +432,9 @@ impl CudaDecoder {
     pub fn upload(packed: &CpuDecoder, ordinal: usize) -> Result<CudaDecoder, CudaDecoderError> {
         let c = &packed.config;
         let hd = c.head_dim;
-        if hd % 2 != 0 || hd > 256 {
+        if hd % 4 != 0 || hd > 256 {
             return Err(CudaDecoderError::Shape(format!(
-                "head_dim {hd} (the kernels take even head sizes up to 256)"
+                "head_dim {hd} (the kernels take multiples of 4 up to 256)"
             )));
         }
         if c.num_kv_heads == 0 || c.num_heads % c.num_kv_heads != 0 {
@@ -549,7 +577,7 @@ impl CudaDecoder {
         let runs = (positions.iter().max().copied().unwrap_or(0) + 1).div_ceil(ATTEND_SPAN);
         let mut guard = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         let s = &mut *guard;
-        self.ensure(s, n)?;
+        self.ensure(s, n, logit_rows.len())?;
         let partial_len = n * c.num_heads * runs * (c.head_dim + 2);
         if runs > 1 && s.partials.as_ref().is_none_or(|b| b.len() < partial_len) {
             let len = partial_len.next_power_of_two();
@@ -685,18 +713,17 @@ impl CudaDecoder {
             )?;
             match prefill {
                 Some((first, keys, values)) => {
-                    let tile = PREFILL_TILE_FLOATS / 2 / hd;
-                    let parts = hd.div_ceil(32).next_power_of_two();
-                    let rows = if parts > 4 {
-                        PREFILL_ROWS / 2
+                    let (rows, _, shared) = prefill_tiles(hd);
+                    let kernel = if hd <= PREFILL_WIDE_MAX_HD {
+                        &self.kernels.attend_prefill_64
                     } else {
-                        PREFILL_ROWS
+                        &self.kernels.attend_prefill_32
                     };
                     self.launch(
-                        &self.kernels.attend_prefill,
+                        kernel,
                         (n.div_ceil(rows) as u32, heads as u32, 1),
-                        (rows * parts) as u32,
-                        (PREFILL_TILE_FLOATS * 4) as u32,
+                        256,
+                        (shared * 4) as u32,
                         &[
                             Arg::U64(bufs.q),
                             Arg::U64(bufs.att),
@@ -710,8 +737,6 @@ impl CudaDecoder {
                             Arg::I32(li as i32),
                             Arg::I32(layers),
                             Arg::F32(scale),
-                            Arg::I32(tile as i32),
-                            Arg::I32(parts as i32),
                         ],
                     )?;
                 }
@@ -794,8 +819,20 @@ impl CudaDecoder {
         }
     }
 
-    /// Grows the scratch buffers to `n` rows.
-    fn ensure(&self, s: &mut Scratch, n: usize) -> Result<(), CudaDecoderError> {
+    /// Grows the scratch buffers to steps of `n` rows returning `logit_rows` rows of logits.
+    fn ensure(&self, s: &mut Scratch, n: usize, logit_rows: usize) -> Result<(), CudaDecoderError> {
+        let st = &self.stream;
+        let f = |len: usize| -> Result<Option<CudaSlice<f32>>, CudaDecoderError> {
+            st.alloc_zeros::<f32>(len.max(1))
+                .map(Some)
+                .map_err(cuda("allocating decoder buffers"))
+        };
+        if s.logit_rows < logit_rows {
+            let rows = logit_rows.next_power_of_two().max(GEMV_MAX_ROWS);
+            s.logits = f(rows * self.embed.rows)?;
+            s.logit_rows = rows;
+            s.graphs.0.clear();
+        }
         if s.rows >= n && s.x.is_some() {
             return Ok(());
         }
@@ -814,12 +851,6 @@ impl CudaDecoder {
             .into_iter()
             .max()
             .unwrap_or(hidden);
-        let st = &self.stream;
-        let f = |len: usize| -> Result<Option<CudaSlice<f32>>, CudaDecoderError> {
-            st.alloc_zeros::<f32>(len.max(1))
-                .map(Some)
-                .map_err(cuda("allocating decoder buffers"))
-        };
         s.x = f(rows * hidden)?;
         s.h = f(rows * inputs)?;
         s.h_bf16 = Some(
@@ -830,7 +861,6 @@ impl CudaDecoder {
         s.q = f(rows * q_width)?;
         s.att = f(rows * q_width)?;
         s.gate_up = f(rows * gu)?;
-        s.logits = f(rows * self.embed.rows)?;
         s.graphs.0.clear();
         s.meta = Some(
             st.alloc_zeros::<u64>(rows * 4)
@@ -1040,6 +1070,7 @@ mod tests {
     fn shapes_the_kernels_do_not_take_are_refused() {
         for (field, value, expect) in [
             ("head_dim", 272, "head_dim 272"),
+            ("head_dim", 18, "head_dim 18"),
             ("intermediate_size", 120, "intermediate size 120"),
         ] {
             let dir = tempfile::tempdir().unwrap();
