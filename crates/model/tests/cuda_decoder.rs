@@ -1,8 +1,9 @@
 //! The CUDA decoder against burn's float32 forward on the CPU, on random Llama and Qwen3
-//! models of several head sizes (16, 80, 128, 256): prefill through the tiled attention kernel and cuBLASLt
-//! (more than 16 rows, also after cached positions), short prompts and decoding through the
-//! GEMV kernels, a batched step
-//! of two sequences (one cache truncated, one cloned), and NVFP4 activation emulation.
+//! models of several head sizes (16, 80, 128, 256): prefill through the tiled attention
+//! kernel and cuBLASLt (more than 16 rows, also after cached positions), short prompts and
+//! decoding through the GEMV kernels, batched steps of 3 sequences (caches truncated and
+//! cloned) and of 20 (cuBLASLt projections, per-row attention), and NVFP4 activation
+//! emulation.
 //!
 //! Needs an NVIDIA GPU with its driver, NVRTC and cuBLASLt: run with
 //! `cargo test -p qatflow-model --test cuda_decoder -- --ignored`.
@@ -127,6 +128,37 @@ fn check(label: &str, model: &CausalLm<B>, prefill_tol: f32, decode_tol: f32) {
         (fast.len(), other_fast.len(), fast_short.len()),
         (304, 11, 12)
     );
+    // A step of more sequences than one GEMV launch takes (a busy server): projections
+    // through cuBLASLt, attention per row over caches of different lengths.
+    let lengths: Vec<usize> = (0..20).map(|i| 5 + 15 * i).collect();
+    let mut fast_many: Vec<_> = lengths
+        .iter()
+        .map(|&len| {
+            let mut c = fast.clone();
+            c.truncate(len);
+            c
+        })
+        .collect();
+    let mut slow_many: Vec<_> = lengths
+        .iter()
+        .map(|&len| {
+            let mut c = slow.clone();
+            c.truncate(len);
+            c
+        })
+        .collect();
+    let tokens: Vec<u32> = (0..20).map(|i| (i * 11 % 90) as u32).collect();
+    let got = gpu.decode_step(&tokens, &mut fast_many.iter_mut().collect::<Vec<_>>());
+    let want = decode_step(
+        model,
+        &tokens,
+        &mut slow_many.iter_mut().collect::<Vec<_>>(),
+    );
+    for (g, w) in got.iter().zip(&want) {
+        expect("batched step of 20", g, w, prefill_tol);
+    }
+    let grown: Vec<usize> = fast_many.iter().map(|c| c.len()).collect();
+    assert_eq!(grown, lengths.iter().map(|l| l + 1).collect::<Vec<_>>());
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
