@@ -253,24 +253,30 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves `state` on `listener` until `shutdown` completes.
-///
-/// Every connection has Nagle's algorithm off: a streamed chunk is a small write that follows
-/// the response head, and with Nagle on it waits for the client's delayed ACK of the head
-/// (40 ms on Linux), which was the whole time to the first token on a GPU.
+/// Serves `state` on `listener` until `shutdown` completes, with Nagle's algorithm off on
+/// every connection ([`low_latency`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = listener.tap_io(|tcp| {
+    axum::serve(low_latency(listener), router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// `listener` with Nagle's algorithm off on every accepted connection: a streamed chunk is a
+/// small write that follows the response head, and with Nagle on it waits for the client's
+/// delayed ACK of the head (40 ms on Linux), which was the whole time to the first token on a
+/// GPU.
+fn low_latency(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
+    listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::warn!("could not turn Nagle's algorithm off on a connection: {e}");
         }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    })
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
@@ -885,5 +891,25 @@ async fn stream_reply(
         if tx.send(Ok(b)).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::serve::Listener;
+
+    use super::low_latency;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(tokio::net::TcpStream::connect(addr));
+        let (io, _) = low_latency(listener).accept().await;
+        assert!(
+            io.nodelay().unwrap(),
+            "an accepted connection kept Nagle's algorithm"
+        );
+        client.await.unwrap().unwrap();
     }
 }
