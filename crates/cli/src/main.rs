@@ -74,6 +74,11 @@ enum Command {
     /// chat_template_kwargs.enable_thinking), GET /v1/models, GET /health, GET /metrics
     /// (Prometheus). Listens on 127.0.0.1 unless --host is given with --token. Prints
     /// `listening on http://ADDR` on stdout once ready; Ctrl-C stops it.
+    ///
+    /// Dense models (Llama/SmolLM2, Qwen3) generate through qatflow's own decoders: the packed
+    /// CPU decoder (float32 on cpu) or the CUDA decoder (on cuda); Qwen3.5 and shapes they do
+    /// not take through burn's forward (the log says which and why). QATFLOW_DECODER=burn
+    /// forces burn's forward.
     Serve(cmd::serve::ServeArgs),
 
     /// Measure what quantization costs a model: NLL/perplexity, or KL divergence.
