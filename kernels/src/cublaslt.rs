@@ -162,6 +162,68 @@ impl Lib {
     }
 }
 
+/// A matmul descriptor (float32 compute and scaling, the given transposes of A and B), the
+/// layouts of A, B and C (= D), and the algorithm chosen for them. Dropping it destroys the
+/// descriptor and the layouts it holds, also those of a plan an error left half-built; a
+/// plan must outlive the products that use it.
+pub struct Plan {
+    lib: &'static Lib,
+    /// The matmul descriptor.
+    pub desc: Opaque,
+    /// Layout of A.
+    pub a: Opaque,
+    /// Layout of B.
+    pub b: Opaque,
+    /// Layout of C and D.
+    pub c: Opaque,
+    /// The algorithm (from [`best_algo`]).
+    pub algo: Algo,
+}
+
+impl Plan {
+    /// A plan with its descriptor made (`op_a`, `op_b`: [`OP_N`] or [`OP_T`]); the caller
+    /// makes the layouts with `lib.layout_create` into `a`, `b`, `c` and sets `algo`.
+    pub fn new(lib: &'static Lib, op_a: c_int, op_b: c_int) -> Result<Plan, String> {
+        let mut plan = Plan {
+            lib,
+            desc: std::ptr::null_mut(),
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            c: std::ptr::null_mut(),
+            algo: Algo::default(),
+        };
+        // SAFETY: an out-pointer and attribute buffers of the documented types and sizes;
+        // the descriptor is used only after its creation succeeded.
+        unsafe {
+            check(
+                (lib.desc_create)(&mut plan.desc, COMPUTE_32F, R_32F),
+                "cublasLtMatmulDescCreate",
+            )?;
+            let op_a = &op_a as *const c_int as *const c_void;
+            check((lib.desc_set)(plan.desc, DESC_TRANSA, op_a, 4), "TRANSA")?;
+            let op_b = &op_b as *const c_int as *const c_void;
+            check((lib.desc_set)(plan.desc, DESC_TRANSB, op_b, 4), "TRANSB")?;
+        }
+        Ok(plan)
+    }
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each non-null handle was made by `lib` and is destroyed once, here.
+        unsafe {
+            if !self.desc.is_null() {
+                (self.lib.desc_destroy)(self.desc);
+            }
+            for layout in [self.a, self.b, self.c] {
+                if !layout.is_null() {
+                    (self.lib.layout_destroy)(layout);
+                }
+            }
+        }
+    }
+}
+
 /// cuBLASLt, loaded on first use (the error says why it could not be).
 pub fn lib() -> Result<&'static Lib, String> {
     static LIB: OnceLock<Result<Lib, String>> = OnceLock::new();

@@ -129,15 +129,6 @@ impl GemmShape {
 /// One cuBLASLt operand: transposed, stored rows, stored columns, leading dimension.
 type Operand = (bool, u64, u64, i64);
 
-/// A cuBLASLt descriptor set for one [`GemmShape`], with its chosen algorithm.
-struct Plan {
-    desc: lt::Opaque,
-    first: lt::Opaque,
-    second: lt::Opaque,
-    out: lt::Opaque,
-    algo: lt::Algo,
-}
-
 /// cuBLASLt state of one device: the primary context CubeCL also uses, a stream, the
 /// handle, the workspace and the plans built so far.
 struct Device {
@@ -146,7 +137,9 @@ struct Device {
     stream: drvs::CUstream,
     handle: lt::Opaque,
     workspace: drvs::CUdeviceptr,
-    plans: HashMap<GemmShape, Plan>,
+    /// One per [`GemmShape`] (cuBLASLt's A, B, C: [`GemmShape::column_major`]'s two operands
+    /// and the output).
+    plans: HashMap<GemmShape, lt::Plan>,
 }
 
 // SAFETY: the raw handles are only used under the `DEVICES` mutex, and CUDA driver and
@@ -279,7 +272,7 @@ impl Device {
         }
     }
 
-    fn plan(&mut self, shape: GemmShape) -> Result<&Plan, String> {
+    fn plan(&mut self, shape: GemmShape) -> Result<&lt::Plan, String> {
         if !self.plans.contains_key(&shape) {
             let plan = self.build(shape)?;
             self.plans.insert(shape, plan);
@@ -287,31 +280,15 @@ impl Device {
         Ok(&self.plans[&shape])
     }
 
-    fn build(&self, shape: GemmShape) -> Result<Plan, String> {
+    fn build(&self, shape: GemmShape) -> Result<lt::Plan, String> {
         let lib = self.lib;
         let ((t1, r1, c1, ld1), (t2, r2, c2, ld2), ldc) = shape.column_major();
         let op = |t: bool| if t { lt::OP_T } else { lt::OP_N };
-        let (opa, opb) = (op(t1), op(t2));
-        let mut desc = std::ptr::null_mut();
-        // SAFETY: out-pointers and attribute buffers of the documented types and sizes;
-        // every descriptor is used only after its creation succeeded.
-        unsafe {
-            lt::check(
-                (lib.desc_create)(&mut desc, lt::COMPUTE_32F, lt::R_32F),
-                "cublasLtMatmulDescCreate",
-            )?;
-            lt::check(
-                (lib.desc_set)(desc, lt::DESC_TRANSA, &opa as *const _ as *const c_void, 4),
-                "TRANSA",
-            )?;
-            lt::check(
-                (lib.desc_set)(desc, lt::DESC_TRANSB, &opb as *const _ as *const c_void, 4),
-                "TRANSB",
-            )?;
-        }
+        let mut plan = lt::Plan::new(lib, op(t1), op(t2))?;
         let layout = |rows: u64, cols: u64, ld: i64| -> Result<lt::Opaque, String> {
             let mut l = std::ptr::null_mut();
-            // SAFETY: as above.
+            // SAFETY: an out-pointer and attribute buffers of the documented types and sizes;
+            // the layout is used only after its creation succeeded.
             unsafe {
                 lt::check(
                     (lib.layout_create)(&mut l, lt::R_16BF, rows, cols, ld),
@@ -342,29 +319,23 @@ impl Device {
             }
             Ok(l)
         };
-        let first = layout(r1, c1, ld1)?;
-        let second = layout(r2, c2, ld2)?;
-        let out = layout(shape.n as u64, shape.m as u64, ldc)?;
+        plan.a = layout(r1, c1, ld1)?;
+        plan.b = layout(r2, c2, ld2)?;
+        plan.c = layout(shape.n as u64, shape.m as u64, ldc)?;
         // SAFETY: the descriptor and layouts were just made through `lib`.
-        let algo = unsafe {
+        plan.algo = unsafe {
             lt::best_algo(
                 lib,
                 self.handle,
-                desc,
-                first,
-                second,
-                out,
+                plan.desc,
+                plan.a,
+                plan.b,
+                plan.c,
                 WORKSPACE_BYTES,
                 &format!("{shape:?}"),
             )
         }?;
-        Ok(Plan {
-            desc,
-            first,
-            second,
-            out,
-            algo,
-        })
+        Ok(plan)
     }
 
     /// Runs `shape` on device addresses (`a`, `b` as in [`GemmShape`], `c` the output) and
@@ -385,14 +356,14 @@ impl Device {
                     plan.desc,
                     &alpha as *const f32 as *const c_void,
                     b as *const c_void,
-                    plan.first,
+                    plan.a,
                     a as *const c_void,
-                    plan.second,
+                    plan.b,
                     &beta as *const f32 as *const c_void,
                     c as *const c_void,
-                    plan.out,
+                    plan.c,
                     c as *mut c_void,
-                    plan.out,
+                    plan.c,
                     &plan.algo,
                     workspace as *mut c_void,
                     WORKSPACE_BYTES,

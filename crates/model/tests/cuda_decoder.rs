@@ -48,6 +48,18 @@ fn compare(gpu: &[f32], reference: &[f32]) -> (f32, bool) {
     (worst / scale, argmax(gpu) == argmax(reference))
 }
 
+/// Copies of `cache` truncated to each of `lengths`.
+fn truncated<C: Clone>(cache: &C, lengths: &[usize], truncate: impl Fn(&mut C, usize)) -> Vec<C> {
+    lengths
+        .iter()
+        .map(|&len| {
+            let mut c = cache.clone();
+            truncate(&mut c, len);
+            c
+        })
+        .collect()
+}
+
 /// Checks every path against burn; `prefill_tol` bounds steps of more than 16 rows (BF16
 /// products when the weights are BF16) and the steps that attend over the keys and values
 /// such a step wrote, `decode_tol` the float32 GEMV steps over caches they wrote themselves.
@@ -131,22 +143,8 @@ fn check(label: &str, model: &CausalLm<B>, prefill_tol: f32, decode_tol: f32) {
     // A step of more sequences than one GEMV launch takes (a busy server): projections
     // through cuBLASLt, attention per row over caches of different lengths.
     let lengths: Vec<usize> = (0..20).map(|i| 5 + 15 * i).collect();
-    let mut fast_many: Vec<_> = lengths
-        .iter()
-        .map(|&len| {
-            let mut c = fast.clone();
-            c.truncate(len);
-            c
-        })
-        .collect();
-    let mut slow_many: Vec<_> = lengths
-        .iter()
-        .map(|&len| {
-            let mut c = slow.clone();
-            c.truncate(len);
-            c
-        })
-        .collect();
+    let mut fast_many = truncated(&fast, &lengths, |c, len| c.truncate(len));
+    let mut slow_many = truncated(&slow, &lengths, |c, len| c.truncate(len));
     let tokens: Vec<u32> = (0..20).map(|i| (i * 11 % 90) as u32).collect();
     let got = gpu.decode_step(&tokens, &mut fast_many.iter_mut().collect::<Vec<_>>());
     let want = decode_step(

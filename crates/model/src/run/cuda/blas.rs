@@ -25,41 +25,13 @@ pub(super) struct Shape {
     pub f32_operands: bool,
 }
 
-/// A descriptor set with its chosen algorithm; dropping it destroys the descriptors it holds
-/// (also those of a plan left half-built by an error).
-struct Plan {
-    lib: &'static Lib,
-    desc: lt::Opaque,
-    weight: lt::Opaque,
-    input: lt::Opaque,
-    output: lt::Opaque,
-    algo: lt::Algo,
-}
-
-impl Drop for Plan {
-    fn drop(&mut self) {
-        // SAFETY: each non-null field was made by `lib` and is destroyed once, here; the
-        // decoder's forwards end with a synchronization, so no product that uses them is
-        // still queued.
-        unsafe {
-            if !self.desc.is_null() {
-                (self.lib.desc_destroy)(self.desc);
-            }
-            for layout in [self.weight, self.input, self.output] {
-                if !layout.is_null() {
-                    (self.lib.layout_destroy)(layout);
-                }
-            }
-        }
-    }
-}
-
 /// cuBLASLt on the decoder's stream.
 pub(super) struct Blas {
     lib: &'static Lib,
     handle: lt::Opaque,
     workspace: CudaSlice<u8>,
-    plans: Mutex<HashMap<Shape, Plan>>,
+    /// One per shape: A the weight, B the input rows, C the output.
+    plans: Mutex<HashMap<Shape, lt::Plan>>,
 }
 
 // SAFETY: the handle and descriptors are used only under the decoder's scratch lock (one
@@ -102,24 +74,15 @@ impl Blas {
         })
     }
 
-    fn build(&self, s: Shape) -> Result<Plan, CudaDecoderError> {
+    fn build(&self, s: Shape) -> Result<lt::Plan, CudaDecoderError> {
         let lib = self.lib;
         let dtype = if s.f32_operands {
             lt::R_32F
         } else {
             lt::R_16BF
         };
-        let (op_t, op_n) = (lt::OP_T, lt::OP_N);
-        let null = std::ptr::null_mut();
-        let mut plan = Plan {
-            lib,
-            desc: null,
-            weight: null,
-            input: null,
-            output: null,
-            algo: lt::Algo::default(),
-        };
         // Column-major: Yᵀ[out, n] = op_T(W stored k×out) · op_N(X stored k×n).
+        let mut plan = lt::Plan::new(lib, lt::OP_T, lt::OP_N).map_err(CudaDecoderError::Cuda)?;
         let layout = |dtype, rows: usize, cols: usize, ld: usize| {
             let mut l = std::ptr::null_mut();
             // SAFETY: a valid out-pointer and plain integer arguments.
@@ -129,29 +92,18 @@ impl Blas {
             )
             .map(|()| l)
         };
-        // SAFETY: out-pointers and attribute buffers of the documented types and sizes.
-        unsafe {
-            check(
-                (lib.desc_create)(&mut plan.desc, lt::COMPUTE_32F, lt::R_32F),
-                "cublasLtMatmulDescCreate",
-            )?;
-            let t = &op_t as *const _ as *const c_void;
-            check((lib.desc_set)(plan.desc, lt::DESC_TRANSA, t, 4), "TRANSA")?;
-            let n = &op_n as *const _ as *const c_void;
-            check((lib.desc_set)(plan.desc, lt::DESC_TRANSB, n, 4), "TRANSB")?;
-        }
-        plan.weight = layout(dtype, s.k, s.out, s.k)?;
-        plan.input = layout(dtype, s.k, s.n, s.k)?;
-        plan.output = layout(lt::R_32F, s.out, s.n, s.y_ld)?;
+        plan.a = layout(dtype, s.k, s.out, s.k)?;
+        plan.b = layout(dtype, s.k, s.n, s.k)?;
+        plan.c = layout(lt::R_32F, s.out, s.n, s.y_ld)?;
         // SAFETY: the descriptor and layouts were just made through `lib`.
         plan.algo = unsafe {
             lt::best_algo(
                 lib,
                 self.handle,
                 plan.desc,
-                plan.weight,
-                plan.input,
-                plan.output,
+                plan.a,
+                plan.b,
+                plan.c,
                 WORKSPACE_BYTES,
                 &format!("{s:?}"),
             )
@@ -187,14 +139,14 @@ impl Blas {
                     plan.desc,
                     &alpha as *const f32 as *const c_void,
                     w as *const c_void,
-                    plan.weight,
+                    plan.a,
                     x as *const c_void,
-                    plan.input,
+                    plan.b,
                     &beta as *const f32 as *const c_void,
                     y as *const c_void,
-                    plan.output,
+                    plan.c,
                     y as *mut c_void,
-                    plan.output,
+                    plan.c,
                     &plan.algo,
                     workspace as *mut c_void,
                     WORKSPACE_BYTES,

@@ -437,7 +437,7 @@ extern "C" __global__ void attend_merge(const float* partials, float* out, int h
 // queries, keys and values are staged with a row stride `ld` (hd + 4 or hd + 8) that keeps
 // the 16-byte loads of eight neighbouring threads on distinct banks. hd is a multiple of 4.
 // Grid: (ceil(n / (16 * RPT)), heads), 256 threads; dynamic shared memory:
-// the third value of prefill_tiles(hd) in mod.rs, in floats.
+// prefill_tiles(hd).shared_floats in mod.rs.
 template <int RPT, int KPT, int MAXK>
 __device__ __forceinline__ void attend_prefill_tiled(const float* q, float* out, int n, u64 first,
                                                      const float* keys, const float* values,

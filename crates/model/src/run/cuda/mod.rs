@@ -39,21 +39,34 @@ use crate::run::cpu::{CpuDecoder, CpuDecoderError, Fused, Layer, Linear};
 /// their projections through cuBLASLt.
 pub const GEMV_MAX_ROWS: usize = 16;
 
+/// Largest head size the kernels take (and multiples of 4 only).
+const MAX_HEAD_DIM: usize = 256;
+
 /// Largest head size of the prefill attention's wide variant (`attend_prefill_64`: 64 query
 /// rows and 32 keys per step); larger heads take `attend_prefill_32` (32 rows, 16 keys).
 const PREFILL_WIDE_MAX_HD: usize = 128;
 
-/// The prefill attention's (query rows, keys) per step for head size `hd`, and the floats
-/// of shared memory it stages: queries, keys and values with the row stride of
-/// `kernels.cu` (hd + 4, or hd + 8 when hd is not a multiple of 8), and the probabilities.
-fn prefill_tiles(hd: usize) -> (usize, usize, usize) {
-    let (rows, keys) = if hd <= PREFILL_WIDE_MAX_HD {
-        (64, 32)
-    } else {
-        (32, 16)
-    };
+/// The prefill attention's launch shape for one head size.
+struct PrefillTiles {
+    /// `attend_prefill_64` rather than `attend_prefill_32`.
+    wide: bool,
+    /// Query rows per block.
+    rows: usize,
+    /// Floats of shared memory it stages: queries, keys and values with the row stride of
+    /// `kernels.cu` (hd + 4, or hd + 8 when hd is not a multiple of 8), and probabilities.
+    shared_floats: usize,
+}
+
+/// The prefill attention's variant and launch shape for head size `hd`.
+fn prefill_tiles(hd: usize) -> PrefillTiles {
+    let wide = hd <= PREFILL_WIDE_MAX_HD;
+    let (rows, keys) = if wide { (64, 32) } else { (32, 16) };
     let ld = hd + if hd % 8 == 0 { 4 } else { 8 };
-    (rows, keys, rows * ld + 2 * keys * ld + rows * (keys + 4))
+    PrefillTiles {
+        wide,
+        rows,
+        shared_floats: rows * ld + 2 * keys * ld + rows * (keys + 4),
+    }
 }
 
 /// Positions one block of the row attention kernel covers: longer contexts split over
@@ -233,7 +246,7 @@ impl Kernels {
             attend_rows: f("attend_rows")?,
             attend_merge: f("attend_merge")?,
             attend_prefill_64: wide_shared(f("attend_prefill_64")?, PREFILL_WIDE_MAX_HD)?,
-            attend_prefill_32: wide_shared(f("attend_prefill_32")?, 256)?,
+            attend_prefill_32: wide_shared(f("attend_prefill_32")?, MAX_HEAD_DIM)?,
         })
     }
 }
@@ -241,7 +254,7 @@ impl Kernels {
 /// Lets `f` (a prefill attention kernel) use the dynamic shared memory it needs for head
 /// sizes up to `max_hd`, beyond the default 48 KiB.
 fn wide_shared(f: CudaFunction, max_hd: usize) -> Result<CudaFunction, CudaDecoderError> {
-    let bytes = prefill_tiles(max_hd).2 * 4;
+    let bytes = prefill_tiles(max_hd).shared_floats * 4;
     f.set_attribute(
         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         bytes as i32,
@@ -432,9 +445,9 @@ impl CudaDecoder {
     pub fn upload(packed: &CpuDecoder, ordinal: usize) -> Result<CudaDecoder, CudaDecoderError> {
         let c = &packed.config;
         let hd = c.head_dim;
-        if hd % 4 != 0 || hd > 256 {
+        if hd % 4 != 0 || hd > MAX_HEAD_DIM {
             return Err(CudaDecoderError::Shape(format!(
-                "head_dim {hd} (the kernels take multiples of 4 up to 256)"
+                "head_dim {hd} (the kernels take multiples of 4 up to {MAX_HEAD_DIM})"
             )));
         }
         if c.num_kv_heads == 0 || c.num_heads % c.num_kv_heads != 0 {
@@ -713,17 +726,17 @@ impl CudaDecoder {
             )?;
             match prefill {
                 Some((first, keys, values)) => {
-                    let (rows, _, shared) = prefill_tiles(hd);
-                    let kernel = if hd <= PREFILL_WIDE_MAX_HD {
+                    let tiles = prefill_tiles(hd);
+                    let kernel = if tiles.wide {
                         &self.kernels.attend_prefill_64
                     } else {
                         &self.kernels.attend_prefill_32
                     };
                     self.launch(
                         kernel,
-                        (n.div_ceil(rows) as u32, heads as u32, 1),
+                        (n.div_ceil(tiles.rows) as u32, heads as u32, 1),
                         256,
-                        (shared * 4) as u32,
+                        (tiles.shared_floats * 4) as u32,
                         &[
                             Arg::U64(bufs.q),
                             Arg::U64(bufs.att),
