@@ -13,7 +13,7 @@
 #   ptq     (after start: wheels of ../shared/bench/README.md in .xfer/whl/)
 #           Qwen3-1.7B random-init (qatflow model init, SmolLM2's tokenizer): ModelOpt PTQ
 #           (scripts/device/modelopt_ptq_anchor.py) and `qatflow quantize --device cuda`,
-#           64 and 512 calibration sequences of the offline dataset, each timed
+#           64 and 512 calibration sequences of the offline dataset, each timed (scripts/device/ptq_compare.sh)
 # Usage: bash scripts/device/call_s5.sh STEP [SECONDS]
 . scripts/device/gguf_parts.sh
 follow() { # tails the demo log until the driver ends or $1 seconds pass
@@ -46,34 +46,5 @@ recut)
   start_driver /tmp/demo_gpu.toml
   sleep 3; follow 540 ;;
 ptq)
-  W=/tmp/ptq; mkdir -p $W; cd $W
-  pip install --no-deps --target $W/py $OLDPWD/.xfer/whl/*.whl > /dev/null 2>&1
-  /tmp/qatflow model init --config qwen3-1.7b --out $W/qwen --bf16 --tokenizer-from $D/models/smollm2 2>&1 | tail -1
-  /tmp/qatflow generate --backend offline --seed 0 --db $W/db > /dev/null 2>&1
-  /tmp/qatflow dataset export --db $W/db --out $W/all.jsonl --clean-only --force 2>&1 | tail -1
-  python3 - <<'PY'
-import json
-from tokenizers import Tokenizer
-tok = Tokenizer.from_file("/tmp/ptq/qwen/tokenizer.json")
-ids = []
-for line in open("/tmp/ptq/all.jsonl"):
-    text = "\n".join(f"{m['role']}: {m['content']}" for m in json.loads(line)["messages"] if m.get("content"))
-    ids.append(tok.encode(text).ids[:2048])
-    if len(ids) == 512: break
-json.dump(ids, open("/tmp/ptq/ids.json", "w"))
-print("ids", len(ids), "tokens", sum(map(len, ids)))
-PY
-  for n in 64 512; do
-    stamp modelopt $n
-    PYTHONPATH=$W/py timeout 200 python3 $OLDPWD/scripts/device/modelopt_ptq_anchor.py $W/qwen $W/ids.json $n $W/mo_$n 2>&1 \
-      | grep -v -i warn | tail -2 | tee -a $OUT/ptq.jsonl
-    stamp qatflow $n
-    t0=$(date +%s.%N)
-    timeout 300 /tmp/qatflow quantize $W/qwen --out $W/qf_$n --calib-token-ids $W/ids.json \
-      --calib-samples $n --device cuda --force > $W/qf_$n.log 2>&1; rc=$?
-    t1=$(date +%s.%N)
-    echo "{\"side\": \"qatflow\", \"sequences\": $n, \"rc\": $rc, \"total_s\": $(awk "BEGIN{print $t1 - $t0}")}" | tee -a $OUT/ptq.jsonl
-    tail -3 $W/qf_$n.log | cut -c1-300
-  done
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader ;;
+  B=/tmp bash scripts/device/ptq_compare.sh $D/models/smollm2 1 64 512 ;;
 esac

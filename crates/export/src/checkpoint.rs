@@ -190,6 +190,7 @@ fn export_with(
         step: Some(info.step),
         config_hash: Some(info.config_hash.clone()),
         calib_sequences: None,
+        calib_timing: None,
         files: info.files.clone(),
     };
     write_export_then(

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Instant;
 
 use burn::backend::Flex;
 use burn::tensor::backend::Backend;
@@ -20,7 +21,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ExportError;
-use crate::report::{ExportReport, SourceDescription};
+use crate::report::{CalibTiming, ExportReport, SourceDescription};
 use crate::source::{weight_files, SourceTensors};
 use crate::writer::{quantized_modules, write_export, ExportOptions};
 
@@ -32,14 +33,33 @@ pub fn calibrate_dir<B: Backend>(
     progress: &dyn Progress,
     device: &B::Device,
 ) -> Result<BTreeMap<String, LinearAmax>, ExportError> {
+    calibrate_timed::<B>(hf_dir, calib, progress, device).map(|(amax, _)| amax)
+}
+
+/// [`calibrate_dir`] with the wall times of loading and calibrating.
+fn calibrate_timed<B: Backend>(
+    hf_dir: &Path,
+    calib: &[Vec<u32>],
+    progress: &dyn Progress,
+    device: &B::Device,
+) -> Result<(BTreeMap<String, LinearAmax>, CalibTiming), ExportError> {
     let options = LoadOptions {
         precision: Precision::F32,
         emulate_nvfp4_activations: false,
     };
+    let started = Instant::now();
     let model = CausalLm::<B>::load(hf_dir, options, device)?;
+    // The upload is asynchronous on a GPU: wait for it so the load time is its own.
+    // A failed sync surfaces again at the first read-back, so it is not fatal here.
+    let _ = B::sync(device);
+    let loaded = Instant::now();
     let input = apply_group_rule(&calibrate_inputs(&model, calib, progress)?);
     let weight = apply_group_rule(&weight_amax(&model));
     drop(model);
+    let timing = CalibTiming {
+        load_seconds: (loaded - started).as_secs_f64(),
+        calibrate_seconds: loaded.elapsed().as_secs_f64(),
+    };
     weight
         .into_iter()
         .map(|(m, w)| {
@@ -55,7 +75,8 @@ pub fn calibrate_dir<B: Backend>(
                 },
             ))
         })
-        .collect()
+        .collect::<Result<_, _>>()
+        .map(|amax| (amax, timing))
 }
 
 /// Refuses PTQ of an architecture the model crate cannot run a forward pass of (Qwen3.5
@@ -126,7 +147,19 @@ pub fn quantize_hf_on<B: Backend>(
     device: &B::Device,
 ) -> Result<ExportReport, ExportError> {
     check_ptq_supported(hf_dir)?;
-    let amax = calibrate_dir::<B>(hf_dir, calib, calib_progress, device)?;
+    let mut paths = weight_files(hf_dir)?;
+    paths.push(hf_dir.join("config.json"));
+    // The source files' digests (seconds for a multi-GB model) are computed on another
+    // thread while the model calibrates.
+    let (calibrated, files) = std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| source_entries(&paths));
+        let calibrated = calibrate_timed::<B>(hf_dir, calib, calib_progress, device);
+        let files = hashing
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        (calibrated, files)
+    });
+    let ((amax, timing), files) = (calibrated?, files?);
     if cancel.is_cancelled() {
         return Err(ExportError::Cancelled);
     }
@@ -138,26 +171,13 @@ pub fn quantize_hf_on<B: Backend>(
             problem: format!("the model has no linear `{m}` although its weights do"),
         });
     }
-    let mut files = Vec::new();
-    let mut paths = weight_files(hf_dir)?;
-    paths.push(hf_dir.join("config.json"));
-    for p in paths {
-        let (sha256, size) = sha256_file(&p)?;
-        files.push(FileEntry {
-            name: p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            size,
-            sha256,
-        });
-    }
     let source = SourceDescription {
         kind: "hf".into(),
         dir: hf_dir.to_path_buf(),
         step: None,
         config_hash: None,
         calib_sequences: Some(calib.len()),
+        calib_timing: Some(timing),
         files,
     };
     write_export(
@@ -171,6 +191,24 @@ pub fn quantize_hf_on<B: Backend>(
         export_progress,
         cancel,
     )
+}
+
+/// Name, size and SHA-256 of each source file, for the export report's provenance.
+fn source_entries(paths: &[std::path::PathBuf]) -> Result<Vec<FileEntry>, ExportError> {
+    paths
+        .iter()
+        .map(|p| {
+            let (sha256, size) = sha256_file(p)?;
+            Ok(FileEntry {
+                name: p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                size,
+                sha256,
+            })
+        })
+        .collect()
 }
 
 fn calib_err(path: &Path, problem: String) -> ExportError {

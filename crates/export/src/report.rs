@@ -19,8 +19,20 @@ pub struct SourceDescription {
     pub config_hash: Option<String>,
     /// Number of calibration sequences (PTQ).
     pub calib_sequences: Option<usize>,
+    /// Where PTQ's time before the export went (absent for QAT checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calib_timing: Option<CalibTiming>,
     /// The source files with size and sha256.
     pub files: Vec<FileEntry>,
+}
+
+/// Wall times of PTQ's calibration, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CalibTiming {
+    /// Loading the model onto the calibration device.
+    pub load_seconds: f64,
+    /// Running the calibration sequences and taking the weights' maxima.
+    pub calibrate_seconds: f64,
 }
 
 /// One source tensor in the report.

@@ -11,7 +11,7 @@ use qatflow_export::bench::{
     parameter_shapes, qwen3_0_6b_config, qwen3_1_7b_config, write_random_checkpoint,
 };
 use qatflow_export::{
-    export_checkpoint, export_verified, latest_valid_checkpoint, quantize_hf, quantize_hf_on,
+    export_checkpoint, export_verified, latest_valid_checkpoint, quantize_hf_on,
     read_conversations, read_token_ids, CancellationToken, ExportError, ExportOptions,
     ExportReport, VlWrapper, PAUSE_ENV,
 };
@@ -272,30 +272,52 @@ pub fn quantize(a: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let calib_bar = Bar::items("calibrating", "sequences");
     let export_bar = Bar::bytes("exporting");
     let _span = tracing::info_span!("quantize", source = %a.hf_dir.display()).entered();
-    let report = match a.device {
-        Device::Cpu => quantize_hf(
+    let started = Instant::now();
+    let report = on_inference_backend!(
+        a.device,
+        quantize_on(
             &a.hf_dir,
             &calib,
             &a.out,
             &opts,
             &calib_bar,
             &export_bar,
-            &cancel,
-        ),
-        Device::Cuda(i) => quantize_hf_on::<burn::backend::Cuda>(
-            &a.hf_dir,
-            &calib,
-            &a.out,
-            &opts,
-            &calib_bar,
-            &export_bar,
-            &cancel,
-            &burn::backend::cuda::CudaDevice::new(i),
-        ),
-    };
+            &cancel
+        )
+    );
     calib_bar.finish();
     export_bar.finish();
+    if let Ok(r) = &report {
+        if let Some(t) = r.source.calib_timing {
+            eprintln!(
+                "quantize: {:.2} s in all: loading {:.2} s, calibration {:.2} s over {} sequences, export {:.2} s",
+                started.elapsed().as_secs_f64(),
+                t.load_seconds,
+                t.calibrate_seconds,
+                calib.len(),
+                r.totals.seconds
+            );
+        }
+    }
     finish(report, &a.out, a.json)
+}
+
+/// [`quantize_hf_on`] on backend `B` with the device last and by value (the shape
+/// `on_inference_backend!` calls).
+#[allow(clippy::too_many_arguments)]
+fn quantize_on<B: burn::tensor::backend::Backend>(
+    hf_dir: &Path,
+    calib: &[Vec<u32>],
+    out: &Path,
+    opts: &ExportOptions,
+    calib_bar: &Bar,
+    export_bar: &Bar,
+    cancel: &CancellationToken,
+    device: B::Device,
+) -> Result<ExportReport, ExportError> {
+    quantize_hf_on::<B>(
+        hf_dir, calib, out, opts, calib_bar, export_bar, cancel, &device,
+    )
 }
 
 /// Largest resident set of any waited-for child process, in KiB (`getrusage`).

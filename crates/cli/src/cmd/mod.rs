@@ -15,6 +15,7 @@ macro_rules! on_inference_backend {
         match $device {
             qatflow_core::Device::Cpu => $f::<burn::backend::Flex>($($arg,)* Default::default()),
             qatflow_core::Device::Cuda(i) => {
+                $crate::cmd::kernel_cache();
                 $f::<$cuda>($($arg,)* burn::backend::cuda::CudaDevice::new(i))
             }
         }
@@ -35,3 +36,14 @@ pub mod render_audit;
 pub mod serve;
 pub mod train;
 pub mod validate;
+
+/// Turns CubeCL's compiled-kernel cache on before any GPU work and says where it is (the
+/// GPU commands call it: a second run loads its kernels instead of compiling them again).
+pub(crate) fn kernel_cache() {
+    match qatflow_kernels::cache::enable_compilation_cache() {
+        qatflow_kernels::cache::CacheSetting::On(dir) => {
+            tracing::info!(dir = %dir.display(), "CubeCL kernel cache (QATFLOW_KERNEL_CACHE=off disables it)")
+        }
+        other => tracing::info!(setting = ?other, "CubeCL kernel cache"),
+    }
+}

@@ -221,7 +221,7 @@ impl TrainSink for BarSink {
 /// Runs `qatflow train`.
 pub fn train(a: TrainArgs) -> anyhow::Result<ExitCode> {
     let config = a.config()?;
-    kernel_cache();
+    super::kernel_cache();
     let dataset = match (&config.data.jsonl, &config.data.store) {
         (Some(p), _) => Dataset::Jsonl(p.clone()),
         (None, Some(p)) => Dataset::Store {
@@ -348,16 +348,6 @@ pub struct BenchTrainArgs {
     mode: String,
 }
 
-/// Turns CubeCL's compiled-kernel cache on before any GPU work and says where it is.
-fn kernel_cache() {
-    match qatflow_train::enable_compilation_cache() {
-        qatflow_train::CacheSetting::On(dir) => {
-            tracing::info!(dir = %dir.display(), "CubeCL kernel cache (QATFLOW_KERNEL_CACHE=off disables it)")
-        }
-        other => tracing::info!(setting = ?other, "CubeCL kernel cache"),
-    }
-}
-
 fn bench_one(a: &BenchTrainArgs, quant: bool) -> anyhow::Result<BenchReport> {
     let options = BenchOptions {
         config: a.model.clone(),
@@ -386,7 +376,7 @@ fn bench_one(a: &BenchTrainArgs, quant: bool) -> anyhow::Result<BenchReport> {
 /// Runs `qatflow bench-train`: plain fine-tuning and QAT side by side in one process (or
 /// one of them, `--mode`).
 pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<ExitCode> {
-    kernel_cache();
+    super::kernel_cache();
     let plain = (a.mode != "qat")
         .then(|| bench_one(&a, false))
         .transpose()?;

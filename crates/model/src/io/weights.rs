@@ -416,9 +416,18 @@ impl<'a, B: Backend> Weights<'a, B> {
                 format!("shape {:?}, expected {shape:?}", s.info.shape),
             ));
         }
-        if s.info.dtype == Dtype::BF16 && self.dtype == DType::BF16 {
+        let on_gpu = qatflow_kernels::gemm::cuda_index::<B>(&self.device).is_some();
+        if s.info.dtype == Dtype::BF16 && (self.dtype == DType::BF16 || on_gpu) {
+            // BF16 → F32 is exact; on a GPU the widening happens there: half the bytes cross
+            // to the device and no F32 copy of the model is built on the host (on the CPU
+            // widening while decoding, below, is faster than a cast after it).
             let data = TensorData::from_bytes_vec(s.bytes.to_vec(), shape, DType::BF16);
-            return Ok(Tensor::from_data(data, (&self.device, self.dtype)));
+            let tensor = Tensor::<B, D>::from_data(data, (&self.device, DType::BF16));
+            return Ok(if self.dtype == DType::BF16 {
+                tensor
+            } else {
+                tensor.cast(self.dtype)
+            });
         }
         if !matches!(s.info.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
             return Err(self.missing(name, format!("unsupported dtype {:?}", s.info.dtype)));

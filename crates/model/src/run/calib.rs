@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 use qatflow_core::Progress;
 use qatflow_nvfp4::linears::shared_input_group;
 
@@ -44,9 +44,47 @@ pub enum CalibError {
     Nested,
 }
 
-/// Sequences per forward pass during calibration (only sequences of equal length share one,
-/// so that no padding position reaches a linear's input).
+/// Most sequences per forward pass during calibration.
 const CALIB_BATCH: usize = 8;
+
+/// A calibration pass of a dense model may carry padding up to its real tokens divided by
+/// this (a quarter): sequences of near lengths share one forward pass (fewer passes, and on
+/// a GPU fewer distinct shapes to compile and tune kernels for); the padding positions are
+/// left out of the maxima.
+const PAD_SLACK: usize = 4;
+
+/// Groups sequence `lengths` into forward passes, longest first: at most [`CALIB_BATCH`]
+/// sequences each; with `pad`, sequences shorter than the pass's first one are right-padded
+/// as long as the padding stays within [`PAD_SLACK`], else only equal lengths share a pass.
+fn batches(lengths: &[usize], pad: bool) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    let mut rest = order.into_iter().peekable();
+    while let Some(first) = rest.next() {
+        let longest = lengths[first];
+        let mut batch = vec![first];
+        let mut real = longest;
+        while batch.len() < CALIB_BATCH {
+            let Some(&next) = rest.peek() else { break };
+            let len = lengths[next];
+            let padding = longest * (batch.len() + 1) - (real + len);
+            let fits = if pad {
+                padding * PAD_SLACK <= real + len
+            } else {
+                len == longest
+            };
+            if !fits {
+                break;
+            }
+            batch.push(next);
+            real += len;
+            rest.next();
+        }
+        out.push(batch);
+    }
+    out
+}
 
 /// Runs `model` forward over `sequences` and returns, per quantized linear (Hugging Face
 /// module name), the largest `|x|` its input reached: ModelOpt's max calibration, raw (no
@@ -73,24 +111,32 @@ pub fn calibrate_inputs<B: Backend>(
     progress.set_total(nonempty.len() as u64);
     let device = model.device();
     let hook = InputAmaxHook::install().ok_or(CalibError::Nested)?;
-    let mut i = 0;
-    while i < nonempty.len() {
-        let len = nonempty[i].len();
-        let mut j = i + 1;
-        while j < nonempty.len() && j - i < CALIB_BATCH && nonempty[j].len() == len {
-            j += 1;
+    // Every linear of a dense decoder sees `[batch, seq, features]`, what padding needs;
+    // Qwen3.5's Gated DeltaNet layers share passes only between equal lengths.
+    let pad = matches!(model, CausalLm::Llama(_) | CausalLm::Qwen3(_));
+    let lengths: Vec<usize> = nonempty.iter().map(|s| s.len()).collect();
+    for batch in batches(&lengths, pad) {
+        let len = lengths[batch[0]];
+        let mut ids = Vec::with_capacity(batch.len() * len);
+        let mut padding = Vec::with_capacity(batch.len() * len);
+        for &k in &batch {
+            let s = nonempty[k];
+            ids.extend(s.iter().map(|&t| t as i32));
+            ids.extend(std::iter::repeat_n(0, len - s.len()));
+            padding.extend((0..len).map(|p| p >= s.len()));
         }
-        let ids: Vec<i32> = nonempty[i..j]
-            .iter()
-            .flat_map(|s| s.iter().map(|&t| t as i32))
-            .collect();
-        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [j - i, len]), &device);
+        let shape = [batch.len(), len];
+        hook.set_padding(
+            padding
+                .contains(&true)
+                .then(|| Tensor::<B, 2, Bool>::from_data(TensorData::new(padding, shape), &device)),
+        );
+        let input = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, shape), &device);
         // Only the linears' inputs matter; reading one value back makes the backend run
         // the whole forward.
         let hidden = model.forward_hidden(input, None, None);
         let _ = to_dtype(hidden.slice([0..1, 0..1, 0..1]), DType::F32).into_data();
-        progress.advance((j - i) as u64);
-        i = j;
+        progress.advance(batch.len() as u64);
     }
     Ok(hook.finish()?)
 }
@@ -131,6 +177,73 @@ pub fn weight_amax<B: Backend>(model: &CausalLm<B>) -> BTreeMap<String, f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::arch::init::{random_init, tiny_config};
+    use crate::config::Architecture;
+    use burn::backend::Flex;
+    use qatflow_core::NoProgress;
+
+    #[test]
+    fn passes_take_near_lengths_longest_first_and_every_sequence_once() {
+        let lengths = [5, 40, 38, 7, 40, 39, 3, 40, 36, 5];
+        let padded = batches(&lengths, true);
+        assert_eq!(padded[0], vec![1, 4, 7, 5, 2, 8, 3]);
+        for pass in &padded {
+            let longest = lengths[pass[0]];
+            let real: usize = pass.iter().map(|&i| lengths[i]).sum();
+            assert!(pass.len() <= CALIB_BATCH);
+            assert!(
+                (longest * pass.len() - real) * PAD_SLACK <= real,
+                "{pass:?}"
+            );
+        }
+        let mut seen: Vec<usize> = padded.concat();
+        seen.sort();
+        assert_eq!(seen, (0..lengths.len()).collect::<Vec<_>>());
+        let equal = batches(&lengths, false);
+        assert_eq!(equal[0], vec![1, 4, 7]);
+        assert!(equal
+            .iter()
+            .all(|p| p.iter().all(|&i| lengths[i] == lengths[p[0]])));
+        assert_eq!(batches(&[4; 20], true).len(), 3);
+    }
+
+    #[test]
+    fn padded_passes_give_the_maxima_of_one_sequence_at_a_time() {
+        let device = Default::default();
+        for arch in [Architecture::Llama, Architecture::Qwen3] {
+            let model = random_init::<Flex>(&tiny_config(arch, 64), 7, &device);
+            let sequences: Vec<Vec<u32>> = [9usize, 12, 11, 12, 10, 3]
+                .iter()
+                .enumerate()
+                .map(|(k, &n)| (0..n).map(|t| ((t * 7 + k * 13) % 64) as u32).collect())
+                .collect();
+            assert!(
+                batches(&sequences.iter().map(Vec::len).collect::<Vec<_>>(), true)
+                    .iter()
+                    .any(|p| p
+                        .iter()
+                        .any(|&i| sequences[i].len() != sequences[p[0]].len()))
+            );
+            let together = calibrate_inputs(&model, &sequences, &NoProgress).unwrap();
+            let mut alone: BTreeMap<String, f32> = BTreeMap::new();
+            for s in &sequences {
+                for (name, a) in
+                    calibrate_inputs(&model, std::slice::from_ref(s), &NoProgress).unwrap()
+                {
+                    let m = alone.entry(name).or_insert(0.0);
+                    *m = m.max(a);
+                }
+            }
+            assert_eq!(together.len(), alone.len());
+            for (name, a) in &alone {
+                let b = together[name];
+                assert!(
+                    (a - b).abs() <= 1e-5 * a.abs(),
+                    "{arch:?} {name}: {a} vs {b}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn group_rule_takes_the_group_max() {
