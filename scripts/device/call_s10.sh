@@ -16,15 +16,6 @@
 # Usage: bash scripts/device/call_s10.sh STEP
 . scripts/device/gguf_parts.sh
 B=/tmp
-follow() { # tails the demo log until the driver ends or $1 seconds pass
-  local end=$((SECONDS + $1))
-  while [ $SECONDS -lt $end ] && kill -0 "$(cat /tmp/driver.pid 2>/dev/null)" 2>/dev/null; do sleep 5; done
-  grep "^==>\|^driver" /tmp/demo.log | tail -30; tail -4 /tmp/demo.log | cut -c1-300
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader
-  tar czf $OUT/demo_gpu.tgz --exclude='*.safetensors' --exclude='db' --exclude='models' \
-    --exclude='*.gguf' --exclude='train.jsonl' --exclude='all.jsonl' -C /tmp demo demo.log 2>/dev/null
-  ls -la $OUT
-}
 case $1 in
 first)
   stamp first; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

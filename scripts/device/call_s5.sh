@@ -16,15 +16,6 @@
 #           64 and 512 calibration sequences of the offline dataset, each timed (scripts/device/ptq_compare.sh)
 # Usage: bash scripts/device/call_s5.sh STEP [SECONDS]
 . scripts/device/gguf_parts.sh
-follow() { # tails the demo log until the driver ends or $1 seconds pass
-  local end=$((SECONDS + $1))
-  # By pid: `pgrep -f demo_driver.sh` also matches a call whose own command names the driver.
-  while [ $SECONDS -lt $end ] && kill -0 "$(cat /tmp/driver.pid 2>/dev/null)" 2>/dev/null; do sleep 5; done
-  grep "^==>\|^driver" /tmp/demo.log | tail -30; tail -4 /tmp/demo.log | cut -c1-300
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader
-  tar czf $OUT/demo_gpu.tgz --exclude='*.safetensors' --exclude='db' --exclude='models' \
-    --exclude='*.jsonl' --exclude='*.gguf' -C /tmp demo demo.log 2>/dev/null; ls -la $OUT
-}
 case $1 in
 first)
   stamp first; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

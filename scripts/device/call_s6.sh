@@ -13,16 +13,6 @@
 #   poll    follows the running demo; packs its results into $OUT/demo_gpu.tgz
 # Usage: bash scripts/device/call_s6.sh STEP [SECONDS]
 . scripts/device/gguf_parts.sh
-follow() { # tails the demo log until the driver ends or $1 seconds pass
-  local end=$((SECONDS + $1))
-  while [ $SECONDS -lt $end ] && kill -0 "$(cat /tmp/driver.pid 2>/dev/null)" 2>/dev/null; do sleep 5; done
-  grep "^==>\|^driver\|GPU" /tmp/demo.log | tail -30; tail -4 /tmp/demo.log | cut -c1-300
-  for f in $D/logs/*.log; do [ -f "$f" ] && { echo "--- $f"; tail -2 "$f" | cut -c1-200; }; done
-  nvidia-smi --query-gpu=index,memory.used,utilization.gpu --format=csv,noheader
-  tar czf $OUT/demo_gpu.tgz --exclude='*.safetensors' --exclude='db' --exclude='models' \
-    --exclude='*.jsonl' --exclude='*.gguf' -C /tmp demo demo.log demo_recipe.toml 2>/dev/null
-  ls -la $OUT
-}
 case $1 in
 first)
   stamp first; nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
