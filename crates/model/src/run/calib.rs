@@ -47,10 +47,10 @@ pub enum CalibError {
 /// Most sequences per forward pass during calibration.
 const CALIB_BATCH: usize = 8;
 
-/// A calibration pass of a dense model may carry padding up to its real tokens divided by
-/// this (a quarter): sequences of near lengths share one forward pass (fewer passes, and on
-/// a GPU fewer distinct shapes to compile and tune kernels for); the padding positions are
-/// left out of the maxima.
+/// A calibration pass of a dense model on a GPU may carry padding up to its real tokens
+/// divided by this (a quarter): sequences of near lengths share one forward pass (fewer
+/// passes and fewer distinct shapes to compile kernels for); the padding positions are left
+/// out of the maxima.
 const PAD_SLACK: usize = 4;
 
 /// Groups sequence `lengths` into forward passes, longest first: at most [`CALIB_BATCH`]
@@ -94,6 +94,22 @@ pub fn calibrate_inputs<B: Backend>(
     sequences: &[Vec<u32>],
     progress: &dyn Progress,
 ) -> Result<BTreeMap<String, f32>, CalibError> {
+    // Every linear of a dense decoder sees `[batch, seq, features]`, what padding needs;
+    // Qwen3.5's Gated DeltaNet layers share passes only between equal lengths. On the CPU
+    // padded passes were slower (8 SmolLM2 conversations: 74.0 s against 56.6 s one length
+    // per pass, 3 runs each on the 2-core VM): there, too, only equal lengths share one.
+    let pad = matches!(model, CausalLm::Llama(_) | CausalLm::Qwen3(_))
+        && qatflow_kernels::gemm::cuda_index::<B>(&model.device()).is_some();
+    calibrate_passes(model, sequences, progress, pad)
+}
+
+/// [`calibrate_inputs`] with sequences of near lengths padded into shared passes or not.
+fn calibrate_passes<B: Backend>(
+    model: &CausalLm<B>,
+    sequences: &[Vec<u32>],
+    progress: &dyn Progress,
+    pad: bool,
+) -> Result<BTreeMap<String, f32>, CalibError> {
     let vocab_size = model.config().vocab_size;
     for (index, s) in sequences.iter().enumerate() {
         if let Some(&token) = s.iter().find(|&&t| t as usize >= vocab_size) {
@@ -111,9 +127,6 @@ pub fn calibrate_inputs<B: Backend>(
     progress.set_total(nonempty.len() as u64);
     let device = model.device();
     let hook = InputAmaxHook::install().ok_or(CalibError::Nested)?;
-    // Every linear of a dense decoder sees `[batch, seq, features]`, what padding needs;
-    // Qwen3.5's Gated DeltaNet layers share passes only between equal lengths.
-    let pad = matches!(model, CausalLm::Llama(_) | CausalLm::Qwen3(_));
     let lengths: Vec<usize> = nonempty.iter().map(|s| s.len()).collect();
     for batch in batches(&lengths, pad) {
         let len = lengths[batch[0]];
@@ -224,7 +237,7 @@ mod tests {
                         .iter()
                         .any(|&i| sequences[i].len() != sequences[p[0]].len()))
             );
-            let together = calibrate_inputs(&model, &sequences, &NoProgress).unwrap();
+            let together = calibrate_passes(&model, &sequences, &NoProgress, true).unwrap();
             let mut alone: BTreeMap<String, f32> = BTreeMap::new();
             for s in &sequences {
                 for (name, a) in
