@@ -32,7 +32,6 @@ pub use config::{
     ConfigError, DeviceSpec, LossKind, LossSection, MomentPrecision, OptimPrecision, TrainConfig,
 };
 pub use data::{Dataset, Example};
-pub use qatflow_kernels::cache::{enable_compilation_cache, CacheSetting};
 pub use run::{train_on, Follow, RunOptions};
 pub use tokio_util::sync::CancellationToken;
 
