@@ -63,4 +63,9 @@ fn ptq_of_qwen3_tiny_matches_modelopt() {
     let r = json(&out.join("export_report.json"));
     assert_eq!(r["source"]["kind"], "hf");
     assert_eq!(r["tensors"].as_array().unwrap().len(), 25);
+    // PTQ's report says where its time went before the export.
+    for phase in ["load_seconds", "calibrate_seconds"] {
+        let s = r["source"]["calib_timing"][phase].as_f64();
+        assert!(s.is_some_and(|s| s >= 0.0), "{phase}: {s:?}");
+    }
 }
