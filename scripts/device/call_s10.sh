@@ -6,6 +6,7 @@
 #          shape on 64 calibration sequences of the offline dataset (SmolLM2's token ids),
 #          ModelOpt 0.47 (scripts/device/modelopt_ptq_anchor.py) and `qatflow quantize
 #          --device cuda` in turn, three runs each, every run timed
+#   ptq    only the PTQ comparison of `first` (RUNS and N: optional 2nd and 3rd arguments)
 #   part   keeps the GGUF part carried in .xfer/pN/ (SmolLM2-135M-Instruct's 98 MB GGUF,
 #          xz-compressed, travels in three parts over consecutive calls to the warm machine)
 #   start  the last part; joins and imports the GGUF as the demo's base model, starts
@@ -29,6 +30,17 @@ first)
   timeout 150 $B/cuda_decoder --ignored --test-threads 1 2>&1 | grep "test \|result"
   stamp ptq
   B=$B bash scripts/device/ptq_compare.sh /tmp/tok 3 64
+  stamp end ;;
+ptq)
+  stamp ptq; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  xz -dc .gpu/qatflow.xz > $B/qatflow && chmod +x $B/qatflow
+  mkdir -p /tmp/tok && cp .gpu/tok/*.json /tmp/tok/ && xz -dc .gpu/tok/tokenizer.json.xz > /tmp/tok/tokenizer.json
+  B=$B bash scripts/device/ptq_compare.sh /tmp/tok ${2:-3} ${3:-64}
+  W=/tmp/ptq; q() { timeout 200 $B/qatflow quantize $W/qwen --out $W/qf --calib-token-ids $W/ids.json \
+    --calib-samples ${3:-64} --device cuda --force 2>&1 | grep "quantize:" | cut -c1-300; }
+  stamp qatflow, CUBECL_AUTOTUNE_LEVEL=minimal; CUBECL_AUTOTUNE_LEVEL=minimal q
+  stamp qatflow, CubeCL logs; rm -f /tmp/cubecl.log; CUBECL_DEBUG_LOG=1 q
+  ls -la /tmp/cubecl.log; head -c 30000000 /tmp/cubecl.log | xz -T4 -3 > $OUT/cubecl.log.xz
   stamp end ;;
 part)
   cp .xfer/p*/part* $P/ && ls -la $P ;;
