@@ -4,7 +4,8 @@
 # same token ids (conversations of the offline dataset, tokenized with the tokenizer of TOKDIR),
 # every run timed; JSON lines into $OUT/ptq.jsonl, qatflow's logs into $OUT. Needs the qatflow
 # binary in $B and the wheels of ../shared/bench/README.md in .xfer/whl/.
-# Usage: ptq_compare.sh TOKDIR RUNS N...   (N: calibration sequences, one comparison each)
+# Usage: ptq_compare.sh TOKDIR RUNS N...   (N: calibration sequences, one comparison each;
+# QATFLOW_ONLY=1 skips ModelOpt)
 TOK=$1; RUNS=$2; shift 2
 W=/tmp/ptq; mkdir -p $W
 pip install --no-deps --target $W/py .xfer/whl/*.whl > $W/pip.log 2>&1; echo "pip rc $?"
@@ -25,8 +26,7 @@ print("ids", len(ids), "tokens", sum(map(len, ids)))
 PY
 for n in "$@"; do
   for run in $(seq $RUNS); do
-    echo "=== $(date +%T) modelopt $n run $run"
-    PYTHONPATH=$W/py timeout 200 python3 scripts/device/modelopt_ptq_anchor.py $W/qwen $W/ids.json $n $W/mo 2>&1 \
+    [ -z "$QATFLOW_ONLY" ] && echo "=== $(date +%T) modelopt $n run $run" && PYTHONPATH=$W/py timeout 200 python3 scripts/device/modelopt_ptq_anchor.py $W/qwen $W/ids.json $n $W/mo 2>&1 \
       | grep -v -i warn | tail -2 | tee -a $OUT/ptq.jsonl
     echo "=== $(date +%T) qatflow $n run $run"
     t0=$(date +%s.%N)

@@ -153,13 +153,15 @@ fn binade(x: f32) -> i32 {
 /// Running `max|x|` over calibration batches: ModelOpt's `max` calibration of an input
 /// quantizer (per tensor, over all batches and tokens).
 ///
-/// The running maximum and the count of NaN/infinite activations stay on the device:
-/// [`observe`](Self::observe) only queues kernels, so a calibration pass over a GPU model
-/// runs as one stream of work, and [`amax`](Self::amax) reads the result back once.
+/// The running maximum stays on the device: [`observe`](Self::observe) only queues kernels, so
+/// a calibration pass over a GPU model runs as one stream of work, and [`amax`](Self::amax)
+/// reads the result back once. A NaN or infinite activation counts as an infinite `|x|`, so
+/// one reduction per batch both takes the maximum and notices it.
 #[derive(Debug, Clone)]
 pub struct AmaxCalibrator<B: Backend> {
-    /// `(max|x| in f32, NaN/infinite count)` of everything seen; `None` before the first batch.
-    seen: Option<(Tensor<B, 1>, Tensor<B, 1, burn::tensor::Int>)>,
+    /// `max|x|` in f32 of everything seen (infinite once a NaN or infinity was seen); `None`
+    /// before the first batch.
+    seen: Option<Tensor<B, 1>>,
 }
 
 impl<B: Backend> Default for AmaxCalibrator<B> {
@@ -177,24 +179,23 @@ impl<B: Backend> AmaxCalibrator<B> {
     /// Folds one batch into the running maximum (queued on the device; nothing is read back).
     pub fn observe<const D: usize>(&mut self, x: &Tensor<B, D>) {
         let x = x.clone().detach();
-        // Counted as integers: boolean tensors read back in a backend-specific element type
-        // (CUDA stores them as integers), so `to_vec::<bool>` is not portable.
-        let non_finite = x.clone().is_finite().bool_not().int().sum();
-        self.fold(x.abs().max().cast(DType::F32), non_finite);
+        let non_finite = x.clone().is_finite().bool_not();
+        let m = x.abs().mask_fill(non_finite, f32::INFINITY).max();
+        self.fold(m.cast(DType::F32));
     }
 
     /// Merges another calibrator (e.g. from another data-parallel rank): the max of both.
     pub fn merge(&mut self, other: &Self) {
-        if let Some((m, n)) = other.seen.clone() {
-            self.fold(m, n);
+        if let Some(m) = other.seen.clone() {
+            self.fold(m);
         }
     }
 
-    /// Folds a maximum and a NaN/infinity count into what was seen.
-    fn fold(&mut self, m: Tensor<B, 1>, non_finite: Tensor<B, 1, burn::tensor::Int>) {
+    /// Folds a maximum into what was seen.
+    fn fold(&mut self, m: Tensor<B, 1>) {
         self.seen = Some(match self.seen.take() {
-            None => (m, non_finite),
-            Some((amax, count)) => (amax.max_pair(m), count + non_finite),
+            None => m,
+            Some(amax) => amax.max_pair(m),
         });
     }
 
@@ -203,18 +204,16 @@ impl<B: Backend> AmaxCalibrator<B> {
     /// Fails when a NaN or infinite activation was seen: a calibration set with them cannot
     /// give a usable scale, so find the batch (`name` says which quantizer) and fix it.
     pub fn amax(&self, name: &str) -> Result<f32> {
-        let Some((amax, count)) = &self.seen else {
+        let Some(amax) = &self.seen else {
             return Ok(0.0);
         };
-        let non_finite: i64 = count.clone().into_scalar().elem();
         let m: f32 = amax.clone().into_scalar().elem();
-        if non_finite != 0 || !m.is_finite() {
+        if !m.is_finite() {
             return Err(Error::Tensor {
                 name: name.to_owned(),
-                message: format!(
-                    "{non_finite} NaN or infinite calibration activations (max|x| = {m}); remove \
-                     the conversations that produce them before calibrating"
-                ),
+                message: "NaN or infinite calibration activations; remove the conversations \
+                          that produce them before calibrating"
+                    .to_owned(),
             });
         }
         Ok(m)
@@ -444,7 +443,7 @@ mod tests {
         cal.observe(&tensor::<B, 1>(vec![9.0, 1.0], [2]));
         let err = cal.amax("x").unwrap_err();
         assert!(
-            matches!(&err, Error::Tensor { name, message } if name == "x" && message.starts_with("1 NaN")),
+            matches!(&err, Error::Tensor { name, message } if name == "x" && message.starts_with("NaN or infinite")),
             "{err}"
         );
         let mut inf = AmaxCalibrator::<B>::new();
