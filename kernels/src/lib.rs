@@ -14,6 +14,7 @@
 //!   a CUDA device, the reference codec (`qatflow_nvfp4::codec`) on the CPU — with
 //!   bit-identical results.
 //! - [`loss`]: the LM head and cross-entropy as one chunked operation on CUDA.
+//! - [`reduce`]: row maxima and sums of long rows (logits) split into lanes on CUDA.
 //! - [`recompute`]: layer-level activation checkpointing (a decoder block keeps only its
 //!   input; backward recomputes the block).
 
@@ -27,6 +28,7 @@ pub mod gemm;
 pub mod kernel;
 pub mod loss;
 pub mod recompute;
+pub mod reduce;
 
 use cubecl::cuda::{CudaDevice, CudaRuntime};
 

@@ -26,6 +26,7 @@ use burn_fusion::Fusion;
 
 use crate::fake_quant::{downcast, upcast, Cube, CubeBf16};
 use crate::gemm::{self, CudaGemm};
+use crate::reduce;
 
 fn t<I: Backend, const D: usize>(p: FloatTensor<I>) -> Tensor<I, D> {
     Tensor::from_primitive(TensorPrimitive::Float(p))
@@ -59,9 +60,9 @@ fn chunks<I: Backend>(
 /// maximum, and the log-sum-exp of each shifted row.
 fn shifted_logits<I: CudaGemm>(h: Tensor<I, 2>, w: Tensor<I, 2>) -> (Tensor<I, 2>, Tensor<I, 2>) {
     let logits = t::<I, 2>(I::gemm(p(h), p(w), false, true)).cast(DType::F32);
-    let max = logits.clone().max_dim(1);
+    let max = reduce::row_max(logits.clone());
     let shifted = logits - max;
-    let lse = shifted.clone().exp().sum_dim(1).log();
+    let lse = reduce::row_sum(shifted.clone().exp()).log();
     (shifted, lse)
 }
 

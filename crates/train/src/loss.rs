@@ -108,10 +108,7 @@ fn log_softmax<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 2> {
     } else {
         logits.cast(DType::F32)
     };
-    let max = logits.clone().detach().max_dim(1);
-    let shifted = logits - max;
-    let lse = shifted.clone().exp().sum_dim(1).log();
-    shifted - lse
+    qatflow_kernels::reduce::log_softmax(logits)
 }
 
 /// Sum over `batch`'s target positions of KL(teacher ‖ student) between the next-token

@@ -167,11 +167,7 @@ fn batch_hidden<B: Backend>(model: &CausalLm<B>, batch: &[Vec<u32>]) -> (Tensor<
 
 /// Float32 log-probabilities `[rows, vocab]` of the given hidden rows.
 fn log_probs<B: Backend>(model: &CausalLm<B>, rows: Tensor<B, 2>) -> Tensor<B, 2> {
-    let logits = to_dtype(model.logits(rows), DType::F32);
-    let max = logits.clone().max_dim(1);
-    let shifted = logits - max;
-    let lse = shifted.clone().exp().sum_dim(1).log();
-    shifted - lse
+    qatflow_kernels::reduce::log_softmax(to_dtype(model.logits(rows), DType::F32))
 }
 
 fn chunk_rows(vocab: usize, options: &EvalOptions) -> usize {
@@ -335,7 +331,7 @@ pub fn eval_kld_many<B: Backend>(
                     }
                 }
                 let top_o = lo.clone().argmax(1);
-                let kl = (pb.clone() * (lb.clone() - lo)).sum_dim(1);
+                let kl = qatflow_kernels::reduce::row_sum(pb.clone() * (lb.clone() - lo));
                 sum.klds.extend(to_f64(kl));
                 let same = top_b.clone().equal(top_o).int().sum();
                 sum.agree += same.into_data().iter::<i64>().next().unwrap_or(0) as usize;
