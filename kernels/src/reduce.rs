@@ -6,8 +6,9 @@
 //! reductions were a sixth of a Qwen3-1.7B QAT step's kernel time in CubeCL's profile of
 //! 2026-12-07). On CUDA, [`row_max`] and [`row_sum`] split each row into contiguous lanes
 //! first (`[rows · lanes, vocab / lanes]`), reduce the lanes, then the `[rows, lanes]`
-//! partials: `lanes` times as many threads in the long pass; [`log_softmax`] is built on them. The maximum is the same value;
+//! partials: `lanes` times as many threads in the long pass. The maximum is the same value;
 //! the sum adds in another order (f32 rounding). Other backends reduce the row directly.
+//! [`log_softmax`] is built on the two.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
