@@ -22,20 +22,18 @@ first)
   stamp first; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   for f in .gpu/*.xz; do n=$(basename $f .xz); xz -dc $f > $B/$n && chmod +x $B/$n; done
   cp results/demo/h100_2026-12-07/demo_gpu.toml /tmp/
-  mkdir -p /tmp/tok && cp .gpu/tok/*.json /tmp/tok/ && xz -dc .gpu/tok/tokenizer.json.xz > /tmp/tok/tokenizer.json
   stamp gemm_check
   QATFLOW_GEMM=cublaslt timeout 120 $B/gemm_check > $OUT/gemm_check.json 2> $OUT/gemm_check.err
   echo "rc $?"; grep -o '"ok": *[a-z]*' $OUT/gemm_check.json; tail -2 $OUT/gemm_check.err
   stamp cuda_decoder tests
   timeout 150 $B/cuda_decoder --ignored --test-threads 1 2>&1 | grep "test \|result"
   stamp ptq
-  B=$B bash scripts/device/ptq_compare.sh /tmp/tok 3 64
+  B=$B bash scripts/device/ptq_compare.sh .gpu/tok 3 64
   stamp end ;;
 ptq)
   stamp ptq; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   xz -dc .gpu/qatflow.xz > $B/qatflow && chmod +x $B/qatflow
-  mkdir -p /tmp/tok && cp .gpu/tok/*.json /tmp/tok/ && xz -dc .gpu/tok/tokenizer.json.xz > /tmp/tok/tokenizer.json
-  B=$B bash scripts/device/ptq_compare.sh /tmp/tok ${2:-3} ${3:-64}
+  B=$B bash scripts/device/ptq_compare.sh .gpu/tok ${2:-3} ${3:-64}
   W=/tmp/ptq; q() { timeout 200 $B/qatflow quantize $W/qwen --out $W/qf --calib-token-ids $W/ids.json \
     --calib-samples ${3:-64} --device cuda --force 2>&1 | grep "quantize:" | cut -c1-300; }
   stamp qatflow, CUBECL_AUTOTUNE_LEVEL=minimal; CUBECL_AUTOTUNE_LEVEL=minimal q

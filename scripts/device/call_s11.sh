@@ -31,8 +31,7 @@ profile)
     /tmp/cubecl.log | sort -rn > $OUT/profile_qwen3-1.7b.txt
   head -25 $OUT/profile_qwen3-1.7b.txt
   head -c 40000000 /tmp/cubecl.log | xz -T8 -3 > $OUT/cubecl_train.log.xz
-  mkdir -p /tmp/tok && cp .gpu/tok/*.json /tmp/tok/ && xz -dc .gpu/tok/tokenizer.json.xz > /tmp/tok/tokenizer.json
-  QATFLOW_ONLY=1 B=/tmp bash scripts/device/ptq_compare.sh /tmp/tok 3 64 ;;
+  QATFLOW_ONLY=1 B=/tmp bash scripts/device/ptq_compare.sh .gpu/tok 3 64 ;;
 loss)
   # The chunked loss's reductions split into lanes (HEAD) against the build before (bddadb3,
   # .gpu/qatflow_old.xz): Qwen3-1.7B QAT, alternating, the old build first

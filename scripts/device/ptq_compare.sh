@@ -4,10 +4,12 @@
 # same token ids (conversations of the offline dataset, tokenized with the tokenizer of TOKDIR),
 # every run timed; JSON lines into $OUT/ptq.jsonl, qatflow's logs into $OUT. Needs the qatflow
 # binary in $B and the wheels of ../shared/bench/README.md in .xfer/whl/.
+# TOKDIR holds the tokenizer's files (tokenizer.json may travel as tokenizer.json.xz).
 # Usage: ptq_compare.sh TOKDIR RUNS N...   (N: calibration sequences, one comparison each;
 # QATFLOW_ONLY=1 skips ModelOpt)
-TOK=$1; RUNS=$2; shift 2
-W=/tmp/ptq; mkdir -p $W
+RUNS=$2; W=/tmp/ptq; TOK=$W/tok; mkdir -p $TOK
+cp $1/*.json $TOK/; [ -f $1/tokenizer.json.xz ] && xz -dc $1/tokenizer.json.xz > $TOK/tokenizer.json
+shift 2
 pip install --no-deps --target $W/py .xfer/whl/*.whl > $W/pip.log 2>&1; echo "pip rc $?"
 $B/qatflow model init --config qwen3-1.7b --out $W/qwen --bf16 --tokenizer-from $TOK 2>&1 | tail -1
 $B/qatflow generate --backend offline --seed 0 --db $W/db > /dev/null 2>&1
