@@ -7,9 +7,11 @@
 //! custom operation whose backward runs the two cuBLASLt GEMMs; under fusion each GEMM is a
 //! custom operation of the fusion stream, so it runs in stream order with burn's kernels.
 //! cudarc shares CubeCL's CUDA context (the device's primary context) and reads the
-//! buffers' device addresses from the CubeCL client. CubeCL's streams are not public, so
-//! every GEMM is ordered by synchronizing: CubeCL's queue is drained before the GEMM and
-//! the GEMM's own stream after it.
+//! buffers' device addresses from the CubeCL client, with the stream CubeCL orders them on
+//! (a field the workspace's patched cubecl-cuda adds, `vendor/cubecl-cuda/PATCHED.md`): each
+//! GEMM is enqueued on that stream like a CubeCL kernel, so nothing waits on the host.
+//! `QATFLOW_GEMM_SYNC=1` instead drains CubeCL's queue before each GEMM and waits for it
+//! after, so [`stats`] can time the GEMMs apart from burn's kernels (a profiling mode).
 //!
 //! The path is opt-in while it is unverified on a GPU: `QATFLOW_GEMM=cublaslt` turns it on.
 //! Anything else (no such setting, CPU backends, F32 tensors, mixed dtypes, a machine without
@@ -50,6 +52,15 @@ use crate::fake_quant::{downcast, upcast, Cube, CubeBf16, FusedRuntime};
 
 /// Environment variable that selects the GEMM path: `burn` forces burn's matmul everywhere.
 pub const GEMM_ENV: &str = "QATFLOW_GEMM";
+
+/// Environment variable: `1` synchronizes around every GEMM so [`stats`] times them.
+pub const GEMM_SYNC_ENV: &str = "QATFLOW_GEMM_SYNC";
+
+/// True when `QATFLOW_GEMM_SYNC=1` asks for timed, synchronized GEMMs.
+pub fn synchronized() -> bool {
+    static SYNC: OnceLock<bool> = OnceLock::new();
+    *SYNC.get_or_init(|| std::env::var(GEMM_SYNC_ENV).is_ok_and(|v| v == "1"))
+}
 
 /// cuBLASLt workspace per device (NVIDIA recommends 32 MiB on Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -129,14 +140,15 @@ impl GemmShape {
 /// One cuBLASLt operand: transposed, stored rows, stored columns, leading dimension.
 type Operand = (bool, u64, u64, i64);
 
-/// cuBLASLt state of one device: the primary context CubeCL also uses, a stream, the
-/// handle, the workspace and the plans built so far.
+/// cuBLASLt state of one device: the primary context CubeCL also uses, the handle, a
+/// workspace per CubeCL stream (GEMMs of one stream run in order, so they can share one)
+/// and the plans built so far.
 struct Device {
     lib: &'static Lib,
     ctx: drvs::CUcontext,
-    stream: drvs::CUstream,
     handle: lt::Opaque,
-    workspace: drvs::CUdeviceptr,
+    /// By the address of the stream's handle.
+    workspaces: HashMap<usize, drvs::CUdeviceptr>,
     /// One per [`GemmShape`] (cuBLASLt's A, B, C: [`GemmShape::column_major`]'s two operands
     /// and the output).
     plans: HashMap<GemmShape, lt::Plan>,
@@ -159,11 +171,12 @@ fn devices() -> &'static Mutex<Devices> {
 pub struct GemmStats {
     /// GEMMs run through cuBLASLt.
     pub calls: u64,
-    /// Seconds the GEMMs took, each timed from its launch to its stream's completion (the
-    /// GPU was idle otherwise, so this is their device time plus launch overhead).
+    /// Seconds the GEMMs took: under `QATFLOW_GEMM_SYNC=1` each timed from its launch to
+    /// its completion (the GPU was idle otherwise, so this is their device time plus launch
+    /// overhead); otherwise only the host time to enqueue them.
     pub gemm_s: f64,
     /// Seconds spent waiting for CubeCL's queue before the GEMMs (burn's own kernels
-    /// that had not finished yet).
+    /// that had not finished yet); 0 unless `QATFLOW_GEMM_SYNC=1`.
     pub wait_s: f64,
 }
 
@@ -245,20 +258,14 @@ impl Device {
                 .map_err(|x| e("cuDevicePrimaryCtxRetain")(&x))?;
             // SAFETY: `ctx` was just retained.
             unsafe { drv::ctx::set_current(ctx) }.map_err(|x| e("cuCtxSetCurrent")(&x))?;
-            let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)
-                .map_err(|x| e("cuStreamCreate")(&x))?;
             let mut handle = std::ptr::null_mut();
             // SAFETY: `handle` is a valid out-pointer.
             lt::check(unsafe { (lib.create)(&mut handle) }, "cublasLtCreate")?;
-            // SAFETY: a plain device allocation in the current context.
-            let workspace = unsafe { drv::malloc_sync(WORKSPACE_BYTES) }
-                .map_err(|x| e("cuMemAlloc (cuBLASLt workspace)")(&x))?;
             Ok(Device {
                 lib,
                 ctx,
-                stream,
                 handle,
-                workspace,
+                workspaces: HashMap::new(),
                 plans: HashMap::new(),
             })
         });
@@ -338,17 +345,35 @@ impl Device {
         Ok(plan)
     }
 
-    /// Runs `shape` on device addresses (`a`, `b` as in [`GemmShape`], `c` the output) and
-    /// waits for it.
-    fn run(&mut self, shape: GemmShape, a: u64, b: u64, c: u64) -> Result<(), String> {
+    /// Enqueues `shape` on device addresses (`a`, `b` as in [`GemmShape`], `c` the output)
+    /// on `stream`, CubeCL's stream of those buffers; waits for it when `wait`.
+    fn run(
+        &mut self,
+        shape: GemmShape,
+        [a, b, c]: [u64; 3],
+        stream: drvs::CUstream,
+        wait: bool,
+    ) -> Result<(), String> {
         // SAFETY: the context was retained in `open`.
         unsafe { drv::ctx::set_current(self.ctx) }
             .map_err(|x| format!("cuCtxSetCurrent: {x:?}"))?;
-        let (lib, handle, stream, workspace) = (self.lib, self.handle, self.stream, self.workspace);
+        let workspace = match self.workspaces.get(&(stream as usize)) {
+            Some(w) => *w,
+            None => {
+                // SAFETY: a plain device allocation in the current context, kept for the
+                // life of the process like the stream it serves.
+                let w = unsafe { drv::malloc_sync(WORKSPACE_BYTES) }
+                    .map_err(|x| format!("cuMemAlloc (cuBLASLt workspace): {x:?}"))?;
+                self.workspaces.insert(stream as usize, w);
+                w
+            }
+        };
+        let (lib, handle) = (self.lib, self.handle);
         let plan = self.plan(shape)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: the plan's layouts describe exactly the buffers behind `a`, `b`, `c`,
-        // which the caller keeps alive until this returns; the stream is waited for below.
+        // SAFETY: the plan's layouts describe exactly the buffers behind `a`, `b`, `c`. They
+        // belong to CubeCL's pool of `stream`, which orders every later use of that memory
+        // after this GEMM, so they may be released once it is enqueued.
         unsafe {
             lt::check(
                 (lib.matmul)(
@@ -371,7 +396,11 @@ impl Device {
                 ),
                 &format!("cublasLtMatmul {shape:?}"),
             )?;
-            drv::stream::synchronize(stream).map_err(|x| format!("cuStreamSynchronize: {x:?}"))
+            if wait {
+                drv::stream::synchronize(stream)
+                    .map_err(|x| format!("cuStreamSynchronize: {x:?}"))?;
+            }
+            Ok(())
         }
     }
 }
@@ -411,12 +440,16 @@ pub fn cube_gemm(
             .unwrap_or_else(|e| panic!("cuBLASLt GEMM: no device address for a buffer: {e:?}"))
     };
     let (ra, rb, rc) = (ptr(&a.handle), ptr(&b.handle), ptr(&out.handle));
-    // Everything queued on CubeCL's streams (the producers of `a` and `b`, earlier users
-    // of the output's memory) finishes before the GEMM starts.
-    let waited = Instant::now();
-    cubecl::future::block_on(client.sync())
-        .unwrap_or_else(|e| panic!("cuBLASLt GEMM: CubeCL sync failed: {e:?}"));
-    add_ns(&WAIT_NS, waited);
+    // CubeCL made `a` and `b` ready on the current stream when it handed them out (it waits
+    // for other streams' writers); the output was allocated on it.
+    let stream = rc.resource().stream;
+    let sync = synchronized();
+    if sync {
+        let waited = Instant::now();
+        cubecl::future::block_on(client.sync())
+            .unwrap_or_else(|e| panic!("cuBLASLt GEMM: CubeCL sync failed: {e:?}"));
+        add_ns(&WAIT_NS, waited);
+    }
     let index = a.device.index;
     let mut devices = devices().lock().unwrap_or_else(|e| e.into_inner());
     let device = match devices.entry(index).or_insert_with(|| Device::open(index)) {
@@ -427,9 +460,9 @@ pub fn cube_gemm(
     device
         .run(
             shape,
-            ra.resource().ptr,
-            rb.resource().ptr,
-            rc.resource().ptr,
+            [ra.resource().ptr, rb.resource().ptr, rc.resource().ptr],
+            stream,
+            sync,
         )
         .unwrap_or_else(|why| panic!("cuBLASLt GEMM on CUDA device {index}: {why}"));
     add_ns(&GEMM_NS, started);

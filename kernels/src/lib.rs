@@ -1,6 +1,7 @@
 //! GPU kernels of qatflow, with the reference codec as the CPU path. The NVFP4 scheme
 //! (constants, rounding rule) is `qatflow_nvfp4`'s; this crate is its CubeCL backend.
 //!
+//! - [`adamw`]: one AdamW update of a parameter as one CUDA kernel.
 //! - [`attention`]: training attention on CUDA that recomputes its scores in backward
 //!   instead of storing them.
 //! - [`cache`]: CubeCL's compiled-kernel cache, on by default in a user cache directory.
@@ -18,6 +19,7 @@
 //! - [`recompute`]: layer-level activation checkpointing (a decoder block keeps only its
 //!   input; backward recomputes the block).
 
+pub mod adamw;
 pub mod attention;
 pub mod cache;
 pub mod cublaslt;
@@ -106,7 +108,7 @@ impl std::fmt::Debug for Quantizer {
 }
 
 /// Units per cube of the block kernels.
-const CUBE_SIZE: u32 = 256;
+pub(crate) const CUBE_SIZE: u32 = 256;
 
 impl Quantizer {
     /// A quantizer for `device` (opens the CUDA context on first use of the device).

@@ -9,11 +9,26 @@
 //! partials: `lanes` times as many threads in the long pass. The maximum is the same value;
 //! the sum adds in another order (f32 rounding). Other backends reduce the row directly.
 //! [`log_softmax`] is built on the two.
+//!
+//! [`square_sum`] (Σx² of a whole tensor, the gradient norm's terms) has the same trouble with
+//! burn's whole-tensor sum, which took 79 ms of a Qwen3-1.7B step for ~3.4 GB of gradients; on
+//! CUDA with the training engine on (`QATFLOW_GEMM=cublaslt`) one kernel reads the tensor once
+//! in its own dtype, 2¹⁸ units each accumulating a strided share in f32.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn_cubecl::tensor::CubeTensor;
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::FusionTensor;
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+use cubecl::cuda::CudaRuntime;
+use cubecl::prelude::*;
+use half::bf16;
 
+use crate::fake_quant::{downcast, upcast, Cube, FusedRuntime};
 use crate::gemm::cuda_index;
+use crate::{cube_count, CUBE_SIZE};
 
 /// Fewest elements a lane keeps: below it the second pass would cost more than it saves.
 const MIN_LANE: usize = 256;
@@ -56,11 +71,7 @@ fn split_reduce<B: Backend>(x: Tensor<B, 2>, lanes: usize, op: Op) -> Tensor<B, 
 
 /// Lanes for `x` on its device: split on CUDA, whole rows elsewhere.
 fn lanes_for<B: Backend>(x: &Tensor<B, 2>) -> usize {
-    if cuda_index::<B>(&x.device()).is_some() {
-        lanes(x.dims()[1])
-    } else {
-        1
-    }
+    lanes_for_len::<B>(&x.device(), x.dims()[1])
 }
 
 /// The maximum of each row of `x` `[rows, len]`, as `[rows, 1]`.
@@ -75,6 +86,31 @@ pub fn row_sum<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     split_reduce(x, lanes, Op::Sum)
 }
 
+/// The mean over the last dimension of `x` (kept as size 1), as `mean_dim(D - 1)`: on CUDA
+/// with the training engine on (`QATFLOW_GEMM=cublaslt`) a [`row_sum`] split into lanes
+/// divided by the length (RMSNorm's `[tokens, hidden]` rows: 2,048 threads each walking
+/// 2,048 elements otherwise), elsewhere burn's `mean_dim` unchanged.
+pub fn mean_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let dims = x.dims();
+    let len = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    if !crate::gemm::enabled() || lanes_for_len::<B>(&x.device(), len) <= 1 {
+        return x.mean_dim(D - 1);
+    }
+    let mut kept = dims;
+    kept[D - 1] = 1;
+    (row_sum(x.reshape([rows, len])) / len as f64).reshape(kept)
+}
+
+/// Lanes for rows of `len` on `device`: split on CUDA, whole rows elsewhere.
+fn lanes_for_len<B: Backend>(device: &B::Device, len: usize) -> usize {
+    if cuda_index::<B>(device).is_some() {
+        lanes(len)
+    } else {
+        1
+    }
+}
+
 /// Float32 log-probabilities of `[rows, vocab]` float32 logits (max-shifted; the shift is
 /// detached, which leaves the gradient unchanged), with [`row_max`] and [`row_sum`].
 pub fn log_softmax<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 2> {
@@ -82,6 +118,148 @@ pub fn log_softmax<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 2> {
     let shifted = logits - max;
     let lse = row_sum(shifted.clone().exp()).log();
     shifted - lse
+}
+
+/// Units of [`square_sum`]'s kernel: 2¹⁸ (an H100 holds ~270k resident threads).
+const SQUARE_SUM_UNITS: usize = 1 << 18;
+
+/// Σ x² over every element of `x`, in f32, as a one-element tensor. On CUDA (training engine
+/// on) one kernel pass plus a sum of its partials; elsewhere `x` widened to f32, squared and
+/// summed by burn (the values the CPU always gave).
+pub fn square_sum<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 1> {
+    let n = x.shape().num_elements();
+    let on_cuda = crate::gemm::enabled() && n > 0 && matches!(x.dtype(), DType::F32 | DType::BF16);
+    if on_cuda {
+        let flat: Tensor<B, 1> = x.reshape([n]);
+        let primitive = flat.into_primitive().tensor();
+        match square_sum_on_cuda::<B>(primitive) {
+            Ok(partials) => {
+                let partials: Tensor<B, 1> =
+                    Tensor::from_primitive(TensorPrimitive::Float(partials));
+                return partials.sum();
+            }
+            Err(primitive) => {
+                let flat: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(primitive));
+                return widened(flat).powi_scalar(2).sum();
+            }
+        }
+    }
+    widened(x).powi_scalar(2).sum()
+}
+
+fn widened<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if x.dtype() == DType::F32 {
+        x
+    } else {
+        x.cast(DType::F32)
+    }
+}
+
+/// The partial sums of squares `[units]` of a flat CUDA tensor, or the tensor back when `B`
+/// is not burn's CUDA backend (with or without fusion).
+fn square_sum_on_cuda<B: Backend>(
+    x: FloatTensor<B>,
+) -> std::result::Result<FloatTensor<B>, FloatTensor<B>> {
+    let x = match downcast::<_, FusionTensor<FusedRuntime>>(x) {
+        Ok(t) => return Ok(upcast(fused_square_sum(t))),
+        Err(x) => x,
+    };
+    let x = downcast::<_, CubeTensor<CudaRuntime>>(x)?;
+    Ok(upcast(cube_square_sum(x)))
+}
+
+/// Each unit `i` sums `x[j]²` over `j = i, i + units, …` (adjacent units read adjacent
+/// elements) into `partial[i]`.
+#[cube(launch_unchecked)]
+fn square_sum_kernel<F: Float>(x: &Array<F>, partial: &mut Array<f32>, len: u32, units: u32) {
+    let i = ABSOLUTE_POS;
+    let (len, units) = (len as usize, units as usize);
+    if i >= units {
+        terminate!();
+    }
+    let mut acc = 0.0f32;
+    let mut j = i;
+    while j < len {
+        let v = f32::cast_from(x[j]);
+        acc += v * v;
+        j += units;
+    }
+    partial[i] = acc;
+}
+
+/// [`square_sum_kernel`] on a CubeCL tensor: its `[units]` f32 partial sums.
+fn cube_square_sum(x: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+    let x = burn_cubecl::kernel::into_contiguous(x);
+    let n = x.shape().num_elements();
+    let units = n.min(SQUARE_SUM_UNITS);
+    let client = x.client.clone();
+    let out = CubeTensor::new_contiguous(
+        client.clone(),
+        x.device.clone(),
+        Shape::from(vec![units]),
+        client.empty(units * 4),
+        DType::F32,
+    );
+    macro_rules! launch {
+        ($t:ty) => {
+            // SAFETY: `x` holds `n` elements of its dtype, `out` holds `units` f32, and unit
+            // `i < units` reads indices `< n` and writes `out[i]` only.
+            unsafe {
+                square_sum_kernel::launch_unchecked::<$t, CudaRuntime>(
+                    &client,
+                    cube_count(units),
+                    CubeDim::new_1d(CUBE_SIZE),
+                    ArrayArg::from_raw_parts(x.handle.clone(), n),
+                    ArrayArg::from_raw_parts(out.handle.clone(), units),
+                    n as u32,
+                    units as u32,
+                )
+            }
+        };
+    }
+    match x.dtype {
+        DType::F32 => launch!(f32),
+        DType::BF16 => launch!(bf16),
+        other => unreachable!("square_sum sends only F32 and BF16 here, not {other:?}"),
+    }
+    out
+}
+
+/// [`cube_square_sum`] as a custom operation of the fusion stream.
+fn fused_square_sum(x: FusionTensor<FusedRuntime>) -> FusionTensor<FusedRuntime> {
+    let client = x.client.clone();
+    let units = x.shape.num_elements().min(SQUARE_SUM_UNITS);
+    let streams = OperationStreams::with_inputs([&x]);
+    let out = TensorIr::uninit(
+        client.create_empty_handle(),
+        Shape::from(vec![units]),
+        DType::F32,
+    );
+    let desc = CustomOpIr::new("qatflow_square_sum", &[x.into_ir()], &[out]);
+    client
+        .register(
+            streams,
+            OperationIr::Custom(desc.clone()),
+            SquareSumOp { desc },
+        )
+        .output()
+}
+
+/// The fusion stream's record of one [`square_sum`].
+#[derive(Debug, Clone)]
+struct SquareSumOp {
+    desc: CustomOpIr,
+}
+
+impl Operation<FusedRuntime> for SquareSumOp {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<FusedRuntime as burn_fusion::FusionRuntime>::FusionHandle>,
+    ) {
+        let ([input], [output]) = self.desc.as_fixed();
+        let x = handles.get_float_tensor::<Cube>(input);
+        handles.register_float_tensor::<Cube>(&output.id, cube_square_sum(x));
+    }
 }
 
 #[cfg(test)]
@@ -160,6 +338,31 @@ mod tests {
         total.assert_approx_eq::<f32>(
             &TensorData::new(vec![1.0f32; 4], [4, 1]),
             Default::default(),
+        );
+    }
+
+    #[test]
+    fn off_cuda_mean_last_is_mean_dim() {
+        let x = sample(6, 512).reshape([2, 3, 512]);
+        assert_eq!(
+            mean_last(x.clone()).into_data().to_vec::<f32>().unwrap(),
+            x.mean_dim(2).into_data().to_vec::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn off_cuda_square_sum_is_the_widened_sum_of_squares() {
+        let x = sample(3, 100).cast(burn::tensor::DType::BF16);
+        let want = x
+            .clone()
+            .cast(burn::tensor::DType::F32)
+            .powi_scalar(2)
+            .sum();
+        let got = square_sum(x);
+        assert_eq!(got.dims(), [1]);
+        assert_eq!(
+            got.into_data().to_vec::<f32>().unwrap(),
+            want.into_data().to_vec::<f32>().unwrap()
         );
     }
 

@@ -37,6 +37,8 @@ pub struct BenchOptions {
     pub moments: MomentPrecision,
     /// Fake quantization on (QAT) or off (plain fine-tuning), side by side.
     pub quant: bool,
+    /// Learning rate of every step.
+    pub lr: f64,
 }
 
 /// The measured result.
@@ -58,6 +60,11 @@ pub struct BenchReport {
     pub device: String,
     /// Seconds of each timed step.
     pub step_seconds: Vec<f64>,
+    /// Learning rate of every step.
+    pub lr: f64,
+    /// Training loss of every step, warmup included (the same seed and example on every
+    /// run, so two GEMM paths' curves can be compared step by step).
+    pub step_losses: Vec<f32>,
     /// Median step time.
     pub median_step_s: f64,
     /// `seq_len / median_step_s`.
@@ -68,9 +75,11 @@ pub struct BenchReport {
     pub median_optimizer_s: f64,
     /// Peak resident memory of the process (host side).
     pub peak_rss_bytes: u64,
-    /// Median seconds per step spent in cuBLASLt GEMMs (0 on the burn matmul path).
+    /// Median seconds per step spent in cuBLASLt GEMMs (0 on the burn matmul path): their
+    /// device time under `QATFLOW_GEMM_SYNC=1`, otherwise only the host time to enqueue them.
     pub median_gemm_s: f64,
-    /// Median seconds per step spent waiting for burn's queued kernels before a GEMM.
+    /// Median seconds per step spent waiting for burn's queued kernels before a GEMM (only
+    /// under `QATFLOW_GEMM_SYNC=1`; 0 otherwise).
     pub median_gemm_wait_s: f64,
     /// cuBLASLt GEMMs per step.
     pub gemms_per_step: u64,
@@ -259,7 +268,7 @@ pub fn bench_train_on<B: AutodiffBackend>(
     });
     let cancel = CancellationToken::new();
     let micro = vec![vec![&example]];
-    let (mut times, mut fb, mut opt) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut times, mut fb, mut opt, mut losses) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut gemm, mut wait, mut calls) = (Vec::new(), Vec::new(), 0);
     for i in 0..options.warmup + options.steps {
         let t0 = Instant::now();
@@ -269,13 +278,14 @@ pub fn bench_train_on<B: AutodiffBackend>(
             &mut optimizer,
             &Objective::Sft,
             &micro,
-            1e-5,
+            options.lr,
             i as u64,
             &cancel,
         ) else {
             unreachable!("the benchmark's token is never cancelled")
         };
         model = next;
+        losses.push(stats.loss);
         if i >= options.warmup {
             times.push(t0.elapsed().as_secs_f64());
             fb.push(stats.forward_backward_s);
@@ -298,6 +308,8 @@ pub fn bench_train_on<B: AutodiffBackend>(
         quant: options.quant,
         device: device_name.to_string(),
         step_seconds: times,
+        lr: options.lr,
+        step_losses: losses,
         median_step_s: median,
         tokens_per_s: options.seq_len as f64 / median,
         median_forward_backward_s: median_of(&fb),

@@ -5,12 +5,15 @@
 //! weights, a Kahan compensation buffer (what rounding dropped is carried into the next
 //! step), or stochastic rounding (unbiased in expectation). All arithmetic of an update is
 //! in f32; every tensor here is a flat view of one parameter, keyed by its Hugging Face
-//! name, so the state saves and restores by name.
+//! name, so the state saves and restores by name. On CUDA an update (except stochastic
+//! rounding's) is one kernel (`qatflow_kernels::adamw`, the same f32 arithmetic element by
+//! element) instead of the tensor operations, which stored whole-parameter f32 temporaries.
 
 use std::collections::BTreeMap;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
+use qatflow_kernels::adamw::{self, AdamWStep, Slots};
 
 use crate::config::{MomentPrecision, OptimPrecision, OptimSection};
 
@@ -36,7 +39,8 @@ pub struct AdamW<B: Backend> {
     pub state: BTreeMap<String, ParamState<B>>,
 }
 
-fn f32_of<B: Backend>(t: Tensor<B, 1>) -> Tensor<B, 1> {
+/// `t` widened to f32 (unchanged when it already is).
+pub fn f32_of<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
     if t.dtype() == DType::F32 {
         t
     } else {
@@ -98,14 +102,15 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// Applies one AdamW update to `param` (flat, f32 or BF16) with gradient `grad` (flat,
-    /// any float dtype, already clipped) at learning rate `lr`; `uniform` supplies the
-    /// random draws for stochastic rounding (ignored otherwise). Returns the new value in
-    /// the parameter's dtype.
+    /// any float dtype) times `grad_scale` (global-norm clipping; 1 for none) at learning
+    /// rate `lr`; `uniform` supplies the random draws for stochastic rounding (ignored
+    /// otherwise). Returns the new value in the parameter's dtype.
     pub fn update(
         &mut self,
         name: &str,
         param: Tensor<B, 1>,
         grad: Tensor<B, 1>,
+        grad_scale: f64,
         lr: f64,
         uniform: impl FnOnce(usize) -> Tensor<B, 1>,
     ) -> Tensor<B, 1> {
@@ -127,7 +132,41 @@ impl<B: Backend> AdamW<B> {
                 compensation: (precision == OptimPrecision::Bf16Kahan)
                     .then(|| Tensor::zeros([n], (&device, DType::BF16))),
             });
-        let g = f32_of(grad);
+        let stored_weight = match precision {
+            OptimPrecision::Fp32 => DType::F32,
+            _ => DType::BF16,
+        };
+        if precision != OptimPrecision::Bf16Stochastic
+            && param.dtype() == stored_weight
+            && adamw::available::<B>()
+        {
+            let step = AdamWStep::new(
+                hp.beta1,
+                hp.beta2,
+                hp.eps,
+                hp.weight_decay,
+                lr,
+                t,
+                grad_scale,
+            );
+            let slots = Slots {
+                param,
+                exp_avg: state.exp_avg.clone(),
+                exp_avg_sq: state.exp_avg_sq.clone(),
+                compensation: state.compensation.take(),
+            };
+            let kahan = precision == OptimPrecision::Bf16Kahan;
+            let new = adamw::update(slots, grad, &step, kahan);
+            state.exp_avg = new.exp_avg;
+            state.exp_avg_sq = new.exp_avg_sq;
+            state.compensation = new.compensation;
+            return new.param;
+        }
+        let g = if grad_scale == 1.0 {
+            f32_of(grad)
+        } else {
+            f32_of(grad) * grad_scale
+        };
         let (b1, b2) = (hp.beta1, hp.beta2);
         let m = f32_of(state.exp_avg.clone()) * b1 + g.clone() * (1.0 - b1);
         let v = f32_of(state.exp_avg_sq.clone()) * b2 + g.clone() * g * (1.0 - b2);
@@ -202,7 +241,9 @@ mod tests {
         let mut w = bf16_param(&[1.0; 64]);
         for _ in 0..steps {
             let g = Tensor::<B, 1>::ones([64], &Default::default());
-            w = opt.update("w", w, g, 1e-5, |n| uniform::<B>(n, &Default::default()));
+            w = opt.update("w", w, g, 1.0, 1e-5, |n| {
+                uniform::<B>(n, &Default::default())
+            });
             opt.finish_step();
         }
         values(w)
@@ -236,7 +277,7 @@ mod tests {
             TensorData::new(vec![0.1f32, -0.3], [2]),
             &Default::default(),
         );
-        let got = values(opt.update("w", w, g, 1e-3, |_| unreachable!()));
+        let got = values(opt.update("w", w, g, 1.0, 1e-3, |_| unreachable!()));
         // Step 1: m̂ = g, v̂ = g², so the Adam step is lr·sign(g) (up to ε).
         let want = [
             0.5 - 1e-3 - 1e-3 * 0.1 * 0.5,
@@ -285,7 +326,7 @@ mod tests {
                     .map(|i| 0.01 * ((i * 7 + step) % 13) as f32 - 0.05)
                     .collect();
                 let g = Tensor::<B, 1>::from_data(TensorData::new(g, [64]), &Default::default());
-                w = opt.update("w", w, g, 1e-3, |_| unreachable!());
+                w = opt.update("w", w, g, 1.0, 1e-3, |_| unreachable!());
                 opt.finish_step();
             }
             (values(w), opt.state["w"].exp_avg.dtype())
@@ -297,6 +338,142 @@ mod tests {
         // Two BF16 ulps near 1.0: rounding the moments moves no weight further.
         for (a, b) in w32.iter().zip(&w16) {
             assert!((a - b).abs() <= 2.0 * 2f32.powi(-7), "{w32:?} vs {w16:?}");
+        }
+    }
+
+    /// burn-flex's f32 → BF16 cast of `x`, as f32. It is not always correctly rounded: just
+    /// above a tie it rounds down (0x3B448001 becomes 0x3B44; `half` and CUDA give 0x3B45).
+    fn flex_bf16(x: f32) -> f32 {
+        let t = Tensor::<B, 1>::from_data(TensorData::new(vec![x], [1]), &Default::default());
+        values(t.cast(DType::BF16))[0]
+    }
+
+    #[test]
+    fn flex_bf16_cast_rounds_down_just_above_a_tie() {
+        assert_eq!(
+            flex_bf16(f32::from_bits(0x3B44_8001)).to_bits(),
+            0x3B44_0000
+        );
+        assert_eq!(
+            half::bf16::from_f32(f32::from_bits(0x3B44_8001)).to_bits(),
+            0x3B45
+        );
+        assert_eq!(
+            flex_bf16(f32::from_bits(0x3B44_C000)).to_bits(),
+            0x3B45_0000
+        );
+    }
+
+    /// Five updates of the tensor form against the CUDA kernel's element arithmetic
+    /// (`qatflow_kernels::adamw::reference_rounded`, with burn-flex's BF16 rounding: see
+    /// [`flex_bf16`]), compared bit for bit.
+    fn tensor_form_matches_reference<P, M>(hp: OptimSection, grad_scale: f64)
+    where
+        P: qatflow_kernels::KernelElement,
+        M: qatflow_kernels::KernelElement,
+    {
+        use qatflow_kernels::adamw::reference_rounded;
+        let flex = |x: f32, bf16: bool| if bf16 { flex_bf16(x) } else { x };
+        let to_p = |x: f32| P::from_f32_value(flex(x, size_of::<P>() == 2));
+        let to_m = |x: f32| M::from_f32_value(flex(x, size_of::<M>() == 2));
+        let n = 97;
+        let kahan = hp.precision == OptimPrecision::Bf16Kahan;
+        let dtype = if hp.precision == OptimPrecision::Fp32 {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        let mut opt = AdamW::<B>::new(hp.clone());
+        let init: Vec<f32> = (0..n).map(|i| (i as f32 - 40.0) / 31.0).collect();
+        let mut w =
+            Tensor::<B, 1>::from_data(TensorData::new(init.clone(), [n]), &Default::default())
+                .cast(dtype);
+        let mut rw: Vec<P> = init.iter().map(|&x| to_p(x)).collect();
+        let mut rc = vec![P::from_f32_value(0.0); n];
+        let mut rm = vec![M::from_f32_value(0.0); n];
+        let mut rv = vec![M::from_f32_value(0.0); n];
+        for step in 0..5u64 {
+            let g: Vec<f32> = (0..n)
+                .map(|i| ((i * 13 + step as usize * 7) % 23) as f32 * 0.01 - 0.11)
+                .collect();
+            let gt =
+                Tensor::<B, 1>::from_data(TensorData::new(g.clone(), [n]), &Default::default())
+                    .cast(DType::BF16);
+            let lr = 1e-3 * (step + 1) as f64;
+            w = opt.update("w", w, gt, grad_scale, lr, |_| unreachable!());
+            let s = AdamWStep::new(
+                hp.beta1,
+                hp.beta2,
+                hp.eps,
+                hp.weight_decay,
+                lr,
+                step as i32 + 1,
+                grad_scale,
+            );
+            for i in 0..n {
+                let g = flex_bf16(g[i]);
+                (rw[i], rm[i], rv[i], rc[i]) =
+                    reference_rounded(&s, kahan, [rw[i], rc[i]], g, [rm[i], rv[i]], to_p, to_m);
+            }
+            opt.finish_step();
+        }
+        let bits =
+            |t: Tensor<B, 1>| -> Vec<u32> { values(t).iter().map(|v| v.to_bits()).collect() };
+        fn ref_bits<E: qatflow_nvfp4::codec::Element>(v: &[E]) -> Vec<u32> {
+            v.iter().map(|&x| x.to_f32().to_bits()).collect()
+        }
+        let what = format!(
+            "{:?} {:?} wd {} scale {grad_scale}",
+            hp.precision, hp.moments, hp.weight_decay
+        );
+        let st = &opt.state["w"];
+        assert_eq!(bits(w), ref_bits(&rw), "weights, {what}");
+        assert_eq!(
+            bits(st.exp_avg.clone()),
+            ref_bits(&rm),
+            "first moment, {what}"
+        );
+        assert_eq!(
+            bits(st.exp_avg_sq.clone()),
+            ref_bits(&rv),
+            "second moment, {what}"
+        );
+        if kahan {
+            let c = st.compensation.clone().expect("kahan state");
+            assert_eq!(bits(c), ref_bits(&rc), "compensation, {what}");
+        }
+    }
+
+    #[test]
+    fn tensor_form_is_the_cuda_kernels_arithmetic() {
+        use half::bf16;
+        let hp = |precision, moments, weight_decay| OptimSection {
+            precision,
+            moments,
+            weight_decay,
+            ..OptimSection::default()
+        };
+        for (wd, scale) in [(0.0, 1.0), (0.1, 0.37)] {
+            tensor_form_matches_reference::<bf16, f32>(
+                hp(OptimPrecision::Bf16Kahan, MomentPrecision::Fp32, wd),
+                scale,
+            );
+            tensor_form_matches_reference::<bf16, bf16>(
+                hp(OptimPrecision::Bf16Kahan, MomentPrecision::Bf16, wd),
+                scale,
+            );
+            tensor_form_matches_reference::<bf16, f32>(
+                hp(OptimPrecision::Bf16Plain, MomentPrecision::Fp32, wd),
+                scale,
+            );
+            tensor_form_matches_reference::<f32, f32>(
+                hp(OptimPrecision::Fp32, MomentPrecision::Fp32, wd),
+                scale,
+            );
+            tensor_form_matches_reference::<f32, bf16>(
+                hp(OptimPrecision::Fp32, MomentPrecision::Bf16, wd),
+                scale,
+            );
         }
     }
 

@@ -20,7 +20,7 @@ use crate::config::TrainConfig;
 use crate::data::{encode_all, epoch_order, steps_per_epoch, Dataset, Example};
 use crate::loss::{self, Batch, Objective};
 use crate::metrics::{MetricsWriter, StepMetrics};
-use crate::optim::{uniform, AdamW};
+use crate::optim::{f32_of, uniform, AdamW};
 use crate::state::{self, TrainerState};
 use crate::{TrainError, TrainEvent, TrainSink, TrainSummary};
 
@@ -214,9 +214,11 @@ pub fn optimizer_step<B: AutodiffBackend>(
         };
         model.visit(&mut visitor);
         for (name, g) in visitor.out {
-            let g = g.cast(burn::tensor::DType::F32);
+            // One micro-batch's gradient stays in the dtype autodiff made it in (BF16 for
+            // BF16 weights: 2 bytes a parameter instead of 4); sums of several are kept in
+            // f32. Every use below widens it first, so the arithmetic is f32 either way.
             let merged = match acc.remove(&name) {
-                Some(prev) => prev + g,
+                Some(prev) => f32_of(prev) + f32_of(g),
                 None => g,
             };
             acc.insert(name, merged);
@@ -226,7 +228,7 @@ pub fn optimizer_step<B: AutodiffBackend>(
     // hundreds of times a step.
     let sq = acc
         .values()
-        .map(|g| g.clone().powi_scalar(2).sum())
+        .map(|g| qatflow_kernels::reduce::square_sum(g.clone()))
         .reduce(|a, b| a + b)
         .map_or(0.0, |t| f64::from(t.into_scalar().elem::<f32>()));
     let grad_norm = sq.sqrt();
@@ -248,8 +250,7 @@ pub fn optimizer_step<B: AutodiffBackend>(
         let Some(g) = acc.remove(name) else {
             return t;
         };
-        let g = if scale == 1.0 { g } else { g * scale };
-        let updated = optimizer.update(name, t.inner(), g, lr, |n| {
+        let updated = optimizer.update(name, t.inner(), g, scale, lr, |n| {
             uniform::<B::InnerBackend>(n, &inner_device)
         });
         Tensor::from_inner(updated)

@@ -346,6 +346,10 @@ pub struct BenchTrainArgs {
     /// process each gives each its own peak-memory figure).
     #[arg(long, default_value = "both", value_parser = ["both", "plain", "qat"])]
     mode: String,
+    /// Learning rate of every step (a larger one makes the per-step losses of two runs,
+    /// e.g. `QATFLOW_GEMM=cublaslt` against `QATFLOW_GEMM=burn`, move enough to compare).
+    #[arg(long, default_value_t = 1e-5)]
+    lr: f64,
 }
 
 fn bench_one(a: &BenchTrainArgs, quant: bool) -> anyhow::Result<BenchReport> {
@@ -357,6 +361,7 @@ fn bench_one(a: &BenchTrainArgs, quant: bool) -> anyhow::Result<BenchReport> {
         precision: a.precision,
         moments: a.moments,
         quant,
+        lr: a.lr,
     };
     let spec = qatflow_train::config::parse_device(&a.device).map_err(anyhow::Error::msg)?;
     struct Bench<'a>(&'a BenchOptions);

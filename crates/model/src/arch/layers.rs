@@ -43,7 +43,7 @@ impl<B: Backend> RmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
         let xf = to_dtype(x, DType::F32);
-        let mean_square = xf.clone().square().mean_dim(D - 1);
+        let mean_square = qatflow_kernels::reduce::mean_last(xf.clone().square());
         let normed = xf * mean_square.add_scalar(self.eps).sqrt().recip();
         let w: Tensor<B, D> = self.weight.val().unsqueeze();
         to_dtype(normed, dtype) * w

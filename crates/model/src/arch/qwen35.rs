@@ -56,7 +56,7 @@ impl<B: Backend> OffsetRmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
         let xf = to_dtype(x, DType::F32);
-        let mean_square = xf.clone().square().mean_dim(D - 1);
+        let mean_square = qatflow_kernels::reduce::mean_last(xf.clone().square());
         let normed = xf * mean_square.add_scalar(self.eps).sqrt().recip();
         let w: Tensor<B, D> = to_dtype(self.weight.val(), DType::F32)
             .add_scalar(1.0)
@@ -80,7 +80,7 @@ impl<B: Backend> GatedRmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>, z: Tensor<B, D>) -> Tensor<B, D> {
         let dtype = x.dtype();
         let xf = to_dtype(x, DType::F32);
-        let mean_square = xf.clone().square().mean_dim(D - 1);
+        let mean_square = qatflow_kernels::reduce::mean_last(xf.clone().square());
         let normed = to_dtype(xf * mean_square.add_scalar(self.eps).sqrt().recip(), dtype);
         let w: Tensor<B, D> = to_dtype(self.weight.val(), dtype).unsqueeze();
         let scaled = to_dtype(normed * w, DType::F32);
@@ -596,7 +596,8 @@ impl<B: Backend> Qwen35<B> {
         let mut x = layers::embed(weight, ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
-            x = layer.forward(x, tables.as_ref(), mask.as_ref(), slot);
+            let x_in = qatflow_kernels::recompute::block_input(x);
+            x = layer.forward(x_in, tables.as_ref(), mask.as_ref(), slot);
         }
         if let Some(c) = cache {
             c.advance(len);

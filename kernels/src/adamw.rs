@@ -1,0 +1,522 @@
+//! One AdamW update of one parameter as one CUDA kernel: read the weight, its gradient, both
+//! moments and the Kahan compensation once, write their new values once.
+//!
+//! The trainer's tensor form of the update (`qatflow-train`'s `optim.rs`) is a chain of ~15
+//! tensor operations; burn fuses some of them, but every stored f32 intermediate of a
+//! parameter is a whole-tensor allocation, and for an embedding of 151,936 × 4,096 each is
+//! 2.5 GB. [`update`] is the same arithmetic per element, in the same f32 operations and
+//! order ([`reference`] spells it out in Rust; the tests check it against the tensor form on
+//! the CPU bit for bit), in one pass. On CUDA it runs as a custom operation of burn's fusion
+//! stream (or directly on a CubeCL tensor without fusion); [`available`] says whether a
+//! backend has it. CubeCL emits IEEE division and square root; NVRTC may contract a
+//! multiply-add into an FMA, so on the GPU a value can differ from [`reference`] in its last
+//! bit (`examples/gemm_check.rs` measures how often).
+
+use std::any::TypeId;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor, TensorMetadata, TensorPrimitive};
+use burn_cubecl::tensor::CubeTensor;
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::FusionTensor;
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use cubecl::cuda::CudaRuntime;
+use cubecl::prelude::*;
+use half::bf16;
+
+use crate::fake_quant::{downcast, upcast, Cube, FusedRuntime};
+use crate::{cube_count, KernelElement, CUBE_SIZE};
+use qatflow_nvfp4::codec::Element;
+
+/// The scalars of one update, as the f32 values the tensor form multiplies and divides by
+/// (each computed in f64 from the hyperparameters, then rounded once to f32, as burn does
+/// with a scalar operand).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// β₁.
+    pub beta1: f32,
+    /// 1 − β₁.
+    pub one_minus_beta1: f32,
+    /// β₂.
+    pub beta2: f32,
+    /// 1 − β₂.
+    pub one_minus_beta2: f32,
+    /// 1 − β₁ᵗ.
+    pub bias_correction1: f32,
+    /// 1 − β₂ᵗ.
+    pub bias_correction2: f32,
+    /// ε, added to √v̂.
+    pub eps: f32,
+    /// −lr.
+    pub neg_lr: f32,
+    /// lr × weight decay; `None` when there is no decay (the term is then not computed).
+    pub lr_weight_decay: Option<f32>,
+    /// Factor the gradient is multiplied by first (global-norm clipping); `None` for 1.
+    pub grad_scale: Option<f32>,
+}
+
+impl AdamWStep {
+    /// The scalars of step `t` (1-based) at learning rate `lr`.
+    pub fn new(
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+        lr: f64,
+        t: i32,
+        grad_scale: f64,
+    ) -> AdamWStep {
+        AdamWStep {
+            beta1: beta1 as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
+            beta2: beta2 as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            bias_correction1: (1.0 - beta1.powi(t)) as f32,
+            bias_correction2: (1.0 - beta2.powi(t)) as f32,
+            eps: eps as f32,
+            neg_lr: (-lr) as f32,
+            lr_weight_decay: (weight_decay > 0.0).then_some((lr * weight_decay) as f32),
+            grad_scale: (grad_scale != 1.0).then_some(grad_scale as f32),
+        }
+    }
+}
+
+/// One parameter's stored state: the weight (F32, or BF16), the moments (F32 or BF16) and
+/// the Kahan compensation (the weight's dtype; only with BF16 weights under Kahan summation).
+#[derive(Debug, Clone)]
+pub struct Slots<B: Backend> {
+    /// The weight, flat.
+    pub param: Tensor<B, 1>,
+    /// First moment.
+    pub exp_avg: Tensor<B, 1>,
+    /// Second moment.
+    pub exp_avg_sq: Tensor<B, 1>,
+    /// What BF16 rounding of the weight dropped so far (Kahan), when kept.
+    pub compensation: Option<Tensor<B, 1>>,
+}
+
+/// The update of one element, in the kernel's f32 operations and order: weight `w` (stored
+/// as `P`), gradient `g` (already f32), moments `m`, `v` (stored as `M`), compensation `c`
+/// (used when `kahan`). Returns the new stored weight, moments and compensation, each f32
+/// rounded to its storage type to nearest even (as CUDA does).
+pub fn reference<P: KernelElement, M: KernelElement>(
+    s: &AdamWStep,
+    kahan: bool,
+    wc: [P; 2],
+    g: f32,
+    mv: [M; 2],
+) -> (P, M, M, P) {
+    reference_rounded(s, kahan, wc, g, mv, P::from_f32_value, M::from_f32_value)
+}
+
+/// [`reference`] with the roundings to the storage types given (`to_p` for the weight and
+/// compensation, `to_m` for the moments): a backend whose casts round differently is compared
+/// with its own rounding.
+pub fn reference_rounded<P: Element, M: Element>(
+    s: &AdamWStep,
+    kahan: bool,
+    [w, c]: [P; 2],
+    g: f32,
+    [m, v]: [M; 2],
+    to_p: impl Fn(f32) -> P,
+    to_m: impl Fn(f32) -> M,
+) -> (P, M, M, P) {
+    let g = match s.grad_scale {
+        Some(k) => g * k,
+        None => g,
+    };
+    let m = Element::to_f32(m) * s.beta1 + g * s.one_minus_beta1;
+    let v = Element::to_f32(v) * s.beta2 + g * g * s.one_minus_beta2;
+    let denom = (v / s.bias_correction2).sqrt() + s.eps;
+    let w = Element::to_f32(w);
+    let mut delta = (m / s.bias_correction1) / denom * s.neg_lr;
+    if let Some(k) = s.lr_weight_decay {
+        delta -= w * k;
+    }
+    let (m, v) = (to_m(m), to_m(v));
+    if kahan {
+        let y = delta - Element::to_f32(c);
+        let new = to_p(w + y);
+        let comp = (Element::to_f32(new) - w) - y;
+        (new, m, v, to_p(comp))
+    } else {
+        (to_p(w + delta), m, v, c)
+    }
+}
+
+/// The element kernel of [`update`]: one unit per element. `comp` and `new_comp` are only
+/// touched when `kahan` (otherwise any buffers of `P` may be passed).
+#[allow(clippy::too_many_arguments)]
+#[cube(launch_unchecked)]
+fn adamw_kernel<P: Float, G: Float, M: Float>(
+    param: &Array<P>,
+    grad: &Array<G>,
+    exp_avg: &Array<M>,
+    exp_avg_sq: &Array<M>,
+    comp: &Array<P>,
+    new_param: &mut Array<P>,
+    new_exp_avg: &mut Array<M>,
+    new_exp_avg_sq: &mut Array<M>,
+    new_comp: &mut Array<P>,
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    bias_correction1: f32,
+    bias_correction2: f32,
+    eps: f32,
+    neg_lr: f32,
+    lr_weight_decay: f32,
+    grad_scale: f32,
+    len: u32,
+    #[comptime] kahan: bool,
+    #[comptime] scaled: bool,
+    #[comptime] decay: bool,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= len as usize {
+        terminate!();
+    }
+    let mut g = f32::cast_from(grad[i]);
+    if scaled {
+        g *= grad_scale;
+    }
+    let m = f32::cast_from(exp_avg[i]) * beta1 + g * one_minus_beta1;
+    let v = f32::cast_from(exp_avg_sq[i]) * beta2 + g * g * one_minus_beta2;
+    let denom = f32::sqrt(v / bias_correction2) + eps;
+    let w = f32::cast_from(param[i]);
+    let mut delta = (m / bias_correction1) / denom * neg_lr;
+    if decay {
+        delta -= w * lr_weight_decay;
+    }
+    new_exp_avg[i] = M::cast_from(m);
+    new_exp_avg_sq[i] = M::cast_from(v);
+    if kahan {
+        let y = delta - f32::cast_from(comp[i]);
+        let new = P::cast_from(w + y);
+        new_param[i] = new;
+        new_comp[i] = P::cast_from((f32::cast_from(new) - w) - y);
+    } else {
+        new_param[i] = P::cast_from(w + delta);
+    }
+}
+
+impl AdamWStep {
+    /// The scalars in the order [`adamw_kernel`] takes them.
+    fn kernel_scalars(&self) -> [f32; 10] {
+        [
+            self.beta1,
+            self.one_minus_beta1,
+            self.beta2,
+            self.one_minus_beta2,
+            self.bias_correction1,
+            self.bias_correction2,
+            self.eps,
+            self.neg_lr,
+            self.lr_weight_decay.unwrap_or(0.0),
+            self.grad_scale.unwrap_or(1.0),
+        ]
+    }
+}
+
+/// Whether [`update`] runs as one kernel for backend `B`: burn's CUDA backend, with or
+/// without fusion, not under autodiff (the optimizer runs on the inner backend), and the
+/// training engine on (`QATFLOW_GEMM=cublaslt`, [`crate::gemm::enabled`]; without it the
+/// trainer keeps burn's path throughout, the reference the engine is compared with).
+pub fn available<B: Backend>() -> bool {
+    if !crate::gemm::enabled() {
+        return false;
+    }
+    let t = TypeId::of::<FloatTensor<B>>();
+    t == TypeId::of::<CubeTensor<CudaRuntime>>() || t == TypeId::of::<FusionTensor<FusedRuntime>>()
+}
+
+/// One AdamW update of `slots` with gradient `grad` (flat, F32 or BF16, the weight's length)
+/// as one kernel; `kahan` uses and updates `slots.compensation`.
+///
+/// Panics when [`available`] is false for `B`, or on dtypes or lengths the trainer never
+/// sends (weights F32/BF16, moments F32/BF16, a compensation in the weight's dtype exactly
+/// when `kahan`): those are bugs of the caller.
+pub fn update<B: Backend>(
+    slots: Slots<B>,
+    grad: Tensor<B, 1>,
+    step: &AdamWStep,
+    kahan: bool,
+) -> Slots<B> {
+    assert!(available::<B>(), "the fused AdamW update runs on CUDA only");
+    assert_eq!(
+        kahan,
+        slots.compensation.is_some(),
+        "a Kahan compensation exactly under Kahan summation"
+    );
+    let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
+    let inputs = [
+        prim(slots.param),
+        prim(grad),
+        prim(slots.exp_avg),
+        prim(slots.exp_avg_sq),
+    ];
+    let comp = slots.compensation.map(prim);
+    let [param, exp_avg, exp_avg_sq, compensation] =
+        match downcast::<_, [FusionTensor<FusedRuntime>; 4]>(inputs) {
+            Ok(inputs) => {
+                let comp = comp.map(|c| {
+                    downcast::<_, FusionTensor<FusedRuntime>>(c)
+                        .unwrap_or_else(|_| unreachable!("same backend as the weight"))
+                });
+                fused_update(inputs, comp, step).map(|t| t.map(upcast::<_, FloatTensor<B>>))
+            }
+            Err(inputs) => {
+                let inputs = downcast::<_, [CubeTensor<CudaRuntime>; 4]>(inputs)
+                    .unwrap_or_else(|_| unreachable!("available() said CUDA"));
+                let comp = comp.map(|c| {
+                    downcast::<_, CubeTensor<CudaRuntime>>(c)
+                        .unwrap_or_else(|_| unreachable!("same backend as the weight"))
+                });
+                cube_update(inputs, comp, step).map(|t| t.map(upcast::<_, FloatTensor<B>>))
+            }
+        };
+    let wrap = |t: FloatTensor<B>| Tensor::from_primitive(TensorPrimitive::Float(t));
+    Slots {
+        param: wrap(param.expect("a weight")),
+        exp_avg: wrap(exp_avg.expect("a first moment")),
+        exp_avg_sq: wrap(exp_avg_sq.expect("a second moment")),
+        compensation: compensation.map(wrap),
+    }
+}
+
+/// The kernel on CubeCL tensors: `[param, grad, exp_avg, exp_avg_sq]` and the compensation;
+/// returns the new `[param, exp_avg, exp_avg_sq, compensation]`.
+fn cube_update(
+    inputs: [CubeTensor<CudaRuntime>; 4],
+    comp: Option<CubeTensor<CudaRuntime>>,
+    step: &AdamWStep,
+) -> [Option<CubeTensor<CudaRuntime>>; 4] {
+    let [param, grad, exp_avg, exp_avg_sq] = inputs.map(burn_cubecl::kernel::into_contiguous);
+    let comp = comp.map(burn_cubecl::kernel::into_contiguous);
+    let n = param.shape().num_elements();
+    for (what, t) in [
+        ("gradient", &grad),
+        ("first moment", &exp_avg),
+        ("second moment", &exp_avg_sq),
+    ]
+    .into_iter()
+    .chain(comp.as_ref().map(|c| ("compensation", c)))
+    {
+        assert_eq!(
+            t.shape().num_elements(),
+            n,
+            "AdamW: the {what} has another length than its weight"
+        );
+    }
+    if let Some(c) = &comp {
+        assert_eq!(c.dtype, param.dtype, "AdamW: compensation dtype");
+    }
+    assert_eq!(exp_avg.dtype, exp_avg_sq.dtype, "AdamW: moment dtypes");
+    let client = param.client.clone();
+    let like = |t: &CubeTensor<CudaRuntime>| {
+        CubeTensor::new_contiguous(
+            client.clone(),
+            t.device.clone(),
+            t.shape(),
+            client.empty(n * t.dtype.size()),
+            t.dtype,
+        )
+    };
+    let (new_param, new_m, new_v) = (like(&param), like(&exp_avg), like(&exp_avg_sq));
+    let new_comp = comp.as_ref().map(like);
+    let scalars = step.kernel_scalars();
+    let kahan = comp.is_some();
+    // Without Kahan the kernel never touches its compensation buffers: the weight's stand in.
+    let comp_in = comp.as_ref().unwrap_or(&param).handle.clone();
+    let comp_out = new_comp.as_ref().unwrap_or(&new_param).handle.clone();
+    let handles = Handles {
+        n,
+        inputs: [
+            param.handle.clone(),
+            grad.handle.clone(),
+            exp_avg.handle.clone(),
+            exp_avg_sq.handle.clone(),
+            comp_in,
+        ],
+        outputs: [
+            new_param.handle.clone(),
+            new_m.handle.clone(),
+            new_v.handle.clone(),
+            comp_out,
+        ],
+        scalars,
+        flags: [
+            kahan,
+            step.grad_scale.is_some(),
+            step.lr_weight_decay.is_some(),
+        ],
+    };
+    match (param.dtype, grad.dtype, exp_avg.dtype) {
+        (DType::F32, DType::F32, DType::F32) => handles.launch::<f32, f32, f32>(&client),
+        (DType::F32, DType::F32, DType::BF16) => handles.launch::<f32, f32, bf16>(&client),
+        (DType::F32, DType::BF16, DType::F32) => handles.launch::<f32, bf16, f32>(&client),
+        (DType::F32, DType::BF16, DType::BF16) => handles.launch::<f32, bf16, bf16>(&client),
+        (DType::BF16, DType::F32, DType::F32) => handles.launch::<bf16, f32, f32>(&client),
+        (DType::BF16, DType::F32, DType::BF16) => handles.launch::<bf16, f32, bf16>(&client),
+        (DType::BF16, DType::BF16, DType::F32) => handles.launch::<bf16, bf16, f32>(&client),
+        (DType::BF16, DType::BF16, DType::BF16) => handles.launch::<bf16, bf16, bf16>(&client),
+        other => {
+            panic!("AdamW kernel: weight, gradient and moment dtypes {other:?} (F32/BF16 only)")
+        }
+    }
+    [Some(new_param), Some(new_m), Some(new_v), new_comp]
+}
+
+/// The buffers and flags of one launch.
+struct Handles {
+    n: usize,
+    inputs: [cubecl::server::Handle; 5],
+    outputs: [cubecl::server::Handle; 4],
+    scalars: [f32; 10],
+    flags: [bool; 3],
+}
+
+impl Handles {
+    fn launch<P: KernelElement, G: KernelElement, M: KernelElement>(
+        self,
+        client: &ComputeClient<CudaRuntime>,
+    ) {
+        let n = self.n;
+        let [p, g, m, v, c] = self.inputs;
+        let [np, nm, nv, nc] = self.outputs;
+        let [kahan, scaled, decay] = self.flags;
+        let [b1, omb1, b2, omb2, bc1, bc2, eps, neg_lr, lr_wd, scale] = self.scalars;
+        // SAFETY: every buffer holds `n` elements of its type (the weight's stand-ins for the
+        // compensation are only passed when `kahan` is false, and the kernel then leaves them
+        // alone), and the kernel touches index `i < n` only.
+        unsafe {
+            adamw_kernel::launch_unchecked::<P, G, M, CudaRuntime>(
+                client,
+                cube_count(n),
+                CubeDim::new_1d(CUBE_SIZE),
+                ArrayArg::from_raw_parts(p, n),
+                ArrayArg::from_raw_parts(g, n),
+                ArrayArg::from_raw_parts(m, n),
+                ArrayArg::from_raw_parts(v, n),
+                ArrayArg::from_raw_parts(c, n),
+                ArrayArg::from_raw_parts(np, n),
+                ArrayArg::from_raw_parts(nm, n),
+                ArrayArg::from_raw_parts(nv, n),
+                ArrayArg::from_raw_parts(nc, n),
+                b1,
+                omb1,
+                b2,
+                omb2,
+                bc1,
+                bc2,
+                eps,
+                neg_lr,
+                lr_wd,
+                scale,
+                n as u32,
+                kahan,
+                scaled,
+                decay,
+            );
+        }
+    }
+}
+
+/// [`cube_update`] as one custom operation of the fusion stream.
+fn fused_update(
+    inputs: [FusionTensor<FusedRuntime>; 4],
+    comp: Option<FusionTensor<FusedRuntime>>,
+    step: &AdamWStep,
+) -> [Option<FusionTensor<FusedRuntime>>; 4] {
+    let client = inputs[0].client.clone();
+    let kahan = comp.is_some();
+    let all: Vec<FusionTensor<FusedRuntime>> = inputs.into_iter().chain(comp).collect();
+    let streams = OperationStreams::with_inputs(all.iter());
+    let uninit = |t: &FusionTensor<FusedRuntime>| {
+        TensorIr::uninit(client.create_empty_handle(), t.shape.clone(), t.dtype)
+    };
+    let mut outs = vec![uninit(&all[0]), uninit(&all[2]), uninit(&all[3])];
+    if kahan {
+        outs.push(uninit(&all[4]));
+    }
+    let irs: Vec<TensorIr> = all.into_iter().map(|t| t.into_ir()).collect();
+    let desc = CustomOpIr::new("qatflow_adamw", &irs, &outs);
+    let mut out = client
+        .register(
+            streams,
+            OperationIr::Custom(desc.clone()),
+            AdamWOp { desc, step: *step },
+        )
+        .into_iter();
+    let mut next = || out.next();
+    [next(), next(), next(), next()]
+}
+
+/// The fusion stream's record of one update.
+#[derive(Debug, Clone)]
+struct AdamWOp {
+    desc: CustomOpIr,
+    step: AdamWStep,
+}
+
+impl Operation<FusedRuntime> for AdamWOp {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<FusedRuntime as burn_fusion::FusionRuntime>::FusionHandle>,
+    ) {
+        let get = |handles: &mut HandleContainer<_>, i: usize| {
+            handles.get_float_tensor::<Cube>(&self.desc.inputs[i])
+        };
+        let inputs = [
+            get(handles, 0),
+            get(handles, 1),
+            get(handles, 2),
+            get(handles, 3),
+        ];
+        let comp = (self.desc.inputs.len() == 5).then(|| get(handles, 4));
+        let outputs = cube_update(inputs, comp, &self.step);
+        for (ir, t) in self.desc.outputs.iter().zip(outputs.into_iter().flatten()) {
+            handles.register_float_tensor::<Cube>(&ir.id, t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_scalars_are_the_f64_values_rounded_once() {
+        let s = AdamWStep::new(0.9, 0.999, 1e-8, 0.0, 2e-5, 3, 1.0);
+        assert_eq!(s.bias_correction1, (1.0 - 0.9f64.powi(3)) as f32);
+        assert_eq!(s.one_minus_beta2, (1.0 - 0.999f64) as f32);
+        assert_eq!(s.neg_lr, -2e-5f32);
+        assert_eq!((s.lr_weight_decay, s.grad_scale), (None, None));
+        let s = AdamWStep::new(0.9, 0.95, 1e-8, 0.1, 1e-3, 1, 0.5);
+        assert_eq!(s.lr_weight_decay, Some((1e-3f64 * 0.1) as f32));
+        assert_eq!(s.grad_scale, Some(0.5));
+        assert_eq!(s.kernel_scalars()[8..], [(1e-3f64 * 0.1) as f32, 0.5]);
+    }
+
+    #[test]
+    fn kahan_reference_carries_what_bf16_rounding_drops() {
+        let s = AdamWStep::new(0.9, 0.999, 1e-8, 0.0, 1e-5, 1, 1.0);
+        let one = bf16::from_f32(1.0);
+        let (mut w, mut c) = (one, bf16::ZERO);
+        let (mut m, mut v) = (0.0f32, 0.0f32);
+        for _ in 0..1000 {
+            (w, m, v, c) = reference::<bf16, f32>(&s, true, [w, c], 1.0, [m, v]);
+        }
+        assert!(w.to_f32() < 1.0, "{w}");
+        let (plain, ..) = reference::<bf16, f32>(&s, false, [one, bf16::ZERO], 1.0, [0.0, 0.0]);
+        assert_eq!(plain, one, "a 1e-5 step is below half a BF16 ulp");
+    }
+
+    #[test]
+    fn off_cuda_it_is_not_available() {
+        assert!(!available::<burn::backend::Flex>());
+        assert!(!available::<burn::backend::Autodiff<burn::backend::Flex>>());
+    }
+}
