@@ -20,7 +20,6 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
@@ -28,6 +27,7 @@ use burn_fusion::Fusion;
 
 use crate::fake_quant::{downcast, upcast, Cube, CubeBf16};
 use crate::gemm::{self, CudaGemm};
+use crate::reduce;
 
 /// Wraps a primitive as a tensor of rank `D`.
 fn t<I: Backend, const D: usize>(p: FloatTensor<I>) -> Tensor<I, D> {
@@ -100,7 +100,12 @@ fn probabilities<I: CudaGemm>(
         Some(m) => scores + m,
         None => scores,
     };
-    softmax(scores, 3).reshape([d.batch * d.kv_heads, d.rep() * d.len, d.keys])
+    let rows = d.batch * d.heads * d.len;
+    reduce::softmax(scores.reshape([rows, d.keys])).reshape([
+        d.batch * d.kv_heads,
+        d.rep() * d.len,
+        d.keys,
+    ])
 }
 
 /// The forward on inner tensors: `[batch, heads, len, hd]`.
@@ -151,7 +156,9 @@ impl<I: CudaGemm> Backward<I, 3> for AttentionBackward {
         // dV = Pᵀ · dO; dP = dO · Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale.
         let dv = bmm(probs.clone().cast(DType::BF16), d_out.clone(), true, false);
         let dp = bmm(d_out, v, false, true).cast(DType::F32);
-        let row = (dp.clone() * probs.clone()).sum_dim(2);
+        let rows_all = bk * rows;
+        let row = reduce::row_sum((dp.clone() * probs.clone()).reshape([rows_all, d.keys]))
+            .reshape([bk, rows, 1]);
         let ds = (probs * (dp - row)).mul_scalar(scale).cast(DType::BF16);
         let dq = bmm(ds.clone(), k, false, false);
         let dk = bmm(ds, q, true, false);

@@ -8,7 +8,7 @@
 //! first (`[rows · lanes, vocab / lanes]`), reduce the lanes, then the `[rows, lanes]`
 //! partials: `lanes` times as many threads in the long pass. The maximum is the same value;
 //! the sum adds in another order (f32 rounding). Other backends reduce the row directly.
-//! [`log_softmax`] is built on the two.
+//! [`softmax`] (the attention's) and [`log_softmax`] are built on the two.
 //!
 //! [`square_sum`] (Σx² of a whole tensor, the gradient norm's terms) has the same trouble with
 //! burn's whole-tensor sum, which took 79 ms of a Qwen3-1.7B step for ~3.4 GB of gradients; on
@@ -109,6 +109,15 @@ fn lanes_for_len<B: Backend>(device: &B::Device, len: usize) -> usize {
     } else {
         1
     }
+}
+
+/// Row-wise softmax of `[rows, len]` scores (max-shifted), with [`row_max`] and [`row_sum`]:
+/// the attention's `heads × len` rows of `keys` scores, split into lanes on CUDA.
+pub fn softmax<B: Backend>(scores: Tensor<B, 2>) -> Tensor<B, 2> {
+    let max = row_max(scores.clone());
+    let e = (scores - max).exp();
+    let sum = row_sum(e.clone());
+    e / sum
 }
 
 /// Float32 log-probabilities of `[rows, vocab]` float32 logits (max-shifted; the shift is
@@ -337,6 +346,16 @@ mod tests {
         let total = lp.exp().sum_dim(1).into_data();
         total.assert_approx_eq::<f32>(
             &TensorData::new(vec![1.0f32; 4], [4, 1]),
+            Default::default(),
+        );
+    }
+
+    #[test]
+    fn softmax_rows_are_burns_softmax() {
+        let x = sample(4, 700);
+        let got = softmax(x.clone()).into_data();
+        got.assert_approx_eq::<f32>(
+            &burn::tensor::activation::softmax(x, 1).into_data(),
             Default::default(),
         );
     }
