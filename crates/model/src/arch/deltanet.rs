@@ -8,10 +8,13 @@
 //! `torch_recurrent_gated_delta_rule`): `S ← exp(g_t)·S`, `S ← S + k_t ⊗ β_t (v_t − Sᵀk_t)`,
 //! `o_t = Sᵀq_t`. The chunked form (HF `torch_chunk_gated_delta_rule`) solves the in-chunk
 //! unit lower-triangular system by exact block inversion (blocks of 1, 2, 4, … merged with
-//! matmuls), which is stable and differentiable with matmuls only.
+//! matmuls), which is stable and differentiable with matmuls only. Its matmuls go through
+//! `qatflow_kernels::recompute::matmul`: under the CUDA training engine they are recomputed
+//! in backward (from the layer's input) instead of kept for every layer.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use qatflow_kernels::recompute::matmul as mm;
 
 /// Chunk length of the chunked delta rule (a power of two).
 pub const CHUNK: usize = 64;
@@ -113,7 +116,7 @@ pub fn unit_lower_inverse<B: Backend>(l: Tensor<B, 5>) -> Tensor<B, 5> {
         let mask: Tensor<B, 5> =
             Tensor::<B, 2>::from_data(TensorData::new(mask, [c, c]), (&device, dtype)).unsqueeze();
         let e = l.clone() * mask;
-        inv = inv.clone() - inv.clone().matmul(e.matmul(inv));
+        inv = inv.clone() - mm(inv.clone(), mm(e, inv));
     }
     inv
 }
@@ -168,11 +171,11 @@ pub fn chunked<B: Backend>(
     let kb = k.clone() * beta.clone();
     let vb = v * beta;
     let kt = k.clone().swap_dims(3, 4);
-    let lower = (kb.clone().matmul(kt.clone()) * decay.clone()).tril(-1);
+    let lower = (mm(kb.clone(), kt.clone()) * decay.clone()).tril(-1);
     let t = unit_lower_inverse(lower);
-    let u = t.clone().matmul(vb);
-    let w = t.matmul(kb * gcol.clone().exp());
-    let qk = q.clone().matmul(kt) * decay;
+    let u = mm(t.clone(), vb);
+    let w = mm(t, kb * gcol.clone().exp());
+    let qk = mm(q.clone(), kt) * decay;
     let qg = q * gcol.clone().exp();
     let glast = gc.narrow(3, c - 1, 1); // [batch, heads, n, 1]
     let kg = k * (glast.clone().unsqueeze_dim::<5>(4) - gcol).exp();
@@ -201,9 +204,9 @@ pub fn chunked<B: Backend>(
         .unwrap_or_else(|| Tensor::zeros([batch, heads, dk, dv], (&device, dtype)));
     let mut outs = Vec::with_capacity(n);
     for i in 0..n {
-        let v_new = u[i].clone() - w[i].clone().matmul(s.clone());
-        outs.push(qg[i].clone().matmul(s.clone()) + qk[i].clone().matmul(v_new.clone()));
-        s = s * glast[i].clone() + kg[i].clone().swap_dims(2, 3).matmul(v_new);
+        let v_new = u[i].clone() - mm(w[i].clone(), s.clone());
+        outs.push(mm(qg[i].clone(), s.clone()) + mm(qk[i].clone(), v_new.clone()));
+        s = s * glast[i].clone() + mm(kg[i].clone().swap_dims(2, 3), v_new);
     }
     let o = Tensor::cat(outs, 2);
     let o = if pad == 0 { o } else { o.narrow(2, 0, len) };
