@@ -41,15 +41,15 @@ keep_checkpoints = 10
 TOML
 export QATFLOW_GEMM=${QATFLOW_GEMM:-cublaslt}
 echo "=== $(date +%T) uninterrupted"
-timeout 300 $B train --config $W/qat.toml --output-dir $W/full > $W/full.log 2>&1; echo "rc=$?"; tail -2 $W/full.log
+timeout 90 $B train --config $W/qat.toml --output-dir $W/full > $W/full.log 2>&1; echo "rc=$?"; tail -2 $W/full.log
 echo "=== $(date +%T) killed after checkpoint 2"
 $B train --config $W/qat.toml --output-dir $W/part --json > /dev/null 2> $W/part.log & PID=$!
-for i in $(seq 1 3000); do [ -e $W/part/checkpoints/step-00000002 ] && break; sleep 0.05; done
+for i in $(seq 1 1200); do [ -e $W/part/checkpoints/step-00000002 ] && break; sleep 0.05; done
 kill -9 $PID; wait $PID 2>/dev/null
 ls $W/part/checkpoints
 [ -e $W/part/checkpoints/step-00000006 ] && echo "the run finished before the kill: proves nothing"
 echo "=== $(date +%T) resumed"
-timeout 300 $B train --config $W/qat.toml --output-dir $W/part --resume > $W/resume.log 2>&1; echo "rc=$?"; tail -2 $W/resume.log
+timeout 90 $B train --config $W/qat.toml --output-dir $W/part --resume > $W/resume.log 2>&1; echo "rc=$?"; tail -2 $W/resume.log
 F=checkpoints/step-00000006/model.safetensors
 sha256sum $W/full/$F $W/part/$F
 cmp $W/full/$F $W/part/$F && echo "RESUME BIT-IDENTICAL: yes" || echo "RESUME BIT-IDENTICAL: no"
