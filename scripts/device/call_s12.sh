@@ -46,7 +46,7 @@ smol)
   done; python3 scripts/device/compare_curves.py $OUT/curve_${m}_cublaslt.json $OUT/curve_${m}_burn.json; done ;;
 one)
   # fits STAGE_LIMIT: runs "$@" with T=limit when the call's 560 s leave room for it
-  fits() { local t=$1; shift; if [ $((SECONDS + t)) -le 560 ]; then T=$t "$@"; else echo "=== skipped (no time left): $*"; fi; }
+  fits() { local t=$1; shift; if [ $((SECONDS + t)) -le ${LIMIT:-560} ]; then T=$t "$@"; else echo "=== skipped (no time left): $*"; fi; }
   T=40 bash $R setup
   mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   curve() { # 50 steps of Qwen3-1.7B on one GEMM path
@@ -66,7 +66,7 @@ one)
     fits 80 curve cublaslt
     fits 110 curve burn
     [ -f $OUT/curve_qwen3-1.7b_burn.json ] && python3 scripts/device/compare_curves.py $OUT/curve_qwen3-1.7b_cublaslt.json $OUT/curve_qwen3-1.7b_burn.json
-    if [ $((SECONDS + 100)) -le 580 ]; then bash scripts/device/resume_gpu.sh .gpu/tok 2>&1 | tee $OUT/resume_gpu.txt; else echo "=== skipped resume check"; fi
+    if [ $((SECONDS + 100)) -le $((${LIMIT:-560} + 20)) ]; then bash scripts/device/resume_gpu.sh .gpu/tok 2>&1 | tee $OUT/resume_gpu.txt; else echo "=== skipped resume check"; fi
     QATFLOW_GEMM_SYNC=1 PREC=bf16-kahan MOMENTS=bf16 MODES=qat TAG=_sync fits 70 bash $R qwen
   fi ;;
 esac
