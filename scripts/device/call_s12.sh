@@ -17,7 +17,8 @@
 #           Qwen3-1.7B, the synchronized A/B and the resume check. A stage that would not end
 #           before 560 s is skipped and says so.
 # Carries .gpu (qatflow.xz, modelopt_qat_anchor.py) and .xfer/whl (ModelOpt's wheels).
-# Usage: bash scripts/device/call_s12.sh h200|engine|smol|one
+#   last    a short lease (LIMIT s): qatflow's Qwen3-1.7B QAT, then the anchor in what is left
+# Usage: bash scripts/device/call_s12.sh h200|engine|smol|one|last
 R=scripts/device/run.sh
 [ -d .xfer/whl ] && mkdir -p .gpu/whl && cp .xfer/whl/*.whl .gpu/whl/
 case $1 in
@@ -69,4 +70,10 @@ one)
     if [ $((SECONDS + 100)) -le $((${LIMIT:-560} + 20)) ]; then bash scripts/device/resume_gpu.sh .gpu/tok 2>&1 | tee $OUT/resume_gpu.txt; else echo "=== skipped resume check"; fi
     QATFLOW_GEMM_SYNC=1 PREC=bf16-kahan MOMENTS=bf16 MODES=qat TAG=_sync fits 70 bash $R qwen
   fi ;;
+last)
+  # a short lease: qatflow's Qwen3-1.7B QAT (bf16-kahan, BF16 moments) first, then the anchor
+  # with whatever time is left of LIMIT
+  T=40 bash $R setup
+  PREC=bf16-kahan MOMENTS=bf16 MODES=qat WARMUP=2 STEPS=5 TAG=_bf16-kahan T=75 bash $R qwen
+  T=$((${LIMIT:-200} - SECONDS)) bash $R anchor-qwen ;;
 esac
