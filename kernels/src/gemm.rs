@@ -9,7 +9,8 @@
 //! cudarc shares CubeCL's CUDA context (the device's primary context) and reads the
 //! buffers' device addresses from the CubeCL client, with the stream CubeCL orders them on
 //! (a field the workspace's patched cubecl-cuda adds, `vendor/cubecl-cuda/PATCHED.md`): each
-//! GEMM is enqueued on that stream like a CubeCL kernel, so nothing waits on the host.
+//! GEMM is enqueued on that stream like a CubeCL kernel, so nothing waits on the host (unless
+//! an operand lives in another stream's pool: then it is synchronized).
 //! `QATFLOW_GEMM_SYNC=1` instead drains CubeCL's queue before each GEMM and waits for it
 //! after, so [`stats`] can time the GEMMs apart from burn's kernels (a profiling mode).
 //!
@@ -371,9 +372,9 @@ impl Device {
         let (lib, handle) = (self.lib, self.handle);
         let plan = self.plan(shape)?;
         let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: the plan's layouts describe exactly the buffers behind `a`, `b`, `c`. They
-        // belong to CubeCL's pool of `stream`, which orders every later use of that memory
-        // after this GEMM, so they may be released once it is enqueued.
+        // SAFETY: the plan's layouts describe exactly the buffers behind `a`, `b`, `c`. Unless
+        // `wait`, they belong to CubeCL's pool of `stream`, which orders every later use of
+        // that memory after this GEMM, so they may be released once it is enqueued.
         unsafe {
             lt::check(
                 (lib.matmul)(
@@ -440,10 +441,13 @@ pub fn cube_gemm(
             .unwrap_or_else(|e| panic!("cuBLASLt GEMM: no device address for a buffer: {e:?}"))
     };
     let (ra, rb, rc) = (ptr(&a.handle), ptr(&b.handle), ptr(&out.handle));
-    // CubeCL made `a` and `b` ready on the current stream when it handed them out (it waits
-    // for other streams' writers); the output was allocated on it.
+    // The output was allocated on the current stream. When `a` and `b` live in its pool too
+    // (qatflow's training runs on one thread, so one stream), stream order is enough: CubeCL
+    // orders their producers before and any reuse of their memory after the GEMM. A buffer
+    // of another stream's pool could be reused there while the GEMM still reads it, so such
+    // a GEMM is synchronized as in `QATFLOW_GEMM_SYNC=1`.
     let stream = rc.resource().stream;
-    let sync = synchronized();
+    let sync = synchronized() || ra.resource().stream != stream || rb.resource().stream != stream;
     if sync {
         let waited = Instant::now();
         cubecl::future::block_on(client.sync())
