@@ -25,7 +25,7 @@ use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use half::bf16;
 
-use crate::fake_quant::{downcast, upcast, Cube, FusedRuntime};
+use crate::fake_quant::{upcast, Cube, FusedRuntime};
 use crate::{cube_count, KernelElement, CUBE_SIZE};
 use qatflow_nvfp4::codec::Element;
 
@@ -82,18 +82,31 @@ impl AdamWStep {
     }
 }
 
-/// One parameter's stored state: the weight (F32, or BF16), the moments (F32 or BF16) and
-/// the Kahan compensation (the weight's dtype; only with BF16 weights under Kahan summation).
+/// One parameter's stored state, as tensors of type `T` (flat burn tensors for [`update`]):
+/// the weight (F32, or BF16), the moments (F32 or BF16) and the Kahan compensation (the
+/// weight's dtype; only with BF16 weights under Kahan summation).
 #[derive(Debug, Clone)]
-pub struct Slots<B: Backend> {
+pub struct Slots<T> {
     /// The weight, flat.
-    pub param: Tensor<B, 1>,
+    pub param: T,
     /// First moment.
-    pub exp_avg: Tensor<B, 1>,
+    pub exp_avg: T,
     /// Second moment.
-    pub exp_avg_sq: Tensor<B, 1>,
+    pub exp_avg_sq: T,
     /// What BF16 rounding of the weight dropped so far (Kahan), when kept.
-    pub compensation: Option<Tensor<B, 1>>,
+    pub compensation: Option<T>,
+}
+
+impl<T> Slots<T> {
+    /// Every tensor through `f`.
+    fn map<U>(self, f: impl Fn(T) -> U) -> Slots<U> {
+        Slots {
+            param: f(self.param),
+            exp_avg: f(self.exp_avg),
+            exp_avg_sq: f(self.exp_avg_sq),
+            compensation: self.compensation.map(f),
+        }
+    }
 }
 
 /// The update of one element, in the kernel's f32 operations and order: weight `w` (stored
@@ -239,62 +252,40 @@ pub fn available<B: Backend>() -> bool {
 /// sends (weights F32/BF16, moments F32/BF16, a compensation in the weight's dtype exactly
 /// when `kahan`): those are bugs of the caller.
 pub fn update<B: Backend>(
-    slots: Slots<B>,
+    slots: Slots<Tensor<B, 1>>,
     grad: Tensor<B, 1>,
     step: &AdamWStep,
     kahan: bool,
-) -> Slots<B> {
+) -> Slots<Tensor<B, 1>> {
     assert!(available::<B>(), "the fused AdamW update runs on CUDA only");
     assert_eq!(
         kahan,
         slots.compensation.is_some(),
         "a Kahan compensation exactly under Kahan summation"
     );
-    let prim = |t: Tensor<B, 1>| t.into_primitive().tensor();
-    let inputs = [
-        prim(slots.param),
-        prim(grad),
-        prim(slots.exp_avg),
-        prim(slots.exp_avg_sq),
-    ];
-    let comp = slots.compensation.map(prim);
-    let [param, exp_avg, exp_avg_sq, compensation] =
-        match downcast::<_, [FusionTensor<FusedRuntime>; 4]>(inputs) {
-            Ok(inputs) => {
-                let comp = comp.map(|c| {
-                    downcast::<_, FusionTensor<FusedRuntime>>(c)
-                        .unwrap_or_else(|_| unreachable!("same backend as the weight"))
-                });
-                fused_update(inputs, comp, step).map(|t| t.map(upcast::<_, FloatTensor<B>>))
-            }
-            Err(inputs) => {
-                let inputs = downcast::<_, [CubeTensor<CudaRuntime>; 4]>(inputs)
-                    .unwrap_or_else(|_| unreachable!("available() said CUDA"));
-                let comp = comp.map(|c| {
-                    downcast::<_, CubeTensor<CudaRuntime>>(c)
-                        .unwrap_or_else(|_| unreachable!("same backend as the weight"))
-                });
-                cube_update(inputs, comp, step).map(|t| t.map(upcast::<_, FloatTensor<B>>))
-            }
-        };
-    let wrap = |t: FloatTensor<B>| Tensor::from_primitive(TensorPrimitive::Float(t));
-    Slots {
-        param: wrap(param.expect("a weight")),
-        exp_avg: wrap(exp_avg.expect("a first moment")),
-        exp_avg_sq: wrap(exp_avg_sq.expect("a second moment")),
-        compensation: compensation.map(wrap),
-    }
+    let slots = slots.map(|t| t.into_primitive().tensor());
+    let grad = grad.into_primitive().tensor();
+    let new = if TypeId::of::<FloatTensor<B>>() == TypeId::of::<FusionTensor<FusedRuntime>>() {
+        fused_update(slots.map(upcast), upcast(grad), step).map(upcast::<_, FloatTensor<B>>)
+    } else {
+        cube_update(slots.map(upcast), upcast(grad), step).map(upcast::<_, FloatTensor<B>>)
+    };
+    new.map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
 }
 
-/// The kernel on CubeCL tensors: `[param, grad, exp_avg, exp_avg_sq]` and the compensation;
-/// returns the new `[param, exp_avg, exp_avg_sq, compensation]`.
+/// The kernel on CubeCL tensors: the new state of `slots` after gradient `grad`.
 fn cube_update(
-    inputs: [CubeTensor<CudaRuntime>; 4],
-    comp: Option<CubeTensor<CudaRuntime>>,
+    slots: Slots<CubeTensor<CudaRuntime>>,
+    grad: CubeTensor<CudaRuntime>,
     step: &AdamWStep,
-) -> [Option<CubeTensor<CudaRuntime>>; 4] {
-    let [param, grad, exp_avg, exp_avg_sq] = inputs.map(burn_cubecl::kernel::into_contiguous);
-    let comp = comp.map(burn_cubecl::kernel::into_contiguous);
+) -> Slots<CubeTensor<CudaRuntime>> {
+    let Slots {
+        param,
+        exp_avg,
+        exp_avg_sq,
+        compensation: comp,
+    } = slots.map(burn_cubecl::kernel::into_contiguous);
+    let grad = burn_cubecl::kernel::into_contiguous(grad);
     let n = param.shape().num_elements();
     for (what, t) in [
         ("gradient", &grad),
@@ -324,13 +315,21 @@ fn cube_update(
             t.dtype,
         )
     };
-    let (new_param, new_m, new_v) = (like(&param), like(&exp_avg), like(&exp_avg_sq));
-    let new_comp = comp.as_ref().map(like);
-    let scalars = step.kernel_scalars();
+    let new = Slots {
+        param: like(&param),
+        exp_avg: like(&exp_avg),
+        exp_avg_sq: like(&exp_avg_sq),
+        compensation: comp.as_ref().map(like),
+    };
     let kahan = comp.is_some();
     // Without Kahan the kernel never touches its compensation buffers: the weight's stand in.
     let comp_in = comp.as_ref().unwrap_or(&param).handle.clone();
-    let comp_out = new_comp.as_ref().unwrap_or(&new_param).handle.clone();
+    let comp_out = new
+        .compensation
+        .as_ref()
+        .unwrap_or(&new.param)
+        .handle
+        .clone();
     let handles = Handles {
         n,
         inputs: [
@@ -341,12 +340,12 @@ fn cube_update(
             comp_in,
         ],
         outputs: [
-            new_param.handle.clone(),
-            new_m.handle.clone(),
-            new_v.handle.clone(),
+            new.param.handle.clone(),
+            new.exp_avg.handle.clone(),
+            new.exp_avg_sq.handle.clone(),
             comp_out,
         ],
-        scalars,
+        scalars: step.kernel_scalars(),
         flags: [
             kahan,
             step.grad_scale.is_some(),
@@ -366,7 +365,7 @@ fn cube_update(
             panic!("AdamW kernel: weight, gradient and moment dtypes {other:?} (F32/BF16 only)")
         }
     }
-    [Some(new_param), Some(new_m), Some(new_v), new_comp]
+    new
 }
 
 /// The buffers and flags of one launch.
@@ -424,24 +423,30 @@ impl Handles {
     }
 }
 
-/// [`cube_update`] as one custom operation of the fusion stream.
+/// [`cube_update`] as one custom operation of the fusion stream. Its inputs are the weight,
+/// the gradient, both moments and the compensation when kept; its outputs the new weight,
+/// moments and compensation.
 fn fused_update(
-    inputs: [FusionTensor<FusedRuntime>; 4],
-    comp: Option<FusionTensor<FusedRuntime>>,
+    slots: Slots<FusionTensor<FusedRuntime>>,
+    grad: FusionTensor<FusedRuntime>,
     step: &AdamWStep,
-) -> [Option<FusionTensor<FusedRuntime>>; 4] {
-    let client = inputs[0].client.clone();
-    let kahan = comp.is_some();
-    let all: Vec<FusionTensor<FusedRuntime>> = inputs.into_iter().chain(comp).collect();
-    let streams = OperationStreams::with_inputs(all.iter());
+) -> Slots<FusionTensor<FusedRuntime>> {
+    let client = grad.client.clone();
     let uninit = |t: &FusionTensor<FusedRuntime>| {
         TensorIr::uninit(client.create_empty_handle(), t.shape.clone(), t.dtype)
     };
-    let mut outs = vec![uninit(&all[0]), uninit(&all[2]), uninit(&all[3])];
-    if kahan {
-        outs.push(uninit(&all[4]));
-    }
-    let irs: Vec<TensorIr> = all.into_iter().map(|t| t.into_ir()).collect();
+    let outs: Vec<TensorIr> = [&slots.param, &slots.exp_avg, &slots.exp_avg_sq]
+        .into_iter()
+        .chain(slots.compensation.as_ref())
+        .map(uninit)
+        .collect();
+    let inputs: Vec<FusionTensor<FusedRuntime>> =
+        [slots.param, grad, slots.exp_avg, slots.exp_avg_sq]
+            .into_iter()
+            .chain(slots.compensation)
+            .collect();
+    let streams = OperationStreams::with_inputs(inputs.iter());
+    let irs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
     let desc = CustomOpIr::new("qatflow_adamw", &irs, &outs);
     let mut out = client
         .register(
@@ -450,8 +455,13 @@ fn fused_update(
             AdamWOp { desc, step: *step },
         )
         .into_iter();
-    let mut next = || out.next();
-    [next(), next(), next(), next()]
+    let mut next = || out.next().expect("one output a state tensor");
+    Slots {
+        param: next(),
+        exp_avg: next(),
+        exp_avg_sq: next(),
+        compensation: out.next(),
+    }
 }
 
 /// The fusion stream's record of one update.
@@ -466,18 +476,18 @@ impl Operation<FusedRuntime> for AdamWOp {
         &self,
         handles: &mut HandleContainer<<FusedRuntime as burn_fusion::FusionRuntime>::FusionHandle>,
     ) {
-        let get = |handles: &mut HandleContainer<_>, i: usize| {
-            handles.get_float_tensor::<Cube>(&self.desc.inputs[i])
+        let mut get = |i: usize| handles.get_float_tensor::<Cube>(&self.desc.inputs[i]);
+        let slots = Slots {
+            param: get(0),
+            exp_avg: get(2),
+            exp_avg_sq: get(3),
+            compensation: (self.desc.inputs.len() == 5).then(|| get(4)),
         };
-        let inputs = [
-            get(handles, 0),
-            get(handles, 1),
-            get(handles, 2),
-            get(handles, 3),
-        ];
-        let comp = (self.desc.inputs.len() == 5).then(|| get(handles, 4));
-        let outputs = cube_update(inputs, comp, &self.step);
-        for (ir, t) in self.desc.outputs.iter().zip(outputs.into_iter().flatten()) {
+        let new = cube_update(slots, get(1), &self.step);
+        let outputs = [new.param, new.exp_avg, new.exp_avg_sq]
+            .into_iter()
+            .chain(new.compensation);
+        for (ir, t) in self.desc.outputs.iter().zip(outputs) {
             handles.register_float_tensor::<Cube>(&ir.id, t);
         }
     }

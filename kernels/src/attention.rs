@@ -27,7 +27,7 @@ use burn_fusion::Fusion;
 
 use crate::fake_quant::{downcast, upcast, Cube, CubeBf16};
 use crate::gemm::{self, CudaGemm};
-use crate::reduce;
+use crate::{reduce, to_dtype};
 
 /// Wraps a primitive as a tensor of rank `D`.
 fn t<I: Backend, const D: usize>(p: FloatTensor<I>) -> Tensor<I, D> {
@@ -37,15 +37,6 @@ fn t<I: Backend, const D: usize>(p: FloatTensor<I>) -> Tensor<I, D> {
 /// The primitive of a tensor.
 fn p<I: Backend, const D: usize>(x: Tensor<I, D>) -> FloatTensor<I> {
     x.into_primitive().tensor()
-}
-
-/// `x` in BF16 (no kernel when it already is).
-fn as_bf16<I: Backend, const D: usize>(x: Tensor<I, D>) -> Tensor<I, D> {
-    if x.dtype() == DType::BF16 {
-        x
-    } else {
-        x.cast(DType::BF16)
-    }
 }
 
 /// Batched GEMM of rank-3 tensors on the cuBLASLt path.
@@ -151,7 +142,7 @@ impl<I: CudaGemm> Backward<I, 3> for AttentionBackward {
         let q = q.reshape([bk, rows, d.head_dim]);
         let k = k.reshape([bk, d.keys, d.head_dim]);
         let v = v.reshape([bk, d.keys, d.head_dim]);
-        let d_out = as_bf16(d_out).reshape([bk, rows, d.head_dim]);
+        let d_out = to_dtype(d_out, DType::BF16).reshape([bk, rows, d.head_dim]);
         let probs = probabilities(q.clone(), k.clone(), mask.map(t), d, scale);
         // dV = Pᵀ · dO; dP = dO · Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) · scale.
         let dv = bmm(probs.clone().cast(DType::BF16), d_out.clone(), true, false);

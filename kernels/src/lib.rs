@@ -107,6 +107,18 @@ impl std::fmt::Debug for Quantizer {
     }
 }
 
+/// Casts `x` to `dtype` unless it already has it (no kernel then).
+pub fn to_dtype<B: burn::tensor::backend::Backend, const D: usize>(
+    x: burn::tensor::Tensor<B, D>,
+    dtype: burn::tensor::DType,
+) -> burn::tensor::Tensor<B, D> {
+    if x.dtype() == dtype {
+        x
+    } else {
+        x.cast(dtype)
+    }
+}
+
 /// Units per cube of the block kernels.
 pub(crate) const CUBE_SIZE: u32 = 256;
 

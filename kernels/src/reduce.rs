@@ -28,7 +28,7 @@ use half::bf16;
 
 use crate::fake_quant::{downcast, upcast, Cube, FusedRuntime};
 use crate::gemm::cuda_index;
-use crate::{cube_count, CUBE_SIZE};
+use crate::{cube_count, to_dtype, CUBE_SIZE};
 
 /// Fewest elements a lane keeps: below it the second pass would cost more than it saves.
 const MIN_LANE: usize = 256;
@@ -132,36 +132,23 @@ pub fn log_softmax<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 2> {
 /// Units of [`square_sum`]'s kernel: 2¹⁸ (an H100 holds ~270k resident threads).
 const SQUARE_SUM_UNITS: usize = 1 << 18;
 
-/// Σ x² over every element of `x`, in f32, as a one-element tensor. On CUDA (training engine
-/// on) one kernel pass plus a sum of its partials; elsewhere `x` widened to f32, squared and
-/// summed by burn (the values the CPU always gave).
-pub fn square_sum<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 1> {
-    let n = x.shape().num_elements();
-    let on_cuda = crate::gemm::enabled() && n > 0 && matches!(x.dtype(), DType::F32 | DType::BF16);
-    if on_cuda {
-        let flat: Tensor<B, 1> = x.reshape([n]);
-        let primitive = flat.into_primitive().tensor();
-        match square_sum_on_cuda::<B>(primitive) {
+/// Σ x² over the elements of a flat `x`, in f32, as a one-element tensor. On CUDA (training
+/// engine on) one kernel pass plus a sum of its partials; elsewhere `x` widened to f32,
+/// squared and summed by burn (the values the CPU always gave).
+pub fn square_sum<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
+    let kernel =
+        crate::gemm::enabled() && x.dims()[0] > 0 && matches!(x.dtype(), DType::F32 | DType::BF16);
+    let x = if kernel {
+        match square_sum_on_cuda::<B>(x.into_primitive().tensor()) {
             Ok(partials) => {
-                let partials: Tensor<B, 1> =
-                    Tensor::from_primitive(TensorPrimitive::Float(partials));
-                return partials.sum();
+                return Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(partials)).sum()
             }
-            Err(primitive) => {
-                let flat: Tensor<B, 1> = Tensor::from_primitive(TensorPrimitive::Float(primitive));
-                return widened(flat).powi_scalar(2).sum();
-            }
+            Err(x) => Tensor::from_primitive(TensorPrimitive::Float(x)),
         }
-    }
-    widened(x).powi_scalar(2).sum()
-}
-
-fn widened<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    if x.dtype() == DType::F32 {
-        x
     } else {
-        x.cast(DType::F32)
-    }
+        x
+    };
+    to_dtype(x, DType::F32).powi_scalar(2).sum()
 }
 
 /// The partial sums of squares `[units]` of a flat CUDA tensor, or the tensor back when `B`
@@ -371,7 +358,9 @@ mod tests {
 
     #[test]
     fn off_cuda_square_sum_is_the_widened_sum_of_squares() {
-        let x = sample(3, 100).cast(burn::tensor::DType::BF16);
+        let x = sample(3, 100)
+            .reshape([300])
+            .cast(burn::tensor::DType::BF16);
         let want = x
             .clone()
             .cast(burn::tensor::DType::F32)

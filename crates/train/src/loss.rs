@@ -103,12 +103,7 @@ pub fn nll_sum_from_hidden<B: Backend>(
 
 /// `[rows, vocab]` logits as f32 log-probabilities.
 fn log_softmax<B: Backend>(logits: Tensor<B, 2>) -> Tensor<B, 2> {
-    let logits = if logits.dtype() == DType::F32 {
-        logits
-    } else {
-        logits.cast(DType::F32)
-    };
-    qatflow_kernels::reduce::log_softmax(logits)
+    qatflow_kernels::reduce::log_softmax(qatflow_kernels::to_dtype(logits, DType::F32))
 }
 
 /// Sum over `batch`'s target positions of KL(teacher ‖ student) between the next-token

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor};
 use qatflow_kernels::adamw::{self, AdamWStep, Slots};
+use qatflow_kernels::to_dtype;
 
 use crate::config::{MomentPrecision, OptimPrecision, OptimSection};
 
@@ -41,20 +42,7 @@ pub struct AdamW<B: Backend> {
 
 /// `t` widened to f32 (unchanged when it already is).
 pub fn f32_of<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
-    if t.dtype() == DType::F32 {
-        t
-    } else {
-        t.cast(DType::F32)
-    }
-}
-
-/// `t` (f32) in the moments' storage dtype.
-fn stored<B: Backend>(t: Tensor<B, 1>, dtype: DType) -> Tensor<B, 1> {
-    if dtype == DType::F32 {
-        t
-    } else {
-        t.cast(dtype)
-    }
+    to_dtype(t, DType::F32)
 }
 
 /// Rounds f32 values to BF16 stochastically: down or up to a neighbouring BF16 value with
@@ -175,8 +163,8 @@ impl<B: Backend> AdamW<B> {
         let denom = (v.clone() / bc2).sqrt() + hp.eps;
         let w = f32_of(param.clone());
         let mut delta = (m.clone() / bc1) / denom * (-lr);
-        state.exp_avg = stored(m, moments);
-        state.exp_avg_sq = stored(v, moments);
+        state.exp_avg = to_dtype(m, moments);
+        state.exp_avg_sq = to_dtype(v, moments);
         if hp.weight_decay > 0.0 {
             delta = delta - w.clone() * (lr * hp.weight_decay);
         }

@@ -11,14 +11,7 @@ use crate::config::ModelConfig;
 use crate::io::weights::{LoadError, Weights};
 use crate::linear::QLinear;
 
-/// Casts `x` to `dtype` unless it already has it.
-pub fn to_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
-    if x.dtype() == dtype {
-        x
-    } else {
-        x.cast(dtype)
-    }
-}
+pub use qatflow_kernels::to_dtype;
 
 /// RMSNorm as Llama and Qwen3 compute it: normalized in float32, cast back to the input
 /// dtype, then multiplied by the weight.
