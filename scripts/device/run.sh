@@ -1,5 +1,5 @@
 #!/bin/bash
-# Device script of the engine work (issue 13). Usage: bash scripts/device/run.sh STAGE... (binaries, wheels and tokenizer files in .gpu/, see results/train/engine_notes.md)
+# Device script of the engine work (issue 13). Usage: bash scripts/device/run.sh STAGE... (binaries, wheels and tokenizer files in .gpu/, see crates/train/results/engine_notes.md)
 # Stages: setup check smol burn-smol qwen burn-qwen q35 q35-9b q8 anchor-smol anchor-qwen anchor-q8
 #         anchor-q35 anchor-q35-9b q35tiny serve decode-anchor
 # Engine stages run with QATFLOW_GEMM=cublaslt unless they start with burn-. Environment:
