@@ -4,16 +4,24 @@
 //! `‖out − ref‖ / ‖ref‖` of the forward `y = x · wᵀ` and of both gradients
 //! (`dx = dy · w`, `dw = dyᵀ · x`) against a float64 reference on the CPU (the same
 //! BF16-rounded operands), for the cuBLASLt path and for burn's matmul; then the median
-//! time of a linear layer's forward + backward on each path. Exit status 1 when an error
-//! exceeds 1e-2 (BF16 operands land between 1e-3 and 1e-2), an output is not finite, or
-//! cuBLASLt did not run. `--device cuda:N` picks the GPU.
+//! time of a linear layer's forward + backward on each path. Then the training engine's other
+//! CUDA kernels against their references: the attention operation (query blocks, the softmax
+//! kernels; output and the gradients of q, k, v) against burn's tensor formula on the same
+//! GPU in f32, with the time of a Qwen3-1.7B-sized layer on both; the AdamW kernel element by
+//! element against `adamw::reference` (bits that differ, largest difference in last places);
+//! `reduce::square_sum` against a float64 sum. Exit status 1 when an error exceeds 1e-2 (BF16
+//! operands land between 1e-3 and 1e-2), an output is not finite, cuBLASLt did not run, or a
+//! kernel check fails. `--device cuda:N` picks the GPU.
 
 use std::time::Instant;
 
+use burn::backend::cuda::CudaDevice;
 use burn::backend::{Autodiff, Cuda};
-use burn::tensor::{DType, Distribution, Tensor};
+use burn::tensor::{DType, Distribution, ElementConversion, Tensor, TensorData};
+use half::bf16;
 use qatflow_core::Device;
-use qatflow_kernels::gemm;
+use qatflow_kernels::adamw::{self, AdamWStep, Slots};
+use qatflow_kernels::{attention, gemm, reduce, KernelElement};
 
 type B = Autodiff<Cuda>;
 
@@ -198,16 +206,304 @@ fn main() {
         bench.push(entry);
     }
     set_path(true);
+    let attention = attention_check(&device, &mut failures);
+    let adamw = adamw_check(&device, &mut failures);
+    let square_sum = square_sum_check(&device, &mut failures);
     let ok = failures.is_empty();
     let out = serde_json::json!({
         "ok": ok,
         "cublaslt_available": available,
         "checks": checks,
         "bench_linear_fwd_bwd": bench,
+        "attention": attention,
+        "adamw": adamw,
+        "square_sum": square_sum,
         "failures": failures,
     });
     println!("{}", serde_json::to_string_pretty(&out).expect("json"));
     if !ok {
         std::process::exit(1);
     }
+}
+
+/// A causal mask `[batch, 1, len, len]` with `valid[b]` valid keys in sequence `b` (as the
+/// model's `attention_mask`).
+fn causal_mask(len: usize, valid: &[usize], device: &CudaDevice) -> Tensor<B, 4> {
+    let mut m = vec![0f32; valid.len() * len * len];
+    for (b, &n) in valid.iter().enumerate() {
+        for i in 0..len {
+            for j in 0..len {
+                if j > i || j >= n {
+                    m[(b * len + i) * len + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(m, [valid.len(), 1, len, len]), device)
+}
+
+/// Grouped-query attention in f32 with burn's tensor operations (the model's formula).
+fn attention_formula(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [b, h, len, hd] = q.dims();
+    let [_, kvh, keys, _] = k.dims();
+    let rep = h / kvh;
+    let f = |x: Tensor<B, 4>| x.cast(DType::F32);
+    let s = f(q)
+        .reshape([b, kvh, rep * len, hd])
+        .matmul(f(k).swap_dims(2, 3))
+        .mul_scalar((hd as f64).powf(-0.5))
+        .reshape([b, h, len, keys])
+        + mask;
+    burn::tensor::activation::softmax(s, 3)
+        .reshape([b, kvh, rep * len, keys])
+        .matmul(f(v))
+        .reshape([b, h, len, hd])
+}
+
+/// Output and gradients of `sum(out · w)`, engine path (`try_attention`) or the formula.
+fn attention_run(
+    qkv: &[Tensor<B, 4>; 3],
+    mask: &Tensor<B, 4>,
+    w: &Tensor<B, 4>,
+    engine: bool,
+) -> [Tensor<B, 4>; 4] {
+    let [q, k, v] = qkv.clone().map(|x| x.require_grad());
+    let out = if engine {
+        match attention::try_attention(q.clone(), k.clone(), v.clone(), Some(mask)) {
+            Ok(out) => out,
+            Err(_) => panic!("the training engine's attention did not apply"),
+        }
+    } else {
+        attention_formula(q.clone(), k.clone(), v.clone(), mask.clone())
+    };
+    let grads = (out.clone().cast(DType::F32) * w.clone()).sum().backward();
+    let g = |x: &Tensor<B, 4>| Tensor::<B, 4>::from_inner(x.grad(&grads).expect("a gradient"));
+    [out, g(&q), g(&k), g(&v)]
+}
+
+fn flat(t: Tensor<B, 4>) -> Vec<f32> {
+    t.cast(DType::F32)
+        .into_data()
+        .to_vec::<f32>()
+        .expect("f32 data")
+}
+
+/// The attention operation against the formula, and the time of both.
+fn attention_check(device: &CudaDevice, failures: &mut Vec<String>) -> serde_json::Value {
+    let mut cases = Vec::new();
+    // (batch, heads, kv heads, len, head dim, valid keys): one block, then blocks of 1024.
+    for (batch, heads, kvh, len, hd, valid) in [
+        (
+            2usize,
+            8usize,
+            2usize,
+            300usize,
+            64usize,
+            vec![300usize, 251],
+        ),
+        (1, 4, 4, 2100, 128, vec![2100]),
+    ] {
+        let bf = |shape: [usize; 4]| {
+            Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(DType::BF16)
+        };
+        let qkv = [
+            bf([batch, heads, len, hd]),
+            bf([batch, kvh, len, hd]),
+            bf([batch, kvh, len, hd]),
+        ];
+        let w = Tensor::<B, 4>::random(
+            [batch, heads, len, hd],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        );
+        let mask = causal_mask(len, &valid, device);
+        let want = attention_run(&qkv, &mask, &w, false);
+        let got = attention_run(&qkv, &mask, &w, true);
+        let mut entry = serde_json::json!({"batch": batch, "heads": heads, "kv_heads": kvh, "len": len, "head_dim": hd});
+        for (name, (g, w)) in ["out", "dq", "dk", "dv"]
+            .iter()
+            .zip(got.into_iter().zip(want))
+        {
+            let w64: Vec<f64> = flat(w).into_iter().map(f64::from).collect();
+            let e = rel_err(&flat(g), &w64);
+            if e.is_nan() || e > 2e-2 {
+                failures.push(format!(
+                    "attention {name} {batch}x{heads}/{kvh}x{len}x{hd}: rel err {e}"
+                ));
+            }
+            entry[*name] = serde_json::json!(e);
+        }
+        cases.push(entry);
+    }
+    // One Qwen3-1.7B attention layer (16 heads, 8 KV heads, 2048 positions, head dim 128):
+    // forward + backward, median of 7 after 2 warm-ups.
+    let bf = |shape: [usize; 4]| {
+        Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(DType::BF16)
+    };
+    let qkv = [
+        bf([1, 16, 2048, 128]),
+        bf([1, 8, 2048, 128]),
+        bf([1, 8, 2048, 128]),
+    ];
+    let w = Tensor::<B, 4>::random([1, 16, 2048, 128], Distribution::Normal(0.0, 1.0), device);
+    let mask = causal_mask(2048, &[2048], device);
+    let mut timing = serde_json::json!({});
+    for (path, engine) in [("engine", true), ("formula_f32", false)] {
+        let mut times = Vec::new();
+        for i in 0..9 {
+            let t0 = Instant::now();
+            let [_, dq, dk, dv] = attention_run(&qkv, &mask, &w, engine);
+            for g in [dq, dk, dv] {
+                let _ = g.slice([0..1, 0..1, 0..1, 0..1]).into_data();
+            }
+            if i >= 2 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        timing[path] = serde_json::json!({"median_ms": times[times.len() / 2] * 1e3});
+    }
+    serde_json::json!({"checks": cases, "qwen3_1.7b_layer_fwd_bwd": timing})
+}
+
+/// A storage type of the AdamW check: `f32` or `bf16`.
+trait Stored: KernelElement + burn::tensor::Element {}
+impl<T: KernelElement + burn::tensor::Element> Stored for T {}
+
+/// Host values of one dtype for the AdamW check.
+fn host<T: Stored>(v: &[f32]) -> Vec<T> {
+    v.iter().map(|&x| T::from_f32_value(x)).collect()
+}
+
+fn to_gpu<T: Stored>(v: &[T], device: &CudaDevice) -> Tensor<Cuda, 1> {
+    Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device)
+}
+
+fn from_gpu<T: Stored>(t: Tensor<Cuda, 1>) -> Vec<T> {
+    t.into_data().to_vec::<T>().expect("the stored dtype")
+}
+
+/// Distance in units of the last place between two values of one storage type.
+fn ulps<T: Stored>(a: T, b: T) -> u64 {
+    let (a, b) = (f64::from(a.to_f32()), f64::from(b.to_f32()));
+    if a == b {
+        return 0;
+    }
+    let ulp = if std::mem::size_of::<T>() == 2 {
+        2f64.powi(-7)
+    } else {
+        2f64.powi(-23)
+    };
+    let scale = a.abs().max(b.abs()).max(f64::MIN_POSITIVE);
+    let exp = scale.log2().floor();
+    ((a - b).abs() / (ulp * 2f64.powf(exp))).ceil() as u64
+}
+
+/// One AdamW configuration: weight type `P`, gradient `G`, moments `M`.
+fn adamw_case<P: Stored, G: Stored, M: Stored>(
+    device: &CudaDevice,
+    kahan: bool,
+    failures: &mut Vec<String>,
+) -> serde_json::Value {
+    let n = (1 << 20) + 37;
+    let val = |i: usize, k: u64| {
+        ((i as u64).wrapping_mul(2654435761).wrapping_add(k * 97) % 20011) as f32 / 20011.0
+    };
+    let w: Vec<f32> = (0..n).map(|i| val(i, 1) * 2.0 - 1.0).collect();
+    let g: Vec<f32> = (0..n).map(|i| (val(i, 2) - 0.5) * 1e-2).collect();
+    let m: Vec<f32> = (0..n).map(|i| (val(i, 3) - 0.5) * 1e-3).collect();
+    let v: Vec<f32> = (0..n).map(|i| val(i, 4) * 1e-5).collect();
+    let c: Vec<f32> = (0..n).map(|i| (val(i, 5) - 0.5) * 1e-4).collect();
+    let step = AdamWStep::new(0.9, 0.95, 1e-8, 0.1, 1e-3, 3, 0.5);
+    let (wp, gp, mp, vp, cp) = (
+        host::<P>(&w),
+        host::<G>(&g),
+        host::<M>(&m),
+        host::<M>(&v),
+        host::<P>(&c),
+    );
+    let slots = Slots {
+        param: to_gpu(&wp, device),
+        exp_avg: to_gpu(&mp, device),
+        exp_avg_sq: to_gpu(&vp, device),
+        compensation: kahan.then(|| to_gpu(&cp, device)),
+    };
+    let new = adamw::update::<Cuda>(slots, to_gpu(&gp, device), &step, kahan);
+    let (nw, nm, nv) = (
+        from_gpu::<P>(new.param),
+        from_gpu::<M>(new.exp_avg),
+        from_gpu::<M>(new.exp_avg_sq),
+    );
+    let nc = new.compensation.map(from_gpu::<P>);
+    let (mut differ, mut worst) = (0usize, 0u64);
+    for i in 0..n {
+        let (rw, rm, rv, rc) =
+            adamw::reference::<P, M>(&step, kahan, [wp[i], cp[i]], gp[i].to_f32(), [mp[i], vp[i]]);
+        let mut d = [ulps(rw, nw[i]), ulps(rm, nm[i]), ulps(rv, nv[i]), 0];
+        if let Some(nc) = &nc {
+            d[3] = ulps(rc, nc[i]);
+        }
+        differ += d.iter().filter(|&&x| x > 0).count();
+        worst = worst.max(*d.iter().max().expect("four"));
+    }
+    let name = format!(
+        "{}/{}/{}{}",
+        std::any::type_name::<P>(),
+        std::any::type_name::<G>(),
+        std::any::type_name::<M>(),
+        if kahan { " kahan" } else { "" }
+    );
+    // An FMA contraction moves a result by one last place at most, and rarely.
+    if worst > 1 || differ > n / 100 {
+        failures.push(format!(
+            "adamw {name}: {differ} values differ, up to {worst} last places"
+        ));
+    }
+    serde_json::json!({"case": name, "elements": n, "values_differing": differ, "max_ulps": worst})
+}
+
+/// The AdamW kernel against `adamw::reference`.
+fn adamw_check(device: &CudaDevice, failures: &mut Vec<String>) -> serde_json::Value {
+    if !adamw::available::<Cuda>() {
+        failures.push("the AdamW kernel is not available on Cuda".into());
+        return serde_json::json!(null);
+    }
+    serde_json::json!([
+        adamw_case::<bf16, bf16, bf16>(device, true, failures),
+        adamw_case::<bf16, bf16, bf16>(device, false, failures),
+        adamw_case::<bf16, f32, f32>(device, true, failures),
+        adamw_case::<f32, f32, f32>(device, false, failures),
+        adamw_case::<f32, bf16, bf16>(device, false, failures),
+    ])
+}
+
+/// `reduce::square_sum` of a BF16 and an F32 tensor against a float64 sum.
+fn square_sum_check(device: &CudaDevice, failures: &mut Vec<String>) -> serde_json::Value {
+    let n = 3_000_017;
+    let mut out = Vec::new();
+    for dtype in [DType::BF16, DType::F32] {
+        let x = Tensor::<Cuda, 1>::random([n], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+        let host: Vec<f64> = x
+            .clone()
+            .cast(DType::F32)
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32")
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let want: f64 = host.iter().map(|v| v * v).sum();
+        let got = reduce::square_sum(x).into_scalar().elem::<f64>();
+        let rel = ((got - want) / want).abs();
+        if rel.is_nan() || rel > 1e-5 {
+            failures.push(format!("square_sum {dtype:?}: {got} vs {want} (rel {rel})"));
+        }
+        out.push(serde_json::json!({"dtype": format!("{dtype:?}"), "rel_err": rel}));
+    }
+    serde_json::json!(out)
 }

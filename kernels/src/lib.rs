@@ -16,6 +16,7 @@
 //!   bit-identical results.
 //! - [`loss`]: the LM head and cross-entropy as one chunked operation on CUDA.
 //! - [`reduce`]: row maxima and sums of long rows (logits) split into lanes on CUDA.
+//! - `softmax`: the attention's softmax and its backward, one kernel each on CUDA.
 //! - [`recompute`]: layer-level activation checkpointing (a decoder block keeps only its
 //!   input; backward recomputes the block).
 
@@ -31,6 +32,7 @@ pub mod kernel;
 pub mod loss;
 pub mod recompute;
 pub mod reduce;
+mod softmax;
 
 use cubecl::cuda::{CudaDevice, CudaRuntime};
 
