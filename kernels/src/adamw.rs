@@ -238,7 +238,7 @@ impl AdamWStep {
 /// training engine on (`QATFLOW_GEMM=cublaslt`, [`crate::gemm::enabled`]; without it the
 /// trainer keeps burn's path throughout, the reference the engine is compared with).
 pub fn available<B: Backend>() -> bool {
-    if !crate::gemm::enabled() {
+    if !crate::gemm::kernel_on("adamw") {
         return false;
     }
     let t = TypeId::of::<FloatTensor<B>>();

@@ -375,7 +375,7 @@ pub fn try_attention<B: Backend>(
     v: Tensor<B, 4>,
     mask: Option<&Tensor<B, 4>>,
 ) -> Result<Tensor<B, 4>, (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>)> {
-    let applies = gemm::enabled()
+    let applies = gemm::kernel_on("attention")
         && [&q, &k, &v].iter().all(|x| x.dtype() == DType::BF16)
         && mask.is_none_or(|m| m.dtype() == DType::F32)
         && q.dims()[1] % k.dims()[1] == 0

@@ -167,6 +167,85 @@ fn ste_on_cuda<B: Backend>(
         .or_else(|x| ste_when::<B, Fusion<CubeBf16>, NoCheckpointing>(x, scale_2))
 }
 
+/// The straight-through estimator around a value computed before (the step's cached
+/// fake-quantized weight): returns `value` with `x`'s identity gradient, the same values and
+/// gradient as [`fake_quantize`] when `value` is `fake_quantize_value(x)`.
+///
+/// Under autodiff on CUDA it is one operation that computes nothing: forward hands `value`
+/// out, backward passes the gradient to `x`, and balanced checkpointing's recompute hands
+/// `value` out again. Elsewhere it is the composed form `value + (x − x.detach())`.
+pub fn straight_through_value<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    value: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let applies = matches!(x.dtype(), DType::F32 | DType::BF16) && x.dtype() == value.dtype();
+    let (x, value) = if applies {
+        let pair = (x.into_primitive().tensor(), value.into_primitive().tensor());
+        match value_on_cuda::<B>(pair) {
+            Ok(out) => return Tensor::from_primitive(TensorPrimitive::Float(out)),
+            Err((x, v)) => (
+                Tensor::from_primitive(TensorPrimitive::Float(x)),
+                Tensor::from_primitive(TensorPrimitive::Float(v)),
+            ),
+        }
+    } else {
+        (x, value)
+    };
+    value + (x.clone() - x.detach())
+}
+
+/// Hands a value computed before out again in backward's recompute.
+#[derive(Debug)]
+struct RetroValue<I: Backend> {
+    value: FloatTensor<I>,
+}
+
+impl<I: Backend> RetroForward for RetroValue<I> {
+    fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
+        states.save(out_node, self.value.clone());
+    }
+}
+
+/// [`straight_through_value`] under `Autodiff<I, C>`.
+fn autodiff_value<I: Backend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<I, C>>,
+    value: FloatTensor<I>,
+) -> FloatTensor<Autodiff<I, C>> {
+    SteBackward
+        .prepare::<C>([x.node.clone()])
+        .memory_bound()
+        .retro_forward(RetroValue::<I> {
+            value: value.clone(),
+        })
+        .parents([&x])
+        .stateless(value)
+}
+
+/// Runs [`autodiff_value`] when `B` is `Autodiff<I, C>`; `value` is a detached tensor of
+/// `B`, whose inner tensor is what the operation hands out.
+fn value_when<B: Backend, I: CudaFakeQuant, C: CheckpointStrategy>(
+    (x, value): (FloatTensor<B>, FloatTensor<B>),
+) -> std::result::Result<FloatTensor<B>, (FloatTensor<B>, FloatTensor<B>)> {
+    if TypeId::of::<B>() != TypeId::of::<Autodiff<I, C>>() {
+        return Err((x, value));
+    }
+    let cast = |t: FloatTensor<B>| {
+        downcast::<_, FloatTensor<Autodiff<I, C>>>(t).unwrap_or_else(|_| unreachable!("B is X"))
+    };
+    let value = cast(value).primitive;
+    Ok(upcast(autodiff_value::<I, C>(cast(x), value)))
+}
+
+/// [`straight_through_value`] on the CUDA autodiff backends qatflow trains on.
+fn value_on_cuda<B: Backend>(
+    pair: (FloatTensor<B>, FloatTensor<B>),
+) -> std::result::Result<FloatTensor<B>, (FloatTensor<B>, FloatTensor<B>)> {
+    value_when::<B, Fusion<Cube>, BalancedCheckpointing>(pair)
+        .or_else(value_when::<B, Fusion<Cube>, NoCheckpointing>)
+        .or_else(value_when::<B, Fusion<CubeBf16>, BalancedCheckpointing>)
+        .or_else(value_when::<B, Fusion<CubeBf16>, NoCheckpointing>)
+}
+
 /// The forward value of [`fake_quantize`] (no gradient path).
 pub fn fake_quantize_value<B: Backend, const D: usize>(
     name: &str,
@@ -366,6 +445,54 @@ mod tests {
         (0..n)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0 + if i % 29 == 0 { 9.0 } else { 0.0 })
             .collect()
+    }
+
+    /// The cached-value operation (what CUDA runs) on the CPU: its output is the value, its
+    /// gradient the identity, also when balanced checkpointing recomputes it in backward.
+    #[test]
+    fn the_value_operation_hands_out_the_value_with_the_identity_gradient() {
+        fn run<C: CheckpointStrategy>() -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+            type In = Flex;
+            let dev = Default::default();
+            let w0 = Tensor::<In, 2>::from_data(TensorData::new(sample(64), [4, 16]), &dev);
+            let value = fake_quantize_value("w", w0.clone(), 9.5).unwrap();
+            let w = Tensor::<Autodiff<In, C>, 2>::from_inner(w0).require_grad();
+            let out = autodiff_value::<In, C>(
+                w.clone().into_primitive().tensor(),
+                value.clone().into_primitive().tensor(),
+            );
+            let out = Tensor::<Autodiff<In, C>, 2>::from_primitive(TensorPrimitive::Float(out));
+            // A compute-bound consumer whose backward needs `out` (recomputed under the
+            // balanced strategy).
+            let x = Tensor::<Autodiff<In, C>, 2>::from_inner(Tensor::<In, 2>::from_data(
+                TensorData::new(sample(48), [3, 16]),
+                &dev,
+            ));
+            let y = x.matmul(out.clone().transpose());
+            let grads = (y.clone() * y).sum().backward();
+            let g = w.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+            (
+                out.inner().into_data().to_vec::<f32>().unwrap(),
+                value.into_data().to_vec::<f32>().unwrap(),
+                g,
+            )
+        }
+        let (out, value, g_plain) = run::<NoCheckpointing>();
+        assert_eq!(out, value);
+        let (out, _, g_balanced) = run::<BalancedCheckpointing>();
+        assert_eq!(out, value);
+        assert_eq!(g_plain, g_balanced);
+        assert!(g_plain.iter().any(|&g| g != 0.0));
+        // The same gradient as the composed form (identity through the value).
+        let dev = Default::default();
+        let w =
+            Tensor::<Ad, 2>::from_data(TensorData::new(sample(64), [4, 16]), &dev).require_grad();
+        let v = Tensor::<Ad, 2>::from_data(TensorData::new(value.clone(), [4, 16]), &dev);
+        let out = straight_through_value(w.clone(), v);
+        let x = Tensor::<Ad, 2>::from_data(TensorData::new(sample(48), [3, 16]), &dev);
+        let y = x.matmul(out.transpose());
+        let g = w.grad(&(y.clone() * y).sum().backward()).unwrap();
+        assert_eq!(g.into_data().to_vec::<f32>().unwrap(), g_plain);
     }
 
     #[test]

@@ -226,6 +226,21 @@ pub fn enabled() -> bool {
     std::env::var(GEMM_ENV).is_ok_and(|v| v == "cublaslt")
 }
 
+/// Names the training engine's kernels that stay off (comma-separated: `attention`,
+/// `softmax`, `adamw`, `square_sum`, `mean_last`), each replaced by the tensor form it
+/// stands for: an A/B of one kernel, or a way around one that fails on a new GPU or driver.
+pub const KERNELS_OFF_ENV: &str = "QATFLOW_KERNELS_OFF";
+
+/// True when the engine is on ([`enabled`]) and [`KERNELS_OFF_ENV`] does not name `kernel`.
+pub fn kernel_on(kernel: &str) -> bool {
+    enabled() && std::env::var(KERNELS_OFF_ENV).map_or(true, |off| !names(&off, kernel))
+}
+
+/// Whether the comma-separated `list` names `kernel`.
+fn names(list: &str, kernel: &str) -> bool {
+    list.split(',').any(|k| k.trim() == kernel)
+}
+
 /// Sets cuBLASLt up on CUDA device `index` (once) and says whether it can be used; the
 /// reason it cannot is kept and returned by [`unavailable_reason`].
 pub fn available(index: usize) -> bool {
@@ -771,6 +786,15 @@ pub fn bmm<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>, ta: bool, tb: bool) -> 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_off_list_names_kernels_exactly() {
+        assert!(super::names("adamw", "adamw"));
+        assert!(super::names("softmax, adamw", "adamw"));
+        assert!(!super::names("adamw_x,softmax", "adamw"));
+        assert!(!super::names("", "adamw"));
+    }
+
     use super::*;
     use burn::backend::Flex;
     use burn::tensor::TensorData;

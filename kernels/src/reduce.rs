@@ -94,7 +94,7 @@ pub fn mean_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let dims = x.dims();
     let len = dims[D - 1];
     let rows = dims[..D - 1].iter().product::<usize>();
-    if !crate::gemm::enabled() || lanes_for_len::<B>(&x.device(), len) <= 1 {
+    if !crate::gemm::kernel_on("mean_last") || lanes_for_len::<B>(&x.device(), len) <= 1 {
         return x.mean_dim(D - 1);
     }
     let mut kept = dims;
@@ -136,8 +136,9 @@ const SQUARE_SUM_UNITS: usize = 1 << 18;
 /// engine on) one kernel pass plus a sum of its partials; elsewhere `x` widened to f32,
 /// squared and summed by burn (the values the CPU always gave).
 pub fn square_sum<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
-    let kernel =
-        crate::gemm::enabled() && x.dims()[0] > 0 && matches!(x.dtype(), DType::F32 | DType::BF16);
+    let kernel = crate::gemm::kernel_on("square_sum")
+        && x.dims()[0] > 0
+        && matches!(x.dtype(), DType::F32 | DType::BF16);
     let x = if kernel {
         match square_sum_on_cuda::<B>(x.into_primitive().tensor()) {
             Ok(partials) => {

@@ -326,7 +326,7 @@ impl Spec {
         &self,
         inputs: Vec<FloatTensor<I>>,
     ) -> Result<[FloatTensor<I>; 2], Vec<FloatTensor<I>>> {
-        if !crate::gemm::enabled() {
+        if !crate::gemm::kernel_on("softmax") {
             return Err(inputs);
         }
         let tid = std::any::TypeId::of::<FloatTensor<I>>();

@@ -5,8 +5,10 @@
 //! goes through `qatflow_kernels::fake_quant`: the one-pass CubeCL kernel on CUDA, burn
 //! tensor operations elsewhere, bit-identical values.
 
+mod cache;
 mod hook;
 
+pub use cache::FakeQuantCache;
 pub use hook::InputAmaxHook;
 
 use burn::module::{Module, Param};
@@ -84,14 +86,28 @@ impl<B: Backend> QLinear<B> {
     }
 
     /// Applies the layer to `[.., in_features]`, fake-quantizing the input and/or weight
-    /// (straight-through gradients) when configured.
+    /// (straight-through gradients) when configured; inside a [`FakeQuantCache`] scope the
+    /// weight's fake-quantized value is computed once and reused.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         hook::observe_input(&self.name, &x);
         let mut w = self.weight.val();
         let mut x = x;
         if let Some(amax) = self.quant.weight {
-            w = qatflow_kernels::fake_quant::fake_quantize(&self.name, w, amax)
-                .expect("weight shape and amax were checked by set_fake_quant");
+            let checked = "weight shape and amax were checked by set_fake_quant";
+            let value = cache::cached(self.weight.id, || {
+                qatflow_kernels::fake_quant::fake_quantize_value(
+                    &self.name,
+                    w.clone().detach(),
+                    amax,
+                )
+                .expect(checked)
+            });
+            w = match value {
+                Some(v) => qatflow_kernels::fake_quant::straight_through_value(w, v),
+                None => {
+                    qatflow_kernels::fake_quant::fake_quantize(&self.name, w, amax).expect(checked)
+                }
+            };
         }
         if let Some(amax) = self.quant.input {
             x = qatflow_kernels::fake_quant::fake_quantize(&self.name, x, amax)
@@ -163,6 +179,40 @@ mod tests {
         for (g, w) in got.iter().zip(want.into_data().to_vec::<f32>().unwrap()) {
             assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
         }
+    }
+
+    /// Inside a cache scope the weight is fake-quantized once for any number of forwards,
+    /// and outputs and gradients are those of the uncached layer bit for bit.
+    #[test]
+    fn the_fake_quant_cache_reuses_one_value_with_the_same_results() {
+        type A = burn::backend::Autodiff<Flex>;
+        let run = |cached: bool| {
+            let w: Vec<f32> = (0..4 * 32).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+            let mut l = QLinear::<A>::new(
+                "l",
+                Tensor::from_data(TensorData::new(w, [4, 32]), &Default::default()),
+            );
+            l.set_fake_quant(QuantizerAmax {
+                weight: Some(6.0),
+                input: None,
+            })
+            .unwrap();
+            let scope = cached.then(FakeQuantCache::begin);
+            let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+            let x = Tensor::<A, 2>::from_data(TensorData::new(x, [2, 32]), &Default::default());
+            let (y1, y2) = (l.forward(x.clone()), l.forward(x * 2.0));
+            if let Some(s) = &scope {
+                assert_eq!(s.len(), 1, "one weight, fake-quantized once");
+            }
+            let grads = (y1.clone() * y2.clone()).sum().backward();
+            let g = l.weight.grad(&grads).unwrap();
+            drop(scope);
+            let v = |t: Tensor<A, 2>| t.into_data().to_vec::<f32>().unwrap();
+            (v(y1), v(y2), g.into_data().to_vec::<f32>().unwrap())
+        };
+        assert_eq!(run(true), run(false));
+        let scope = FakeQuantCache::begin();
+        assert!(scope.is_empty(), "a new scope starts empty");
     }
 
     #[test]

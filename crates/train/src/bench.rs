@@ -39,6 +39,10 @@ pub struct BenchOptions {
     pub quant: bool,
     /// Learning rate of every step.
     pub lr: f64,
+    /// Micro-batches a step (each the same sequence; gradients accumulated).
+    pub micro_batches: usize,
+    /// Each weight fake-quantized once a step (`optim.cache_fake_quant`).
+    pub cache_fake_quant: bool,
 }
 
 /// The measured result.
@@ -62,12 +66,16 @@ pub struct BenchReport {
     pub step_seconds: Vec<f64>,
     /// Learning rate of every step.
     pub lr: f64,
+    /// Micro-batches a step (each `seq_len` tokens).
+    pub micro_batches: usize,
+    /// Each weight fake-quantized once a step.
+    pub cache_fake_quant: bool,
     /// Training loss of every step, warmup included (the same seed and example on every
     /// run, so two GEMM paths' curves can be compared step by step).
     pub step_losses: Vec<f32>,
     /// Median step time.
     pub median_step_s: f64,
-    /// `seq_len / median_step_s`.
+    /// `seq_len × micro_batches / median_step_s`.
     pub tokens_per_s: f64,
     /// Median seconds of forward + backward within a step.
     pub median_forward_backward_s: f64,
@@ -264,10 +272,11 @@ pub fn bench_train_on<B: AutodiffBackend>(
     let mut optimizer = AdamW::<B::InnerBackend>::new(OptimSection {
         precision: options.precision,
         moments: options.moments,
+        cache_fake_quant: options.cache_fake_quant,
         ..OptimSection::default()
     });
     let cancel = CancellationToken::new();
-    let micro = vec![vec![&example]];
+    let micro = vec![vec![&example]; options.micro_batches.max(1)];
     let (mut times, mut fb, mut opt, mut losses) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut gemm, mut wait, mut calls) = (Vec::new(), Vec::new(), 0);
     for i in 0..options.warmup + options.steps {
@@ -309,9 +318,11 @@ pub fn bench_train_on<B: AutodiffBackend>(
         device: device_name.to_string(),
         step_seconds: times,
         lr: options.lr,
+        micro_batches: micro.len(),
+        cache_fake_quant: options.cache_fake_quant,
         step_losses: losses,
         median_step_s: median,
-        tokens_per_s: options.seq_len as f64 / median,
+        tokens_per_s: (options.seq_len * micro.len()) as f64 / median,
         median_forward_backward_s: median_of(&fb),
         median_optimizer_s: median_of(&opt),
         peak_rss_bytes: crate::run::proc_memory_bytes("VmHWM:"),

@@ -146,6 +146,11 @@ pub struct OptimSection {
     pub precision: OptimPrecision,
     /// Storage of Adam's moments (default `fp32`; `bf16` halves the optimizer's memory).
     pub moments: MomentPrecision,
+    /// Fake-quantize each weight once per optimizer step and reuse it in every micro-batch
+    /// and every recompute (default `false`): saves `2 × grad_accum − 1` fake-quant passes
+    /// over the weights a step, at the cost of keeping every quantized weight's fake-quantized
+    /// copy (2 bytes a parameter at BF16) through the step.
+    pub cache_fake_quant: bool,
 }
 
 impl Default for OptimSection {
@@ -164,6 +169,7 @@ impl Default for OptimSection {
             eps: 1e-8,
             precision: OptimPrecision::Fp32,
             moments: MomentPrecision::Fp32,
+            cache_fake_quant: false,
         }
     }
 }

@@ -198,6 +198,12 @@ pub fn optimizer_step<B: AutodiffBackend>(
     let mut acc: BTreeMap<String, Tensor<B::InnerBackend, 1>> = BTreeMap::new();
     let mut loss_sum = 0.0f64;
     let mut tokens = 0u64;
+    // Each quantized weight fake-quantized once for the step's micro-batches and recomputes
+    // (when asked), freed before the update.
+    let fq_cache = optimizer
+        .hp
+        .cache_fake_quant
+        .then(qatflow_model::linear::FakeQuantCache::begin);
     for examples in micro_batches {
         if cancel.is_cancelled() {
             return StepOutcome::Cancelled(model);
@@ -224,6 +230,7 @@ pub fn optimizer_step<B: AutodiffBackend>(
             acc.insert(name, merged);
         }
     }
+    drop(fq_cache);
     // One read-back for the whole norm: a read per parameter would stall the GPU queue
     // hundreds of times a step.
     let sq = acc

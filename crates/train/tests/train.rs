@@ -258,6 +258,36 @@ fn a_run_cut_short_and_resumed_is_bit_identical() {
     );
 }
 
+/// `optim.cache_fake_quant` (each weight fake-quantized once a step, reused by both
+/// micro-batches) trains the same model bit for bit as fake-quantizing in every forward.
+#[test]
+fn caching_the_fake_quantized_weights_changes_no_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let data = data(tmp.path(), 8);
+    let mut plain = config(&model, &data, &tmp.path().join("plain"), "");
+    plain.run.max_steps = Some(2);
+    let mut cached = config(&model, &data, &tmp.path().join("cached"), "");
+    cached.run.max_steps = Some(2);
+    cached.optim.cache_fake_quant = true;
+    let (a, sa) = run(&plain, false);
+    let (b, sb) = run(&cached, false);
+    assert_eq!(sa.losses(), sb.losses());
+    let bytes = |s: &qatflow_train::TrainSummary| {
+        std::fs::read(
+            s.last_checkpoint
+                .as_ref()
+                .unwrap()
+                .join("model.safetensors"),
+        )
+        .unwrap()
+    };
+    assert!(
+        bytes(&a) == bytes(&b),
+        "cached fake quantization changed the weights"
+    );
+}
+
 #[test]
 fn a_corrupted_newest_checkpoint_is_skipped_with_a_warning() {
     let tmp = tempfile::tempdir().unwrap();

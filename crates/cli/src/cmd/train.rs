@@ -350,6 +350,13 @@ pub struct BenchTrainArgs {
     /// e.g. `QATFLOW_GEMM=cublaslt` against `QATFLOW_GEMM=burn`, move enough to compare).
     #[arg(long, default_value_t = 1e-5)]
     lr: f64,
+    /// Micro-batches a step (gradient accumulation; each the same sequence).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    micro_batches: u64,
+    /// Fake-quantize each weight once a step and reuse it in every micro-batch and
+    /// recompute (`optim.cache_fake_quant`; costs 2 bytes a quantized parameter).
+    #[arg(long)]
+    fake_quant_cache: bool,
 }
 
 fn bench_one(a: &BenchTrainArgs, quant: bool) -> anyhow::Result<BenchReport> {
@@ -362,6 +369,8 @@ fn bench_one(a: &BenchTrainArgs, quant: bool) -> anyhow::Result<BenchReport> {
         moments: a.moments,
         quant,
         lr: a.lr,
+        micro_batches: a.micro_batches as usize,
+        cache_fake_quant: a.fake_quant_cache,
     };
     let spec = qatflow_train::config::parse_device(&a.device).map_err(anyhow::Error::msg)?;
     struct Bench<'a>(&'a BenchOptions);
