@@ -408,6 +408,7 @@ fn ulps<T: Stored>(a: T, b: T) -> u64 {
 fn adamw_case<P: Stored, G: Stored, M: Stored>(
     device: &CudaDevice,
     kahan: bool,
+    stochastic: Option<u32>,
     failures: &mut Vec<String>,
 ) -> serde_json::Value {
     let n = (1 << 20) + 37;
@@ -419,7 +420,8 @@ fn adamw_case<P: Stored, G: Stored, M: Stored>(
     let m: Vec<f32> = (0..n).map(|i| (val(i, 3) - 0.5) * 1e-3).collect();
     let v: Vec<f32> = (0..n).map(|i| val(i, 4) * 1e-5).collect();
     let c: Vec<f32> = (0..n).map(|i| (val(i, 5) - 0.5) * 1e-4).collect();
-    let step = AdamWStep::new(0.9, 0.95, 1e-8, 0.1, 1e-3, 3, 0.5);
+    let mut step = AdamWStep::new(0.9, 0.95, 1e-8, 0.1, 1e-3, 3, 0.5);
+    step.stochastic = stochastic;
     let (wp, gp, mp, vp, cp) = (
         host::<P>(&w),
         host::<G>(&g),
@@ -442,8 +444,20 @@ fn adamw_case<P: Stored, G: Stored, M: Stored>(
     let nc = new.compensation.map(from_gpu::<P>);
     let (mut differ, mut worst) = (0usize, 0u64);
     for i in 0..n {
-        let (rw, rm, rv, rc) =
-            adamw::reference::<P, M>(&step, kahan, [wp[i], cp[i]], gp[i].to_f32(), [mp[i], vp[i]]);
+        let wc = [wp[i], cp[i]];
+        let (g, mv) = (gp[i].to_f32(), [mp[i], vp[i]]);
+        let (rw, rm, rv, rc) = match stochastic {
+            Some(seed) => adamw::reference_rounded(
+                &step,
+                kahan,
+                wc,
+                g,
+                mv,
+                |x| P::from_f32_value(adamw::stochastic_bf16(x, seed, i as u32).to_f32()),
+                M::from_f32_value,
+            ),
+            None => adamw::reference::<P, M>(&step, kahan, wc, g, mv),
+        };
         let mut d = [ulps(rw, nw[i]), ulps(rm, nm[i]), ulps(rv, nv[i]), 0];
         if let Some(nc) = &nc {
             d[3] = ulps(rc, nc[i]);
@@ -456,7 +470,13 @@ fn adamw_case<P: Stored, G: Stored, M: Stored>(
         std::any::type_name::<P>(),
         std::any::type_name::<G>(),
         std::any::type_name::<M>(),
-        if kahan { " kahan" } else { "" }
+        if kahan {
+            " kahan"
+        } else if stochastic.is_some() {
+            " stochastic"
+        } else {
+            ""
+        }
     );
     // An FMA contraction moves a result by one last place at most, and rarely.
     if worst > 1 || differ > n / 100 {
@@ -474,11 +494,12 @@ fn adamw_check(device: &CudaDevice, failures: &mut Vec<String>) -> serde_json::V
         return serde_json::json!(null);
     }
     serde_json::json!([
-        adamw_case::<bf16, bf16, bf16>(device, true, failures),
-        adamw_case::<bf16, bf16, bf16>(device, false, failures),
-        adamw_case::<bf16, f32, f32>(device, true, failures),
-        adamw_case::<f32, f32, f32>(device, false, failures),
-        adamw_case::<f32, bf16, bf16>(device, false, failures),
+        adamw_case::<bf16, bf16, bf16>(device, true, None, failures),
+        adamw_case::<bf16, bf16, bf16>(device, false, None, failures),
+        adamw_case::<bf16, bf16, bf16>(device, false, Some(0x5EED), failures),
+        adamw_case::<bf16, f32, f32>(device, true, None, failures),
+        adamw_case::<f32, f32, f32>(device, false, None, failures),
+        adamw_case::<f32, bf16, bf16>(device, false, None, failures),
     ])
 }
 

@@ -54,6 +54,9 @@ pub struct AdamWStep {
     pub lr_weight_decay: Option<f32>,
     /// Factor the gradient is multiplied by first (global-norm clipping); `None` for 1.
     pub grad_scale: Option<f32>,
+    /// `Some(seed)`: the new BF16 weight is rounded stochastically ([`stochastic_bf16`] with
+    /// this seed and the element's index) instead of to nearest.
+    pub stochastic: Option<u32>,
 }
 
 impl AdamWStep {
@@ -78,8 +81,28 @@ impl AdamWStep {
             neg_lr: (-lr) as f32,
             lr_weight_decay: (weight_decay > 0.0).then_some((lr * weight_decay) as f32),
             grad_scale: (grad_scale != 1.0).then_some(grad_scale as f32),
+            stochastic: None,
         }
     }
+}
+
+/// 32 random bits for element `index` under `seed`: a murmur3-style finalizer of the two
+/// (wrapping u32 arithmetic, the kernel's own).
+pub fn random_bits(seed: u32, index: u32) -> u32 {
+    let mut x = index.wrapping_mul(0x9E37_79B9) ^ seed;
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7FEB_352D);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846C_A68B);
+    x ^ (x >> 16)
+}
+
+/// Stochastic rounding of `x` to BF16 as the kernel does it: 16 random bits added to the
+/// f32 bit pattern's low half, then truncation. The magnitude rounds up with probability
+/// equal to the dropped fraction of a BF16 step (unbiased); zero stays zero.
+pub fn stochastic_bf16(x: f32, seed: u32, index: u32) -> bf16 {
+    let bits = x.to_bits().wrapping_add(random_bits(seed, index) & 0xFFFF);
+    bf16::from_bits((bits >> 16) as u16)
 }
 
 /// One parameter's stored state, as tensors of type `T` (flat burn tensors for [`update`]):
@@ -182,10 +205,12 @@ fn adamw_kernel<P: Float, G: Float, M: Float>(
     neg_lr: f32,
     lr_weight_decay: f32,
     grad_scale: f32,
+    seed: u32,
     len: u32,
     #[comptime] kahan: bool,
     #[comptime] scaled: bool,
     #[comptime] decay: bool,
+    #[comptime] stochastic: bool,
 ) {
     let i = ABSOLUTE_POS;
     if i >= len as usize {
@@ -210,9 +235,23 @@ fn adamw_kernel<P: Float, G: Float, M: Float>(
         let new = P::cast_from(w + y);
         new_param[i] = new;
         new_comp[i] = P::cast_from((f32::cast_from(new) - w) - y);
+    } else if stochastic {
+        let bits = u32::reinterpret(w + delta) + (kernel_random_bits(seed, i as u32) & 0xFFFFu32);
+        new_param[i] = P::cast_from(f32::reinterpret(bits & 0xFFFF_0000u32));
     } else {
         new_param[i] = P::cast_from(w + delta);
     }
+}
+
+/// [`random_bits`] in the kernel.
+#[cube]
+fn kernel_random_bits(seed: u32, index: u32) -> u32 {
+    let mut x = (index * 0x9E37_79B9u32) ^ seed;
+    x ^= x >> 16u32;
+    x *= 0x7FEB_352Du32;
+    x ^= x >> 15u32;
+    x *= 0x846C_A68Bu32;
+    x ^ (x >> 16u32)
 }
 
 impl AdamWStep {
@@ -262,6 +301,10 @@ pub fn update<B: Backend>(
         kahan,
         slots.compensation.is_some(),
         "a Kahan compensation exactly under Kahan summation"
+    );
+    assert!(
+        step.stochastic.is_none() || (!kahan && slots.param.dtype() == DType::BF16),
+        "stochastic rounding applies to BF16 weights without Kahan summation"
     );
     let slots = slots.map(|t| t.into_primitive().tensor());
     let grad = grad.into_primitive().tensor();
@@ -346,10 +389,12 @@ fn cube_update(
             comp_out,
         ],
         scalars: step.kernel_scalars(),
+        seed: step.stochastic.unwrap_or(0),
         flags: [
             kahan,
             step.grad_scale.is_some(),
             step.lr_weight_decay.is_some(),
+            step.stochastic.is_some(),
         ],
     };
     match (param.dtype, grad.dtype, exp_avg.dtype) {
@@ -374,7 +419,8 @@ struct Handles {
     inputs: [cubecl::server::Handle; 5],
     outputs: [cubecl::server::Handle; 4],
     scalars: [f32; 10],
-    flags: [bool; 3],
+    seed: u32,
+    flags: [bool; 4],
 }
 
 impl Handles {
@@ -385,7 +431,7 @@ impl Handles {
         let n = self.n;
         let [p, g, m, v, c] = self.inputs;
         let [np, nm, nv, nc] = self.outputs;
-        let [kahan, scaled, decay] = self.flags;
+        let [kahan, scaled, decay, stochastic] = self.flags;
         let [b1, omb1, b2, omb2, bc1, bc2, eps, neg_lr, lr_wd, scale] = self.scalars;
         // SAFETY: every buffer holds `n` elements of its type (the weight's stand-ins for the
         // compensation are only passed when `kahan` is false, and the kernel then leaves them
@@ -414,10 +460,12 @@ impl Handles {
                 neg_lr,
                 lr_wd,
                 scale,
+                self.seed,
                 n as u32,
                 kahan,
                 scaled,
                 decay,
+                stochastic,
             );
         }
     }
@@ -522,6 +570,37 @@ mod tests {
         assert!(w.to_f32() < 1.0, "{w}");
         let (plain, ..) = reference::<bf16, f32>(&s, false, [one, bf16::ZERO], 1.0, [0.0, 0.0]);
         assert_eq!(plain, one, "a 1e-5 step is below half a BF16 ulp");
+    }
+
+    #[test]
+    fn stochastic_rounding_picks_a_neighbour_with_the_right_odds() {
+        // 1 + 0.3 BF16 steps: 1.0 w.p. 0.7, 1 + 2^-7 w.p. 0.3.
+        let step = 2f32.powi(-7);
+        for x in [
+            1.0 + 0.3 * step,
+            -(1.0 + 0.3 * step),
+            3.0e-3 * (1.0 + 0.6 * step),
+        ] {
+            let lo = bf16::from_bits((x.to_bits() >> 16) as u16);
+            let hi = bf16::from_bits(lo.to_bits() + 1);
+            let n = 100_000u32;
+            let mut ups = 0u32;
+            for i in 0..n {
+                let r = stochastic_bf16(x, 77, i);
+                assert!(r == lo || r == hi, "{x}: {r} is no neighbour");
+                ups += u32::from(r == hi);
+            }
+            let frac = (x.abs() - lo.to_f32().abs()) / (hi.to_f32().abs() - lo.to_f32().abs());
+            let p = f64::from(ups) / f64::from(n);
+            assert!(
+                (p - f64::from(frac)).abs() < 0.01,
+                "{x}: up {p}, want {frac}"
+            );
+        }
+        assert_eq!(stochastic_bf16(0.0, 1, 2), bf16::ZERO);
+        assert_eq!(stochastic_bf16(1.0, 1, 2), bf16::ONE, "BF16 values stay");
+        assert_ne!(random_bits(1, 2), random_bits(2, 2));
+        assert_ne!(random_bits(1, 2), random_bits(1, 3));
     }
 
     #[test]

@@ -5,9 +5,12 @@
 //! weights, a Kahan compensation buffer (what rounding dropped is carried into the next
 //! step), or stochastic rounding (unbiased in expectation). All arithmetic of an update is
 //! in f32; every tensor here is a flat view of one parameter, keyed by its Hugging Face
-//! name, so the state saves and restores by name. On CUDA an update (except stochastic
-//! rounding's) is one kernel (`qatflow_kernels::adamw`, the same f32 arithmetic element by
-//! element) instead of the tensor operations, which stored whole-parameter f32 temporaries.
+//! name, so the state saves and restores by name. On CUDA an update is one kernel
+//! (`qatflow_kernels::adamw`, the same f32 arithmetic element by element) instead of the
+//! tensor operations, which stored whole-parameter f32 temporaries; its stochastic rounding
+//! draws 16 bits per element from a hash of the step's seed, the parameter's name and the
+//! element's index (the tensor form draws from the backend's generator), so a resumed run
+//! rounds as the uninterrupted one did.
 
 use std::collections::BTreeMap;
 
@@ -38,6 +41,8 @@ pub struct AdamW<B: Backend> {
     pub step: u64,
     /// Per-parameter state by Hugging Face name.
     pub state: BTreeMap<String, ParamState<B>>,
+    /// This step's stochastic-rounding seed ([`AdamW::set_rounding_seed`]).
+    rounding_seed: u64,
 }
 
 /// `t` widened to f32 (unchanged when it already is).
@@ -72,6 +77,7 @@ impl<B: Backend> AdamW<B> {
             hp,
             step: 0,
             state: BTreeMap::new(),
+            rounding_seed: 0,
         }
     }
 
@@ -124,11 +130,8 @@ impl<B: Backend> AdamW<B> {
             OptimPrecision::Fp32 => DType::F32,
             _ => DType::BF16,
         };
-        if precision != OptimPrecision::Bf16Stochastic
-            && param.dtype() == stored_weight
-            && adamw::available::<B>()
-        {
-            let step = AdamWStep::new(
+        if param.dtype() == stored_weight && adamw::available::<B>() {
+            let mut step = AdamWStep::new(
                 hp.beta1,
                 hp.beta2,
                 hp.eps,
@@ -137,6 +140,9 @@ impl<B: Backend> AdamW<B> {
                 t,
                 grad_scale,
             );
+            if precision == OptimPrecision::Bf16Stochastic {
+                step.stochastic = Some(parameter_seed(self.rounding_seed, name));
+            }
             let slots = Slots {
                 param,
                 exp_avg: state.exp_avg.clone(),
@@ -183,10 +189,25 @@ impl<B: Backend> AdamW<B> {
         }
     }
 
+    /// Seeds this step's stochastic rounding (the CUDA kernel's; the tensor form draws from
+    /// the backend's generator, which the caller seeds).
+    pub fn set_rounding_seed(&mut self, seed: u64) {
+        self.rounding_seed = seed;
+    }
+
     /// Marks the end of an optimizer step (after every parameter was updated).
     pub fn finish_step(&mut self) {
         self.step += 1;
     }
+}
+
+/// The stochastic-rounding seed of parameter `name` under step seed `seed` (FNV-1a of the
+/// name folded into both halves of the seed).
+fn parameter_seed(seed: u64, name: &str) -> u32 {
+    let h = name.bytes().fold(0x811C_9DC5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    h ^ seed as u32 ^ (seed >> 32) as u32
 }
 
 /// Uniform `[0, 1)` draws for stochastic rounding on `device`.

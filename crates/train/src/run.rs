@@ -253,6 +253,7 @@ pub fn optimizer_step<B: AutodiffBackend>(
         t.inner().device()
     };
     B::InnerBackend::seed(&inner_device, sr_seed);
+    optimizer.set_rounding_seed(sr_seed);
     let model = map_params(model, |name, t| {
         let Some(g) = acc.remove(name) else {
             return t;
