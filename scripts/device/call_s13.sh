@@ -7,7 +7,7 @@
 #   2. on an H100: qatflow's Qwen3-1.7B QAT at bf16-kahan (BF16 moments), the ModelOpt anchor,
 #      bf16-plain, the 50-step loss curves of the engine and burn's path, the GPU resume check;
 #      on an H200 (> 100 GB): Qwen3.5-9B and Qwen3-8B QAT memory, the 8B anchor, then the
-#      Qwen3-1.7B pair
+#      Qwen3-1.7B pair; last, 4 micro-batches a step without and with --fake-quant-cache
 # Carries .gpu (qatflow.xz, gemm_check.xz, modelopt_qat_anchor.py, tok/) and .xfer/whl.
 # Usage: LIMIT=540 bash scripts/device/call_s13.sh
 R=scripts/device/run.sh
@@ -41,3 +41,12 @@ fits 80 curve cublaslt
 fits 110 curve burn
 [ -f $OUT/curve_qwen3-1.7b_burn.json ] && python3 scripts/device/compare_curves.py $OUT/curve_qwen3-1.7b_cublaslt.json $OUT/curve_qwen3-1.7b_burn.json
 if [ $((SECONDS + 100)) -le $((${LIMIT:-560} + 20)) ]; then bash scripts/device/resume_gpu.sh .gpu/tok 2>&1 | tee $OUT/resume_gpu.txt; else echo "=== skipped resume check"; fi
+# The fake-quant cache with 4 micro-batches a step, without then with (last: least urgent).
+for c in "" --fake-quant-cache; do
+  fq() { echo "=== $(date +%T) qwen3-1.7b 4 micro-batches $c"
+    QATFLOW_GEMM=cublaslt timeout $T /tmp/qatflow bench-train --device cuda --model qwen3-1.7b \
+      --precision bf16-kahan --moments bf16 --warmup 1 --steps 3 --mode qat --micro-batches 4 $c \
+      --out $OUT/fq${c:+_cache}.json > /dev/null 2> $OUT/fq${c:+_cache}.log; echo "rc=$?"
+    python3 -c "import json;d=json.load(open('$OUT/fq${c:+_cache}.json'))['qat'];print('tok/s %.0f'%d['tokens_per_s'],'peak',d['peak_process_gpu_mib'])"; }
+  fits 90 fq
+done
