@@ -113,7 +113,7 @@ fn softmax_forward_kernel<F: Float>(
     queries: u32,
     #[comptime] masked: bool,
 ) {
-    let row = CUBE_POS as usize;
+    let row = CUBE_POS;
     let (unit, step) = (UNIT_POS as usize, CUBE_DIM as usize);
     let keys = keys as usize;
     let base = row * keys;
@@ -162,7 +162,7 @@ fn softmax_backward_kernel<F: Float>(
     queries: u32,
     #[comptime] masked: bool,
 ) {
-    let row = CUBE_POS as usize;
+    let row = CUBE_POS;
     let (unit, step) = (UNIT_POS as usize, CUBE_DIM as usize);
     let keys = keys as usize;
     let base = row * keys;
