@@ -86,6 +86,12 @@ fn run(config: &TrainConfig, resume: bool) -> (qatflow_train::TrainSummary, Coll
     (summary, sink)
 }
 
+/// The weights file of a run's last checkpoint.
+fn checkpoint_bytes(s: &qatflow_train::TrainSummary) -> Vec<u8> {
+    let ckpt = s.last_checkpoint.as_ref().expect("a checkpoint");
+    std::fs::read(ckpt.join("model.safetensors")).unwrap()
+}
+
 #[test]
 fn qat_loss_falls_and_checkpoints_hold_the_quantizer_state() {
     let tmp = tempfile::tempdir().unwrap();
@@ -243,17 +249,8 @@ fn a_run_cut_short_and_resumed_is_bit_identical() {
         )),
         "{events:?}"
     );
-    let bytes = |s: &qatflow_train::TrainSummary| {
-        std::fs::read(
-            s.last_checkpoint
-                .as_ref()
-                .unwrap()
-                .join("model.safetensors"),
-        )
-        .unwrap()
-    };
     assert!(
-        bytes(&a) == bytes(&c),
+        checkpoint_bytes(&a) == checkpoint_bytes(&c),
         "resumed weights differ from the uninterrupted run"
     );
 }
@@ -273,17 +270,8 @@ fn caching_the_fake_quantized_weights_changes_no_bit() {
     let (a, sa) = run(&plain, false);
     let (b, sb) = run(&cached, false);
     assert_eq!(sa.losses(), sb.losses());
-    let bytes = |s: &qatflow_train::TrainSummary| {
-        std::fs::read(
-            s.last_checkpoint
-                .as_ref()
-                .unwrap()
-                .join("model.safetensors"),
-        )
-        .unwrap()
-    };
     assert!(
-        bytes(&a) == bytes(&b),
+        checkpoint_bytes(&a) == checkpoint_bytes(&b),
         "cached fake quantization changed the weights"
     );
 }
