@@ -9,7 +9,8 @@
 //! kernels; output and the gradients of q, k, v) against burn's tensor formula on the same
 //! GPU in f32, with the time of a Qwen3-1.7B-sized layer on both; the AdamW kernel element by
 //! element against `adamw::reference` (bits that differ, largest difference in last places);
-//! `reduce::square_sum` against a float64 sum. Exit status 1 when an error exceeds 1e-2 (BF16
+//! `reduce::square_sum` against a float64 sum; the RMSNorm operation (both gain conventions)
+//! against the norm's formula in f32. Exit status 1 when an error exceeds 1e-2 (BF16
 //! operands land between 1e-3 and 1e-2), an output is not finite, cuBLASLt did not run, or a
 //! kernel check fails. `--device cuda:N` picks the GPU.
 
@@ -209,6 +210,7 @@ fn main() {
     let attention = attention_check(&device, &mut failures);
     let adamw = adamw_check(&device, &mut failures);
     let square_sum = square_sum_check(&device, &mut failures);
+    let rms_norm = rms_norm_check(&device, &mut failures);
     let ok = failures.is_empty();
     let out = serde_json::json!({
         "ok": ok,
@@ -218,6 +220,7 @@ fn main() {
         "attention": attention,
         "adamw": adamw,
         "square_sum": square_sum,
+        "rms_norm": rms_norm,
         "failures": failures,
     });
     println!("{}", serde_json::to_string_pretty(&out).expect("json"));
@@ -525,6 +528,73 @@ fn square_sum_check(device: &CudaDevice, failures: &mut Vec<String>) -> serde_js
             failures.push(format!("square_sum {dtype:?}: {got} vs {want} (rel {rel})"));
         }
         out.push(serde_json::json!({"dtype": format!("{dtype:?}"), "rel_err": rel}));
+    }
+    serde_json::json!(out)
+}
+
+/// RMSNorm (`norm::try_rms_norm`, both gain conventions) against its formula in f32: output
+/// and the gradients of input and gain.
+fn rms_norm_check(device: &CudaDevice, failures: &mut Vec<String>) -> serde_json::Value {
+    let mut out = Vec::new();
+    for (rows, hidden) in [(300usize, 2048usize), (4096, 128), (77, 200)] {
+        for offset in [false, true] {
+            let x0 = Tensor::<B, 2>::random([rows, hidden], Distribution::Normal(0.0, 2.0), device)
+                .cast(DType::BF16);
+            let w0 = Tensor::<B, 1>::random([hidden], Distribution::Normal(0.5, 0.3), device)
+                .cast(DType::BF16);
+            let up = Tensor::<B, 2>::random([rows, hidden], Distribution::Normal(0.0, 1.0), device);
+            let run = |engine: bool| {
+                let x = x0.clone().require_grad();
+                let w = w0.clone().require_grad();
+                let y = if engine {
+                    match qatflow_kernels::norm::try_rms_norm(x.clone(), w.clone(), 1e-6, offset) {
+                        Ok(y) => y,
+                        Err(_) => panic!("the training engine's RMSNorm did not apply"),
+                    }
+                } else {
+                    let xf = x.clone().cast(DType::F32);
+                    let r = xf
+                        .clone()
+                        .square()
+                        .mean_dim(1)
+                        .add_scalar(1e-6)
+                        .sqrt()
+                        .recip();
+                    let wf = w.clone().cast(DType::F32);
+                    let gain = if offset { wf.add_scalar(1.0) } else { wf };
+                    xf * r * gain.unsqueeze()
+                };
+                let grads = (y.clone().cast(DType::F32) * up.clone()).sum().backward();
+                let v2 =
+                    |t: Tensor<B, 2>| t.cast(DType::F32).into_data().to_vec::<f32>().expect("f32");
+                let dw = Tensor::<B, 1>::from_inner(w.grad(&grads).expect("dw"));
+                (
+                    v2(y),
+                    v2(Tensor::from_inner(x.grad(&grads).expect("dx"))),
+                    dw.cast(DType::F32)
+                        .into_data()
+                        .to_vec::<f32>()
+                        .expect("f32"),
+                )
+            };
+            let (want, got) = (run(false), run(true));
+            let mut entry = serde_json::json!({"rows": rows, "hidden": hidden, "offset": offset});
+            for (name, g, w) in [
+                ("out", &got.0, &want.0),
+                ("dx", &got.1, &want.1),
+                ("dw", &got.2, &want.2),
+            ] {
+                let w64: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
+                let e = rel_err(g, &w64);
+                if e.is_nan() || e > 2e-2 {
+                    failures.push(format!(
+                        "rms_norm {name} {rows}x{hidden} offset {offset}: rel err {e}"
+                    ));
+                }
+                entry[name] = serde_json::json!(e);
+            }
+            out.push(entry);
+        }
     }
     serde_json::json!(out)
 }

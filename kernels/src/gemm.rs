@@ -227,7 +227,7 @@ pub fn enabled() -> bool {
 }
 
 /// Names the training engine's kernels that stay off (comma-separated: `attention`,
-/// `softmax`, `adamw`, `square_sum`, `mean_last`), each replaced by the tensor form it
+/// `softmax`, `adamw`, `square_sum`, `mean_last`, `rms_norm`), each replaced by the tensor form it
 /// stands for: an A/B of one kernel, or a way around one that fails on a new GPU or driver.
 pub const KERNELS_OFF_ENV: &str = "QATFLOW_KERNELS_OFF";
 

@@ -15,6 +15,7 @@
 //!   a CUDA device, the reference codec (`qatflow_nvfp4::codec`) on the CPU — with
 //!   bit-identical results.
 //! - [`loss`]: the LM head and cross-entropy as one chunked operation on CUDA.
+//! - [`norm`]: RMSNorm forward and backward as one operation on CUDA, a kernel a pass.
 //! - [`reduce`]: row maxima and sums of long rows (logits) split into lanes on CUDA.
 //! - `softmax`: the attention's softmax and its backward, one kernel each on CUDA.
 //! - [`recompute`]: layer-level activation checkpointing (a decoder block keeps only its
@@ -27,9 +28,11 @@ pub mod cublaslt;
 pub mod fake_quant;
 pub mod gemm;
 // The launch modules and types that `#[cube]` generates for each kernel carry no docs.
+mod custom;
 #[allow(missing_docs)]
 pub mod kernel;
 pub mod loss;
+pub mod norm;
 pub mod recompute;
 pub mod reduce;
 mod softmax;

@@ -16,16 +16,13 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::tensor::CubeTensor;
-use burn_fusion::stream::{Operation, OperationStreams};
-use burn_fusion::FusionTensor;
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use half::bf16;
 
-use crate::fake_quant::{upcast, Cube, FusedRuntime};
+use crate::custom::{self, empty, CubeCall};
 use crate::{to_dtype, CUBE_SIZE};
 
 /// The shape of one call: `batch · heads · queries` rows of `keys` scores.
@@ -50,7 +47,11 @@ impl Rows {
 /// `op` over the cube's units of one value each (`max` when `max`, else the sum); every
 /// unit gets the result. `shared` holds one f32 a unit.
 #[cube]
-fn cube_reduce(shared: &mut SharedMemory<f32>, value: f32, #[comptime] max: bool) -> f32 {
+pub(crate) fn cube_reduce(
+    shared: &mut SharedMemory<f32>,
+    value: f32,
+    #[comptime] max: bool,
+) -> f32 {
     let unit = UNIT_POS as usize;
     shared[unit] = value;
     sync_cube();
@@ -224,7 +225,7 @@ struct Spec {
 
 impl Spec {
     /// The outputs' shapes and dtypes for scores of `dtype`.
-    fn outputs(&self, dtype: DType) -> [(Vec<usize>, DType); 2] {
+    fn shapes(&self, dtype: DType) -> [(Vec<usize>, DType); 2] {
         let (rows, keys) = (self.rows.count(), self.rows.keys);
         let second = if self.backward {
             (vec![rows, keys], dtype)
@@ -236,7 +237,7 @@ impl Spec {
 
     /// The kernel on CubeCL tensors: forward takes `[scores, mask?]` and gives `[probs,
     /// lse]`, backward takes `[scores, dP, lse, mask?]` and gives `[probs, dS]`.
-    fn run(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> [CubeTensor<CudaRuntime>; 2] {
+    fn launch(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> [CubeTensor<CudaRuntime>; 2] {
         let mut it = inputs.into_iter().map(burn_cubecl::kernel::into_contiguous);
         let mut next = || it.next().expect("an input the caller passed");
         let scores = next();
@@ -247,7 +248,7 @@ impl Spec {
         };
         let mask = self.masked.then(next);
         let [a, b] = self
-            .outputs(scores.dtype)
+            .shapes(scores.dtype)
             .map(|(shape, dtype)| empty(&scores, shape, dtype));
         let r = self.rows;
         let (rows, n) = (r.count(), r.count() * r.keys);
@@ -319,9 +320,23 @@ impl Spec {
         }
         [a, b]
     }
+}
 
-    /// Runs the kernel when `I` is burn's CUDA backend (as a custom operation of the fusion
-    /// stream under fusion) and the training engine is on; the inputs back otherwise.
+impl CubeCall for Spec {
+    const NAME: &'static str = "qatflow_attention_softmax";
+
+    fn outputs(&self, inputs: &[(Vec<usize>, DType)]) -> Vec<(Vec<usize>, DType)> {
+        self.shapes(inputs[0].1).to_vec()
+    }
+
+    fn run(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>> {
+        self.launch(inputs).to_vec()
+    }
+}
+
+impl Spec {
+    /// Runs the kernel when `I` is burn's CUDA backend and the training engine is on; the
+    /// inputs back otherwise.
     fn on_cuda<I: Backend>(
         &self,
         inputs: Vec<FloatTensor<I>>,
@@ -329,79 +344,10 @@ impl Spec {
         if !crate::gemm::kernel_on("softmax") {
             return Err(inputs);
         }
-        let tid = std::any::TypeId::of::<FloatTensor<I>>();
-        if tid == std::any::TypeId::of::<FusionTensor<FusedRuntime>>() {
-            let fused = inputs.into_iter().map(upcast).collect();
-            Ok(self.fused(fused).map(upcast))
-        } else if tid == std::any::TypeId::of::<CubeTensor<CudaRuntime>>() {
-            Ok(self
-                .run(inputs.into_iter().map(upcast).collect())
-                .map(upcast))
-        } else {
-            Err(inputs)
-        }
-    }
-
-    /// [`Spec::run`] as one custom operation of the fusion stream.
-    fn fused(&self, inputs: Vec<FusionTensor<FusedRuntime>>) -> [FusionTensor<FusedRuntime>; 2] {
-        let client = inputs[0].client.clone();
-        let outs = self.outputs(inputs[0].dtype).map(|(shape, dtype)| {
-            TensorIr::uninit(client.create_empty_handle(), Shape::from(shape), dtype)
-        });
-        let streams = OperationStreams::with_inputs(inputs.iter());
-        let irs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
-        let desc = CustomOpIr::new("qatflow_attention_softmax", &irs, &outs);
-        let mut out = client
-            .register(
-                streams,
-                OperationIr::Custom(desc.clone()),
-                SoftmaxOp { desc, spec: *self },
-            )
-            .into_iter();
+        let mut out = custom::on_cuda::<I, _>(self, inputs)?.into_iter();
         let a = out.next().expect("two outputs");
-        [a, out.next().expect("two outputs")]
+        Ok([a, out.next().expect("two outputs")])
     }
-}
-
-/// The fusion stream's record of one call.
-#[derive(Debug, Clone)]
-struct SoftmaxOp {
-    desc: CustomOpIr,
-    spec: Spec,
-}
-
-impl Operation<FusedRuntime> for SoftmaxOp {
-    fn execute(
-        &self,
-        handles: &mut HandleContainer<<FusedRuntime as burn_fusion::FusionRuntime>::FusionHandle>,
-    ) {
-        let inputs = self
-            .desc
-            .inputs
-            .iter()
-            .map(|ir| handles.get_float_tensor::<Cube>(ir))
-            .collect();
-        for (ir, out) in self.desc.outputs.iter().zip(self.spec.run(inputs)) {
-            handles.register_float_tensor::<Cube>(&ir.id, out);
-        }
-    }
-}
-
-/// An empty contiguous CubeCL tensor on `like`'s device.
-fn empty(
-    like: &CubeTensor<CudaRuntime>,
-    shape: Vec<usize>,
-    dtype: DType,
-) -> CubeTensor<CudaRuntime> {
-    let client = like.client.clone();
-    let n: usize = shape.iter().product();
-    CubeTensor::new_contiguous(
-        client.clone(),
-        like.device.clone(),
-        Shape::from(shape),
-        client.empty(n * dtype.size()),
-        dtype,
-    )
 }
 
 /// The probabilities (the scores' dtype) and the row log-sum-exp `[rows]` f32 of

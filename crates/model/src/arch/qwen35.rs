@@ -52,15 +52,19 @@ impl<B: Backend> OffsetRmsNorm<B> {
         }
     }
 
-    /// Normalizes over the last dimension.
+    /// Normalizes over the last dimension (on CUDA training backends one operation,
+    /// `qatflow_kernels::norm`).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let (x, w) = match qatflow_kernels::norm::try_rms_norm(x, self.weight.val(), self.eps, true)
+        {
+            Ok(out) => return out,
+            Err(inputs) => inputs,
+        };
         let dtype = x.dtype();
         let xf = to_dtype(x, DType::F32);
         let mean_square = qatflow_kernels::reduce::mean_last(xf.clone().square());
         let normed = xf * mean_square.add_scalar(self.eps).sqrt().recip();
-        let w: Tensor<B, D> = to_dtype(self.weight.val(), DType::F32)
-            .add_scalar(1.0)
-            .unsqueeze();
+        let w: Tensor<B, D> = to_dtype(w, DType::F32).add_scalar(1.0).unsqueeze();
         to_dtype(normed * w, dtype)
     }
 }
