@@ -374,6 +374,8 @@ fn backward<I: Backend>(
         offset,
     };
     let w_dtype = t::<I, 1>(w.clone()).dtype();
+    // The kernel reads `dy` in the input's dtype.
+    let dy = p(to_dtype(t::<I, 2>(dy), t::<I, 2>(x.clone()).dtype()));
     let (x, w, dy) = match custom::on_cuda::<I, _>(&launch, vec![x, w, dy]) {
         Ok(mut out) => {
             let partial = t::<I, 2>(out.pop().expect("the gain's partial sums"));

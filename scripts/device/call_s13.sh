@@ -2,7 +2,7 @@
 # Device call of 2026-12-07, thirteenth session: whatever GPU comes, the most of this that fits
 # LIMIT seconds (default 560); a stage that would not end in time is skipped and says so.
 #   1. gemm_check: cuBLASLt GEMMs, and the training engine's CUDA kernels never run on a GPU
-#      before (the attention's query blocks and softmax kernels, AdamW, square_sum) against
+#      before (the attention's query blocks and softmax kernels, AdamW, square_sum, RMSNorm) against
 #      their references, plus one Qwen3-1.7B attention layer's time on both paths
 #   2. on an H100: qatflow's Qwen3-1.7B QAT at bf16-kahan (BF16 moments), the ModelOpt anchor,
 #      bf16-plain, the 50-step loss curves of the engine and burn's path, the GPU resume check;
@@ -19,7 +19,7 @@ gemm_check() {
   tail -3 $OUT/gemm_check.log | cut -c1-300
   python3 -c "
 import json; d=json.load(open('$OUT/gemm_check.json'))
-print('ok', d['ok'], d['failures'][:6]); print('attention', json.dumps(d['attention'])); print('adamw', json.dumps(d['adamw'])); print('square_sum', json.dumps(d['square_sum']))
+print('ok', d['ok'], d['failures'][:6]); print('attention', json.dumps(d['attention'])); print('adamw', json.dumps(d['adamw'])); print('square_sum', json.dumps(d['square_sum'])); print('rms_norm', json.dumps(d['rms_norm']))
 for b in d['bench_linear_fwd_bwd']: print(b['m'], b['k'], b['n'], {p: round(b[p]['tflops'], 1) for p in ('cublaslt', 'burn')})" 2>&1 | tail -12; }
 curve() { # 50 steps of Qwen3-1.7B on one GEMM path
   echo "=== $(date +%T) 50 steps qwen3-1.7b $1"
@@ -28,7 +28,7 @@ curve() { # 50 steps of Qwen3-1.7B on one GEMM path
     --out $OUT/curve_qwen3-1.7b_$1.json > /dev/null 2> $OUT/curve_qwen3-1.7b_$1.log; echo "rc=$?"; }
 T=40 bash $R setup
 mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-fits 90 gemm_check
+fits 120 gemm_check
 if [ "$mem" -gt 100000 ]; then
   MODES=qat MOMENTS=bf16 WARMUP=1 STEPS=2 fits 130 bash $R q35-9b
   MODES=qat MOMENTS=bf16 WARMUP=1 STEPS=3 fits 130 bash $R q8
