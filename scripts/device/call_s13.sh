@@ -8,8 +8,11 @@
 #      bf16-plain, the 50-step loss curves of the engine and burn's path, the GPU resume check;
 #      on an H200 (> 100 GB): Qwen3.5-9B and Qwen3-8B QAT memory, the 8B anchor, then the
 #      Qwen3-1.7B pair; last, 4 micro-batches a step without and with --fake-quant-cache
-# Carries .gpu (qatflow.xz, gemm_check.xz, modelopt_qat_anchor.py, tok/) and .xfer/whl.
-# Usage: LIMIT=540 bash scripts/device/call_s13.sh
+#   ab (first argument): this session's build against the twelfth session's (.gpu/qatflow_s12.xz,
+#      3629c9b) in one call, Qwen3-1.7B then Qwen3.5-2B QAT at bf16-kahan, alternating builds
+# Carries .gpu (qatflow.xz, qatflow_s12.xz, gemm_check.xz, modelopt_qat_anchor.py, tok/) and
+# .xfer/whl.
+# Usage: LIMIT=540 bash scripts/device/call_s13.sh [ab]
 R=scripts/device/run.sh
 [ -d .xfer/whl ] && mkdir -p .gpu/whl && cp .xfer/whl/*.whl .gpu/whl/
 fits() { local t=$1; shift; if [ $((SECONDS + t)) -le ${LIMIT:-560} ]; then T=$t "$@"; else echo "=== skipped (no time left): $*"; fi; }
@@ -27,6 +30,17 @@ curve() { # 50 steps of Qwen3-1.7B on one GEMM path
     --precision bf16-kahan --moments bf16 --warmup 0 --steps 50 --mode qat --lr 1e-4 \
     --out $OUT/curve_qwen3-1.7b_$1.json > /dev/null 2> $OUT/curve_qwen3-1.7b_$1.log; echo "rc=$?"; }
 T=40 bash $R setup
+if [ "$1" = ab ]; then
+  for m in qwen3-1.7b qwen3.5-2b; do for round in 1 2; do for b in qatflow_s12 qatflow; do
+    ab() { echo "=== $(date +%T) $m $b round $round"
+      QATFLOW_GEMM=cublaslt timeout $T /tmp/$b bench-train --device cuda --model $m \
+        --precision bf16-kahan --moments bf16 --warmup 2 --steps 5 --mode qat \
+        --out $OUT/ab_${m}_${b}_$round.json > /dev/null 2> $OUT/ab_${m}_${b}_$round.log; echo "rc=$?"
+      python3 -c "import json;d=json.load(open('$OUT/ab_${m}_${b}_$round.json'))['qat'];print('tok/s %.0f'%d['tokens_per_s'],'peak',d['peak_process_gpu_mib'])"; }
+    fits 100 ab
+  done; done; done
+  exit 0
+fi
 mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 fits 120 gemm_check
 if [ "$mem" -gt 100000 ]; then
