@@ -185,26 +185,29 @@ fn forward<I: CudaGemm>(
     scale: f64,
     block: usize,
 ) -> (FloatTensor<I>, Vec<FloatTensor<I>>) {
-    let (q, k, v) = (t::<I, 4>(q), t::<I, 4>(k), t::<I, 4>(v));
-    let mask = mask.map(t::<I, 4>);
-    let d = Dims::of(&q.dims(), &k.dims());
-    let (mut outs, mut lses) = (Vec::new(), Vec::new());
-    for b in d.blocks(block, mask.is_some()) {
-        let o = operands(&q, &k, &v, mask.as_ref(), d, b);
-        let r = d.rows(b);
-        let [bk, rows, keys] = [d.batch * d.kv_heads, d.rep() * r.queries, b.keys];
-        let scores = bmm(o.q, o.k, false, true).reshape([r.batch * r.heads * r.queries, keys]);
-        let (probs, lse) = softmax::forward(scores, o.mask, r, scale as f32);
-        let out = bmm(probs.reshape([bk, rows, keys]), o.v, false, false);
-        outs.push(out.reshape([d.batch, d.heads, r.queries, d.head_dim]));
-        lses.push(p(lse));
-    }
-    let out = if outs.len() == 1 {
-        outs.remove(0)
-    } else {
-        Tensor::cat(outs, 2)
-    };
-    (p(out), lses)
+    let phase_device = I::float_device(&q);
+    crate::phase::timed::<I, _>(crate::phase::Phase::Attention, &phase_device, || {
+        let (q, k, v) = (t::<I, 4>(q), t::<I, 4>(k), t::<I, 4>(v));
+        let mask = mask.map(t::<I, 4>);
+        let d = Dims::of(&q.dims(), &k.dims());
+        let (mut outs, mut lses) = (Vec::new(), Vec::new());
+        for b in d.blocks(block, mask.is_some()) {
+            let o = operands(&q, &k, &v, mask.as_ref(), d, b);
+            let r = d.rows(b);
+            let [bk, rows, keys] = [d.batch * d.kv_heads, d.rep() * r.queries, b.keys];
+            let scores = bmm(o.q, o.k, false, true).reshape([r.batch * r.heads * r.queries, keys]);
+            let (probs, lse) = softmax::forward(scores, o.mask, r, scale as f32);
+            let out = bmm(probs.reshape([bk, rows, keys]), o.v, false, false);
+            outs.push(out.reshape([d.batch, d.heads, r.queries, d.head_dim]));
+            lses.push(p(lse));
+        }
+        let out = if outs.len() == 1 {
+            outs.remove(0)
+        } else {
+            Tensor::cat(outs, 2)
+        };
+        (p(out), lses)
+    })
 }
 
 /// Adds the f32 `[bk, n, hd]` gradient of a block's keys into `acc` `[bk, keys, hd]` (its
@@ -250,53 +253,60 @@ impl<I: CudaGemm> Backward<I, 3> for AttentionBackward {
         let d_out = to_dtype(t::<I, 4>(grads.consume::<I>(&ops.node)), dtype);
         let d = Dims::of(&q.dims(), &k.dims());
         let bk = d.batch * d.kv_heads;
-        let (mut dqs, mut dk, mut dv) = (Vec::new(), None, None);
-        // The last block sees every key: its key gradients start the f32 sums.
-        let blocks = d.blocks(block, mask.is_some());
-        for (b, lse) in blocks.into_iter().zip(lses).rev() {
-            let o = operands(&q, &k, &v, mask.as_ref(), d, b);
-            let r = d.rows(b);
-            let (rows, keys) = (d.rep() * r.queries, b.keys);
-            let d_o = query_rows(&d_out, d, b);
-            let flat = [r.batch * r.heads * r.queries, keys];
-            let scores = bmm(o.q.clone(), o.k.clone(), false, true).reshape(flat);
-            let dp = bmm(d_o.clone(), o.v, false, true).reshape(flat);
-            let (probs, ds) = softmax::backward(scores, dp, o.mask, t(lse), r, scale as f32);
-            let (probs, ds) = (
-                probs.reshape([bk, rows, keys]),
-                ds.reshape([bk, rows, keys]),
-            );
-            let dv_b = bmm(probs, d_o, true, false);
-            let dk_b = bmm(ds.clone(), o.q, true, false);
-            dqs.push(bmm(ds, o.k, false, false).reshape([d.batch, d.heads, r.queries, d.head_dim]));
-            dk = Some(match dk {
-                None => dk_b,
-                Some(acc) => add_keys(to_dtype(acc, DType::F32), dk_b),
-            });
-            dv = Some(match dv {
-                None => dv_b,
-                Some(acc) => add_keys(to_dtype(acc, DType::F32), dv_b),
-            });
-        }
-        dqs.reverse();
-        let dq = if dqs.len() == 1 {
-            dqs.remove(0)
-        } else {
-            Tensor::cat(dqs, 2)
-        };
-        let shape_kv = [d.batch, d.kv_heads, d.keys, d.head_dim];
-        let keys_grad = |g: Option<Tensor<I, 3>>| {
-            p(to_dtype(g.expect("at least one query block"), dtype).reshape(shape_kv))
-        };
+        let device = q.device();
+        let phase = crate::phase::Phase::Attention;
+        let (dq, dk, dv) = crate::phase::timed::<I, _>(phase, &device, || {
+            let (mut dqs, mut dk, mut dv) = (Vec::new(), None, None);
+            // The last block sees every key: its key gradients start the f32 sums.
+            let blocks = d.blocks(block, mask.is_some());
+            for (b, lse) in blocks.into_iter().zip(lses).rev() {
+                let o = operands(&q, &k, &v, mask.as_ref(), d, b);
+                let r = d.rows(b);
+                let (rows, keys) = (d.rep() * r.queries, b.keys);
+                let d_o = query_rows(&d_out, d, b);
+                let flat = [r.batch * r.heads * r.queries, keys];
+                let scores = bmm(o.q.clone(), o.k.clone(), false, true).reshape(flat);
+                let dp = bmm(d_o.clone(), o.v, false, true).reshape(flat);
+                let (probs, ds) = softmax::backward(scores, dp, o.mask, t(lse), r, scale as f32);
+                let (probs, ds) = (
+                    probs.reshape([bk, rows, keys]),
+                    ds.reshape([bk, rows, keys]),
+                );
+                let dv_b = bmm(probs, d_o, true, false);
+                let dk_b = bmm(ds.clone(), o.q, true, false);
+                dqs.push(
+                    bmm(ds, o.k, false, false).reshape([d.batch, d.heads, r.queries, d.head_dim]),
+                );
+                dk = Some(match dk {
+                    None => dk_b,
+                    Some(acc) => add_keys(to_dtype(acc, DType::F32), dk_b),
+                });
+                dv = Some(match dv {
+                    None => dv_b,
+                    Some(acc) => add_keys(to_dtype(acc, DType::F32), dv_b),
+                });
+            }
+            dqs.reverse();
+            let dq = if dqs.len() == 1 {
+                dqs.remove(0)
+            } else {
+                Tensor::cat(dqs, 2)
+            };
+            let shape_kv = [d.batch, d.kv_heads, d.keys, d.head_dim];
+            let keys_grad = |g: Option<Tensor<I, 3>>| {
+                p(to_dtype(g.expect("at least one query block"), dtype).reshape(shape_kv))
+            };
+            (p(dq), keys_grad(dk), keys_grad(dv))
+        });
         let [q_parent, k_parent, v_parent] = ops.parents;
         if let Some(node) = q_parent {
-            grads.register::<I>(node.id, p(dq));
+            grads.register::<I>(node.id, dq);
         }
         if let Some(node) = k_parent {
-            grads.register::<I>(node.id, keys_grad(dk));
+            grads.register::<I>(node.id, dk);
         }
         if let Some(node) = v_parent {
-            grads.register::<I>(node.id, keys_grad(dv));
+            grads.register::<I>(node.id, dv);
         }
     }
 }

@@ -94,6 +94,14 @@ impl CudaFakeQuant for Fusion<CubeBf16> {
     }
 }
 
+/// [`CudaFakeQuant::fake_quantize`] as part of the fake-quant phase (`crate::phase`).
+fn timed_fake_quantize<I: CudaFakeQuant>(x: FloatTensor<I>, scale_2: f32) -> FloatTensor<I> {
+    let device = I::float_device(&x);
+    crate::phase::timed::<I, _>(crate::phase::Phase::FakeQuant, &device, || {
+        I::fake_quantize(x, scale_2)
+    })
+}
+
 /// Backward of the straight-through fake quantization: the identity.
 #[derive(Debug)]
 struct SteBackward;
@@ -121,7 +129,7 @@ struct RetroFakeQuantize<I> {
 impl<I: CudaFakeQuant> RetroForward for RetroFakeQuantize<I> {
     fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
         let x = states.get_state::<FloatTensor<I>>(&self.input);
-        states.save(out_node, I::fake_quantize(x, self.scale_2));
+        states.save(out_node, timed_fake_quantize::<I>(x, self.scale_2));
     }
 }
 
@@ -135,7 +143,7 @@ fn autodiff_ste<I: CudaFakeQuant, C: CheckpointStrategy>(
         scale_2,
         _backend: std::marker::PhantomData,
     };
-    let out = I::fake_quantize(x.primitive.clone(), scale_2);
+    let out = timed_fake_quantize::<I>(x.primitive.clone(), scale_2);
     SteBackward
         .prepare::<C>([x.node.clone()])
         .memory_bound()

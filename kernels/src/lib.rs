@@ -16,6 +16,7 @@
 //!   bit-identical results.
 //! - [`loss`]: the LM head and cross-entropy as one chunked operation on CUDA.
 //! - [`norm`]: RMSNorm forward and backward as one operation on CUDA, a kernel a pass.
+//! - [`phase`]: per-phase step times (attention, norm, fake quantization, loss) for `bench-train`.
 //! - [`reduce`]: row maxima and sums of long rows (logits) split into lanes on CUDA.
 //! - `softmax`: the attention's softmax and its backward, one kernel each on CUDA.
 //! - [`recompute`]: layer-level activation checkpointing (a decoder block keeps only its
@@ -33,6 +34,7 @@ mod custom;
 pub mod kernel;
 pub mod loss;
 pub mod norm;
+pub mod phase;
 pub mod recompute;
 pub mod reduce;
 mod softmax;

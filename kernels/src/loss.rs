@@ -72,16 +72,19 @@ fn forward<I: CudaGemm>(
     targets: &[i32],
     chunk: usize,
 ) -> FloatTensor<I> {
-    let (h, w) = (t::<I, 2>(h), t::<I, 2>(w));
-    let device = h.device();
-    let mut total = Tensor::<I, 1>::zeros([1], (&device, DType::F32));
-    for (rows, tgt) in chunks::<I>(targets, chunk, &device) {
-        let hc = h.clone().slice([rows, 0..h.dims()[1]]);
-        let (shifted, lse) = shifted_logits(hc, w.clone());
-        let picked = shifted.gather(1, tgt);
-        total = total + (lse - picked).sum();
-    }
-    p(total)
+    let phase_device = I::float_device(&h);
+    crate::phase::timed::<I, _>(crate::phase::Phase::Loss, &phase_device, || {
+        let (h, w) = (t::<I, 2>(h), t::<I, 2>(w));
+        let device = h.device();
+        let mut total = Tensor::<I, 1>::zeros([1], (&device, DType::F32));
+        for (rows, tgt) in chunks::<I>(targets, chunk, &device) {
+            let hc = h.clone().slice([rows, 0..h.dims()[1]]);
+            let (shifted, lse) = shifted_logits(hc, w.clone());
+            let picked = shifted.gather(1, tgt);
+            total = total + (lse - picked).sum();
+        }
+        p(total)
+    })
 }
 
 /// Backward of the chunked loss.
@@ -107,39 +110,43 @@ impl<I: CudaGemm> Backward<I, 2> for LossBackward {
         let device = h.device();
         let [n, hidden] = h.dims();
         let [vocab, _] = w.dims();
-        let (mut dh, mut dw) = (Vec::new(), None::<Tensor<I, 2>>);
-        for (rows, tgt) in chunks::<I>(&targets, chunk, &device) {
-            let len = rows.len();
-            let hc = h.clone().slice([rows, 0..hidden]);
-            let (shifted, lse) = shifted_logits(hc.clone(), w.clone());
-            let probs = (shifted - lse).exp();
-            let minus_one = Tensor::<I, 2>::full([len, 1], -1.0, (&device, DType::F32));
-            let dlogits = (probs.scatter(1, tgt, minus_one, IndexingUpdateOp::Add) * g.clone())
-                .cast(DType::BF16);
-            dh.push(t::<I, 2>(I::gemm(
-                p(dlogits.clone()),
-                p(w.clone()),
-                false,
-                false,
-            )));
-            let part = t::<I, 2>(I::gemm(p(dlogits), p(hc), true, false)).cast(DType::F32);
-            dw = Some(match dw {
-                Some(acc) => acc + part,
-                None => part,
-            });
-        }
-        let [h_parent, w_parent] = ops.parents;
-        if let Some(node) = h_parent {
+        let phase = crate::phase::Phase::Loss;
+        let (dh, dw) = crate::phase::timed::<I, _>(phase, &device, || {
+            let (mut dh, mut dw) = (Vec::new(), None::<Tensor<I, 2>>);
+            for (rows, tgt) in chunks::<I>(&targets, chunk, &device) {
+                let len = rows.len();
+                let hc = h.clone().slice([rows, 0..hidden]);
+                let (shifted, lse) = shifted_logits(hc.clone(), w.clone());
+                let probs = (shifted - lse).exp();
+                let minus_one = Tensor::<I, 2>::full([len, 1], -1.0, (&device, DType::F32));
+                let dlogits = (probs.scatter(1, tgt, minus_one, IndexingUpdateOp::Add) * g.clone())
+                    .cast(DType::BF16);
+                dh.push(t::<I, 2>(I::gemm(
+                    p(dlogits.clone()),
+                    p(w.clone()),
+                    false,
+                    false,
+                )));
+                let part = t::<I, 2>(I::gemm(p(dlogits), p(hc), true, false)).cast(DType::F32);
+                dw = Some(match dw {
+                    Some(acc) => acc + part,
+                    None => part,
+                });
+            }
             let dh = if dh.is_empty() {
                 Tensor::<I, 2>::zeros([n, hidden], (&device, DType::BF16))
             } else {
                 Tensor::cat(dh, 0)
             };
-            grads.register::<I>(node.id, p(dh.cast(w.dtype())));
+            let dw = dw.unwrap_or_else(|| Tensor::zeros([vocab, hidden], (&device, DType::F32)));
+            (p(dh.cast(w.dtype())), p(dw.cast(w.dtype())))
+        });
+        let [h_parent, w_parent] = ops.parents;
+        if let Some(node) = h_parent {
+            grads.register::<I>(node.id, dh);
         }
         if let Some(node) = w_parent {
-            let dw = dw.unwrap_or_else(|| Tensor::zeros([vocab, hidden], (&device, DType::F32)));
-            grads.register::<I>(node.id, p(dw.cast(w.dtype())));
+            grads.register::<I>(node.id, dw);
         }
     }
 }

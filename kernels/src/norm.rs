@@ -334,30 +334,33 @@ fn forward<I: Backend>(
     eps: f32,
     offset: bool,
 ) -> FloatTensor<I> {
-    let launch = Launch {
-        backward: false,
-        eps,
-        offset,
-    };
-    let (x, w) = match custom::on_cuda::<I, _>(&launch, vec![x, w]) {
-        Ok(mut out) => return out.remove(0),
-        Err(mut inputs) => {
-            let w = inputs.pop().expect("the gain");
-            (t::<I, 2>(inputs.pop().expect("the input")), t::<I, 1>(w))
-        }
-    };
-    let dtype = x.dtype();
-    let (r, xf) = rstd_of(x, eps);
-    let normed = xf * r;
-    let out = if offset {
-        to_dtype(
-            normed * to_dtype(w, DType::F32).add_scalar(1.0).unsqueeze(),
-            dtype,
-        )
-    } else {
-        to_dtype(normed, dtype) * w.unsqueeze()
-    };
-    p(out)
+    let phase_device = I::float_device(&x);
+    crate::phase::timed::<I, _>(crate::phase::Phase::Norm, &phase_device, || {
+        let launch = Launch {
+            backward: false,
+            eps,
+            offset,
+        };
+        let (x, w) = match custom::on_cuda::<I, _>(&launch, vec![x, w]) {
+            Ok(mut out) => return out.remove(0),
+            Err(mut inputs) => {
+                let w = inputs.pop().expect("the gain");
+                (t::<I, 2>(inputs.pop().expect("the input")), t::<I, 1>(w))
+            }
+        };
+        let dtype = x.dtype();
+        let (r, xf) = rstd_of(x, eps);
+        let normed = xf * r;
+        let out = if offset {
+            to_dtype(
+                normed * to_dtype(w, DType::F32).add_scalar(1.0).unsqueeze(),
+                dtype,
+            )
+        } else {
+            to_dtype(normed, dtype) * w.unsqueeze()
+        };
+        p(out)
+    })
 }
 
 /// The gradients of `x` and `w` from `dy`, on inner tensors.
@@ -368,46 +371,49 @@ fn backward<I: Backend>(
     eps: f32,
     offset: bool,
 ) -> (FloatTensor<I>, FloatTensor<I>) {
-    let launch = Launch {
-        backward: true,
-        eps,
-        offset,
-    };
-    let w_dtype = t::<I, 1>(w.clone()).dtype();
-    // The kernel reads `dy` in the input's dtype.
-    let dy = p(to_dtype(t::<I, 2>(dy), t::<I, 2>(x.clone()).dtype()));
-    let (x, w, dy) = match custom::on_cuda::<I, _>(&launch, vec![x, w, dy]) {
-        Ok(mut out) => {
-            let partial = t::<I, 2>(out.pop().expect("the gain's partial sums"));
-            let hidden = partial.dims()[1];
-            let dw = to_dtype(partial.sum_dim(0).reshape([hidden]), w_dtype);
-            return (out.pop().expect("dx"), p(dw));
-        }
-        Err(mut inputs) => {
-            let dy = t::<I, 2>(inputs.pop().expect("dy"));
-            let w = t::<I, 1>(inputs.pop().expect("the gain"));
-            (t::<I, 2>(inputs.pop().expect("the input")), w, dy)
-        }
-    };
-    let [_, hidden] = x.dims();
-    let dtype = x.dtype();
-    let (r, xf) = rstd_of(x, eps);
-    let normed = xf.clone() * r.clone();
-    let dyf = to_dtype(dy.clone(), DType::F32);
-    let (g, dw) = if offset {
-        let gain = to_dtype(w, DType::F32).add_scalar(1.0).unsqueeze();
-        (dyf.clone() * gain, (dyf * normed).sum_dim(0))
-    } else {
-        let g = to_dtype(dy * w.unsqueeze(), DType::F32);
-        (
-            g,
-            (dyf * to_dtype(to_dtype(normed, dtype), DType::F32)).sum_dim(0),
-        )
-    };
-    let mean = (g.clone() * xf.clone()).sum_dim(1) / hidden as f64;
-    let r3 = r.clone() * r.clone() * r.clone();
-    let dx = to_dtype(r * g - xf * r3 * mean, dtype);
-    (p(dx), p(to_dtype(dw.reshape([hidden]), w_dtype)))
+    let phase_device = I::float_device(&x);
+    crate::phase::timed::<I, _>(crate::phase::Phase::Norm, &phase_device, || {
+        let launch = Launch {
+            backward: true,
+            eps,
+            offset,
+        };
+        let w_dtype = t::<I, 1>(w.clone()).dtype();
+        // The kernel reads `dy` in the input's dtype.
+        let dy = p(to_dtype(t::<I, 2>(dy), t::<I, 2>(x.clone()).dtype()));
+        let (x, w, dy) = match custom::on_cuda::<I, _>(&launch, vec![x, w, dy]) {
+            Ok(mut out) => {
+                let partial = t::<I, 2>(out.pop().expect("the gain's partial sums"));
+                let hidden = partial.dims()[1];
+                let dw = to_dtype(partial.sum_dim(0).reshape([hidden]), w_dtype);
+                return (out.pop().expect("dx"), p(dw));
+            }
+            Err(mut inputs) => {
+                let dy = t::<I, 2>(inputs.pop().expect("dy"));
+                let w = t::<I, 1>(inputs.pop().expect("the gain"));
+                (t::<I, 2>(inputs.pop().expect("the input")), w, dy)
+            }
+        };
+        let [_, hidden] = x.dims();
+        let dtype = x.dtype();
+        let (r, xf) = rstd_of(x, eps);
+        let normed = xf.clone() * r.clone();
+        let dyf = to_dtype(dy.clone(), DType::F32);
+        let (g, dw) = if offset {
+            let gain = to_dtype(w, DType::F32).add_scalar(1.0).unsqueeze();
+            (dyf.clone() * gain, (dyf * normed).sum_dim(0))
+        } else {
+            let g = to_dtype(dy * w.unsqueeze(), DType::F32);
+            (
+                g,
+                (dyf * to_dtype(to_dtype(normed, dtype), DType::F32)).sum_dim(0),
+            )
+        };
+        let mean = (g.clone() * xf.clone()).sum_dim(1) / hidden as f64;
+        let r3 = r.clone() * r.clone() * r.clone();
+        let dx = to_dtype(r * g - xf * r3 * mean, dtype);
+        (p(dx), p(to_dtype(dw.reshape([hidden]), w_dtype)))
+    })
 }
 
 /// Backward of the norm operation.

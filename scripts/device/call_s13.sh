@@ -5,7 +5,8 @@
 #      before (the attention's query blocks and softmax kernels, AdamW, square_sum, RMSNorm) against
 #      their references, plus one Qwen3-1.7B attention layer's time on both paths
 #   2. on an H100: qatflow's Qwen3-1.7B QAT at bf16-kahan (BF16 moments), the ModelOpt anchor,
-#      bf16-plain, the 50-step loss curves of the engine and burn's path, the GPU resume check;
+#      bf16-plain, a step's phase times (QATFLOW_PHASE_TIMES=1), the 50-step loss curves of
+#      the engine and burn's path, the GPU resume check;
 #      on an H200 (> 100 GB): Qwen3.5-9B and Qwen3-8B QAT memory, the 8B anchor, then the
 #      Qwen3-1.7B pair; last, 4 micro-batches a step without and with --fake-quant-cache
 #   ab (first argument): this session's build against the twelfth session's (.gpu/qatflow_s12.xz,
@@ -51,6 +52,13 @@ fi
 PREC=bf16-kahan MOMENTS=bf16 MODES=qat TAG=_bf16-kahan fits 80 bash $R qwen
 fits 150 bash $R anchor-qwen
 PREC=bf16-plain MOMENTS=bf16 MODES=qat TAG=_bf16-plain fits 80 bash $R qwen
+phases() { # where a step goes: each engine phase between two syncs (slower steps)
+  echo "=== $(date +%T) qwen3-1.7b phase times"
+  QATFLOW_GEMM=cublaslt QATFLOW_GEMM_SYNC=1 QATFLOW_PHASE_TIMES=1 timeout $T /tmp/qatflow bench-train \
+    --device cuda --model qwen3-1.7b --precision bf16-kahan --moments bf16 --warmup 1 --steps 3 \
+    --mode qat --out $OUT/phases.json > /dev/null 2> $OUT/phases.log; echo "rc=$?"
+  python3 -c "import json;d=json.load(open('$OUT/phases.json'))['qat'];print('step',d['median_step_s'],'fb',d['median_forward_backward_s'],'opt',d['median_optimizer_s'],'gemm',d['median_gemm_s'],'phases',d['median_phase_s'])"; }
+fits 80 phases
 fits 80 curve cublaslt
 fits 110 curve burn
 [ -f $OUT/curve_qwen3-1.7b_burn.json ] && python3 scripts/device/compare_curves.py $OUT/curve_qwen3-1.7b_cublaslt.json $OUT/curve_qwen3-1.7b_burn.json

@@ -102,6 +102,24 @@ pub struct BenchReport {
     pub device_gpu_mib_before: Option<u64>,
     /// GEMM path: `cublaslt` (opt-in with `QATFLOW_GEMM=cublaslt`) or `burn`.
     pub gemm_path: String,
+    /// Median seconds per step of each engine phase under `QATFLOW_PHASE_TIMES=1` (each
+    /// phase between two device syncs, so such steps are slower; `None` without it). What
+    /// forward + backward leaves is burn's element-wise kernels, other reductions and GEMMs
+    /// outside attention and the loss.
+    pub median_phase_s: Option<PhaseMedians>,
+}
+
+/// [`BenchReport::median_phase_s`]: median seconds a step by phase (`qatflow_kernels::phase`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseMedians {
+    /// Training attention, its GEMMs included.
+    pub attention: f64,
+    /// RMSNorm.
+    pub norm: f64,
+    /// NVFP4 fake quantization (weights and inputs, forward and recompute).
+    pub fake_quant: f64,
+    /// The LM head and cross-entropy, its GEMMs included.
+    pub loss: f64,
 }
 
 /// Samples `nvidia-smi` in a background thread until dropped or stopped.
@@ -279,9 +297,11 @@ pub fn bench_train_on<B: AutodiffBackend>(
     let micro = vec![vec![&example]; options.micro_batches.max(1)];
     let (mut times, mut fb, mut opt, mut losses) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut gemm, mut wait, mut calls) = (Vec::new(), Vec::new(), 0);
+    let mut phases = Vec::new();
     for i in 0..options.warmup + options.steps {
         let t0 = Instant::now();
         let g0 = qatflow_kernels::gemm::stats();
+        qatflow_kernels::phase::take();
         let StepOutcome::Done(next, stats) = optimizer_step(
             model,
             &mut optimizer,
@@ -301,6 +321,7 @@ pub fn bench_train_on<B: AutodiffBackend>(
             opt.push(stats.optimizer_s);
             let g = qatflow_kernels::gemm::stats().since(&g0);
             gemm.push(g.gemm_s);
+            phases.push(qatflow_kernels::phase::take());
             wait.push(g.wait_s);
             calls = g.calls;
         }
@@ -338,6 +359,17 @@ pub fn bench_train_on<B: AutodiffBackend>(
             "burn"
         }
         .to_string(),
+        median_phase_s: qatflow_kernels::phase::enabled().then(|| {
+            let m = |f: fn(&qatflow_kernels::phase::PhaseTimes) -> f64| {
+                median_of(&phases.iter().map(f).collect::<Vec<_>>())
+            };
+            PhaseMedians {
+                attention: m(|p| p.attention_s),
+                norm: m(|p| p.norm_s),
+                fake_quant: m(|p| p.fake_quant_s),
+                loss: m(|p| p.loss_s),
+            }
+        }),
     })
 }
 
