@@ -103,7 +103,8 @@ pub struct BenchReport {
     /// GEMM path: `cublaslt` (opt-in with `QATFLOW_GEMM=cublaslt`) or `burn`.
     pub gemm_path: String,
     /// Median seconds per step of each engine phase under `QATFLOW_PHASE_TIMES=1` (each
-    /// phase between two device syncs, so such steps are slower; `None` without it). What
+    /// phase between two device syncs, so such steps are slower; `None` without it; 0 for a
+    /// phase whose operations did not run: on the CPU, or without the training engine). What
     /// forward + backward leaves is burn's element-wise kernels, other reductions and GEMMs
     /// outside attention and the loss.
     pub median_phase_s: Option<PhaseMedians>,
