@@ -16,17 +16,16 @@ use std::any::TypeId;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorMetadata};
 use burn_cubecl::tensor::CubeTensor;
-use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::FusionTensor;
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use half::bf16;
 
-use crate::fake_quant::{upcast, Cube, FusedRuntime};
-use crate::{cube_count, KernelElement, CUBE_SIZE};
+use crate::custom::{self, empty, CubeCall};
+use crate::fake_quant::FusedRuntime;
+use crate::{cube_count, p, t, KernelElement, CUBE_SIZE};
 use qatflow_nvfp4::codec::Element;
 
 /// The scalars of one update, as the f32 values the tensor form multiplies and divides by
@@ -306,14 +305,53 @@ pub fn update<B: Backend>(
         step.stochastic.is_none() || (!kahan && slots.param.dtype() == DType::BF16),
         "stochastic rounding applies to BF16 weights without Kahan summation"
     );
-    let slots = slots.map(|t| t.into_primitive().tensor());
-    let grad = grad.into_primitive().tensor();
-    let new = if TypeId::of::<FloatTensor<B>>() == TypeId::of::<FusionTensor<FusedRuntime>>() {
-        fused_update(slots.map(upcast), upcast(grad), step).map(upcast::<_, FloatTensor<B>>)
-    } else {
-        cube_update(slots.map(upcast), upcast(grad), step).map(upcast::<_, FloatTensor<B>>)
-    };
-    new.map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
+    let inputs = [slots.param, grad, slots.exp_avg, slots.exp_avg_sq]
+        .into_iter()
+        .chain(slots.compensation)
+        .map(p)
+        .collect();
+    let out = custom::on_cuda::<B, _>(&Update(*step), inputs)
+        .unwrap_or_else(|_| unreachable!("`available` checked the backend"));
+    let mut out = out.into_iter().map(t);
+    let mut next = || out.next().expect("one output a state tensor");
+    Slots {
+        param: next(),
+        exp_avg: next(),
+        exp_avg_sq: next(),
+        compensation: out.next(),
+    }
+}
+
+/// The launch of one update: inputs `[weight, gradient, m, v, compensation?]`, outputs the
+/// new `[weight, m, v, compensation?]`.
+#[derive(Debug, Clone, Copy)]
+struct Update(AdamWStep);
+
+impl CubeCall for Update {
+    const NAME: &'static str = "qatflow_adamw";
+
+    fn outputs(&self, inputs: &[(Vec<usize>, DType)]) -> Vec<(Vec<usize>, DType)> {
+        let mut outs = inputs.to_vec();
+        outs.remove(1);
+        outs
+    }
+
+    fn run(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>> {
+        let mut it = inputs.into_iter();
+        let mut next = || it.next().expect("an input the caller passed");
+        let (param, grad, exp_avg, exp_avg_sq) = (next(), next(), next(), next());
+        let slots = Slots {
+            param,
+            exp_avg,
+            exp_avg_sq,
+            compensation: it.next(),
+        };
+        let new = cube_update(slots, grad, &self.0);
+        [new.param, new.exp_avg, new.exp_avg_sq]
+            .into_iter()
+            .chain(new.compensation)
+            .collect()
+    }
 }
 
 /// The kernel on CubeCL tensors: the new state of `slots` after gradient `grad`.
@@ -349,15 +387,7 @@ fn cube_update(
     }
     assert_eq!(exp_avg.dtype, exp_avg_sq.dtype, "AdamW: moment dtypes");
     let client = param.client.clone();
-    let like = |t: &CubeTensor<CudaRuntime>| {
-        CubeTensor::new_contiguous(
-            client.clone(),
-            t.device.clone(),
-            t.shape(),
-            client.empty(n * t.dtype.size()),
-            t.dtype,
-        )
-    };
+    let like = |t: &CubeTensor<CudaRuntime>| empty(t, t.shape().to_vec(), t.dtype);
     let new = Slots {
         param: like(&param),
         exp_avg: like(&exp_avg),
@@ -467,76 +497,6 @@ impl Handles {
                 decay,
                 stochastic,
             );
-        }
-    }
-}
-
-/// [`cube_update`] as one custom operation of the fusion stream. Its inputs are the weight,
-/// the gradient, both moments and the compensation when kept; its outputs the new weight,
-/// moments and compensation.
-fn fused_update(
-    slots: Slots<FusionTensor<FusedRuntime>>,
-    grad: FusionTensor<FusedRuntime>,
-    step: &AdamWStep,
-) -> Slots<FusionTensor<FusedRuntime>> {
-    let client = grad.client.clone();
-    let uninit = |t: &FusionTensor<FusedRuntime>| {
-        TensorIr::uninit(client.create_empty_handle(), t.shape.clone(), t.dtype)
-    };
-    let outs: Vec<TensorIr> = [&slots.param, &slots.exp_avg, &slots.exp_avg_sq]
-        .into_iter()
-        .chain(slots.compensation.as_ref())
-        .map(uninit)
-        .collect();
-    let inputs: Vec<FusionTensor<FusedRuntime>> =
-        [slots.param, grad, slots.exp_avg, slots.exp_avg_sq]
-            .into_iter()
-            .chain(slots.compensation)
-            .collect();
-    let streams = OperationStreams::with_inputs(inputs.iter());
-    let irs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
-    let desc = CustomOpIr::new("qatflow_adamw", &irs, &outs);
-    let mut out = client
-        .register(
-            streams,
-            OperationIr::Custom(desc.clone()),
-            AdamWOp { desc, step: *step },
-        )
-        .into_iter();
-    let mut next = || out.next().expect("one output a state tensor");
-    Slots {
-        param: next(),
-        exp_avg: next(),
-        exp_avg_sq: next(),
-        compensation: out.next(),
-    }
-}
-
-/// The fusion stream's record of one update.
-#[derive(Debug, Clone)]
-struct AdamWOp {
-    desc: CustomOpIr,
-    step: AdamWStep,
-}
-
-impl Operation<FusedRuntime> for AdamWOp {
-    fn execute(
-        &self,
-        handles: &mut HandleContainer<<FusedRuntime as burn_fusion::FusionRuntime>::FusionHandle>,
-    ) {
-        let mut get = |i: usize| handles.get_float_tensor::<Cube>(&self.desc.inputs[i]);
-        let slots = Slots {
-            param: get(0),
-            exp_avg: get(2),
-            exp_avg_sq: get(3),
-            compensation: (self.desc.inputs.len() == 5).then(|| get(4)),
-        };
-        let new = cube_update(slots, get(1), &self.step);
-        let outputs = [new.param, new.exp_avg, new.exp_avg_sq]
-            .into_iter()
-            .chain(new.compensation);
-        for (ir, t) in self.desc.outputs.iter().zip(outputs) {
-            handles.register_float_tensor::<Cube>(&ir.id, t);
         }
     }
 }

@@ -28,22 +28,12 @@ use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor};
 use burn_fusion::Fusion;
 
 use crate::fake_quant::{downcast, upcast, Cube, CubeBf16};
 use crate::gemm::{self, CudaGemm};
-use crate::{softmax, to_dtype};
-
-/// Wraps a primitive as a tensor of rank `D`.
-fn t<I: Backend, const D: usize>(p: FloatTensor<I>) -> Tensor<I, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(p))
-}
-
-/// The primitive of a tensor.
-fn p<I: Backend, const D: usize>(x: Tensor<I, D>) -> FloatTensor<I> {
-    x.into_primitive().tensor()
-}
+use crate::{p, softmax, t, to_dtype};
 
 /// Batched GEMM of rank-3 tensors on the cuBLASLt path.
 fn bmm<I: CudaGemm>(a: Tensor<I, 3>, b: Tensor<I, 3>, ta: bool, tb: bool) -> Tensor<I, 3> {

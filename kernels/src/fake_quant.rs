@@ -30,9 +30,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
-use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionTensor};
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use cubecl::cuda::CudaRuntime;
 use half::bf16;
 use qatflow_nvfp4::codec::BLOCK_SIZE;
@@ -410,36 +408,31 @@ fn cube_fake_quantize(x: CubeTensor<CudaRuntime>, scale_2: f32) -> CubeTensor<Cu
     out
 }
 
-/// The kernel as a custom operation of the fusion stream.
+/// [`cube_fake_quantize`] as a custom operation of the fusion stream.
 fn fused_fake_quantize(x: FusionTensor<FusedRuntime>, scale_2: f32) -> FusionTensor<FusedRuntime> {
-    let client = x.client.clone();
-    let streams = OperationStreams::with_inputs([&x]);
-    let out = TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), x.dtype);
-    let desc = CustomOpIr::new("qatflow_nvfp4_fake_quantize", &[x.into_ir()], &[out]);
-    client
-        .register(
-            streams,
-            OperationIr::Custom(desc.clone()),
-            FakeQuantizeOp { desc, scale_2 },
-        )
-        .output()
+    let mut out = crate::custom::on_cuda::<Fusion<Cube>, _>(&FakeQuantize { scale_2 }, vec![x])
+        .unwrap_or_else(|_| unreachable!("a fusion tensor of burn's CUDA backend"));
+    out.remove(0)
 }
 
-/// The fusion stream's record of one fake quantization.
-#[derive(Debug, Clone)]
-struct FakeQuantizeOp {
-    desc: CustomOpIr,
+/// The launch of one fake quantization: a tensor in, its fake-quantized values out.
+#[derive(Debug, Clone, Copy)]
+struct FakeQuantize {
     scale_2: f32,
 }
 
-impl Operation<FusedRuntime> for FakeQuantizeOp {
-    fn execute(
-        &self,
-        handles: &mut HandleContainer<<FusedRuntime as burn_fusion::FusionRuntime>::FusionHandle>,
-    ) {
-        let ([input], [output]) = self.desc.as_fixed();
-        let x = handles.get_float_tensor::<Cube>(input);
-        handles.register_float_tensor::<Cube>(&output.id, cube_fake_quantize(x, self.scale_2));
+impl crate::custom::CubeCall for FakeQuantize {
+    const NAME: &'static str = "qatflow_nvfp4_fake_quantize";
+
+    fn outputs(&self, inputs: &[(Vec<usize>, DType)]) -> Vec<(Vec<usize>, DType)> {
+        inputs.to_vec()
+    }
+
+    fn run(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>> {
+        inputs
+            .into_iter()
+            .map(|x| cube_fake_quantize(x, self.scale_2))
+            .collect()
     }
 }
 

@@ -114,6 +114,20 @@ impl std::fmt::Debug for Quantizer {
     }
 }
 
+/// Wraps a float primitive as a tensor of rank `D`.
+pub(crate) fn t<I: burn::tensor::backend::Backend, const D: usize>(
+    x: burn::tensor::ops::FloatTensor<I>,
+) -> burn::tensor::Tensor<I, D> {
+    burn::tensor::Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(x))
+}
+
+/// The float primitive of a tensor.
+pub(crate) fn p<I: burn::tensor::backend::Backend, const D: usize>(
+    x: burn::tensor::Tensor<I, D>,
+) -> burn::tensor::ops::FloatTensor<I> {
+    x.into_primitive().tensor()
+}
+
 /// Casts `x` to `dtype` unless it already has it (no kernel then).
 pub fn to_dtype<B: burn::tensor::backend::Backend, const D: usize>(
     x: burn::tensor::Tensor<B, D>,

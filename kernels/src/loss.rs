@@ -21,20 +21,12 @@ use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 use burn_fusion::Fusion;
 
 use crate::fake_quant::{downcast, upcast, Cube, CubeBf16};
 use crate::gemm::{self, CudaGemm};
-use crate::reduce;
-
-fn t<I: Backend, const D: usize>(p: FloatTensor<I>) -> Tensor<I, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(p))
-}
-
-fn p<I: Backend, const D: usize>(x: Tensor<I, D>) -> FloatTensor<I> {
-    x.into_primitive().tensor()
-}
+use crate::{p, reduce, t};
 
 /// Row ranges of the chunks and their targets as `[n, 1]` index tensors.
 fn chunks<I: Backend>(

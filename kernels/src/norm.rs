@@ -28,7 +28,7 @@ use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorMetadata};
 use burn_cubecl::tensor::CubeTensor;
 use burn_fusion::Fusion;
 use cubecl::cuda::CudaRuntime;
@@ -38,7 +38,7 @@ use half::bf16;
 use crate::custom::{self, empty, CubeCall};
 use crate::fake_quant::{downcast, upcast, Cube, CubeBf16};
 use crate::softmax::cube_reduce;
-use crate::{cube_count, to_dtype, CUBE_SIZE};
+use crate::{cube_count, p, t, to_dtype, CUBE_SIZE};
 
 /// Rows a unit of the gain-gradient kernel sums.
 const CHUNK_ROWS: usize = 64;
@@ -305,14 +305,6 @@ impl CubeCall for Launch {
     }
 }
 
-fn t<I: Backend, const D: usize>(x: FloatTensor<I>) -> Tensor<I, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(x))
-}
-
-fn p<I: Backend, const D: usize>(x: Tensor<I, D>) -> FloatTensor<I> {
-    x.into_primitive().tensor()
-}
-
 /// `1 / sqrt(mean(x²) + eps)` `[rows, 1]` and `x` in f32 (the tensor form).
 fn rstd_of<I: Backend>(x: Tensor<I, 2>, eps: f32) -> (Tensor<I, 2>, Tensor<I, 2>) {
     let xf = to_dtype(x, DType::F32);
@@ -378,9 +370,9 @@ fn backward<I: Backend>(
             eps,
             offset,
         };
-        let w_dtype = t::<I, 1>(w.clone()).dtype();
+        let w_dtype = w.dtype();
         // The kernel reads `dy` in the input's dtype.
-        let dy = p(to_dtype(t::<I, 2>(dy), t::<I, 2>(x.clone()).dtype()));
+        let dy = p(to_dtype(t::<I, 2>(dy), x.dtype()));
         let (x, w, dy) = match custom::on_cuda::<I, _>(&launch, vec![x, w, dy]) {
             Ok(mut out) => {
                 let partial = t::<I, 2>(out.pop().expect("the gain's partial sums"));

@@ -16,19 +16,15 @@
 //! in its own dtype, 2¹⁸ units each accumulating a strided share in f32.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Shape, Tensor, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorMetadata};
 use burn_cubecl::tensor::CubeTensor;
-use burn_fusion::stream::{Operation, OperationStreams};
-use burn_fusion::FusionTensor;
-use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use half::bf16;
 
-use crate::fake_quant::{downcast, upcast, Cube, FusedRuntime};
+use crate::custom::{self, empty, CubeCall};
 use crate::gemm::cuda_index;
-use crate::{cube_count, to_dtype, CUBE_SIZE};
+use crate::{cube_count, t, to_dtype, CUBE_SIZE};
 
 /// Fewest elements a lane keeps: below it the second pass would cost more than it saves.
 const MIN_LANE: usize = 256;
@@ -140,11 +136,9 @@ pub fn square_sum<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
         && x.dims()[0] > 0
         && matches!(x.dtype(), DType::F32 | DType::BF16);
     let x = if kernel {
-        match square_sum_on_cuda::<B>(x.into_primitive().tensor()) {
-            Ok(partials) => {
-                return Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(partials)).sum()
-            }
-            Err(x) => Tensor::from_primitive(TensorPrimitive::Float(x)),
+        match custom::on_cuda::<B, _>(&SquareSum, vec![x.into_primitive().tensor()]) {
+            Ok(mut partials) => return t::<B, 1>(partials.remove(0)).sum(),
+            Err(mut x) => t(x.remove(0)),
         }
     } else {
         x
@@ -152,17 +146,21 @@ pub fn square_sum<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
     to_dtype(x, DType::F32).powi_scalar(2).sum()
 }
 
-/// The partial sums of squares `[units]` of a flat CUDA tensor, or the tensor back when `B`
-/// is not burn's CUDA backend (with or without fusion).
-fn square_sum_on_cuda<B: Backend>(
-    x: FloatTensor<B>,
-) -> std::result::Result<FloatTensor<B>, FloatTensor<B>> {
-    let x = match downcast::<_, FusionTensor<FusedRuntime>>(x) {
-        Ok(t) => return Ok(upcast(fused_square_sum(t))),
-        Err(x) => x,
-    };
-    let x = downcast::<_, CubeTensor<CudaRuntime>>(x)?;
-    Ok(upcast(cube_square_sum(x)))
+/// The launch of [`square_sum_kernel`]: a flat tensor in, its `[units]` f32 partial sums out.
+#[derive(Debug, Clone, Copy)]
+struct SquareSum;
+
+impl CubeCall for SquareSum {
+    const NAME: &'static str = "qatflow_square_sum";
+
+    fn outputs(&self, inputs: &[(Vec<usize>, DType)]) -> Vec<(Vec<usize>, DType)> {
+        let n: usize = inputs[0].0.iter().product();
+        vec![(vec![n.min(SQUARE_SUM_UNITS)], DType::F32)]
+    }
+
+    fn run(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>> {
+        inputs.into_iter().map(cube_square_sum).collect()
+    }
 }
 
 /// Each unit `i` sums `x[j]²` over `j = i, i + units, …` (adjacent units read adjacent
@@ -190,13 +188,7 @@ fn cube_square_sum(x: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
     let n = x.shape().num_elements();
     let units = n.min(SQUARE_SUM_UNITS);
     let client = x.client.clone();
-    let out = CubeTensor::new_contiguous(
-        client.clone(),
-        x.device.clone(),
-        Shape::from(vec![units]),
-        client.empty(units * 4),
-        DType::F32,
-    );
+    let out = empty(&x, vec![units], DType::F32);
     macro_rules! launch {
         ($t:ty) => {
             // SAFETY: `x` holds `n` elements of its dtype, `out` holds `units` f32, and unit
@@ -220,43 +212,6 @@ fn cube_square_sum(x: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
         other => unreachable!("square_sum sends only F32 and BF16 here, not {other:?}"),
     }
     out
-}
-
-/// [`cube_square_sum`] as a custom operation of the fusion stream.
-fn fused_square_sum(x: FusionTensor<FusedRuntime>) -> FusionTensor<FusedRuntime> {
-    let client = x.client.clone();
-    let units = x.shape.num_elements().min(SQUARE_SUM_UNITS);
-    let streams = OperationStreams::with_inputs([&x]);
-    let out = TensorIr::uninit(
-        client.create_empty_handle(),
-        Shape::from(vec![units]),
-        DType::F32,
-    );
-    let desc = CustomOpIr::new("qatflow_square_sum", &[x.into_ir()], &[out]);
-    client
-        .register(
-            streams,
-            OperationIr::Custom(desc.clone()),
-            SquareSumOp { desc },
-        )
-        .output()
-}
-
-/// The fusion stream's record of one [`square_sum`].
-#[derive(Debug, Clone)]
-struct SquareSumOp {
-    desc: CustomOpIr,
-}
-
-impl Operation<FusedRuntime> for SquareSumOp {
-    fn execute(
-        &self,
-        handles: &mut HandleContainer<<FusedRuntime as burn_fusion::FusionRuntime>::FusionHandle>,
-    ) {
-        let ([input], [output]) = self.desc.as_fixed();
-        let x = handles.get_float_tensor::<Cube>(input);
-        handles.register_float_tensor::<Cube>(&output.id, cube_square_sum(x));
-    }
 }
 
 #[cfg(test)]

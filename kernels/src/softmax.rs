@@ -16,14 +16,14 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Tensor};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use half::bf16;
 
 use crate::custom::{self, empty, CubeCall};
-use crate::{to_dtype, CUBE_SIZE};
+use crate::{p, t, to_dtype, CUBE_SIZE};
 
 /// The shape of one call: `batch · heads · queries` rows of `keys` scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,16 +188,6 @@ fn softmax_backward_kernel<F: Float>(
     }
 }
 
-/// Tensors as burn's tensor type.
-fn t<I: Backend, const D: usize>(x: FloatTensor<I>) -> Tensor<I, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(x))
-}
-
-/// The primitive of a tensor.
-fn p<I: Backend, const D: usize>(x: Tensor<I, D>) -> FloatTensor<I> {
-    x.into_primitive().tensor()
-}
-
 /// `scores · scale + mask` in f32, `[batch, heads, queries, keys]` (the tensor form).
 fn scaled<I: Backend>(
     scores: Tensor<I, 2>,
@@ -223,21 +213,23 @@ struct Spec {
     masked: bool,
 }
 
-impl Spec {
-    /// The outputs' shapes and dtypes for scores of `dtype`.
-    fn shapes(&self, dtype: DType) -> [(Vec<usize>, DType); 2] {
-        let (rows, keys) = (self.rows.count(), self.rows.keys);
+impl CubeCall for Spec {
+    const NAME: &'static str = "qatflow_attention_softmax";
+
+    /// `[probs, lse]` forward, `[probs, dS]` backward, for scores of the first input's dtype.
+    fn outputs(&self, inputs: &[(Vec<usize>, DType)]) -> Vec<(Vec<usize>, DType)> {
+        let (rows, keys, dtype) = (self.rows.count(), self.rows.keys, inputs[0].1);
         let second = if self.backward {
             (vec![rows, keys], dtype)
         } else {
             (vec![rows], DType::F32)
         };
-        [(vec![rows, keys], dtype), second]
+        vec![(vec![rows, keys], dtype), second]
     }
 
     /// The kernel on CubeCL tensors: forward takes `[scores, mask?]` and gives `[probs,
     /// lse]`, backward takes `[scores, dP, lse, mask?]` and gives `[probs, dS]`.
-    fn launch(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> [CubeTensor<CudaRuntime>; 2] {
+    fn run(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>> {
         let mut it = inputs.into_iter().map(burn_cubecl::kernel::into_contiguous);
         let mut next = || it.next().expect("an input the caller passed");
         let scores = next();
@@ -247,9 +239,12 @@ impl Spec {
             (None, None)
         };
         let mask = self.masked.then(next);
-        let [a, b] = self
-            .shapes(scores.dtype)
-            .map(|(shape, dtype)| empty(&scores, shape, dtype));
+        let outs: Vec<_> = self
+            .outputs(&[(Vec::new(), scores.dtype)])
+            .into_iter()
+            .map(|(shape, dtype)| empty(&scores, shape, dtype))
+            .collect();
+        let (a, b) = (&outs[0], &outs[1]);
         let r = self.rows;
         let (rows, n) = (r.count(), r.count() * r.keys);
         // Without a mask the kernel never reads it: the scores stand in.
@@ -318,19 +313,7 @@ impl Spec {
             DType::F32 => launch!(f32),
             other => panic!("attention softmax kernel: scores of dtype {other:?} (F32/BF16 only)"),
         }
-        [a, b]
-    }
-}
-
-impl CubeCall for Spec {
-    const NAME: &'static str = "qatflow_attention_softmax";
-
-    fn outputs(&self, inputs: &[(Vec<usize>, DType)]) -> Vec<(Vec<usize>, DType)> {
-        self.shapes(inputs[0].1).to_vec()
-    }
-
-    fn run(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>> {
-        self.launch(inputs).to_vec()
+        outs
     }
 }
 

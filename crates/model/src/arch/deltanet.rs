@@ -99,6 +99,14 @@ fn merge_masks(c: usize) -> Vec<(usize, Vec<f32>)> {
     out
 }
 
+/// The `n × n` identity as `[1, 1, 1, n, n]`.
+fn eye<B: Backend>(n: usize, device: &B::Device, dtype: burn::tensor::DType) -> Tensor<B, 5> {
+    let identity: Vec<f32> = (0..n * n)
+        .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
+        .collect();
+    Tensor::<B, 2>::from_data(TensorData::new(identity, [n, n]), (device, dtype)).unsqueeze()
+}
+
 /// `(I + L)⁻¹` for strictly lower-triangular `L` `[.., c, c]` (`c` a power of two), by exact
 /// block inversion: with `M_s` the block-diagonal part of `I + L` of block size `s` and `E_s`
 /// the lower-left blocks that `M_2s` adds, `M_2s⁻¹ = M_s⁻¹ − M_s⁻¹ E_s M_s⁻¹`.
@@ -110,12 +118,7 @@ pub fn unit_lower_inverse<B: Backend>(l: Tensor<B, 5>) -> Tensor<B, 5> {
     );
     let device = l.device();
     let dtype = l.dtype();
-    let identity: Vec<f32> = (0..c * c)
-        .map(|i| if i / c == i % c { 1.0 } else { 0.0 })
-        .collect();
-    let eye: Tensor<B, 5> =
-        Tensor::<B, 2>::from_data(TensorData::new(identity, [c, c]), (&device, dtype)).unsqueeze();
-    let mut inv = eye.expand(l.dims());
+    let mut inv = eye::<B>(c, &device, dtype).expand(l.dims());
     for (_, mask) in merge_masks(c) {
         let mask: Tensor<B, 5> =
             Tensor::<B, 2>::from_data(TensorData::new(mask, [c, c]), (&device, dtype)).unsqueeze();
@@ -188,13 +191,8 @@ pub fn chunked<B: Backend>(
     // A_i = exp(g_last)·I − kgᵀ·w and B_i = kgᵀ·u: a scan over the chunks gives every chunk's
     // starting state in log₂(chunks) batched steps instead of one small step per chunk.
     let kgt = kg.swap_dims(3, 4); // [batch, heads, n, dk, c]
-    let identity: Vec<f32> = (0..dk * dk)
-        .map(|i| if i / dk == i % dk { 1.0 } else { 0.0 })
-        .collect();
-    let eye: Tensor<B, 5> =
-        Tensor::<B, 2>::from_data(TensorData::new(identity, [dk, dk]), (&device, dtype))
-            .unsqueeze();
-    let a = eye * glast.exp().unsqueeze_dim::<5>(4) - mm(kgt.clone(), w.clone());
+    let a = eye::<B>(dk, &device, dtype) * glast.exp().unsqueeze_dim::<5>(4)
+        - mm(kgt.clone(), w.clone());
     let b = mm(kgt, u.clone());
     let s0 = state.map(|s| crate::arch::layers::to_dtype(s, dtype));
     let (p, q) = affine_scan(a, b, s0.is_some());
