@@ -23,8 +23,8 @@ use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use half::bf16;
 
+use crate::custom::FusedRuntime;
 use crate::custom::{self, empty, CubeCall};
-use crate::fake_quant::FusedRuntime;
 use crate::{cube_count, p, t, KernelElement, CUBE_SIZE};
 use qatflow_nvfp4::codec::Element;
 

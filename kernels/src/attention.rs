@@ -31,7 +31,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 use burn_fusion::Fusion;
 
-use crate::fake_quant::{downcast, upcast, Cube, CubeBf16};
+use crate::custom::{downcast, upcast, Cube, CubeBf16};
 use crate::gemm::{self, CudaGemm};
 use crate::{p, softmax, t, to_dtype};
 

@@ -4,7 +4,9 @@
 //! outputs, known before it runs) and runs it on CubeCL tensors. [`on_cuda`] runs it when the
 //! backend is burn's CUDA backend: directly on a `CubeTensor`, or under fusion as a custom
 //! operation of the fusion stream (so it runs in stream order with burn's own kernels), and
-//! hands the inputs back on any other backend, whose caller then takes the tensor form.
+//! hands the inputs back on any other backend, whose caller then takes the tensor form. It
+//! also names the CUDA backends qatflow runs on and casts between a generic backend's types
+//! and theirs ([`downcast`], [`upcast`]).
 
 use std::any::TypeId;
 use std::fmt::Debug;
@@ -18,7 +20,33 @@ use burn_fusion::FusionTensor;
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use cubecl::cuda::CudaRuntime;
 
-use crate::fake_quant::{upcast, Cube, FusedRuntime};
+use std::any::Any;
+
+use burn_cubecl::fusion::FusionCubeRuntime;
+use burn_cubecl::CubeBackend;
+use half::bf16;
+
+/// The CUDA backend without fusion.
+pub(crate) type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
+/// The CUDA backend with BF16 as its default float type.
+pub(crate) type CubeBf16 = CubeBackend<CudaRuntime, bf16, i32, u8>;
+/// Fusion's handle type for CUDA.
+pub(crate) type FusedRuntime = FusionCubeRuntime<CudaRuntime>;
+
+/// `t` as a `U` when `T` is `U`.
+pub(crate) fn downcast<T: 'static, U: 'static>(t: T) -> std::result::Result<U, T> {
+    if TypeId::of::<T>() == TypeId::of::<U>() {
+        let boxed: Box<dyn Any> = Box::new(t);
+        Ok(*boxed.downcast::<U>().expect("same TypeId"))
+    } else {
+        Err(t)
+    }
+}
+
+/// The inverse of [`downcast`], for a type already known to match.
+pub(crate) fn upcast<T: 'static, U: 'static>(t: T) -> U {
+    downcast::<T, U>(t).unwrap_or_else(|_| unreachable!("called only after a successful downcast"))
+}
 
 /// One launch: its outputs and how it runs.
 pub(crate) trait CubeCall: Debug + Clone + Send + Sync + 'static {

@@ -12,7 +12,7 @@
 //! The straight-through estimator is the same as `qatflow_nvfp4::fake_quant::fake_quantize`'s
 //! (`fq(x.detach()) + (x - x.detach())`): the kernel only ever sees detached values.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
@@ -27,23 +27,15 @@ use burn::backend::Flex;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
-use burn_cubecl::fusion::FusionCubeRuntime;
 use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::CubeBackend;
 use burn_fusion::{Fusion, FusionTensor};
 use cubecl::cuda::CudaRuntime;
 use half::bf16;
 use qatflow_nvfp4::codec::BLOCK_SIZE;
 use qatflow_nvfp4::fake_quant::fake_quantize_value as tensor_ops_fake_quantize;
 
+use crate::custom::{downcast, upcast, Cube, CubeBf16, FusedRuntime};
 use crate::{launch_fake_quantize, Result};
-
-/// The CUDA backend without fusion.
-pub(crate) type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
-/// The CUDA backend with BF16 as its default float type.
-pub(crate) type CubeBf16 = CubeBackend<CudaRuntime, bf16, i32, u8>;
-/// Fusion's handle type for CUDA.
-pub(crate) type FusedRuntime = FusionCubeRuntime<CudaRuntime>;
 
 /// NVFP4 fake quantization with the straight-through estimator: the same contract as
 /// `qatflow_nvfp4::fake_quant::fake_quantize` (shape `[.., K]` with `K % 16 == 0`, the
@@ -361,21 +353,6 @@ fn under_autodiff<B: Backend, I: Backend>(
     let t = downcast::<_, FloatTensor<Autodiff<I>>>(x)?;
     let inner = f(Autodiff::<I>::inner(t), scale_2);
     Ok(upcast(Autodiff::<I>::from_inner(inner)))
-}
-
-/// `t` as a `U` when `T` is `U`.
-pub(crate) fn downcast<T: 'static, U: 'static>(t: T) -> std::result::Result<U, T> {
-    if TypeId::of::<T>() == TypeId::of::<U>() {
-        let boxed: Box<dyn Any> = Box::new(t);
-        Ok(*boxed.downcast::<U>().expect("same TypeId"))
-    } else {
-        Err(t)
-    }
-}
-
-/// The inverse of [`downcast`], for a type already known to match.
-pub(crate) fn upcast<T: 'static, U: 'static>(t: T) -> U {
-    downcast::<T, U>(t).unwrap_or_else(|_| unreachable!("called only after a successful downcast"))
 }
 
 /// The kernel on a CubeCL tensor (made contiguous first), into a new tensor of its dtype.

@@ -49,7 +49,7 @@ use cubecl::cuda::CudaRuntime;
 use cudarc::driver::result as drv;
 use cudarc::driver::sys as drvs;
 
-use crate::fake_quant::{downcast, upcast, Cube, CubeBf16, FusedRuntime};
+use crate::custom::{downcast, upcast, Cube, CubeBf16, FusedRuntime};
 
 /// Environment variable that selects the GEMM path: `burn` forces burn's matmul everywhere.
 pub const GEMM_ENV: &str = "QATFLOW_GEMM";

@@ -24,7 +24,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 use burn_fusion::Fusion;
 
-use crate::fake_quant::{downcast, upcast, Cube, CubeBf16};
+use crate::custom::{downcast, upcast, Cube, CubeBf16};
 use crate::gemm::{self, CudaGemm};
 use crate::{p, reduce, t};
 

@@ -36,7 +36,7 @@ use cubecl::prelude::*;
 use half::bf16;
 
 use crate::custom::{self, empty, CubeCall};
-use crate::fake_quant::{downcast, upcast, Cube, CubeBf16};
+use crate::custom::{downcast, upcast, Cube, CubeBf16};
 use crate::softmax::cube_reduce;
 use crate::{cube_count, p, t, to_dtype, CUBE_SIZE};
 

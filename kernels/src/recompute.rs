@@ -28,7 +28,7 @@ use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
 use burn_fusion::Fusion;
 
-use crate::fake_quant::{downcast, upcast, Cube, CubeBf16};
+use crate::custom::{downcast, upcast, Cube, CubeBf16};
 
 /// Backward of the marker: the identity.
 #[derive(Debug)]
