@@ -3,7 +3,8 @@
 # Stages: setup check smol burn-smol qwen burn-qwen q35 q35-9b q8 anchor-smol anchor-qwen anchor-q8
 #         anchor-q35 anchor-q35-9b q35tiny serve decode-anchor
 # Engine stages run with QATFLOW_GEMM=cublaslt unless they start with burn-. Environment:
-# MODES (plain qat), PREC (bf16-kahan), MOMENTS (fp32 | bf16), T (stage time limit, s).
+# MODES (plain qat), PREC (bf16-kahan), MOMENTS (fp32 | bf16), T (stage time limit, s),
+# EXTRA (more bench-train arguments, e.g. "--grad-clip 0 --update-during-backward").
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH}
 export QATFLOW_LOG=info
 B=/tmp/qatflow
@@ -39,7 +40,7 @@ PY
     ENVS="QATFLOW_GEMM=cublaslt"; [[ $stage == burn-* ]] && ENVS="QATFLOW_GEMM=burn"
     for mode in ${MODES:-plain qat}; do
       stamp "$stage $M $mode $ENVS"
-      env $ENVS timeout $T $B bench-train --device cuda --model $M --precision ${PREC:-bf16-kahan} --moments ${MOMENTS:-fp32} --warmup ${WARMUP:-2} --steps ${STEPS:-5} --mode $mode --out $OUT/${stage}${TAG}_$mode.json > /dev/null 2> $OUT/${stage}${TAG}_$mode.log
+      env $ENVS timeout $T $B bench-train --device cuda --model $M --precision ${PREC:-bf16-kahan} --moments ${MOMENTS:-fp32} --warmup ${WARMUP:-2} --steps ${STEPS:-5} --mode $mode ${EXTRA} --out $OUT/${stage}${TAG}_$mode.json > /dev/null 2> $OUT/${stage}${TAG}_$mode.log
       echo "rc=$?"; grep -v "^\s*$" $OUT/${stage}${TAG}_$mode.log | tail -3 | cut -c1-400
       summ $OUT/${stage}${TAG}_$mode.json $mode $stage$TAG
     done

@@ -43,6 +43,11 @@ pub struct BenchOptions {
     pub micro_batches: usize,
     /// Each weight fake-quantized once a step (`optim.cache_fake_quant`).
     pub cache_fake_quant: bool,
+    /// Global-norm gradient clipping (`optim.grad_clip`; 0 disables).
+    pub grad_clip: f64,
+    /// Each block updated during backward (`optim.update_during_backward`; needs one
+    /// micro-batch and `grad_clip` 0).
+    pub update_during_backward: bool,
 }
 
 /// The measured result.
@@ -70,6 +75,10 @@ pub struct BenchReport {
     pub micro_batches: usize,
     /// Each weight fake-quantized once a step.
     pub cache_fake_quant: bool,
+    /// Global-norm gradient clipping (0: none).
+    pub grad_clip: f64,
+    /// Each block updated during backward.
+    pub update_during_backward: bool,
     /// Training loss of every step, warmup included (the same seed and example on every
     /// run, so two GEMM paths' curves can be compared step by step).
     pub step_losses: Vec<f32>,
@@ -292,6 +301,9 @@ pub fn bench_train_on<B: AutodiffBackend>(
         precision: options.precision,
         moments: options.moments,
         cache_fake_quant: options.cache_fake_quant,
+        grad_clip: options.grad_clip,
+        grad_accum: options.micro_batches.max(1),
+        update_during_backward: options.update_during_backward,
         ..OptimSection::default()
     });
     let cancel = CancellationToken::new();
@@ -342,6 +354,8 @@ pub fn bench_train_on<B: AutodiffBackend>(
         lr: options.lr,
         micro_batches: micro.len(),
         cache_fake_quant: options.cache_fake_quant,
+        grad_clip: options.grad_clip,
+        update_during_backward: options.update_during_backward,
         step_losses: losses,
         median_step_s: median,
         tokens_per_s: (options.seq_len * micro.len()) as f64 / median,

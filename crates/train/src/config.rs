@@ -151,6 +151,14 @@ pub struct OptimSection {
     /// over the weights a step, at the cost of keeping every quantized weight's fake-quantized
     /// copy (2 bytes a parameter at BF16) through the step.
     pub cache_fake_quant: bool,
+    /// Update each block's parameters as soon as backward has finished with that block
+    /// (default `false`): the step differentiates the final norm and LM head, then each
+    /// decoder block from the last, then the embedding, one graph at a time, and applies
+    /// AdamW to a block's parameters before going on, so the whole model's gradients never
+    /// exist at once (−2 bytes a parameter at BF16). Needs `grad_accum = 1` (nothing to
+    /// accumulate into) and `grad_clip = 0` (the global norm is only known after the last
+    /// block; the step still reports it).
+    pub update_during_backward: bool,
 }
 
 impl Default for OptimSection {
@@ -170,6 +178,7 @@ impl Default for OptimSection {
             precision: OptimPrecision::Fp32,
             moments: MomentPrecision::Fp32,
             cache_fake_quant: false,
+            update_during_backward: false,
         }
     }
 }
@@ -357,6 +366,21 @@ impl TrainConfig {
         if !(o.grad_clip.is_finite() && o.grad_clip >= 0.0) {
             return Err(bad("optim.grad_clip", "must be >= 0 (0 disables clipping)"));
         }
+        if o.update_during_backward && o.grad_accum != 1 {
+            return Err(bad(
+                "optim.grad_accum",
+                "must be 1 with optim.update_during_backward = true (each block is updated \
+                 during its backward; put more conversations in one micro-batch with \
+                 optim.micro_batch instead)",
+            ));
+        }
+        if o.update_during_backward && o.grad_clip != 0.0 {
+            return Err(bad(
+                "optim.grad_clip",
+                "must be 0 with optim.update_during_backward = true (blocks are updated \
+                 before the global gradient norm is known)",
+            ));
+        }
         if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
             return Err(bad("optim.weight_decay", "must be >= 0"));
         }
@@ -482,6 +506,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("data.jsonl"), "{err}");
+    }
+
+    #[test]
+    fn update_during_backward_needs_one_micro_batch_and_no_clipping() {
+        let on = format!("{MIN}[optim]\nupdate_during_backward = true\n");
+        for (extra, field) in [
+            ("grad_clip = 0.0\n", "optim.grad_accum"),
+            ("grad_accum = 1\n", "optim.grad_clip"),
+        ] {
+            let err = TrainConfig::from_toml(&format!("{on}{extra}"), Path::new("t.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field) && err.contains("t.toml"), "{err}");
+        }
+        let c = TrainConfig::from_toml(
+            &format!("{on}grad_accum = 1\ngrad_clip = 0.0\nmicro_batch = 4\n"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert!(c.optim.update_during_backward);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`data`]: conversations → token ids + assistant masks, deterministic epoch order;
 //! - [`loss`]: the assistant-only losses (cross-entropy; KL to a teacher for QAD);
 //! - [`optim`]: AdamW with FP32 master weights or compensated BF16 updates;
+//! - [`layerwise`]: the optimizer step that updates each block during backward;
 //! - [`state`]: checkpoints (through `qatflow-checkpoint`) and exact resume;
 //! - [`run`]: the loop; [`metrics`] and [`report`]: what a run leaves to look at;
 //! - [`bench`]: `bench-train`, QAT throughput on random-init models.
@@ -17,6 +18,7 @@
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod layerwise;
 pub mod loss;
 pub mod metrics;
 pub mod optim;

@@ -163,6 +163,18 @@ pub fn loss_sum<B: AutodiffBackend>(
     let data = TensorData::new(batch.ids.clone(), [batch.lengths.len(), batch.width]);
     let ids = Tensor::<B, 2, Int>::from_data(data, &device);
     let hidden = model.forward_hidden(ids.clone(), Some(&batch.lengths), None);
+    loss_sum_from_hidden(model, hidden, ids, batch, objective)
+}
+
+/// [`loss_sum`] from the student's final hidden states `hidden` of `ids` (the batch's token
+/// ids as a tensor).
+pub fn loss_sum_from_hidden<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    hidden: Tensor<B, 3>,
+    ids: Tensor<B, 2, Int>,
+    batch: &Batch,
+    objective: &Objective<B>,
+) -> Tensor<B, 1> {
     match objective {
         Objective::Sft => nll_sum_from_hidden(model, hidden, batch),
         Objective::Qad {

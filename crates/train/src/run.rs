@@ -45,10 +45,18 @@ pub struct Follow {
     pub poll: Duration,
 }
 
+/// One parameter that received a gradient: its Hugging Face name, its value and the
+/// gradient, both flat.
+pub(crate) struct ParamGrad<B: AutodiffBackend> {
+    pub name: String,
+    pub value: Tensor<B::InnerBackend, 1>,
+    pub grad: Tensor<B::InnerBackend, 1>,
+}
+
 struct Grads<'a, B: AutodiffBackend> {
     grads: &'a B::Gradients,
     path: Vec<String>,
-    out: Vec<(String, Tensor<B::InnerBackend, 1>)>,
+    out: Vec<ParamGrad<B>>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
@@ -61,11 +69,30 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(g) = param.val().grad(self.grads) {
+        let value = param.val();
+        if let Some(g) = value.grad(self.grads) {
             let n: usize = g.dims().iter().product();
-            self.out.push((hf_name(&self.path), g.reshape([n])));
+            self.out.push(ParamGrad {
+                name: hf_name(&self.path),
+                value: value.inner().reshape([n]),
+                grad: g.reshape([n]),
+            });
         }
     }
+}
+
+/// Every parameter of `model` with a gradient in `grads`, in module order.
+pub(crate) fn param_grads<B: AutodiffBackend>(
+    model: &CausalLm<B>,
+    grads: &B::Gradients,
+) -> Vec<ParamGrad<B>> {
+    let mut visitor = Grads::<B> {
+        grads,
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    model.visit(&mut visitor);
+    visitor.out
 }
 
 fn precision_of(config: &TrainConfig) -> Precision {
@@ -192,6 +219,20 @@ pub fn optimizer_step<B: AutodiffBackend>(
     sr_seed: u64,
     cancel: &CancellationToken,
 ) -> StepOutcome<B> {
+    if optimizer.hp.update_during_backward {
+        if let [examples] = micro_batches {
+            if cancel.is_cancelled() {
+                return StepOutcome::Cancelled(model);
+            }
+            let (model, stats) =
+                crate::layerwise::step(model, optimizer, objective, examples, lr, sr_seed);
+            return StepOutcome::Done(model, stats);
+        }
+        panic!(
+            "optim.update_during_backward takes one micro-batch a step, got {}",
+            micro_batches.len()
+        );
+    }
     let started = Instant::now();
     let targets: usize = micro_batches.iter().flatten().map(|e| e.targets()).sum();
     let denom = targets.max(1) as f64;
@@ -213,13 +254,7 @@ pub fn optimizer_step<B: AutodiffBackend>(
         let loss = loss::loss_sum(&model, &batch, objective) / denom;
         loss_sum += f64::from(loss.clone().into_scalar().elem::<f32>());
         let grads = loss.backward();
-        let mut visitor = Grads::<B> {
-            grads: &grads,
-            path: Vec::new(),
-            out: Vec::new(),
-        };
-        model.visit(&mut visitor);
-        for (name, g) in visitor.out {
+        for ParamGrad { name, grad: g, .. } in param_grads(&model, &grads) {
             // One micro-batch's gradient stays in the dtype autodiff made it in (BF16 for
             // BF16 weights: 2 bytes a parameter instead of 4); sums of several are kept in
             // f32. Every use below widens it first, so the arithmetic is f32 either way.

@@ -357,6 +357,14 @@ pub struct BenchTrainArgs {
     /// recompute (`optim.cache_fake_quant`; costs 2 bytes a quantized parameter).
     #[arg(long)]
     fake_quant_cache: bool,
+    /// Clip the global gradient norm to this (`optim.grad_clip`; 0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f64,
+    /// Update each block's parameters during backward (`optim.update_during_backward`):
+    /// the whole model's gradients never exist at once. Needs `--micro-batches 1` and
+    /// `--grad-clip 0`.
+    #[arg(long)]
+    update_during_backward: bool,
 }
 
 fn bench_one(a: &BenchTrainArgs, quant: bool) -> anyhow::Result<BenchReport> {
@@ -371,7 +379,24 @@ fn bench_one(a: &BenchTrainArgs, quant: bool) -> anyhow::Result<BenchReport> {
         lr: a.lr,
         micro_batches: a.micro_batches as usize,
         cache_fake_quant: a.fake_quant_cache,
+        grad_clip: a.grad_clip,
+        update_during_backward: a.update_during_backward,
     };
+    if a.update_during_backward && (a.micro_batches != 1 || a.grad_clip != 0.0) {
+        anyhow::bail!(
+            "--update-during-backward updates each block before the next block's gradients \
+             exist: it needs --micro-batches 1 and --grad-clip 0 (got --micro-batches {} \
+             --grad-clip {})",
+            a.micro_batches,
+            a.grad_clip
+        );
+    }
+    if !(a.grad_clip.is_finite() && a.grad_clip >= 0.0) {
+        anyhow::bail!(
+            "--grad-clip must be >= 0 (0 disables clipping), got {}",
+            a.grad_clip
+        );
+    }
     let spec = qatflow_train::config::parse_device(&a.device).map_err(anyhow::Error::msg)?;
     struct Bench<'a>(&'a BenchOptions);
     impl TrainingWork for Bench<'_> {

@@ -199,7 +199,20 @@ impl<B: Backend> Dense<B> {
         &self,
         ids: Tensor<B, 2, Int>,
         lengths: Option<&[usize]>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        self.forward_hidden_split(ids, lengths, cache, &mut |_, x| x)
+    }
+
+    /// [`Self::forward_hidden`] with `boundary(i, x)` applied to the input of block `i` (the
+    /// embedding's output for `i = 0`) and, for `i` = the layer count, to the final norm's
+    /// input; the block (or the norm) then reads what it returns.
+    pub fn forward_hidden_split(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        lengths: Option<&[usize]>,
         mut cache: Option<&mut KvCache<B>>,
+        boundary: &mut dyn FnMut(usize, Tensor<B, 3>) -> Tensor<B, 3>,
     ) -> Tensor<B, 3> {
         let [batch, len] = ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
@@ -211,13 +224,13 @@ impl<B: Backend> Dense<B> {
         let mut x = layers::embed(weight, ids);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
-            let x_in = qatflow_kernels::recompute::block_input(x);
+            let x_in = qatflow_kernels::recompute::block_input(boundary(i, x));
             x = layer.forward(x_in, &cos, &sin, mask.as_ref(), slot);
         }
         if let Some(c) = cache {
             c.advance(len);
         }
-        self.norm.forward(x)
+        self.norm.forward(boundary(self.layers.len(), x))
     }
 }
 

@@ -145,6 +145,35 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
+    /// The training forward of [`CausalLm::forward_hidden`] (no cache) with `boundary(i, x)`
+    /// applied to the input of block `i` (the embedding's output for `i = 0`) and, for
+    /// `i` = the layer count, to the final norm's input: a trainer that detaches there
+    /// gets one autodiff graph a block (the embedding, each block, the final norm and what
+    /// follows it), each differentiated on its own.
+    pub fn forward_hidden_split(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        lengths: Option<&[usize]>,
+        boundary: &mut dyn FnMut(usize, Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
+        match self {
+            CausalLm::Llama(m) => m.forward_hidden_split(ids, lengths, None, boundary),
+            CausalLm::Qwen3(m) => m.forward_hidden_split(ids, lengths, None, boundary),
+            CausalLm::Qwen35(m) | CausalLm::Qwen35Vl(m) => {
+                m.forward_hidden_split(ids, lengths, None, boundary)
+            }
+        }
+    }
+
+    /// Whether the LM head is the embedding matrix (one parameter, two uses).
+    pub fn tied_embeddings(&self) -> bool {
+        match self {
+            CausalLm::Llama(m) => m.lm_head.is_none(),
+            CausalLm::Qwen3(m) => m.lm_head.is_none(),
+            CausalLm::Qwen35(m) | CausalLm::Qwen35Vl(m) => m.lm_head.is_none(),
+        }
+    }
+
     /// Logits of hidden states `[.., hidden]` → `[.., vocab]`, in the parameter dtype.
     pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
         matmul_wt(hidden, self.lm_head_weight())

@@ -3,6 +3,8 @@
 //! replacing parameter values by name. Trainers and checkpoint writers use these; burn's
 //! own module paths (`Llama.layers.0...`) never leave this module.
 
+use std::collections::BTreeMap;
+
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 
 use burn::tensor::backend::Backend;
@@ -135,6 +137,56 @@ where
     model.map(&mut mapper)
 }
 
+struct ReplaceSome<'a, B: Backend> {
+    path: Vec<String>,
+    values: &'a mut BTreeMap<String, Tensor<B, 1>>,
+}
+
+impl<B: Backend> ModuleMapper<B> for ReplaceSome<'_, B> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let Some(flat) = self.values.remove(&hf_name(&self.path)) else {
+            return param;
+        };
+        let (id, tensor, mapper) = param.consume();
+        let tracked = tensor.is_require_grad();
+        let dims = tensor.dims();
+        let n: usize = dims.iter().product();
+        assert_eq!(
+            flat.dims()[0],
+            n,
+            "replacement for `{}` has the wrong number of elements",
+            hf_name(&self.path)
+        );
+        let value = flat.reshape(dims).detach().set_require_grad(tracked);
+        Param::from_mapped_value(id, value, mapper)
+    }
+}
+
+/// Replaces the parameters named in `values` (flat, same element count) and takes them out
+/// of the map; every other parameter stays the very tensor it was (an autodiff leaf keeps
+/// its node, so gradients of graphs built before still find it).
+pub fn replace_params<B: Backend>(
+    model: CausalLm<B>,
+    values: &mut BTreeMap<String, Tensor<B, 1>>,
+) -> CausalLm<B> {
+    if values.is_empty() {
+        return model;
+    }
+    let mut mapper = ReplaceSome {
+        path: Vec::new(),
+        values,
+    };
+    model.map(&mut mapper)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,5 +241,65 @@ mod tests {
             let sum: f32 = p.flat.abs().sum().into_scalar();
             assert_eq!(sum, 0.0, "{}", p.name);
         }
+    }
+
+    #[test]
+    fn replace_params_touches_only_the_named_and_keeps_the_other_leaves() {
+        type A = burn::backend::Autodiff<Flex>;
+        let config = tiny_config(Architecture::Qwen3, 64);
+        let model = random_init::<A>(&config, 3, &Default::default());
+        let before = named_params(&model);
+        // A graph built before the replacement: the loss reads every parameter.
+        let loss = before
+            .iter()
+            .map(|p| p.flat.clone().sum())
+            .reduce(|a, b| a + b)
+            .expect("parameters");
+        let target = "model.layers.1.mlp.up_proj.weight";
+        let n = before
+            .iter()
+            .find(|p| p.name == target)
+            .unwrap()
+            .flat
+            .dims()[0];
+        let mut values =
+            BTreeMap::from([(target.to_string(), Tensor::zeros([n], &Default::default()))]);
+        let model = replace_params(model, &mut values);
+        assert!(values.is_empty(), "the replacement is taken out of the map");
+        let grads = loss.backward();
+        let mut found = 0;
+        for (old, new) in before.iter().zip(named_params(&model)) {
+            assert_eq!(old.name, new.name);
+            let changed: f32 = (old.flat.clone().inner() - new.flat.clone().inner())
+                .abs()
+                .sum()
+                .into_scalar();
+            if new.name == target {
+                assert!(changed > 0.0, "{target} was replaced");
+            } else {
+                assert_eq!(changed, 0.0, "{}", new.name);
+                found += 1;
+            }
+        }
+        assert_eq!(found, before.len() - 1);
+        // Untouched parameters are the same leaves: the old graph's gradients reach them
+        // through the model's current parameters.
+        let mut reached = 0;
+        struct Reach<'a> {
+            grads: &'a <A as burn::tensor::backend::AutodiffBackend>::Gradients,
+            reached: &'a mut usize,
+        }
+        impl ModuleVisitor<A> for Reach<'_> {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<A, D>>) {
+                if param.val().grad(self.grads).is_some() {
+                    *self.reached += 1;
+                }
+            }
+        }
+        model.visit(&mut Reach {
+            grads: &grads,
+            reached: &mut reached,
+        });
+        assert_eq!(reached, before.len() - 1);
     }
 }

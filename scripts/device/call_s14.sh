@@ -1,0 +1,67 @@
+#!/bin/bash
+# Device call of 2026-12-07/08, fourteenth session. Stages by name (first argument a list),
+# each skipped when it would not end inside LIMIT seconds. A kernel that fails its first run
+# is turned off for the rest of the call (QATFLOW_KERNELS_OFF) and the stage retried once.
+#   first:  gemm_check, Qwen3-1.7B QAT bf16-kahan, the anchor, bf16-plain, phase times
+#   second: (H200) Qwen3.5-9B, Qwen3-8B, 8B anchor; 50-step curves; GPU resume check
+#   layerwise: Qwen3-1.7B unclipped without/with --update-during-backward (+ bf16-plain with it);
+#   q35-9b-lw, q8-lw: the 9B/8B memory runs with it
+# Carries .gpu and .xfer/whl. Usage: LIMIT=540 bash scripts/device/call_s14.sh "stage stage ..."
+R=scripts/device/run.sh
+[ -d .xfer/whl ] && mkdir -p .gpu/whl && cp .xfer/whl/*.whl .gpu/whl/
+ALL_OFF=attention,softmax,adamw,square_sum,mean_last,rms_norm
+export QATFLOW_KERNELS_OFF=${QATFLOW_KERNELS_OFF:-}
+fits() { local t=$1; shift; if [ $((SECONDS + t)) -le ${LIMIT:-560} ]; then T=$t "$@"; else echo "=== skipped (no time left): $*"; fi; }
+gemm_check() {
+  echo "=== $(date +%T) gemm_check"
+  QATFLOW_GEMM=cublaslt timeout $T /tmp/gemm_check > $OUT/gemm_check.json 2> $OUT/gemm_check.log; echo "rc=$?"
+  grep -v "^\s*$" $OUT/gemm_check.log | tail -8 | cut -c1-600
+  python3 -c "
+import json; d=json.load(open('$OUT/gemm_check.json'))
+print('ok', d['ok'], d['failures'][:8]); print('attention', json.dumps(d['attention'])[:1500]); print('adamw', json.dumps(d['adamw'])[:800]); print('square_sum', json.dumps(d['square_sum'])); print('rms_norm', json.dumps(d['rms_norm'])[:800])
+for b in d['bench_linear_fwd_bwd']: print(b['m'], b['k'], b['n'], {p: round(b[p]['tflops'], 1) for p in ('cublaslt', 'burn')})" 2>&1 | tail -14; }
+# qwen_try TAG PREC: Qwen3-1.7B QAT; if it exits non-zero with kernels on, all kernels off and once more.
+qwen_try() {
+  PREC=$2 MOMENTS=bf16 MODES=qat TAG=$1 bash $R qwen
+  if [ -z "$QATFLOW_KERNELS_OFF" ] && ! [ -s $OUT/qwen$1_qat.json ]; then
+    echo "=== the engine kernels failed: retry with QATFLOW_KERNELS_OFF=$ALL_OFF"; grep -i "error\|panic" $OUT/qwen$1_qat.log | head -5 | cut -c1-500
+    export QATFLOW_KERNELS_OFF=$ALL_OFF; PREC=$2 MOMENTS=bf16 MODES=qat TAG=$1_off bash $R qwen
+  fi; }
+phases() {
+  echo "=== $(date +%T) qwen3-1.7b phase times"
+  QATFLOW_GEMM=cublaslt QATFLOW_GEMM_SYNC=1 QATFLOW_PHASE_TIMES=1 timeout $T /tmp/qatflow bench-train \
+    --device cuda --model qwen3-1.7b --precision bf16-kahan --moments bf16 --warmup 1 --steps 3 \
+    --mode qat --out $OUT/phases.json > /dev/null 2> $OUT/phases.log; echo "rc=$?"
+  python3 -c "import json;d=json.load(open('$OUT/phases.json'))['qat'];print('step',d['median_step_s'],'fb',d['median_forward_backward_s'],'opt',d['median_optimizer_s'],'gemm',d['median_gemm_s'],'phases',d['median_phase_s'])"; }
+curve() {
+  echo "=== $(date +%T) 50 steps qwen3-1.7b $1"
+  QATFLOW_GEMM=$1 timeout $T /tmp/qatflow bench-train --device cuda --model qwen3-1.7b \
+    --precision bf16-kahan --moments bf16 --warmup 0 --steps 50 --mode qat --lr 1e-4 \
+    --out $OUT/curve_qwen3-1.7b_$1.json > /dev/null 2> $OUT/curve_qwen3-1.7b_$1.log; echo "rc=$?"; }
+T=40 bash $R setup
+mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+big() { [ "$mem" -gt 100000 ] || { echo "=== skipped (needs an H200): $*"; return 1; }; }
+for s in $1; do case $s in
+  check) fits 120 gemm_check;;
+  kahan) fits 150 qwen_try _bf16-kahan bf16-kahan;;
+  plain) fits 80 qwen_try _bf16-plain bf16-plain;;
+  anchor) fits 150 bash $R anchor-qwen;;
+  phases) fits 80 phases;;
+  smol) PREC=bf16-kahan MOMENTS=bf16 MODES=qat fits 60 bash $R smol;;
+  anchor-smol) fits 100 bash $R anchor-smol;;
+  layerwise) # the same step with each block updated during backward, beside the step without (both unclipped)
+    PREC=bf16-kahan MOMENTS=bf16 MODES=qat TAG=_noclip EXTRA="--grad-clip 0" fits 80 bash $R qwen
+    PREC=bf16-kahan MOMENTS=bf16 MODES=qat TAG=_layerwise EXTRA="--grad-clip 0 --update-during-backward" fits 80 bash $R qwen
+    PREC=bf16-plain MOMENTS=bf16 MODES=qat TAG=_plain_layerwise EXTRA="--grad-clip 0 --update-during-backward" fits 80 bash $R qwen;;
+  q35-9b-lw) big $s && MODES=qat MOMENTS=bf16 WARMUP=1 STEPS=2 TAG=_layerwise EXTRA="--grad-clip 0 --update-during-backward" fits 130 bash $R q35-9b;;
+  q8-lw) big $s && MODES=qat MOMENTS=bf16 WARMUP=1 STEPS=3 TAG=_layerwise EXTRA="--grad-clip 0 --update-during-backward" fits 130 bash $R q8;;
+  q35-9b) big $s && MODES=qat MOMENTS=bf16 WARMUP=1 STEPS=2 fits 130 bash $R q35-9b;;
+  q8) big $s && MODES=qat MOMENTS=bf16 WARMUP=1 STEPS=3 fits 130 bash $R q8;;
+  anchor-q8) big $s && fits 200 bash $R anchor-q8;;
+  q35) PREC=bf16-kahan MOMENTS=bf16 MODES=qat fits 100 bash $R q35;;
+  anchor-q35) fits 150 bash $R anchor-q35;;
+  curves) fits 80 curve cublaslt; fits 110 curve burn
+    [ -f $OUT/curve_qwen3-1.7b_burn.json ] && python3 scripts/device/compare_curves.py $OUT/curve_qwen3-1.7b_cublaslt.json $OUT/curve_qwen3-1.7b_burn.json;;
+  resume) if [ $((SECONDS + 100)) -le $((${LIMIT:-560} + 20)) ]; then bash scripts/device/resume_gpu.sh .gpu/tok 2>&1 | tee $OUT/resume_gpu.txt; else echo "=== skipped resume check"; fi;;
+esac; done
+echo "=== end $(date +%T) kernels off: '${QATFLOW_KERNELS_OFF}'"
