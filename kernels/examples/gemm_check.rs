@@ -383,8 +383,11 @@ fn host<T: Stored>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32_value(x)).collect()
 }
 
+/// `v` on the GPU in `T`'s own dtype (`from_data` with a bare device would convert it to the
+/// backend's default float type).
 fn to_gpu<T: Stored>(v: &[T], device: &CudaDevice) -> Tensor<Cuda, 1> {
-    Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device)
+    let dtype = <T as burn::tensor::Element>::dtype();
+    Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), (device, dtype))
 }
 
 fn from_gpu<T: Stored>(t: Tensor<Cuda, 1>) -> Vec<T> {

@@ -6,7 +6,7 @@
 #   second: (H200) Qwen3.5-9B, Qwen3-8B, 8B anchor; 50-step curves; GPU resume check
 #   layerwise: Qwen3-1.7B unclipped without/with --update-during-backward (+ bf16-plain with it);
 #   q35-9b-lw, q8-lw: the 9B/8B memory runs with it
-# Carries .gpu and .xfer/whl. Usage: LIMIT=540 bash scripts/device/call_s14.sh "stage stage ..."
+# Carries .gpu and .xfer/whl. Usage: LIMIT=540 bash scripts/device/call_s14.sh "stage ..." ["stages on an H200"]
 R=scripts/device/run.sh
 [ -d .xfer/whl ] && mkdir -p .gpu/whl && cp .xfer/whl/*.whl .gpu/whl/
 ALL_OFF=attention,softmax,adamw,square_sum,mean_last,rms_norm
@@ -33,24 +33,41 @@ phases() {
     --device cuda --model qwen3-1.7b --precision bf16-kahan --moments bf16 --warmup 1 --steps 3 \
     --mode qat --out $OUT/phases.json > /dev/null 2> $OUT/phases.log; echo "rc=$?"
   python3 -c "import json;d=json.load(open('$OUT/phases.json'))['qat'];print('step',d['median_step_s'],'fb',d['median_forward_backward_s'],'opt',d['median_optimizer_s'],'gemm',d['median_gemm_s'],'phases',d['median_phase_s'])"; }
+# curve PATH [TAG ARGS...]: 50 steps of Qwen3-1.7B on one GEMM path (extra bench-train ARGS)
 curve() {
-  echo "=== $(date +%T) 50 steps qwen3-1.7b $1"
-  QATFLOW_GEMM=$1 timeout $T /tmp/qatflow bench-train --device cuda --model qwen3-1.7b \
-    --precision bf16-kahan --moments bf16 --warmup 0 --steps 50 --mode qat --lr 1e-4 \
-    --out $OUT/curve_qwen3-1.7b_$1.json > /dev/null 2> $OUT/curve_qwen3-1.7b_$1.log; echo "rc=$?"; }
+  local path=$1 tag=${2:-$1}; shift; shift
+  echo "=== $(date +%T) 50 steps qwen3-1.7b $tag"
+  QATFLOW_GEMM=$path timeout $T /tmp/qatflow bench-train --device cuda --model qwen3-1.7b \
+    --precision bf16-kahan --moments bf16 --warmup 0 --steps 50 --mode qat --lr 1e-4 "$@" \
+    --out $OUT/curve_qwen3-1.7b_$tag.json > /dev/null 2> $OUT/curve_qwen3-1.7b_$tag.log; echo "rc=$?"; }
 T=40 bash $R setup
 mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 big() { [ "$mem" -gt 100000 ] || { echo "=== skipped (needs an H200): $*"; return 1; }; }
-for s in $1; do case $s in
+STAGES=$1
+# On an H200 (> 100 GB) the second argument, when given, replaces the list.
+[ "$mem" -gt 100000 ] && [ -n "$2" ] && STAGES=$2
+for s in $STAGES; do case $s in
   check) fits 120 gemm_check;;
   kahan) fits 150 qwen_try _bf16-kahan bf16-kahan;;
   plain) fits 80 qwen_try _bf16-plain bf16-plain;;
   anchor) fits 150 bash $R anchor-qwen;;
+  anchor-qat) # the anchor's QAT half only (its plain half first costs the stage limit)
+    aq() { echo "=== $(date +%T) anchor qwen3-1.7b QAT only"
+      [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl
+      ( while true; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >> $OUT/smi_anchor_qat.txt; sleep 0.2; done ) & SP=$!
+      PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:.gpu timeout $T python3 -c "
+import modelopt_qat_anchor as a
+a.qat_throughput('qwen3-1.7b', a.configs()['qwen3-1.7b'], quant=True)" 2>&1 | grep -v -i warn | tail -3
+      kill $SP; echo "anchor QAT nvidia-smi peak MiB: $(sort -n $OUT/smi_anchor_qat.txt | tail -1)"; rm $OUT/smi_anchor_qat.txt; }
+    fits 220 aq;;
   phases) fits 80 phases;;
   smol) PREC=bf16-kahan MOMENTS=bf16 MODES=qat fits 60 bash $R smol;;
   anchor-smol) fits 100 bash $R anchor-smol;;
   layerwise) # the same step with each block updated during backward, beside the step without (both unclipped)
     PREC=bf16-kahan MOMENTS=bf16 MODES=qat TAG=_noclip EXTRA="--grad-clip 0" fits 80 bash $R qwen
+    PREC=bf16-kahan MOMENTS=bf16 MODES=qat TAG=_layerwise EXTRA="--grad-clip 0 --update-during-backward" fits 80 bash $R qwen
+    PREC=bf16-plain MOMENTS=bf16 MODES=qat TAG=_plain_layerwise EXTRA="--grad-clip 0 --update-during-backward" fits 80 bash $R qwen;;
+  lw) # the engine's fastest and leanest step: each block updated during backward, BF16-Kahan then BF16-plain
     PREC=bf16-kahan MOMENTS=bf16 MODES=qat TAG=_layerwise EXTRA="--grad-clip 0 --update-during-backward" fits 80 bash $R qwen
     PREC=bf16-plain MOMENTS=bf16 MODES=qat TAG=_plain_layerwise EXTRA="--grad-clip 0 --update-during-backward" fits 80 bash $R qwen;;
   q35-9b-lw) big $s && MODES=qat MOMENTS=bf16 WARMUP=1 STEPS=2 TAG=_layerwise EXTRA="--grad-clip 0 --update-during-backward" fits 130 bash $R q35-9b;;
@@ -62,6 +79,10 @@ for s in $1; do case $s in
   anchor-q35) fits 150 bash $R anchor-q35;;
   curves) fits 80 curve cublaslt; fits 110 curve burn
     [ -f $OUT/curve_qwen3-1.7b_burn.json ] && python3 scripts/device/compare_curves.py $OUT/curve_qwen3-1.7b_cublaslt.json $OUT/curve_qwen3-1.7b_burn.json;;
+  curves-lw) fits 80 curve cublaslt noclip --grad-clip 0; fits 80 curve cublaslt layerwise --grad-clip 0 --update-during-backward
+    [ -f $OUT/curve_qwen3-1.7b_layerwise.json ] && python3 scripts/device/compare_curves.py $OUT/curve_qwen3-1.7b_noclip.json $OUT/curve_qwen3-1.7b_layerwise.json;;
   resume) if [ $((SECONDS + 100)) -le $((${LIMIT:-560} + 20)) ]; then bash scripts/device/resume_gpu.sh .gpu/tok 2>&1 | tee $OUT/resume_gpu.txt; else echo "=== skipped resume check"; fi;;
 esac; done
 echo "=== end $(date +%T) kernels off: '${QATFLOW_KERNELS_OFF}'"
+# Everything written as one archive (a call brings back a limited number of files).
+(cd $OUT && tar czf /tmp/out.tgz --exclude='smi_*' . && rm -rf ./* && mv /tmp/out.tgz $OUT/out.tgz)
