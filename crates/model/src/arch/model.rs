@@ -139,9 +139,11 @@ impl<B: Backend> CausalLm<B> {
         cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         match self {
-            CausalLm::Llama(m) => m.forward_hidden(ids, lengths, cache),
-            CausalLm::Qwen3(m) => m.forward_hidden(ids, lengths, cache),
-            CausalLm::Qwen35(m) | CausalLm::Qwen35Vl(m) => m.forward_hidden(ids, lengths, cache),
+            CausalLm::Llama(m) => m.forward_hidden(ids, lengths, cache, &mut |_, x| x),
+            CausalLm::Qwen3(m) => m.forward_hidden(ids, lengths, cache, &mut |_, x| x),
+            CausalLm::Qwen35(m) | CausalLm::Qwen35Vl(m) => {
+                m.forward_hidden(ids, lengths, cache, &mut |_, x| x)
+            }
         }
     }
 
@@ -157,10 +159,10 @@ impl<B: Backend> CausalLm<B> {
         boundary: &mut dyn FnMut(usize, Tensor<B, 3>) -> Tensor<B, 3>,
     ) -> Tensor<B, 3> {
         match self {
-            CausalLm::Llama(m) => m.forward_hidden_split(ids, lengths, None, boundary),
-            CausalLm::Qwen3(m) => m.forward_hidden_split(ids, lengths, None, boundary),
+            CausalLm::Llama(m) => m.forward_hidden(ids, lengths, None, boundary),
+            CausalLm::Qwen3(m) => m.forward_hidden(ids, lengths, None, boundary),
             CausalLm::Qwen35(m) | CausalLm::Qwen35Vl(m) => {
-                m.forward_hidden_split(ids, lengths, None, boundary)
+                m.forward_hidden(ids, lengths, None, boundary)
             }
         }
     }

@@ -583,19 +583,10 @@ impl<B: Backend> Qwen35<B> {
     /// outputs of padding positions are meaningless); with a `cache`, positions continue
     /// after the cached ones and every layer's state is carried (all sequences of a cached
     /// batch must be unpadded: the linear-attention state would absorb padding).
+    /// `boundary(i, x)` sees the input of block `i` (the embedding's output for `i = 0`;
+    /// the final norm's input for `i` = the layer count) and returns what the block reads
+    /// ([`crate::CausalLm::forward_hidden_split`]).
     pub fn forward_hidden(
-        &self,
-        ids: Tensor<B, 2, Int>,
-        lengths: Option<&[usize]>,
-        cache: Option<&mut KvCache<B>>,
-    ) -> Tensor<B, 3> {
-        self.forward_hidden_split(ids, lengths, cache, &mut |_, x| x)
-    }
-
-    /// [`Self::forward_hidden`] with `boundary(i, x)` applied to the input of block `i` (the
-    /// embedding's output for `i = 0`) and, for `i` = the layer count, to the final norm's
-    /// input; the block (or the norm) then reads what it returns.
-    pub fn forward_hidden_split(
         &self,
         ids: Tensor<B, 2, Int>,
         lengths: Option<&[usize]>,
