@@ -27,9 +27,10 @@ use qatflow_model::params::replace_params;
 use qatflow_model::CausalLm;
 
 use crate::data::Example;
+use crate::grads::param_grads;
 use crate::loss::{loss_sum_from_hidden, Batch, Objective};
+use crate::metrics::StepStats;
 use crate::optim::{uniform, AdamW};
-use crate::run::{param_grads, StepStats};
 
 /// What the segments' updates share: the optimizer, the step's learning rate, the parameters
 /// already updated, gradients waiting for a later segment, the running Σg².

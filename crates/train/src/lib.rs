@@ -6,6 +6,7 @@
 //! - [`data`]: conversations → token ids + assistant masks, deterministic epoch order;
 //! - [`loss`]: the assistant-only losses (cross-entropy; KL to a teacher for QAD);
 //! - [`optim`]: AdamW with FP32 master weights or compensated BF16 updates;
+//! - [`grads`]: which parameters got a gradient, by name;
 //! - [`layerwise`]: the optimizer step that updates each block during backward;
 //! - [`state`]: checkpoints (through `qatflow-checkpoint`) and exact resume;
 //! - [`run`]: the loop; [`metrics`] and [`report`]: what a run leaves to look at;
@@ -18,6 +19,7 @@
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod grads;
 pub mod layerwise;
 pub mod loss;
 pub mod metrics;

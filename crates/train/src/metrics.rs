@@ -1,6 +1,7 @@
 //! The run's metrics file (`RUN_DIR/metrics.jsonl`): one JSON object per optimizer step,
 //! appended and flushed as training goes; on resume, lines past the resumed step are
-//! dropped so the file always describes the run that the checkpoints continue.
+//! dropped so the file always describes the run that the checkpoints continue. Also the
+//! in-memory [`StepStats`] an optimizer step returns.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -81,4 +82,22 @@ pub fn read_metrics(path: &Path) -> std::io::Result<Vec<StepMetrics>> {
         }
     }
     Ok(out)
+}
+
+/// Statistics of one optimizer step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// Mean target NLL over the step's examples.
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    /// Tokens processed (all positions).
+    pub tokens: u64,
+    /// Loss-target tokens.
+    pub targets: u64,
+    /// Seconds of forward + backward passes and gradient accumulation (up to the gradient
+    /// norm, which waits for them).
+    pub forward_backward_s: f64,
+    /// Seconds of the optimizer update, waited for by reading one parameter back.
+    pub optimizer_s: f64,
 }

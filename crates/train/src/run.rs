@@ -6,19 +6,21 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 use qatflow_checkpoint::CheckpointInfo;
 use qatflow_core::NoProgress;
-use qatflow_model::params::{hf_name, map_params};
+use qatflow_model::params::map_params;
 use qatflow_model::{CausalLm, LoadOptions, ModelFamily, Precision, Tokenizer};
 use qatflow_nvfp4::QuantizerAmax;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::TrainConfig;
 use crate::data::{encode_all, epoch_order, steps_per_epoch, Dataset, Example};
+use crate::grads::{param_grads, ParamGrad};
 use crate::loss::{self, Batch, Objective};
+pub use crate::metrics::StepStats;
 use crate::metrics::{MetricsWriter, StepMetrics};
 use crate::optim::{f32_of, uniform, AdamW};
 use crate::state::{self, TrainerState};
@@ -43,56 +45,6 @@ pub struct Follow {
     pub min_conversations: usize,
     /// How often to look.
     pub poll: Duration,
-}
-
-/// One parameter that received a gradient: its Hugging Face name, its value and the
-/// gradient, both flat.
-pub(crate) struct ParamGrad<B: AutodiffBackend> {
-    pub name: String,
-    pub value: Tensor<B::InnerBackend, 1>,
-    pub grad: Tensor<B::InnerBackend, 1>,
-}
-
-struct Grads<'a, B: AutodiffBackend> {
-    grads: &'a B::Gradients,
-    path: Vec<String>,
-    out: Vec<ParamGrad<B>>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for Grads<'_, B> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let value = param.val();
-        if let Some(g) = value.grad(self.grads) {
-            let n: usize = g.dims().iter().product();
-            self.out.push(ParamGrad {
-                name: hf_name(&self.path),
-                value: value.inner().reshape([n]),
-                grad: g.reshape([n]),
-            });
-        }
-    }
-}
-
-/// Every parameter of `model` with a gradient in `grads`, in module order.
-pub(crate) fn param_grads<B: AutodiffBackend>(
-    model: &CausalLm<B>,
-    grads: &B::Gradients,
-) -> Vec<ParamGrad<B>> {
-    let mut visitor = Grads::<B> {
-        grads,
-        path: Vec::new(),
-        out: Vec::new(),
-    };
-    model.visit(&mut visitor);
-    visitor.out
 }
 
 fn precision_of(config: &TrainConfig) -> Precision {
@@ -177,24 +129,6 @@ pub(crate) fn proc_memory_bytes(key: &str) -> u64 {
             })
         })
         .map_or(0, |kb| kb * 1024)
-}
-
-/// Statistics of one optimizer step.
-#[derive(Debug, Clone, Copy)]
-pub struct StepStats {
-    /// Mean target NLL over the step's examples.
-    pub loss: f32,
-    /// Global gradient norm before clipping.
-    pub grad_norm: f32,
-    /// Tokens processed (all positions).
-    pub tokens: u64,
-    /// Loss-target tokens.
-    pub targets: u64,
-    /// Seconds of forward + backward passes and gradient accumulation (up to the gradient
-    /// norm, which waits for them).
-    pub forward_backward_s: f64,
-    /// Seconds of the optimizer update, waited for by reading one parameter back.
-    pub optimizer_s: f64,
 }
 
 /// What [`optimizer_step`] did.
