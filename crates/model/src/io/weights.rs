@@ -337,6 +337,22 @@ impl Checkpoint {
     }
 }
 
+/// `data` on `device` as `dtype`, allocated the way burn allocates the parameters it loads
+/// itself (`Backend::memory_persistent_allocations`). On CubeCL that is an exact-size slice of
+/// the persistent pool, and every later tensor of that byte size (the new value after an
+/// update, the gradient, a moment in the weight's dtype) reuses such slices instead of being
+/// carved out of the sliced pools' pages, whose granularity grows with the device's memory
+/// (a quarter of it for the largest). Elsewhere a plain upload.
+fn parameter<B: Backend, const D: usize>(
+    device: &B::Device,
+    data: TensorData,
+    dtype: DType,
+) -> Tensor<B, D> {
+    B::memory_persistent_allocations(device, data, |data| {
+        Tensor::from_data(data, (device, dtype))
+    })
+}
+
 /// A tensor's stored floats widened to `f32`, on every core (a multi-GB checkpoint's
 /// conversion is most of its load time on the CPU).
 fn decode_floats(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
@@ -400,7 +416,7 @@ impl<'a, B: Backend> Weights<'a, B> {
             ),
             _ => TensorData::new(values, shape),
         };
-        Tensor::from_data(data, (&self.device, self.dtype))
+        parameter(&self.device, data, self.dtype)
     }
 
     /// A float tensor of the given shape in the load precision.
@@ -425,11 +441,10 @@ impl<'a, B: Backend> Weights<'a, B> {
             // to the device and no F32 copy of the model is built on the host (on the CPU
             // widening while decoding, below, is faster than a cast after it).
             let data = TensorData::from_bytes_vec(s.bytes.to_vec(), shape, DType::BF16);
-            let tensor = Tensor::<B, D>::from_data(data, (&self.device, DType::BF16));
             return Ok(if self.dtype == DType::BF16 {
-                tensor
+                parameter(&self.device, data, DType::BF16)
             } else {
-                tensor.cast(self.dtype)
+                Tensor::<B, D>::from_data(data, (&self.device, DType::BF16)).cast(self.dtype)
             });
         }
         if !matches!(s.info.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
