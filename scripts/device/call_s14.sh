@@ -6,6 +6,7 @@
 #   second: (H200) Qwen3.5-9B, Qwen3-8B, 8B anchor; 50-step curves; GPU resume check
 #   layerwise: Qwen3-1.7B unclipped without/with --update-during-backward (+ bf16-plain with it);
 #   q35-9b-lw, q8-lw: the 9B/8B memory runs with it
+#   ab-mem: parameters in CubeCL's persistent pool or not (two builds; carry .gpu2/qatflow_s14a.xz)
 # Carries .gpu and .xfer/whl. Usage: LIMIT=540 bash scripts/device/call_s14.sh "stage ..." ["stages on an H200"]
 R=scripts/device/run.sh
 [ -d .xfer/whl ] && mkdir -p .gpu/whl && cp .xfer/whl/*.whl .gpu/whl/
@@ -70,6 +71,17 @@ a.qat_throughput('qwen3-1.7b', a.configs()['qwen3-1.7b'], quant=True)" 2>&1 | gr
   lw) # the engine's fastest and leanest step: each block updated during backward, BF16-Kahan then BF16-plain
     PREC=bf16-kahan MOMENTS=bf16 MODES=qat TAG=_layerwise EXTRA="--grad-clip 0 --update-during-backward" fits 80 bash $R qwen
     PREC=bf16-plain MOMENTS=bf16 MODES=qat TAG=_plain_layerwise EXTRA="--grad-clip 0 --update-during-backward" fits 80 bash $R qwen;;
+  ab-mem) # the build measured on 2026-12-08 (.gpu2/qatflow_s14a.xz) against the one loading its
+    # weights into CubeCL's persistent pool (.gpu/qatflow.xz), Qwen3-1.7B layer-wise, alternating
+    xz -dc .gpu2/qatflow_s14a.xz > /tmp/qatflow_s14a && chmod +x /tmp/qatflow_s14a
+    for prec in bf16-plain bf16-kahan; do for b in qatflow_s14a qatflow; do
+      abm() { echo "=== $(date +%T) $b $prec"
+        QATFLOW_GEMM=cublaslt timeout $T /tmp/$b bench-train --device cuda --model qwen3-1.7b \
+          --precision $prec --moments bf16 --warmup 2 --steps 5 --mode qat --grad-clip 0 \
+          --update-during-backward --out $OUT/abm_${b}_$prec.json > /dev/null 2> $OUT/abm_${b}_$prec.log; echo "rc=$?"
+        python3 -c "import json;d=json.load(open('$OUT/abm_${b}_$prec.json'))['qat'];print('tok/s %.0f'%d['tokens_per_s'],'peak',d['peak_process_gpu_mib'],'steps',[round(x,3) for x in d['step_seconds']])"; }
+      fits 75 abm
+    done; done;;
   q35-9b-lw) big $s && MODES=qat MOMENTS=bf16 WARMUP=1 STEPS=2 TAG=_layerwise EXTRA="--grad-clip 0 --update-during-backward" fits 130 bash $R q35-9b;;
   q8-lw) big $s && MODES=qat MOMENTS=bf16 WARMUP=1 STEPS=3 TAG=_layerwise EXTRA="--grad-clip 0 --update-during-backward" fits 130 bash $R q8;;
   q35-9b) big $s && MODES=qat MOMENTS=bf16 WARMUP=1 STEPS=2 fits 130 bash $R q35-9b;;
