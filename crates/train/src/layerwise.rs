@@ -235,6 +235,7 @@ mod tests {
         precision: OptimPrecision,
         moments: MomentPrecision,
         during_backward: bool,
+        objective: &Objective<A>,
     ) -> (Vec<Vec<u32>>, Vec<(f32, f32)>) {
         let mut optimizer = AdamW::new(OptimSection {
             precision,
@@ -258,7 +259,7 @@ mod tests {
             let StepOutcome::Done(next, s) = optimizer_step(
                 model,
                 &mut optimizer,
-                &Objective::Sft,
+                objective,
                 &[vec![&a, &b]],
                 1e-3,
                 step,
@@ -292,8 +293,21 @@ mod tests {
                 ),
             ] {
                 let what = format!("{arch:?} tied={tied} {precision:?}");
-                let whole = train(quantized(arch, tied, stored), precision, moments, false);
-                let split = train(quantized(arch, tied, stored), precision, moments, true);
+                let sft = Objective::Sft;
+                let whole = train(
+                    quantized(arch, tied, stored),
+                    precision,
+                    moments,
+                    false,
+                    &sft,
+                );
+                let split = train(
+                    quantized(arch, tied, stored),
+                    precision,
+                    moments,
+                    true,
+                    &sft,
+                );
                 assert_eq!(whole.0.len(), split.0.len());
                 for (i, (w, s)) in whole.0.iter().zip(&split.0).enumerate() {
                     let differ = w.iter().zip(s).filter(|(a, b)| a != b).count();
@@ -307,5 +321,24 @@ mod tests {
                 assert!(whole.1[2].0 < whole.1[0].0, "{what}: the loss goes down");
             }
         }
+    }
+
+    #[test]
+    fn updating_during_backward_under_distillation_ends_where_the_whole_graph_step_does() {
+        // QAD: the loss's graph also holds the teacher's forward (no gradients).
+        let teacher = quantized(Architecture::Qwen3, false, Precision::F32).valid();
+        let qad = Objective::Qad {
+            teacher: Box::new(teacher),
+            sft_weight: 0.25,
+        };
+        let (p, m) = (OptimPrecision::Fp32, MomentPrecision::Fp32);
+        let student = || quantized(Architecture::Qwen3, false, Precision::F32);
+        let whole = train(student(), p, m, false, &qad);
+        let split = train(student(), p, m, true, &qad);
+        assert_eq!(whole.0, split.0, "parameters differ");
+        assert_eq!(
+            whole.1.iter().map(|s| s.0).collect::<Vec<_>>(),
+            split.1.iter().map(|s| s.0).collect::<Vec<_>>()
+        );
     }
 }
