@@ -302,7 +302,6 @@ pub fn bench_train_on<B: AutodiffBackend>(
         moments: options.moments,
         cache_fake_quant: options.cache_fake_quant,
         grad_clip: options.grad_clip,
-        grad_accum: options.micro_batches.max(1),
         update_during_backward: options.update_during_backward,
         ..OptimSection::default()
     });

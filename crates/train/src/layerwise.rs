@@ -20,9 +20,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use burn::module::AutodiffModule;
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
 use qatflow_model::params::replace_params;
 use qatflow_model::CausalLm;
 
@@ -104,9 +103,7 @@ pub fn step<B: AutodiffBackend>(
     let started = Instant::now();
     let targets: usize = examples.iter().map(|e| e.targets()).sum();
     let batch = Batch::new(examples);
-    let device = model.device();
-    let data = TensorData::new(batch.ids.clone(), [batch.lengths.len(), batch.width]);
-    let ids = Tensor::<B, 2, Int>::from_data(data, &device);
+    let ids = batch.ids_tensor::<B>(&model.device());
     // outs[i]: what reached boundary i (the embedding's output, then each block's);
     // leaves[i]: the fresh leaf the next segment read instead.
     let mut outs = Vec::new();
@@ -120,17 +117,8 @@ pub fn step<B: AutodiffBackend>(
     let loss = loss_sum_from_hidden(&model, hidden, ids, &batch, objective) / targets.max(1) as f64;
     let loss_value = loss.clone().into_scalar().elem::<f32>();
     let inner_device = loss.clone().inner().device();
-    B::InnerBackend::seed(&inner_device, sr_seed);
-    optimizer.set_rounding_seed(sr_seed);
-    let shared = if model.tied_embeddings() {
-        qatflow_model::params::named_params(&model.valid())
-            .into_iter()
-            .map(|p| p.name)
-            .filter(|n| n.ends_with("embed_tokens.weight"))
-            .collect()
-    } else {
-        BTreeSet::new()
-    };
+    optimizer.seed_rounding(&inner_device, sr_seed);
+    let shared = model.shared_params().into_iter().collect();
     let mut updater = Updater::<B> {
         optimizer,
         lr,
@@ -191,6 +179,7 @@ mod tests {
     use crate::config::{MomentPrecision, OptimPrecision, OptimSection};
     use crate::run::{optimizer_step, StepOutcome};
     use burn::backend::{Autodiff, Flex};
+    use burn::module::AutodiffModule;
     use qatflow_model::init::{config_json, tiny_config, write_random_model};
     use qatflow_model::params::named_params;
     use qatflow_model::{Architecture, LoadOptions, Precision};

@@ -59,6 +59,12 @@ impl Batch {
     pub fn tokens(&self) -> usize {
         self.lengths.iter().sum()
     }
+
+    /// The padded token ids as the model's `[batch, width]` input on `device`.
+    pub fn ids_tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 2, Int> {
+        let data = TensorData::new(self.ids.clone(), [self.lengths.len(), self.width]);
+        Tensor::from_data(data, device)
+    }
 }
 
 /// Sum of the negative log-likelihoods of `batch`'s targets given hidden states
@@ -159,9 +165,7 @@ pub fn loss_sum<B: AutodiffBackend>(
     batch: &Batch,
     objective: &Objective<B>,
 ) -> Tensor<B, 1> {
-    let device = model.device();
-    let data = TensorData::new(batch.ids.clone(), [batch.lengths.len(), batch.width]);
-    let ids = Tensor::<B, 2, Int>::from_data(data, &device);
+    let ids = batch.ids_tensor::<B>(&model.device());
     let hidden = model.forward_hidden(ids.clone(), Some(&batch.lengths), None);
     loss_sum_from_hidden(model, hidden, ids, batch, objective)
 }
@@ -209,14 +213,6 @@ mod tests {
         }
     }
 
-    /// `batch`'s token ids as the model's `[batch, width]` input.
-    fn ids_of(batch: &Batch) -> Tensor<A, 2, Int> {
-        Tensor::from_data(
-            TensorData::new(batch.ids.clone(), [batch.lengths.len(), batch.width]),
-            &Default::default(),
-        )
-    }
-
     /// The gradient of the leaf `x` in `grads`, flattened.
     fn grad_of<const D: usize>(
         x: &Tensor<A, D>,
@@ -245,7 +241,7 @@ mod tests {
             &[false, false, true, true, false, false],
         );
         let batch = Batch::new(&[&ex]);
-        let ids = ids_of(&batch);
+        let ids = batch.ids_tensor::<A>(&Default::default());
         let hidden = model
             .forward_hidden(ids, Some(&batch.lengths), None)
             .detach()
@@ -322,7 +318,7 @@ mod tests {
         let teacher = random_init::<Flex>(&config, 3, &Default::default());
         let ex = example(&[1, 5, 9, 13, 17], &[false, false, true, true, false]);
         let batch = Batch::new(&[&ex]);
-        let ids = ids_of(&batch);
+        let ids = batch.ids_tensor::<A>(&Default::default());
         let hidden = student.forward_hidden(ids.clone(), Some(&batch.lengths), None);
         let teacher_hidden = teacher.forward_hidden(ids.inner(), Some(&batch.lengths), None);
         // Gradient with respect to the logits: take them as the leaf.

@@ -41,7 +41,7 @@ pub struct AdamW<B: Backend> {
     pub step: u64,
     /// Per-parameter state by Hugging Face name.
     pub state: BTreeMap<String, ParamState<B>>,
-    /// This step's stochastic-rounding seed ([`AdamW::set_rounding_seed`]).
+    /// This step's stochastic-rounding seed ([`AdamW::seed_rounding`]).
     rounding_seed: u64,
 }
 
@@ -189,9 +189,10 @@ impl<B: Backend> AdamW<B> {
         }
     }
 
-    /// Seeds this step's stochastic rounding (the CUDA kernel's; the tensor form draws from
-    /// the backend's generator, which the caller seeds).
-    pub fn set_rounding_seed(&mut self, seed: u64) {
+    /// Seeds this step's stochastic rounding: the CUDA kernel's seed, and the generator of
+    /// `device` that the tensor form draws from.
+    pub fn seed_rounding(&mut self, device: &B::Device, seed: u64) {
+        B::seed(device, seed);
         self.rounding_seed = seed;
     }
 

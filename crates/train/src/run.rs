@@ -221,8 +221,7 @@ pub fn optimizer_step<B: AutodiffBackend>(
         let t: Tensor<B, 1> = Tensor::zeros([1], &device);
         t.inner().device()
     };
-    B::InnerBackend::seed(&inner_device, sr_seed);
-    optimizer.set_rounding_seed(sr_seed);
+    optimizer.seed_rounding(&inner_device, sr_seed);
     let model = map_params(model, |name, t| {
         let Some(g) = acc.remove(name) else {
             return t;

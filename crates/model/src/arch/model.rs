@@ -167,12 +167,18 @@ impl<B: Backend> CausalLm<B> {
         }
     }
 
-    /// Whether the LM head is the embedding matrix (one parameter, two uses).
-    pub fn tied_embeddings(&self) -> bool {
-        match self {
-            CausalLm::Llama(m) => m.lm_head.is_none(),
-            CausalLm::Qwen3(m) => m.lm_head.is_none(),
-            CausalLm::Qwen35(m) | CausalLm::Qwen35Vl(m) => m.lm_head.is_none(),
+    /// Hugging Face names of the parameters read in more than one place of the forward:
+    /// the embedding when the LM head is tied to it, else none.
+    pub fn shared_params(&self) -> Vec<String> {
+        let (tied, prefix) = match self {
+            CausalLm::Llama(m) | CausalLm::Qwen3(m) => (m.lm_head.is_none(), "model"),
+            CausalLm::Qwen35(m) => (m.lm_head.is_none(), "model"),
+            CausalLm::Qwen35Vl(m) => (m.lm_head.is_none(), qwen35::VL_PREFIX),
+        };
+        if tied {
+            vec![format!("{prefix}.embed_tokens.weight")]
+        } else {
+            Vec::new()
         }
     }
 

@@ -103,23 +103,34 @@ impl<B: Backend, F: FnMut(&str, Tensor<B, 1>) -> Tensor<B, 1>> ModuleMapper<B>
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let tracked = tensor.is_require_grad();
-        let dims = tensor.dims();
-        let n: usize = dims.iter().product();
         // The mapper is entered for the parameter's own field name too (e.g. `weight`).
         let name = hf_name(&self.path);
-        let mapped = (self.f)(&name, tensor.reshape([n]));
-        assert_eq!(
-            mapped.dims()[0],
-            n,
-            "replacement for `{name}` has the wrong number of elements"
-        );
-        // A reshape of a tracked tensor is an interior node of the autodiff graph; the
-        // parameter must be a leaf again to receive gradients.
-        let value = mapped.reshape(dims).detach().set_require_grad(tracked);
-        Param::from_mapped_value(id, value, mapper)
+        let f = &mut self.f;
+        with_flat_values(param, &name, |flat| f(&name, flat))
     }
+}
+
+/// `param` with its values replaced by `f(flat values)` (same element count), a leaf that
+/// requires gradients exactly when the old value did.
+fn with_flat_values<B: Backend, const D: usize>(
+    param: Param<Tensor<B, D>>,
+    name: &str,
+    f: impl FnOnce(Tensor<B, 1>) -> Tensor<B, 1>,
+) -> Param<Tensor<B, D>> {
+    let (id, tensor, mapper) = param.consume();
+    let tracked = tensor.is_require_grad();
+    let dims = tensor.dims();
+    let n: usize = dims.iter().product();
+    let mapped = f(tensor.reshape([n]));
+    assert_eq!(
+        mapped.dims()[0],
+        n,
+        "replacement for `{name}` has the wrong number of elements"
+    );
+    // A reshape of a tracked tensor is an interior node of the autodiff graph; the
+    // parameter must be a leaf again to receive gradients.
+    let value = mapped.reshape(dims).detach().set_require_grad(tracked);
+    Param::from_mapped_value(id, value, mapper)
 }
 
 /// Replaces every float parameter by `f(hf_name, flat_values)` (same element count; the
@@ -152,21 +163,11 @@ impl<B: Backend> ModuleMapper<B> for ReplaceSome<'_, B> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let Some(flat) = self.values.remove(&hf_name(&self.path)) else {
-            return param;
-        };
-        let (id, tensor, mapper) = param.consume();
-        let tracked = tensor.is_require_grad();
-        let dims = tensor.dims();
-        let n: usize = dims.iter().product();
-        assert_eq!(
-            flat.dims()[0],
-            n,
-            "replacement for `{}` has the wrong number of elements",
-            hf_name(&self.path)
-        );
-        let value = flat.reshape(dims).detach().set_require_grad(tracked);
-        Param::from_mapped_value(id, value, mapper)
+        let name = hf_name(&self.path);
+        match self.values.remove(&name) {
+            Some(flat) => with_flat_values(param, &name, |_| flat),
+            None => param,
+        }
     }
 }
 
@@ -219,6 +220,30 @@ mod tests {
                 got.sort();
                 want.sort();
                 assert_eq!(got, want, "{arch:?} tied={tied}");
+            }
+        }
+    }
+
+    #[test]
+    fn shared_params_name_the_tied_embedding_only() {
+        for arch in [
+            Architecture::Llama,
+            Architecture::Qwen3,
+            Architecture::Qwen35,
+        ] {
+            for tied in [true, false] {
+                let mut config = tiny_config(arch, 64);
+                config.tie_word_embeddings = tied;
+                let model = random_init::<Flex>(&config, 7, &Default::default());
+                let shared = model.shared_params();
+                let names: Vec<String> = named_params(&model).into_iter().map(|p| p.name).collect();
+                assert_eq!(shared.len(), usize::from(tied), "{arch:?} tied={tied}");
+                for n in &shared {
+                    assert!(
+                        names.contains(n) && n.ends_with("embed_tokens.weight"),
+                        "{n}"
+                    );
+                }
             }
         }
     }
