@@ -423,8 +423,10 @@ fn benchmarks(device: usize) -> Value {
     // tie-heavy tensor (the exact division's worst case).
     let launch = |k: usize| match k {
         0 => launch_copy(&client, input.clone(), out.clone(), n * 2),
-        1 => launch_fake_quantize::<bf16>(&client, input.clone(), out.clone(), n, scale_2),
-        _ => launch_fake_quantize::<bf16>(&client, tie_input.clone(), out.clone(), n, tie_scale_2),
+        1 => launch_fake_quantize::<bf16, _>(&client, input.clone(), out.clone(), n, scale_2),
+        _ => {
+            launch_fake_quantize::<bf16, _>(&client, tie_input.clone(), out.clone(), n, tie_scale_2)
+        }
     };
     // Interleaved rounds; each times 10 single launches (launch + sync each) and one batch of
     // 20 back-to-back launches with one sync (per-launch overhead amortized).

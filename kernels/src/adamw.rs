@@ -18,6 +18,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorMetadata};
 use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
 use burn_fusion::FusionTensor;
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
@@ -336,7 +337,7 @@ impl CubeCall for Update {
         outs
     }
 
-    fn run(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>> {
+    fn run<R: CubeRuntime>(&self, inputs: Vec<CubeTensor<R>>) -> Vec<CubeTensor<R>> {
         let mut it = inputs.into_iter();
         let mut next = || it.next().expect("an input the caller passed");
         let (param, grad, exp_avg, exp_avg_sq) = (next(), next(), next(), next());
@@ -355,11 +356,11 @@ impl CubeCall for Update {
 }
 
 /// The kernel on CubeCL tensors: the new state of `slots` after gradient `grad`.
-fn cube_update(
-    slots: Slots<CubeTensor<CudaRuntime>>,
-    grad: CubeTensor<CudaRuntime>,
+fn cube_update<R: CubeRuntime>(
+    slots: Slots<CubeTensor<R>>,
+    grad: CubeTensor<R>,
     step: &AdamWStep,
-) -> Slots<CubeTensor<CudaRuntime>> {
+) -> Slots<CubeTensor<R>> {
     let Slots {
         param,
         exp_avg,
@@ -387,7 +388,7 @@ fn cube_update(
     }
     assert_eq!(exp_avg.dtype, exp_avg_sq.dtype, "AdamW: moment dtypes");
     let client = param.client.clone();
-    let like = |t: &CubeTensor<CudaRuntime>| empty(t, t.shape().to_vec(), t.dtype);
+    let like = |t: &CubeTensor<R>| empty(t, t.shape().to_vec(), t.dtype);
     let new = Slots {
         param: like(&param),
         exp_avg: like(&exp_avg),
@@ -428,14 +429,14 @@ fn cube_update(
         ],
     };
     match (param.dtype, grad.dtype, exp_avg.dtype) {
-        (DType::F32, DType::F32, DType::F32) => handles.launch::<f32, f32, f32>(&client),
-        (DType::F32, DType::F32, DType::BF16) => handles.launch::<f32, f32, bf16>(&client),
-        (DType::F32, DType::BF16, DType::F32) => handles.launch::<f32, bf16, f32>(&client),
-        (DType::F32, DType::BF16, DType::BF16) => handles.launch::<f32, bf16, bf16>(&client),
-        (DType::BF16, DType::F32, DType::F32) => handles.launch::<bf16, f32, f32>(&client),
-        (DType::BF16, DType::F32, DType::BF16) => handles.launch::<bf16, f32, bf16>(&client),
-        (DType::BF16, DType::BF16, DType::F32) => handles.launch::<bf16, bf16, f32>(&client),
-        (DType::BF16, DType::BF16, DType::BF16) => handles.launch::<bf16, bf16, bf16>(&client),
+        (DType::F32, DType::F32, DType::F32) => handles.launch::<f32, f32, f32, R>(&client),
+        (DType::F32, DType::F32, DType::BF16) => handles.launch::<f32, f32, bf16, R>(&client),
+        (DType::F32, DType::BF16, DType::F32) => handles.launch::<f32, bf16, f32, R>(&client),
+        (DType::F32, DType::BF16, DType::BF16) => handles.launch::<f32, bf16, bf16, R>(&client),
+        (DType::BF16, DType::F32, DType::F32) => handles.launch::<bf16, f32, f32, R>(&client),
+        (DType::BF16, DType::F32, DType::BF16) => handles.launch::<bf16, f32, bf16, R>(&client),
+        (DType::BF16, DType::BF16, DType::F32) => handles.launch::<bf16, bf16, f32, R>(&client),
+        (DType::BF16, DType::BF16, DType::BF16) => handles.launch::<bf16, bf16, bf16, R>(&client),
         other => {
             panic!("AdamW kernel: weight, gradient and moment dtypes {other:?} (F32/BF16 only)")
         }
@@ -454,9 +455,9 @@ struct Handles {
 }
 
 impl Handles {
-    fn launch<P: KernelElement, G: KernelElement, M: KernelElement>(
+    fn launch<P: KernelElement, G: KernelElement, M: KernelElement, R: Runtime>(
         self,
-        client: &ComputeClient<CudaRuntime>,
+        client: &ComputeClient<R>,
     ) {
         let n = self.n;
         let [p, g, m, v, c] = self.inputs;
@@ -467,7 +468,7 @@ impl Handles {
         // compensation are only passed when `kahan` is false, and the kernel then leaves them
         // alone), and the kernel touches index `i < n` only.
         unsafe {
-            adamw_kernel::launch_unchecked::<P, G, M, CudaRuntime>(
+            adamw_kernel::launch_unchecked::<P, G, M, R>(
                 client,
                 cube_count(n),
                 CubeDim::new_1d(CUBE_SIZE),
@@ -567,5 +568,64 @@ mod tests {
     fn off_cuda_it_is_not_available() {
         assert!(!available::<burn::backend::Flex>());
         assert!(!available::<burn::backend::Autodiff<burn::backend::Flex>>());
+    }
+
+    /// The kernel on the software GPU (F32 weights and moments) against [`reference`] element
+    /// by element: plain, Kahan, weight decay with clipping, and the stochastic rounding's
+    /// bits (the kernel's truncation of an F32 weight is the BF16 value [`stochastic_bf16`]
+    /// picks). Not the compensation of F32 weights: Vulkan's float operations may be
+    /// reassociated unless marked precise, and lavapipe folds `((w + y) − w) − y` to zero
+    /// when no BF16 rounding stands between (on CUDA the BF16 cast does).
+    #[test]
+    fn the_kernel_equals_the_reference() {
+        use crate::soft_gpu::{self, read, values, Soft};
+        let n = 1000;
+        let w = values(n, 1);
+        let g = values(n, 2);
+        let m: Vec<f32> = values(n, 3).iter().map(|x| x * 0.1).collect();
+        let v: Vec<f32> = values(n, 4).iter().map(|x| x * x * 0.01).collect();
+        let c: Vec<f32> = values(n, 5).iter().map(|x| x * 1e-7).collect();
+        for (kahan, decay, clip, stochastic) in [
+            (false, 0.0, 1.0, None),
+            (true, 0.0, 1.0, None),
+            (false, 0.1, 0.5, None),
+            (true, 0.1, 0.5, None),
+            (false, 0.0, 1.0, Some(99)),
+        ] {
+            let mut step = AdamWStep::new(0.9, 0.999, 1e-8, decay, 1e-3, 3, clip);
+            step.stochastic = stochastic;
+            let gpu = |x: &[f32]| soft_gpu::tensor(x, &[n]);
+            let mut inputs = vec![gpu(&w), gpu(&g), gpu(&m), gpu(&v)];
+            if kahan {
+                inputs.push(gpu(&c));
+            }
+            let got: Vec<Vec<f32>> = Update(step).run::<Soft>(inputs).iter().map(read).collect();
+            assert_eq!(got.len(), 3 + usize::from(kahan));
+            for i in 0..n {
+                let (mut nw, nm, nv, _) =
+                    reference::<f32, f32>(&step, kahan, [w[i], c[i]], g[i], [m[i], v[i]]);
+                if let Some(seed) = stochastic {
+                    // The reference's new weight before rounding, then the kernel's rounding.
+                    let plain = AdamWStep {
+                        stochastic: None,
+                        ..step
+                    };
+                    let (exact, ..) =
+                        reference::<f32, f32>(&plain, false, [w[i], c[i]], g[i], [m[i], v[i]]);
+                    nw = stochastic_bf16(exact, seed, i as u32).to_f32();
+                }
+                let case = format!("element {i}, kahan {kahan}, decay {decay}, {stochastic:?}");
+                // Within one F32 unit in the last place: the compiler may contract a multiply
+                // and an add into an FMA (as NVRTC may).
+                let ulps = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).abs();
+                assert!(
+                    ulps(got[0][i], nw) <= 1,
+                    "weight {} vs {nw}, {case}",
+                    got[0][i]
+                );
+                assert!(ulps(got[1][i], nm) <= 1, "m {} vs {nm}, {case}", got[1][i]);
+                assert!(ulps(got[2][i], nv) <= 1, "v {} vs {nv}, {case}", got[2][i]);
+            }
+        }
     }
 }

@@ -23,7 +23,7 @@ use cubecl::cuda::CudaRuntime;
 use std::any::Any;
 
 use burn_cubecl::fusion::FusionCubeRuntime;
-use burn_cubecl::CubeBackend;
+use burn_cubecl::{CubeBackend, CubeRuntime};
 use half::bf16;
 
 /// The CUDA backend without fusion.
@@ -56,8 +56,9 @@ pub(crate) trait CubeCall: Debug + Clone + Send + Sync + 'static {
     /// Shapes and dtypes of the outputs for inputs of these shapes and dtypes.
     fn outputs(&self, inputs: &[(Vec<usize>, DType)]) -> Vec<(Vec<usize>, DType)>;
 
-    /// The launch on CubeCL tensors (any layout; make them contiguous as needed).
-    fn run(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>>;
+    /// The launch on CubeCL tensors of any runtime (any layout; make them contiguous as
+    /// needed): CUDA in training, a software Vulkan device in the kernels' tests.
+    fn run<R: CubeRuntime>(&self, inputs: Vec<CubeTensor<R>>) -> Vec<CubeTensor<R>>;
 }
 
 /// Runs `call` when `I` is burn's CUDA backend (with or without fusion); the inputs back
@@ -72,7 +73,11 @@ pub(crate) fn on_cuda<I: Backend, K: CubeCall>(
         Ok(fused_call(call, fused).into_iter().map(upcast).collect())
     } else if tid == TypeId::of::<CubeTensor<CudaRuntime>>() {
         let cube = inputs.into_iter().map(upcast).collect();
-        Ok(call.run(cube).into_iter().map(upcast).collect())
+        Ok(call
+            .run::<CudaRuntime>(cube)
+            .into_iter()
+            .map(upcast)
+            .collect())
     } else {
         Err(inputs)
     }
@@ -131,11 +136,11 @@ impl<K: CubeCall> Operation<FusedRuntime> for CallOp<K> {
 }
 
 /// An empty contiguous CubeCL tensor on `like`'s device.
-pub(crate) fn empty(
-    like: &CubeTensor<CudaRuntime>,
+pub(crate) fn empty<R: CubeRuntime>(
+    like: &CubeTensor<R>,
     shape: Vec<usize>,
     dtype: DType,
-) -> CubeTensor<CudaRuntime> {
+) -> CubeTensor<R> {
     let client = like.client.clone();
     let n: usize = shape.iter().product();
     CubeTensor::new_contiguous(

@@ -28,6 +28,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
 use burn_fusion::{Fusion, FusionTensor};
 use cubecl::cuda::CudaRuntime;
 use half::bf16;
@@ -356,7 +357,7 @@ fn under_autodiff<B: Backend, I: Backend>(
 }
 
 /// The kernel on a CubeCL tensor (made contiguous first), into a new tensor of its dtype.
-fn cube_fake_quantize(x: CubeTensor<CudaRuntime>, scale_2: f32) -> CubeTensor<CudaRuntime> {
+fn cube_fake_quantize<R: CubeRuntime>(x: CubeTensor<R>, scale_2: f32) -> CubeTensor<R> {
     use burn::tensor::TensorMetadata;
     let x = burn_cubecl::kernel::into_contiguous(x);
     let shape = x.shape();
@@ -370,10 +371,14 @@ fn cube_fake_quantize(x: CubeTensor<CudaRuntime>, scale_2: f32) -> CubeTensor<Cu
         x.dtype,
     );
     match x.dtype {
-        DType::F32 => {
-            launch_fake_quantize::<f32>(&x.client, x.handle.clone(), out.handle.clone(), n, scale_2)
-        }
-        DType::BF16 => launch_fake_quantize::<bf16>(
+        DType::F32 => launch_fake_quantize::<f32, R>(
+            &x.client,
+            x.handle.clone(),
+            out.handle.clone(),
+            n,
+            scale_2,
+        ),
+        DType::BF16 => launch_fake_quantize::<bf16, R>(
             &x.client,
             x.handle.clone(),
             out.handle.clone(),
@@ -405,7 +410,7 @@ impl crate::custom::CubeCall for FakeQuantize {
         inputs.to_vec()
     }
 
-    fn run(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>> {
+    fn run<R: CubeRuntime>(&self, inputs: Vec<CubeTensor<R>>) -> Vec<CubeTensor<R>> {
         inputs
             .into_iter()
             .map(|x| cube_fake_quantize(x, self.scale_2))
@@ -550,5 +555,28 @@ mod tests {
             .contains("16"));
         let x = Tensor::<Flex, 2>::zeros([2, 32], &Default::default());
         assert!(fake_quantize_value("x", x, 0.0).is_err());
+    }
+
+    /// The CubeCL kernel on the software GPU against the reference codec, value for value
+    /// (F32 input; ties, zeros, a block at the top of the range and blocks far below it).
+    #[test]
+    fn the_kernel_equals_the_codec() {
+        use crate::custom::CubeCall;
+        use crate::soft_gpu::{self, read, Soft};
+        let mut data = sample(4096);
+        data[16..32].fill(0.0);
+        data[32..48].iter_mut().for_each(|v| *v *= 1e-4);
+        let amax = qatflow_nvfp4::codec::amax("w", &data).expect("finite");
+        let want = qatflow_nvfp4::codec::fake_quantize("w", &data, &[64, 64], amax).unwrap();
+        let scale_2 = qatflow_nvfp4::codec::weight_scale_2("w", amax).unwrap();
+        let got = FakeQuantize { scale_2 }.run::<Soft>(vec![soft_gpu::tensor(&data, &[64, 64])]);
+        let got = read(&got[0]);
+        let wrong: Vec<usize> = (0..data.len()).filter(|&i| got[i] != want[i]).collect();
+        assert!(
+            wrong.is_empty(),
+            "{} values differ, first {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
     }
 }

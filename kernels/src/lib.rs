@@ -37,6 +37,8 @@ pub mod norm;
 pub mod phase;
 pub mod recompute;
 pub mod reduce;
+#[cfg(test)]
+mod soft_gpu;
 mod softmax;
 
 use cubecl::cuda::{CudaDevice, CudaRuntime};
@@ -181,7 +183,7 @@ impl Quantizer {
                 let (n, scale_2) = prepare(name, data.len(), shape, amax)?;
                 let input = client.create_from_slice(T::as_bytes(data));
                 let output = client.empty(n * size_of::<T>());
-                launch_fake_quantize::<T>(client, input, output.clone(), n, scale_2);
+                launch_fake_quantize::<T, CudaRuntime>(client, input, output.clone(), n, scale_2);
                 let bytes = client
                     .read_one(output)
                     .map_err(|e| device_error("fake_quantize_kernel", *index, name, e))?;
@@ -193,8 +195,8 @@ impl Quantizer {
 
 /// Launches [`kernel::fake_quantize_kernel`] on device buffers: `input` and `output` hold `n`
 /// elements of `T` (`n % 16 == 0`); `scale_2` is `weight_scale_2` from the calibrated amax.
-pub fn launch_fake_quantize<T: KernelElement>(
-    client: &ComputeClient<CudaRuntime>,
+pub fn launch_fake_quantize<T: KernelElement, R: Runtime>(
+    client: &ComputeClient<R>,
     input: Handle,
     output: Handle,
     n: usize,
@@ -204,7 +206,7 @@ pub fn launch_fake_quantize<T: KernelElement>(
     // SAFETY: both buffers hold n elements (n / 8 vectors of 8) and the kernel touches only
     // vectors 2b and 2b + 1 of blocks b < n / 16.
     unsafe {
-        kernel::fake_quantize_kernel::launch_unchecked::<T, CudaRuntime>(
+        kernel::fake_quantize_kernel::launch_unchecked::<T, R>(
             client,
             cube_count(blocks),
             CubeDim::new_1d(CUBE_SIZE),

@@ -30,8 +30,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor, TensorMetadata};
 use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
 use burn_fusion::Fusion;
-use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::*;
 use half::bf16;
 
@@ -214,7 +214,7 @@ impl CubeCall for Launch {
         ]
     }
 
-    fn run(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>> {
+    fn run<R: CubeRuntime>(&self, inputs: Vec<CubeTensor<R>>) -> Vec<CubeTensor<R>> {
         let inputs: Vec<_> = inputs
             .into_iter()
             .map(burn_cubecl::kernel::into_contiguous)
@@ -241,7 +241,7 @@ impl CubeCall for Launch {
                     // SAFETY: `x` and `out` hold `rows × hidden` elements, `w` `hidden`; cube
                     // `row < rows` reads and writes its own row only.
                     unsafe {
-                        rms_norm_kernel::launch_unchecked::<$t, CudaRuntime>(
+                        rms_norm_kernel::launch_unchecked::<$t, R>(
                             &client,
                             CubeCount::Static(rows as u32, 1, 1),
                             CubeDim::new_1d(CUBE_SIZE),
@@ -259,7 +259,7 @@ impl CubeCall for Launch {
                     // SAFETY: `x`, `dy` and `dx` hold `rows × hidden` elements, `w` `hidden`,
                     // `rstd` `rows` f32; cube `row` touches its own row and `rstd[row]`.
                     unsafe {
-                        rms_norm_backward_kernel::launch_unchecked::<$t, CudaRuntime>(
+                        rms_norm_backward_kernel::launch_unchecked::<$t, R>(
                             &client,
                             CubeCount::Static(rows as u32, 1, 1),
                             CubeDim::new_1d(CUBE_SIZE),
@@ -278,7 +278,7 @@ impl CubeCall for Launch {
                     // SAFETY: unit `i < blocks × hidden` reads rows of its block below `rows`
                     // and writes `partial[i]` only.
                     unsafe {
-                        rms_norm_gain_kernel::launch_unchecked::<$t, CudaRuntime>(
+                        rms_norm_gain_kernel::launch_unchecked::<$t, R>(
                             &client,
                             cube_count(units),
                             CubeDim::new_1d(CUBE_SIZE),
@@ -662,5 +662,81 @@ mod tests {
         let x = Tensor::<A, 2>::zeros([2, 16], &Default::default());
         let w = Tensor::<A, 1>::ones([16], &Default::default());
         assert!(try_rms_norm(x, w, 1e-6, false).is_err());
+    }
+
+    /// The three kernels on the software GPU against the tensor form on the CPU: both
+    /// conventions, rows longer than a cube (300 over 256 units) and a row count that is not
+    /// a multiple of the gain kernel's 64-row blocks.
+    #[test]
+    fn the_kernels_equal_the_tensor_form() {
+        use crate::soft_gpu::{self, max_rel_diff, read, values, Soft};
+        let (rows, hidden) = (70, 300);
+        let x = values(rows * hidden, 1);
+        let w = values(hidden, 2);
+        let dy = values(rows * hidden, 3);
+        let host = |v: &[f32], shape: [usize; 2]| {
+            p(Tensor::<Flex, 1>::from_floats(v, &Default::default()).reshape(shape))
+        };
+        let gain = || {
+            p(Tensor::<Flex, 1>::from_floats(
+                w.as_slice(),
+                &Default::default(),
+            ))
+        };
+        let floats = |x: FloatTensor<Flex>| -> Vec<f32> {
+            let n = x.shape().num_elements();
+            t::<Flex, 2>(x)
+                .reshape([n])
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .unwrap()
+        };
+        for offset in [false, true] {
+            let eps = 1e-6;
+            let want = floats(forward::<Flex>(
+                host(&x, [rows, hidden]),
+                gain(),
+                eps,
+                offset,
+            ));
+            let launch = |backward| Launch {
+                backward,
+                eps,
+                offset,
+            };
+            let gpu = |v: &[f32], shape: &[usize]| soft_gpu::tensor(v, shape);
+            let got = launch(false).run::<Soft>(vec![gpu(&x, &[rows, hidden]), gpu(&w, &[hidden])]);
+            assert!(
+                max_rel_diff(&read(&got[0]), &want) < 1e-5,
+                "offset {offset}"
+            );
+
+            let (want_dx, want_dw) = backward::<Flex>(
+                host(&x, [rows, hidden]),
+                gain(),
+                host(&dy, [rows, hidden]),
+                eps,
+                offset,
+            );
+            let got = launch(true).run::<Soft>(vec![
+                gpu(&x, &[rows, hidden]),
+                gpu(&w, &[hidden]),
+                gpu(&dy, &[rows, hidden]),
+            ]);
+            assert!(
+                max_rel_diff(&read(&got[0]), &floats(want_dx)) < 1e-5,
+                "offset {offset}"
+            );
+            let partial = read(&got[1]);
+            assert_eq!(partial.len(), rows.div_ceil(CHUNK_ROWS) * hidden);
+            let dw: Vec<f32> = (0..hidden)
+                .map(|j| partial.iter().skip(j).step_by(hidden).sum())
+                .collect();
+            assert!(
+                max_rel_diff(&dw, &floats(want_dw)) < 1e-5,
+                "offset {offset}"
+            );
+        }
     }
 }

@@ -18,7 +18,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorMetadata};
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::cuda::CudaRuntime;
+use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 use half::bf16;
 
@@ -158,7 +158,7 @@ impl CubeCall for SquareSum {
         vec![(vec![n.min(SQUARE_SUM_UNITS)], DType::F32)]
     }
 
-    fn run(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>> {
+    fn run<R: CubeRuntime>(&self, inputs: Vec<CubeTensor<R>>) -> Vec<CubeTensor<R>> {
         inputs.into_iter().map(cube_square_sum).collect()
     }
 }
@@ -183,7 +183,7 @@ fn square_sum_kernel<F: Float>(x: &Array<F>, partial: &mut Array<f32>, len: u32,
 }
 
 /// [`square_sum_kernel`] on a CubeCL tensor: its `[units]` f32 partial sums.
-fn cube_square_sum(x: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+fn cube_square_sum<R: CubeRuntime>(x: CubeTensor<R>) -> CubeTensor<R> {
     let x = burn_cubecl::kernel::into_contiguous(x);
     let n = x.shape().num_elements();
     let units = n.min(SQUARE_SUM_UNITS);
@@ -194,7 +194,7 @@ fn cube_square_sum(x: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
             // SAFETY: `x` holds `n` elements of its dtype, `out` holds `units` f32, and unit
             // `i < units` reads indices `< n` and writes `out[i]` only.
             unsafe {
-                square_sum_kernel::launch_unchecked::<$t, CudaRuntime>(
+                square_sum_kernel::launch_unchecked::<$t, R>(
                     &client,
                     cube_count(units),
                     CubeDim::new_1d(CUBE_SIZE),
@@ -342,5 +342,20 @@ mod tests {
             row_sum(x.clone()).into_data().to_vec::<f32>().unwrap(),
             x.sum_dim(1).into_data().to_vec::<f32>().unwrap()
         );
+    }
+
+    /// The square-sum kernel on the software GPU: its partial sums add up to Σx² (lengths
+    /// below, at and above the unit count).
+    #[test]
+    fn the_square_sum_kernel_sums_every_square() {
+        use crate::soft_gpu::{self, read, values, Soft};
+        for n in [5, SQUARE_SUM_UNITS, SQUARE_SUM_UNITS * 3 + 17] {
+            let x = values(n, 4);
+            let partial = read(&SquareSum.run::<Soft>(vec![soft_gpu::tensor(&x, &[n])])[0]);
+            assert_eq!(partial.len(), n.min(SQUARE_SUM_UNITS));
+            let got: f64 = partial.iter().map(|&v| f64::from(v)).sum();
+            let want: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+            assert!((got - want).abs() <= 1e-5 * want, "{n}: {got} vs {want}");
+        }
     }
 }

@@ -18,7 +18,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Tensor};
 use burn_cubecl::tensor::CubeTensor;
-use cubecl::cuda::CudaRuntime;
+use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 use half::bf16;
 
@@ -229,7 +229,7 @@ impl CubeCall for Spec {
 
     /// The kernel on CubeCL tensors: forward takes `[scores, mask?]` and gives `[probs,
     /// lse]`, backward takes `[scores, dP, lse, mask?]` and gives `[probs, dS]`.
-    fn run(&self, inputs: Vec<CubeTensor<CudaRuntime>>) -> Vec<CubeTensor<CudaRuntime>> {
+    fn run<R: CubeRuntime>(&self, inputs: Vec<CubeTensor<R>>) -> Vec<CubeTensor<R>> {
         let mut it = inputs.into_iter().map(burn_cubecl::kernel::into_contiguous);
         let mut next = || it.next().expect("an input the caller passed");
         let scores = next();
@@ -265,7 +265,7 @@ impl CubeCall for Spec {
                     // keys` f32 (read only when `masked`); cube `row < rows` reads its own row
                     // and mask row and writes its own row only.
                     (Some(dp), Some(lse)) => unsafe {
-                        softmax_backward_kernel::launch_unchecked::<$t, CudaRuntime>(
+                        softmax_backward_kernel::launch_unchecked::<$t, R>(
                             &client,
                             CubeCount::Static(rows as u32, 1, 1),
                             CubeDim::new_1d(CUBE_SIZE),
@@ -284,7 +284,7 @@ impl CubeCall for Spec {
                     },
                     // SAFETY: as above; the second output is the `rows` f32 log-sum-exp.
                     _ => unsafe {
-                        softmax_forward_kernel::launch_unchecked::<$t, CudaRuntime>(
+                        softmax_forward_kernel::launch_unchecked::<$t, R>(
                             &client,
                             CubeCount::Static(rows as u32, 1, 1),
                             CubeDim::new_1d(CUBE_SIZE),
@@ -395,4 +395,113 @@ pub(crate) fn backward<I: Backend>(
     let dot = crate::reduce::row_sum(probs.clone() * dp.clone());
     let ds = (probs.clone() * (dp - dot)).mul_scalar(scale);
     (to_dtype(probs, dtype), to_dtype(ds, dtype))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::soft_gpu::{self, max_rel_diff, read, values, Soft};
+    use burn::backend::Flex;
+    use burn::tensor::TensorData;
+
+    fn host(values: &[f32], shape: &[usize]) -> Tensor<Flex, 2> {
+        Tensor::<Flex, 1>::from_floats(values, &Default::default()).reshape([shape[0], shape[1]])
+    }
+
+    fn floats<const D: usize>(t: Tensor<Flex, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec().unwrap()
+    }
+
+    /// A `[batch, queries, keys]` mask as the model makes it: causal with the queries at the
+    /// end of the keys, and the last `padded` keys of the last sequence masked (right padding).
+    fn mask(r: Rows, padded: usize) -> Vec<f32> {
+        let mut m = vec![0f32; r.batch * r.queries * r.keys];
+        for b in 0..r.batch {
+            for i in 0..r.queries {
+                for j in 0..r.keys {
+                    let future = j > r.keys - r.queries + i;
+                    let pad = b == r.batch - 1 && j >= r.keys - padded;
+                    if future || pad {
+                        m[(b * r.queries + i) * r.keys + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        m
+    }
+
+    /// Both kernels on the software GPU against the tensor form on the CPU, with and without
+    /// a mask, rows longer than a cube (300 keys over 256 units) and shorter (7).
+    #[test]
+    fn the_kernels_equal_the_tensor_form() {
+        for (keys, queries, masked) in [(300, 5, true), (300, 5, false), (7, 7, true)] {
+            let r = Rows {
+                batch: 2,
+                heads: 3,
+                queries,
+                keys,
+            };
+            let n = r.count() * keys;
+            let scores: Vec<f32> = values(n, 1).iter().map(|v| v * 8.0).collect();
+            let dp = values(n, 2);
+            let m = masked.then(|| mask(r, 2));
+            let scale = 0.3;
+            let spec = |backward| Spec {
+                backward,
+                rows: r,
+                scale,
+                masked,
+            };
+            let host_mask = || {
+                m.as_ref().map(|m| {
+                    Tensor::<Flex, 3>::from_data(
+                        TensorData::new(m.clone(), [r.batch, r.queries, r.keys]),
+                        &Default::default(),
+                    )
+                })
+            };
+            let shape = [r.count(), keys];
+            let (want_p, want_lse) = forward(host(&scores, &shape), host_mask(), r, scale);
+            let mut inputs = vec![soft_gpu::tensor(&scores, &shape)];
+            inputs.extend(
+                m.as_ref()
+                    .map(|m| soft_gpu::tensor(m, &[r.batch, queries, keys])),
+            );
+            let got = spec(false).run::<Soft>(inputs);
+            let want_lse = floats(want_lse);
+            assert!(
+                max_rel_diff(&read(&got[0]), &floats(want_p)) < 1e-5,
+                "{r:?}"
+            );
+            assert!(max_rel_diff(&read(&got[1]), &want_lse) < 1e-5, "{r:?}");
+
+            let lse = Tensor::<Flex, 1>::from_floats(want_lse.as_slice(), &Default::default());
+            let (want_p, want_ds) = backward(
+                host(&scores, &shape),
+                host(&dp, &shape),
+                host_mask(),
+                lse,
+                r,
+                scale,
+            );
+            let mut inputs = vec![
+                soft_gpu::tensor(&scores, &shape),
+                soft_gpu::tensor(&dp, &shape),
+                soft_gpu::tensor(&want_lse, &[r.count()]),
+            ];
+            inputs.extend(
+                m.as_ref()
+                    .map(|m| soft_gpu::tensor(m, &[r.batch, queries, keys])),
+            );
+            let got = spec(true).run::<Soft>(inputs);
+            assert!(
+                max_rel_diff(&read(&got[0]), &floats(want_p)) < 1e-5,
+                "{r:?}"
+            );
+            assert!(
+                max_rel_diff(&read(&got[1]), &floats(want_ds)) < 1e-5,
+                "{r:?}"
+            );
+        }
+    }
 }

@@ -62,6 +62,18 @@ a.qat_throughput('qwen3-1.7b', a.configs()['qwen3-1.7b'], quant=True)" 2>&1 | gr
       kill $SP; echo "anchor QAT nvidia-smi peak MiB: $(sort -n $OUT/smi_anchor_qat.txt | tail -1)"; rm $OUT/smi_anchor_qat.txt; }
     fits 220 aq;;
   phases) fits 80 phases;;
+  profile) # every CubeCL kernel of the layer-wise BF16-Kahan step timed (CUBECL_DEBUG_LOG=1), summed by kind
+    prof() { echo "=== $(date +%T) profile qwen3-1.7b qat layer-wise"; rm -f /tmp/cubecl.log
+      CUBECL_DEBUG_LOG=1 QATFLOW_GEMM=cublaslt timeout $T /tmp/qatflow bench-train --device cuda \
+        --model qwen3-1.7b --precision bf16-kahan --moments bf16 --warmup 1 --steps 2 --mode qat \
+        --grad-clip 0 --update-during-backward --out $OUT/profile.json > /dev/null 2> $OUT/profile.log; echo "rc=$?"
+      awk -F'|' 'NF>=3 {n=$3; gsub(/ /,"",n); t=$2; gsub(/ /,"",t); v=t+0;
+        if (t ~ /ms$/) v*=1000; else if (t ~ /ns$/) v/=1000; else if (t !~ /µs$/ && t ~ /s$/) v*=1e6;
+        s[n]+=v; c[n]++} END {for (k in s) printf "%10.1f ms %7d %s\n", s[k]/1000, c[k], k}' \
+        /tmp/cubecl.log | sort -rn > $OUT/profile_kernels.txt
+      head -30 $OUT/profile_kernels.txt | cut -c1-300
+      head -c 60000000 /tmp/cubecl.log | xz -T8 -3 > $OUT/cubecl_train.log.xz; }
+    fits 90 prof;;
   smol) PREC=bf16-kahan MOMENTS=bf16 MODES=qat fits 60 bash $R smol;;
   anchor-smol) fits 100 bash $R anchor-smol;;
   layerwise) # the same step with each block updated during backward, beside the step without (both unclipped)
