@@ -7,6 +7,8 @@
 //! - [`cache`]: CubeCL's compiled-kernel cache, on by default in a user cache directory.
 //! - [`kernel`]: the CubeCL kernel of NVFP4 fake quantization.
 //! - [`cublaslt`]: the cuBLASLt entry points, loaded at run time.
+//! - [`deltanet`]: the gated delta rule (Qwen3.5's linear attention) as one forward and one
+//!   backward kernel.
 //! - [`fake_quant`]: fake quantization of burn tensors, the kernel on CUDA and tensor
 //!   operations elsewhere (what the model's linear layers call).
 //! - [`gemm`]: the linear layers' GEMMs (`x · wᵀ` and its backward) through cuBLASLt on
@@ -26,6 +28,7 @@ pub mod adamw;
 pub mod attention;
 pub mod cache;
 pub mod cublaslt;
+pub mod deltanet;
 pub mod fake_quant;
 pub mod gemm;
 // The launch modules and types that `#[cube]` generates for each kernel carry no docs.
