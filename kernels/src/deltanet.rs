@@ -21,13 +21,29 @@
 //! Every value is f32 inside the kernels (inputs may be BF16). The launches are generic over
 //! the CubeCL runtime: CUDA in training, a software Vulkan device in the tests.
 
-use burn::tensor::DType;
+use std::any::TypeId;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
+use burn::backend::autodiff::checkpoint::state::BackwardStates;
+use burn::backend::autodiff::checkpoint::strategy::{
+    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Tensor};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
+use burn_fusion::Fusion;
 use cubecl::prelude::*;
 use half::bf16;
 
-use crate::custom::empty;
+use crate::custom::{self, downcast, empty, upcast, Cube, CubeBf16, CubeCall};
+use crate::{p, t};
 
 /// Value columns of the state one cube owns.
 pub const BLOCK_V: usize = 16;
@@ -599,6 +615,300 @@ pub fn backward_cube<R: CubeRuntime>(
     out
 }
 
+/// The forward launch as a burn operation: `[q, k, v, g, beta, s0?]` → `[o, last, ckpt]`.
+#[derive(Debug, Clone, Copy)]
+struct ForwardCall(Dims);
+
+impl CubeCall for ForwardCall {
+    const NAME: &'static str = "qatflow_gated_delta_rule";
+
+    fn outputs(&self, inputs: &[(Vec<usize>, DType)]) -> Vec<(Vec<usize>, DType)> {
+        let d = self.0;
+        vec![
+            (vec![d.bh, d.len, d.dv], inputs[0].1),
+            (vec![d.bh, d.dk, d.dv], DType::F32),
+            (vec![d.bh, d.chunks(), d.dk, d.dv], DType::F32),
+        ]
+    }
+
+    fn run<R: CubeRuntime>(&self, inputs: Vec<CubeTensor<R>>) -> Vec<CubeTensor<R>> {
+        let mut it = inputs.into_iter();
+        let mut next = || it.next().expect("an input the caller passed");
+        let qkv = [next(), next(), next()];
+        let gates = [next(), next()];
+        let out = forward_cube(qkv, gates, it.next(), self.0);
+        vec![out.o, out.last, out.ckpt]
+    }
+}
+
+/// The backward launch as a burn operation: `[q, k, v, g, beta, ckpt, dO]` → the partial
+/// gradients `[dq, dk, dv, dg, dbeta, ds0]` of [`BackwardParts`].
+#[derive(Debug, Clone, Copy)]
+struct BackwardCall(Dims);
+
+impl CubeCall for BackwardCall {
+    const NAME: &'static str = "qatflow_gated_delta_rule_backward";
+
+    fn outputs(&self, _: &[(Vec<usize>, DType)]) -> Vec<(Vec<usize>, DType)> {
+        let d = self.0;
+        let b = d.blocks();
+        [
+            vec![b, d.bh, d.len, d.dk],
+            vec![b, d.bh, d.len, d.dk],
+            vec![d.bh, d.len, d.dv],
+            vec![b, d.bh, d.len],
+            vec![b, d.bh, d.len],
+            vec![d.bh, d.dk, d.dv],
+        ]
+        .into_iter()
+        .map(|shape| (shape, DType::F32))
+        .collect()
+    }
+
+    fn run<R: CubeRuntime>(&self, inputs: Vec<CubeTensor<R>>) -> Vec<CubeTensor<R>> {
+        let mut it = inputs.into_iter();
+        let mut next = || it.next().expect("an input the caller passed");
+        let qkv = [next(), next(), next()];
+        let gates = [next(), next()];
+        let (ckpt, d_o) = (next(), next());
+        let g = backward_cube(qkv, gates, ckpt, d_o, None, self.0);
+        vec![g.dq, g.dk, g.dv, g.dg, g.dbeta, g.ds0]
+    }
+}
+
+/// The forward on inner tensors `[q, k, v, g, beta]` (3-D `[bh, len, d]` and 2-D `[bh, len]`)
+/// and a starting state: `[o, last, ckpt]`. Only called on the CUDA backends.
+fn forward_inner<I: Backend>(
+    inputs: Vec<FloatTensor<I>>,
+    state: Option<FloatTensor<I>>,
+    d: Dims,
+) -> [FloatTensor<I>; 3] {
+    let mut inputs = inputs;
+    inputs.extend(state);
+    let out = custom::on_cuda::<I, _>(&ForwardCall(d), inputs)
+        .unwrap_or_else(|_| unreachable!("called on the CUDA backends only"));
+    let [o, last, ckpt]: [FloatTensor<I>; 3] = out.try_into().expect("three outputs");
+    [o, last, ckpt]
+}
+
+/// Backward of the fused rule: the gradients of `q`, `k`, `v`, `g`, `beta`.
+#[derive(Debug)]
+struct RuleBackward;
+
+impl<I: Backend> Backward<I, 5> for RuleBackward {
+    /// The five inputs' nodes and the shape.
+    type State = ([NodeId; 5], Dims);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 5>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let (ids, d) = ops.state;
+        let inputs: Vec<FloatTensor<I>> = ids
+            .iter()
+            .map(|id| checkpointer.retrieve_node_output::<FloatTensor<I>>(*id))
+            .collect();
+        let d_o = grads.consume::<I>(&ops.node);
+        // The stored states come from running forward again (cheaper to recompute than to
+        // keep a layer's `[bh, chunks, dk, dv]` for every layer until backward).
+        let [_, _, ckpt] = forward_inner::<I>(inputs.clone(), None, d);
+        let mut all = inputs;
+        all.extend([ckpt, d_o]);
+        let parts = custom::on_cuda::<I, _>(&BackwardCall(d), all)
+            .unwrap_or_else(|_| unreachable!("called on the CUDA backends only"));
+        let [dq, dk, dv, dg, dbeta, _]: [FloatTensor<I>; 6] =
+            parts.try_into().expect("six outputs");
+        let summed3 = |x: FloatTensor<I>, last: usize| {
+            p(t::<I, 4>(x).sum_dim(0).reshape([d.bh, d.len, last]))
+        };
+        let summed2 = |x: FloatTensor<I>| p(t::<I, 3>(x).sum_dim(0).reshape([d.bh, d.len]));
+        let out = [
+            summed3(dq, d.dk),
+            summed3(dk, d.dk),
+            dv,
+            summed2(dg),
+            summed2(dbeta),
+        ];
+        for (parent, grad) in ops.parents.into_iter().zip(out) {
+            if let Some(node) = parent {
+                grads.register::<I>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// Recomputes the rule's output from its saved inputs in backward.
+#[derive(Debug)]
+struct RetroRule<I> {
+    ids: [NodeId; 5],
+    dims: Dims,
+    _backend: std::marker::PhantomData<I>,
+}
+
+impl<I: Backend> RetroForward for RetroRule<I> {
+    fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
+        let inputs = self
+            .ids
+            .iter()
+            .map(|id| states.get_state::<FloatTensor<I>>(id))
+            .collect();
+        let [o, _, _] = forward_inner::<I>(inputs, None, self.dims);
+        states.save(out_node, o);
+    }
+}
+
+/// The rule under `Autodiff<I, C>`: the output tracked, the last state a constant.
+fn autodiff_rule<I: Backend, C: CheckpointStrategy>(
+    inputs: [FloatTensor<Autodiff<I, C>>; 5],
+    d: Dims,
+) -> [FloatTensor<Autodiff<I, C>>; 2] {
+    let ids = inputs.each_ref().map(|x| x.node.id);
+    let nodes = inputs.each_ref().map(|x| x.node.clone());
+    let retro = RetroRule::<I> {
+        ids,
+        dims: d,
+        _backend: std::marker::PhantomData,
+    };
+    let inner: Vec<FloatTensor<I>> = inputs.iter().map(|x| x.primitive.clone()).collect();
+    let [o, last, _] = forward_inner::<I>(inner, None, d);
+    let last = Autodiff::<I, C>::from_inner(last);
+    let o = match RuleBackward
+        .prepare::<C>(nodes)
+        .memory_bound()
+        .retro_forward(retro)
+        .parents(inputs.each_ref())
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let ids = inputs.each_ref().map(|x| prep.checkpoint(x));
+            prep.finish((ids, d), o)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(o),
+    };
+    [o, last]
+}
+
+/// Runs [`autodiff_rule`] when `B` is `Autodiff<I, C>`.
+fn when_autodiff<B: Backend, I: Backend, C: CheckpointStrategy>(
+    inputs: [FloatTensor<B>; 5],
+    d: Dims,
+) -> Result<[FloatTensor<B>; 2], [FloatTensor<B>; 5]> {
+    if TypeId::of::<B>() != TypeId::of::<Autodiff<I, C>>() {
+        return Err(inputs);
+    }
+    let cast = |v: FloatTensor<B>| {
+        downcast::<_, FloatTensor<Autodiff<I, C>>>(v).unwrap_or_else(|_| unreachable!("B is X"))
+    };
+    Ok(autodiff_rule::<I, C>(inputs.map(cast), d).map(upcast))
+}
+
+/// The forward alone on the CUDA backends without autodiff (prefill, evaluation): `[o, last]`,
+/// or the inputs back on any other backend.
+#[allow(clippy::type_complexity)]
+fn untracked<B: Backend>(
+    inputs: [FloatTensor<B>; 5],
+    state: Option<FloatTensor<B>>,
+    d: Dims,
+) -> Result<[FloatTensor<B>; 2], ([FloatTensor<B>; 5], Option<FloatTensor<B>>)> {
+    let has_state = state.is_some();
+    let mut all: Vec<FloatTensor<B>> = inputs.into();
+    all.extend(state);
+    match custom::on_cuda::<B, _>(&ForwardCall(d), all) {
+        Ok(out) => {
+            let [o, last, _]: [FloatTensor<B>; 3] = out
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("three outputs"));
+            Ok([o, last])
+        }
+        Err(mut back) => {
+            let state = if has_state { back.pop() } else { None };
+            let inputs: [FloatTensor<B>; 5] = back
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("the five inputs"));
+            Err((inputs, state))
+        }
+    }
+}
+
+/// The gated delta rule of `q`, `k` `[batch, heads, len, dk]`, `v` `[batch, heads, len, dv]`,
+/// `g`, `beta` `[batch, heads, len]` (all F32) from `state` `[batch, heads, dk, dv]` (zeros
+/// when `None`): the outputs `[batch, heads, len, dv]` and the last state, as the two fused
+/// kernels on the CUDA backends qatflow runs (training engine on, `deltanet` not in
+/// `QATFLOW_KERNELS_OFF`); the inputs back elsewhere. Under autodiff it applies without a
+/// starting state (training), and the last state is a constant (no gradient flows through it).
+#[allow(clippy::type_complexity)]
+pub fn try_gated_delta_rule<B: Backend>(
+    [q, k, v]: [Tensor<B, 4>; 3],
+    [g, beta]: [Tensor<B, 3>; 2],
+    state: Option<Tensor<B, 4>>,
+) -> Result<
+    (Tensor<B, 4>, Tensor<B, 4>),
+    ([Tensor<B, 4>; 3], [Tensor<B, 3>; 2], Option<Tensor<B, 4>>),
+> {
+    let [batch, heads, len, dk] = q.dims();
+    let dv = v.dims()[3];
+    let applies = crate::gemm::kernel_on("deltanet")
+        && [q.dtype(), k.dtype(), v.dtype(), g.dtype(), beta.dtype()]
+            .iter()
+            .all(|d| *d == DType::F32)
+        && state.as_ref().is_none_or(|s| s.dtype() == DType::F32)
+        && len > 0
+        && crate::gemm::cuda_index::<B>(&q.device()).is_some();
+    if !applies {
+        return Err(([q, k, v], [g, beta], state));
+    }
+    let d = Dims {
+        bh: batch * heads,
+        len,
+        dk,
+        dv,
+    };
+    let flat3 = |x: Tensor<B, 4>, last: usize| p(x.reshape([d.bh, len, last]));
+    let flat2 = |x: Tensor<B, 3>| p(x.reshape([d.bh, len]));
+    let inputs = [
+        flat3(q, dk),
+        flat3(k, dk),
+        flat3(v, dv),
+        flat2(g),
+        flat2(beta),
+    ];
+    let back = |[q, k, v, g, beta]: [FloatTensor<B>; 5], state| {
+        let four = |x, last| t::<B, 3>(x).reshape([batch, heads, len, last]);
+        let three = |x| t::<B, 2>(x).reshape([batch, heads, len]);
+        Err((
+            [four(q, dk), four(k, dk), four(v, dv)],
+            [three(g), three(beta)],
+            state,
+        ))
+    };
+    let done = |[o, last]: [FloatTensor<B>; 2]| {
+        Ok((
+            t::<B, 3>(o).reshape([batch, heads, len, dv]),
+            t::<B, 3>(last).reshape([batch, heads, dk, dv]),
+        ))
+    };
+    if state.is_none() {
+        let r = when_autodiff::<B, Fusion<Cube>, BalancedCheckpointing>(inputs, d)
+            .or_else(|i| when_autodiff::<B, Fusion<Cube>, NoCheckpointing>(i, d))
+            .or_else(|i| when_autodiff::<B, Fusion<CubeBf16>, BalancedCheckpointing>(i, d))
+            .or_else(|i| when_autodiff::<B, Fusion<CubeBf16>, NoCheckpointing>(i, d));
+        match r {
+            Ok(out) => return done(out),
+            Err(i) => return untracked::<B>(i, None, d).map_or_else(|(i, _)| back(i, None), done),
+        }
+    }
+    let state = state.map(|s| p(s.reshape([d.bh, dk, dv])));
+    match untracked::<B>(inputs, state, d) {
+        Ok(out) => done(out),
+        Err((i, state)) => back(
+            i,
+            state.map(|s| t::<B, 3>(s).reshape([batch, heads, dk, dv])),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -789,6 +1099,131 @@ mod tests {
                 max_rel_diff(&read(&parts.ds0), &grad(&sa)) < tol,
                 "ds0, {case}"
             );
+        }
+    }
+
+    /// The autodiff operation on burn's backend over the software GPU, with and without
+    /// balanced checkpointing (which recomputes its output in backward): output, last state
+    /// and the gradients of all five inputs equal burn's differentiation of the recurrent
+    /// form on the CPU, through the reshapes, the partial sums and the gradient registration.
+    #[test]
+    fn the_autodiff_operation_equals_the_differentiated_recurrence() {
+        use crate::soft_gpu::SoftBackend;
+        use burn::backend::autodiff::checkpoint::strategy::{
+            BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+        };
+
+        fn run<C: CheckpointStrategy>(d: Dims, data: &[Vec<f32>; 6]) -> Vec<Vec<f32>> {
+            type I = SoftBackend;
+            let dev = crate::soft_gpu::device();
+            let leaf3 = |v: &[f32], last: usize| {
+                Tensor::<Autodiff<I, C>, 3>::from_data(
+                    TensorData::new(v.to_vec(), [d.bh, d.len, last]),
+                    &dev,
+                )
+                .require_grad()
+            };
+            let leaf2 = |v: &[f32]| {
+                Tensor::<Autodiff<I, C>, 2>::from_data(
+                    TensorData::new(v.to_vec(), [d.bh, d.len]),
+                    &dev,
+                )
+                .require_grad()
+            };
+            let [q, k, v, g, beta, d_o] = data;
+            let (q, k, v) = (leaf3(q, d.dk), leaf3(k, d.dk), leaf3(v, d.dv));
+            let (g, beta) = (leaf2(g), leaf2(beta));
+            // A tracked operation before the rule, so balanced checkpointing has something
+            // to recompute from.
+            let v2 = v.clone() * 1.0;
+            let inputs = [&q, &k, &v2]
+                .map(|x| p(x.clone()))
+                .into_iter()
+                .chain([p(g.clone()), p(beta.clone())])
+                .collect::<Vec<_>>();
+            let inputs: [FloatTensor<Autodiff<I, C>>; 5] =
+                inputs.try_into().unwrap_or_else(|_| unreachable!());
+            let [o, last] = when_autodiff::<Autodiff<I, C>, I, C>(inputs, d)
+                .unwrap_or_else(|_| panic!("the autodiff backend"));
+            let o = t::<Autodiff<I, C>, 3>(o);
+            let last = t::<Autodiff<I, C>, 3>(last);
+            let w = Tensor::<Autodiff<I, C>, 3>::from_data(
+                TensorData::new(d_o.clone(), [d.bh, d.len, d.dv]),
+                &dev,
+            );
+            let grads = (o.clone() * w).sum().backward();
+            let read = |x: Tensor<I, 3>| x.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+            let read2 = |x: Tensor<I, 2>| x.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+            vec![
+                read(o.inner()),
+                read(last.inner()),
+                read(q.grad(&grads).unwrap()),
+                read(k.grad(&grads).unwrap()),
+                read(v.grad(&grads).unwrap()),
+                read2(g.grad(&grads).unwrap()),
+                read2(beta.grad(&grads).unwrap()),
+            ]
+        }
+
+        let d = Dims {
+            bh: 2,
+            len: 70,
+            dk: 20,
+            dv: 20,
+        };
+        let (nk, nv, nl) = (d.bh * d.len * d.dk, d.bh * d.len * d.dv, d.bh * d.len);
+        let mut k = values(nk, 11);
+        for row in k.chunks_mut(d.dk) {
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+            row.iter_mut().for_each(|x| *x /= norm);
+        }
+        let data = [
+            values(nk, 12).iter().map(|x| x * 0.5).collect::<Vec<f32>>(),
+            k,
+            values(nv, 13),
+            values(nl, 14).iter().map(|x| -0.5 * (x + 1.0)).collect(),
+            values(nl, 15).iter().map(|x| 0.5 * (x + 1.0)).collect(),
+            values(nv, 16),
+        ];
+        let [q, k, v, g, beta, d_o] = &data;
+        let (qa, ka, va) = (
+            leaf(q, [d.bh, d.len, d.dk]),
+            leaf(k, [d.bh, d.len, d.dk]),
+            leaf(v, [d.bh, d.len, d.dv]),
+        );
+        let (ga, ba) = (leaf(g, [d.bh, d.len]), leaf(beta, [d.bh, d.len]));
+        let zeros = Tensor::<A, 3>::zeros([d.bh, d.dk, d.dv], &Default::default());
+        let (o, last) = recurrent(
+            [qa.clone(), ka.clone(), va.clone()],
+            ga.clone(),
+            ba.clone(),
+            zeros,
+        );
+        let want_o = floats(o.clone().inner());
+        let want_last = floats(last.inner());
+        let grads = (o * leaf(d_o, [d.bh, d.len, d.dv]).detach())
+            .sum()
+            .backward();
+        let want = [
+            want_o,
+            want_last,
+            floats(qa.grad(&grads).unwrap()),
+            floats(ka.grad(&grads).unwrap()),
+            floats(va.grad(&grads).unwrap()),
+            floats(ga.grad(&grads).unwrap()),
+            floats(ba.grad(&grads).unwrap()),
+        ];
+        let names = ["o", "last", "dq", "dk", "dv", "dg", "dbeta"];
+        for (strategy, got) in [
+            ("none", run::<NoCheckpointing>(d, &data)),
+            ("balanced", run::<BalancedCheckpointing>(d, &data)),
+        ] {
+            for ((name, got), want) in names.iter().zip(&got).zip(&want) {
+                assert!(
+                    max_rel_diff(got, want) < 1e-4,
+                    "{name}, checkpointing {strategy}"
+                );
+            }
         }
     }
 }

@@ -13,8 +13,12 @@ use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
 /// The runtime of the tests' device.
 pub(crate) type Soft = WgpuRuntime;
 
+/// burn's backend on the tests' device (no fusion): [`crate::custom::on_cuda`] runs the
+/// kernels' launches on it as on CUDA.
+pub(crate) type SoftBackend = burn_cubecl::CubeBackend<Soft, f32, i32, u32>;
+
 /// The tests' device: the first Vulkan adapter wgpu finds (lavapipe where there is no GPU).
-fn device() -> WgpuDevice {
+pub(crate) fn device() -> WgpuDevice {
     WgpuDevice::DefaultDevice
 }
 

@@ -207,11 +207,18 @@ impl<B: Backend> GatedDeltaNet<B> {
         let heads_first = |t: Tensor<B, 4>| t.swap_dims(1, 2);
         let (q, k, v) = (heads_first(q), heads_first(k), heads_first(v));
         let (g, beta) = (g.swap_dims(1, 2), beta.swap_dims(1, 2));
-        let (o, state) = if len == 1 && cache.is_some() {
-            deltanet::recurrent(q, k, v, g, beta, state)
-        } else {
-            deltanet::chunked(q, k, v, g, beta, state)
-        };
+        // The fused kernels on CUDA under the training engine; the tensor forms elsewhere.
+        let (o, state) =
+            match qatflow_kernels::deltanet::try_gated_delta_rule([q, k, v], [g, beta], state) {
+                Ok(done) => done,
+                Err(([q, k, v], [g, beta], state)) => {
+                    if len == 1 && cache.is_some() {
+                        deltanet::recurrent(q, k, v, g, beta, state)
+                    } else {
+                        deltanet::chunked(q, k, v, g, beta, state)
+                    }
+                }
+            };
         if let Some(slot) = cache {
             let values = match window {
                 Some(w) => {
