@@ -97,6 +97,27 @@ fn forward_kernel<F: Float>(
     }
     let mut sums = SharedMemory::<f32>::new(2 * UNITS);
     let mut outs = SharedMemory::<f32>::new(UNITS);
+    // The next token's inputs are loaded while this one's sums wait for the cube (the state
+    // does not depend on them): a token then costs the synchronizations, not load latency.
+    let mut kn = Array::<f32>::new(rk);
+    let mut qn = Array::<f32>::new(rk);
+    let first = bh * len;
+    #[unroll]
+    for m in 0..rk {
+        let i = group + m * ROW_GROUPS;
+        kn[m] = 0.0f32;
+        qn[m] = 0.0f32;
+        if i < dk {
+            kn[m] = f32::cast_from(k[first * dk + i]);
+            qn[m] = f32::cast_from(q[first * dk + i]);
+        }
+    }
+    let mut gn = g[first];
+    let mut bn = beta[first];
+    let mut vn = 0.0f32;
+    if live {
+        vn = f32::cast_from(v[first * dv + j]);
+    }
     for t in 0..len {
         if t % CHUNK == 0 && live {
             let c = t / CHUNK;
@@ -109,18 +130,33 @@ fn forward_kernel<F: Float>(
             }
         }
         let row = bh * len + t;
-        let alpha = f32::exp(g[row]);
-        let b = beta[row];
+        let alpha = f32::exp(gn);
+        let b = bn;
+        let vj = vn;
+        #[unroll]
+        for m in 0..rk {
+            kr[m] = kn[m];
+            qr[m] = qn[m];
+        }
+        if t + 1 < len {
+            let next = row + 1;
+            #[unroll]
+            for m in 0..rk {
+                let i = group + m * ROW_GROUPS;
+                if i < dk {
+                    kn[m] = f32::cast_from(k[next * dk + i]);
+                    qn[m] = f32::cast_from(q[next * dk + i]);
+                }
+            }
+            gn = g[next];
+            bn = beta[next];
+            if live {
+                vn = f32::cast_from(v[next * dv + j]);
+            }
+        }
         let mut part = 0.0f32;
         #[unroll]
         for m in 0..rk {
-            let i = group + m * ROW_GROUPS;
-            kr[m] = 0.0f32;
-            qr[m] = 0.0f32;
-            if i < dk {
-                kr[m] = f32::cast_from(k[row * dk + i]);
-                qr[m] = f32::cast_from(q[row * dk + i]);
-            }
             s[m] *= alpha;
             part += s[m] * kr[m];
         }
@@ -133,10 +169,6 @@ fn forward_kernel<F: Float>(
         #[unroll]
         for r in 0..ROW_GROUPS {
             pred += sums[half + r * BLOCK_V + col];
-        }
-        let mut vj = 0.0f32;
-        if live {
-            vj = f32::cast_from(v[row * dv + j]);
         }
         let delta = b * (vj - pred);
         let mut part_o = 0.0f32;
@@ -210,6 +242,9 @@ fn backward_kernel<F: Float>(
     let mut s = Array::<f32>::new(rk);
     let mut grad = Array::<f32>::new(rk);
     let mut kr = Array::<f32>::new(rk);
+    let mut kn = Array::<f32>::new(rk);
+    let mut qn = Array::<f32>::new(rk);
+    let mut sn = Array::<f32>::new(rk);
     #[unroll]
     for m in 0..rk {
         let i = group + m * ROW_GROUPS;
@@ -242,17 +277,51 @@ fn backward_kernel<F: Float>(
                 s[m] = ckpt[((bh * chunks + c) * dk + i) * dv + j];
             }
         }
+        let first_row = bh * len + t0;
+        #[unroll]
+        for m in 0..rk {
+            let i = group + m * ROW_GROUPS;
+            kn[m] = 0.0f32;
+            if i < dk {
+                kn[m] = f32::cast_from(k[first_row * dk + i]);
+            }
+        }
+        let mut ga = g[first_row];
+        let mut ba = beta[first_row];
+        let mut va = 0.0f32;
+        if live {
+            va = f32::cast_from(v[first_row * dv + j]);
+        }
         for t in t0..t1 {
             let row = bh * len + t;
             let tc = t - t0;
-            let alpha = f32::exp(g[row]);
+            let alpha = f32::exp(ga);
+            let b = ba;
+            let vj = va;
+            #[unroll]
+            for m in 0..rk {
+                kr[m] = kn[m];
+            }
+            if t + 1 < t1 {
+                let next = row + 1;
+                #[unroll]
+                for m in 0..rk {
+                    let i = group + m * ROW_GROUPS;
+                    if i < dk {
+                        kn[m] = f32::cast_from(k[next * dk + i]);
+                    }
+                }
+                ga = g[next];
+                ba = beta[next];
+                if live {
+                    va = f32::cast_from(v[next * dv + j]);
+                }
+            }
             let mut part = 0.0f32;
             #[unroll]
             for m in 0..rk {
                 let i = group + m * ROW_GROUPS;
-                kr[m] = 0.0f32;
                 if i < dk {
-                    kr[m] = f32::cast_from(k[row * dk + i]);
                     scratch[((cube * CHUNK + tc) * dk + i) * BLOCK_V + col] = s[m];
                 }
                 s[m] *= alpha;
@@ -266,50 +335,73 @@ fn backward_kernel<F: Float>(
             for r in 0..ROW_GROUPS {
                 pred += sums[half + r * BLOCK_V + col];
             }
-            let mut vj = 0.0f32;
-            if live {
-                vj = f32::cast_from(v[row * dv + j]);
-            }
             let u = vj - pred;
             if group == 0 {
                 us[tc * BLOCK_V + col] = u;
             }
-            let delta = beta[row] * u;
+            let delta = b * u;
             #[unroll]
             for m in 0..rk {
                 s[m] += kr[m] * delta;
             }
         }
         sync_cube();
-        // The chunk's tokens backwards.
+        // The chunk's tokens backwards, each token's inputs loaded one token ahead.
+        let last_row = bh * len + t1 - 1;
+        let last_tc = t1 - 1 - t0;
+        #[unroll]
+        for m in 0..rk {
+            let i = group + m * ROW_GROUPS;
+            kn[m] = 0.0f32;
+            qn[m] = 0.0f32;
+            sn[m] = 0.0f32;
+            if i < dk {
+                kn[m] = f32::cast_from(k[last_row * dk + i]);
+                qn[m] = f32::cast_from(q[last_row * dk + i]);
+                sn[m] = scratch[((cube * CHUNK + last_tc) * dk + i) * BLOCK_V + col];
+            }
+        }
+        let mut gn = g[last_row];
+        let mut bn = beta[last_row];
+        let mut dn = 0.0f32;
+        if live {
+            dn = f32::cast_from(d_o[last_row * dv + j]);
+        }
         let mut t = t1;
         while t > t0 {
             t -= 1;
             let row = bh * len + t;
             let tc = t - t0;
-            let alpha = f32::exp(g[row]);
-            let b = beta[row];
+            let alpha = f32::exp(gn);
+            let b = bn;
+            let dout = dn;
             let u = us[tc * BLOCK_V + col];
             let delta = b * u;
-            let mut dout = 0.0f32;
-            if live {
-                dout = f32::cast_from(d_o[row * dv + j]);
-            }
             // s: S̃ (the decayed incoming state); `S_t = S̃ + k δᵀ`.
             let mut part = 0.0f32;
             #[unroll]
             for m in 0..rk {
-                let i = group + m * ROW_GROUPS;
-                kr[m] = 0.0f32;
-                s[m] = 0.0f32;
-                let mut qi = 0.0f32;
-                if i < dk {
-                    kr[m] = f32::cast_from(k[row * dk + i]);
-                    qi = f32::cast_from(q[row * dk + i]);
-                    s[m] = alpha * scratch[((cube * CHUNK + tc) * dk + i) * BLOCK_V + col];
-                }
-                grad[m] += qi * dout;
+                kr[m] = kn[m];
+                s[m] = alpha * sn[m];
+                grad[m] += qn[m] * dout;
                 part += grad[m] * kr[m];
+            }
+            if t > t0 {
+                let prev = row - 1;
+                #[unroll]
+                for m in 0..rk {
+                    let i = group + m * ROW_GROUPS;
+                    if i < dk {
+                        kn[m] = f32::cast_from(k[prev * dk + i]);
+                        qn[m] = f32::cast_from(q[prev * dk + i]);
+                        sn[m] = scratch[((cube * CHUNK + tc - 1) * dk + i) * BLOCK_V + col];
+                    }
+                }
+                gn = g[prev];
+                bn = beta[prev];
+                if live {
+                    dn = f32::cast_from(d_o[prev * dv + j]);
+                }
             }
             sums[unit] = part;
             sync_cube();
@@ -485,6 +577,7 @@ pub fn forward_cube<R: CubeRuntime>(
     );
     let s0 = s0.map(contiguous);
     check(&[&q, &k, &v], &[&g, &beta]);
+    assert!(d.len > 0, "gated delta rule kernels: an empty sequence");
     let f32s = |shape: Vec<usize>| empty(&q, shape, DType::F32);
     let out = Forward {
         o: empty(&q, vec![d.bh, d.len, d.dv], q.dtype),
@@ -557,6 +650,7 @@ pub fn backward_cube<R: CubeRuntime>(
     );
     let d_last = d_last.map(contiguous);
     check(&[&q, &k, &v, &d_o], &[&g, &beta, &ckpt]);
+    assert!(d.len > 0, "gated delta rule kernels: an empty sequence");
     let blocks = d.blocks();
     let f32s = |shape: Vec<usize>| empty(&q, shape, DType::F32);
     let scratch = f32s(vec![blocks * d.bh * CHUNK * d.dk * BLOCK_V]);

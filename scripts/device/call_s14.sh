@@ -7,6 +7,9 @@
 #   layerwise: Qwen3-1.7B unclipped without/with --update-during-backward (+ bf16-plain with it);
 #   q35-9b-lw, q8-lw: the 9B/8B memory runs with it
 #   ab-mem: parameters in CubeCL's persistent pool or not (two builds; carry .gpu2/qatflow_s14a.xz)
+#   profile: every CubeCL kernel of the layer-wise Qwen3-1.7B step timed
+#   q35-ab: Qwen3.5-2B with the fused gated delta rule kernels and with the chunked tensor form
+#   q35tiny, q35tiny-fused: the fixture's NLL/decoding against transformers, tensor forms / fused kernels
 # Carries .gpu and .xfer/whl. Usage: LIMIT=540 bash scripts/device/call_s14.sh "stage ..." ["stages on an H200"]
 R=scripts/device/run.sh
 [ -d .xfer/whl ] && mkdir -p .gpu/whl && cp .xfer/whl/*.whl .gpu/whl/
@@ -100,6 +103,12 @@ a.qat_throughput('qwen3-1.7b', a.configs()['qwen3-1.7b'], quant=True)" 2>&1 | gr
   q8) big $s && MODES=qat MOMENTS=bf16 WARMUP=1 STEPS=3 fits 130 bash $R q8;;
   anchor-q8) big $s && fits 200 bash $R anchor-q8;;
   q35) PREC=bf16-kahan MOMENTS=bf16 MODES=qat fits 100 bash $R q35;;
+  q35-ab) # Qwen3.5-2B layer-wise: the fused gated delta rule kernels, then the chunked tensor form
+    PREC=bf16-kahan MOMENTS=bf16 MODES=qat TAG=_fused EXTRA="--grad-clip 0 --update-during-backward" fits 100 bash $R q35
+    QATFLOW_KERNELS_OFF=deltanet PREC=bf16-kahan MOMENTS=bf16 MODES=qat TAG=_chunked EXTRA="--grad-clip 0 --update-during-backward" fits 130 bash $R q35;;
+  q35tiny) fits 60 bash $R q35tiny;;
+  q35tiny-fused) # the fixture's NLL and decoding through the fused kernels (engine on)
+    mkdir -p $OUT/fused; OUT=$OUT/fused QATFLOW_GEMM=cublaslt fits 60 bash $R q35tiny;;
   anchor-q35) fits 150 bash $R anchor-q35;;
   curves) fits 80 curve cublaslt; fits 110 curve burn
     [ -f $OUT/curve_qwen3-1.7b_burn.json ] && python3 scripts/device/compare_curves.py $OUT/curve_qwen3-1.7b_cublaslt.json $OUT/curve_qwen3-1.7b_burn.json;;
