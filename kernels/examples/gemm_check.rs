@@ -10,7 +10,10 @@
 //! GPU in f32, with the time of a Qwen3-1.7B-sized layer on both; the AdamW kernel element by
 //! element against `adamw::reference` (bits that differ, largest difference in last places);
 //! `reduce::square_sum` against a float64 sum; the RMSNorm operation (both gain conventions)
-//! against the norm's formula in f32. Exit status 1 when an error exceeds 1e-2 (BF16
+//! against the norm's formula in f32; the fused gated delta rule (`deltanet`, output, last
+//! state and the gradients of q, k, v, g, β) against burn's differentiation of the recurrence
+//! on the same GPU, with the time of a Qwen3.5-2B-sized layer's forward + backward on the
+//! fused kernels and on the recurrence's tensor form. Exit status 1 when an error exceeds 1e-2 (BF16
 //! operands land between 1e-3 and 1e-2), an output is not finite, cuBLASLt did not run, or a
 //! kernel check fails. `--device cuda:N` picks the GPU.
 
@@ -211,6 +214,7 @@ fn main() {
     let adamw = adamw_check(&device, &mut failures);
     let square_sum = square_sum_check(&device, &mut failures);
     let rms_norm = rms_norm_check(&device, &mut failures);
+    let deltanet = deltanet_check(&device, &mut failures);
     let ok = failures.is_empty();
     let out = serde_json::json!({
         "ok": ok,
@@ -221,6 +225,7 @@ fn main() {
         "adamw": adamw,
         "square_sum": square_sum,
         "rms_norm": rms_norm,
+        "deltanet": deltanet,
         "failures": failures,
     });
     println!("{}", serde_json::to_string_pretty(&out).expect("json"));
@@ -600,4 +605,131 @@ fn rms_norm_check(device: &CudaDevice, failures: &mut Vec<String>) -> serde_json
         }
     }
     serde_json::json!(out)
+}
+
+/// The gated delta rule one token at a time in tensor operations (the model's decode form):
+/// `[o, last]` of `q`, `k` `[b, h, len, dk]`, `v` `[b, h, len, dv]`, `g`, `beta` `[b, h, len]`.
+fn delta_rule_recurrence(
+    [q, k, v]: [Tensor<B, 4>; 3],
+    [g, beta]: [Tensor<B, 3>; 2],
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, h, len, dk] = q.dims();
+    let dv = v.dims()[3];
+    let mut s = Tensor::<B, 4>::zeros([b, h, dk, dv], &q.device());
+    let mut outs = Vec::new();
+    for t in 0..len {
+        let at = |x: &Tensor<B, 4>| x.clone().narrow(2, t, 1);
+        let kt = at(&k);
+        s = s * g.clone().narrow(2, t, 1).exp().reshape([b, h, 1, 1]);
+        let delta = (at(&v) - kt.clone().matmul(s.clone()))
+            * beta.clone().narrow(2, t, 1).reshape([b, h, 1, 1]);
+        s = s + kt.swap_dims(2, 3).matmul(delta);
+        outs.push(at(&q).matmul(s.clone()));
+    }
+    (Tensor::cat(outs, 2), s)
+}
+
+/// Random inputs of the rule as the model makes them: unit-norm keys, queries scaled by
+/// `dk^-1/2`, log decays in (−1, 0), write strengths in (0, 1).
+fn delta_rule_inputs(
+    [b, h, len, dk, dv]: [usize; 5],
+    device: &CudaDevice,
+) -> ([Tensor<B, 4>; 3], [Tensor<B, 3>; 2]) {
+    let normal =
+        |shape: [usize; 4]| Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device);
+    let unit = |x: Tensor<B, 4>| x.clone() / x.square().sum_dim(3).sqrt();
+    let q = unit(normal([b, h, len, dk])) * (dk as f64).powf(-0.5);
+    let k = unit(normal([b, h, len, dk]));
+    let v = normal([b, h, len, dv]);
+    let g = Tensor::<B, 3>::random([b, h, len], Distribution::Uniform(-1.0, 0.0), device);
+    let beta = Tensor::<B, 3>::random([b, h, len], Distribution::Uniform(0.0, 1.0), device);
+    ([q, k, v], [g, beta])
+}
+
+/// One forward + backward of the rule (fused kernels when `fused`): the output, the last state
+/// and the five gradients, flat f32.
+fn delta_rule_run(
+    inputs: &([Tensor<B, 4>; 3], [Tensor<B, 3>; 2]),
+    up: &Tensor<B, 4>,
+    fused: bool,
+) -> Vec<Vec<f32>> {
+    let ([q, k, v], [g, beta]) = inputs;
+    let (q, k, v) = (
+        q.clone().require_grad(),
+        k.clone().require_grad(),
+        v.clone().require_grad(),
+    );
+    let (g, beta) = (g.clone().require_grad(), beta.clone().require_grad());
+    let qkv = [q.clone(), k.clone(), v.clone()];
+    let gates = [g.clone(), beta.clone()];
+    let (o, last) = if fused {
+        match qatflow_kernels::deltanet::try_gated_delta_rule(qkv, gates, None) {
+            Ok(r) => r,
+            Err(_) => panic!("the fused gated delta rule did not apply"),
+        }
+    } else {
+        delta_rule_recurrence(qkv, gates)
+    };
+    let grads = (o.clone() * up.clone()).sum().backward();
+    let f4 = |t: Tensor<B, 4>| t.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+    let i4 = |t: Tensor<Cuda, 4>| t.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+    let i3 = |t: Tensor<Cuda, 3>| t.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+    vec![
+        f4(o),
+        f4(last),
+        i4(q.grad(&grads).expect("dq")),
+        i4(k.grad(&grads).expect("dk")),
+        i4(v.grad(&grads).expect("dv")),
+        i3(g.grad(&grads).expect("dg")),
+        i3(beta.grad(&grads).expect("dbeta")),
+    ]
+}
+
+fn deltanet_check(device: &CudaDevice, failures: &mut Vec<String>) -> serde_json::Value {
+    let names = ["o", "last", "dq", "dk", "dv", "dg", "dbeta"];
+    let mut cases = Vec::new();
+    for shape in [
+        [1usize, 4, 150, 128, 128],
+        [2, 3, 64, 64, 40],
+        [1, 2, 7, 20, 20],
+    ] {
+        let inputs = delta_rule_inputs(shape, device);
+        let [b, h, len, _, dv] = shape;
+        let up = Tensor::<B, 4>::random([b, h, len, dv], Distribution::Normal(0.0, 1.0), device);
+        let want = delta_rule_run(&inputs, &up, false);
+        let got = delta_rule_run(&inputs, &up, true);
+        let mut entry = serde_json::json!({"shape": shape});
+        for ((name, g), w) in names.iter().zip(&got).zip(&want) {
+            let w64: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
+            let e = rel_err(g, &w64);
+            if e.is_nan() || e > 1e-3 {
+                failures.push(format!("deltanet {name} {shape:?}: rel err {e}"));
+            }
+            entry[*name] = serde_json::json!(e);
+        }
+        cases.push(entry);
+    }
+    // A Qwen3.5-2B linear-attention layer at sequence 2,048 (16 value heads of 128): forward +
+    // backward on the fused kernels; the recurrence's tensor form is too slow to time at this
+    // length, so its time is for 256 tokens.
+    let mut timing = serde_json::json!({});
+    for (path, len) in [
+        ("fused", 2048usize),
+        ("fused_256", 256),
+        ("tensor_recurrence_256", 256),
+    ] {
+        let inputs = delta_rule_inputs([1, 16, len, 128, 128], device);
+        let up = Tensor::<B, 4>::random([1, 16, len, 128], Distribution::Normal(0.0, 1.0), device);
+        let fused = path.starts_with("fused");
+        let mut times = Vec::new();
+        for _ in 0..4 {
+            let started = Instant::now();
+            let out = delta_rule_run(&inputs, &up, fused);
+            std::hint::black_box(out);
+            times.push(started.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        timing[path] = serde_json::json!({"tokens": len, "median_ms_incl_readback": times[times.len() / 2] * 1e3});
+    }
+    serde_json::json!({"checks": cases, "qwen3.5_2b_layer_fwd_bwd": timing})
 }

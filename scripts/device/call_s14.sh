@@ -22,7 +22,7 @@ gemm_check() {
   grep -v "^\s*$" $OUT/gemm_check.log | tail -8 | cut -c1-600
   python3 -c "
 import json; d=json.load(open('$OUT/gemm_check.json'))
-print('ok', d['ok'], d['failures'][:8]); print('attention', json.dumps(d['attention'])[:1500]); print('adamw', json.dumps(d['adamw'])[:800]); print('square_sum', json.dumps(d['square_sum'])); print('rms_norm', json.dumps(d['rms_norm'])[:800])
+print('ok', d['ok'], d['failures'][:8]); print('attention', json.dumps(d['attention'])[:1500]); print('adamw', json.dumps(d['adamw'])[:800]); print('square_sum', json.dumps(d['square_sum'])); print('rms_norm', json.dumps(d['rms_norm'])[:800]); print('deltanet', json.dumps(d.get('deltanet'))[:1500])
 for b in d['bench_linear_fwd_bwd']: print(b['m'], b['k'], b['n'], {p: round(b[p]['tflops'], 1) for p in ('cublaslt', 'burn')})" 2>&1 | tail -14; }
 # qwen_try TAG PREC: Qwen3-1.7B QAT; if it exits non-zero with kernels on, all kernels off and once more.
 qwen_try() {
