@@ -777,10 +777,13 @@ fn forward_inner<I: Backend>(
     state: Option<FloatTensor<I>>,
     d: Dims,
 ) -> [FloatTensor<I>; 3] {
+    let device = I::float_device(&inputs[0]);
     let mut inputs = inputs;
     inputs.extend(state);
-    let out = custom::on_cuda::<I, _>(&ForwardCall(d), inputs)
-        .unwrap_or_else(|_| unreachable!("called on the CUDA backends only"));
+    let out = crate::phase::timed::<I, _>(crate::phase::Phase::DeltaRule, &device, || {
+        custom::on_cuda::<I, _>(&ForwardCall(d), inputs)
+    })
+    .unwrap_or_else(|_| unreachable!("called on the CUDA backends only"));
     let [o, last, ckpt]: [FloatTensor<I>; 3] = out.try_into().expect("three outputs");
     [o, last, ckpt]
 }
@@ -810,8 +813,11 @@ impl<I: Backend> Backward<I, 5> for RuleBackward {
         let [_, _, ckpt] = forward_inner::<I>(inputs.clone(), None, d);
         let mut all = inputs;
         all.extend([ckpt, d_o]);
-        let parts = custom::on_cuda::<I, _>(&BackwardCall(d), all)
-            .unwrap_or_else(|_| unreachable!("called on the CUDA backends only"));
+        let device = I::float_device(&all[0]);
+        let parts = crate::phase::timed::<I, _>(crate::phase::Phase::DeltaRule, &device, || {
+            custom::on_cuda::<I, _>(&BackwardCall(d), all)
+        })
+        .unwrap_or_else(|_| unreachable!("called on the CUDA backends only"));
         let [dq, dk, dv, dg, dbeta, _]: [FloatTensor<I>; 6] =
             parts.try_into().expect("six outputs");
         let summed3 = |x: FloatTensor<I>, last: usize| {

@@ -1,7 +1,7 @@
 //! Where a training step's time goes, phase by phase, for `bench-train`'s breakdown.
 //!
 //! With `QATFLOW_PHASE_TIMES=1` each of the engine's operations — attention, RMSNorm, NVFP4
-//! fake quantization, the LM-head loss — drains the device queue before it starts and after
+//! fake quantization, the LM-head loss, Qwen3.5's gated delta rule — drains the device queue before it starts and after
 //! it ends (`Backend::sync`) and adds the wall time between to its phase, in forward, in
 //! backward and in backward's recompute. The syncs serialize the step, so such a step is
 //! slower than an unprofiled one; the phases are the step's shares under that serialization
@@ -28,10 +28,12 @@ pub enum Phase {
     FakeQuant,
     /// The LM head and cross-entropy (`crate::loss`), its GEMMs included.
     Loss,
+    /// Qwen3.5's fused gated delta rule (`crate::deltanet`).
+    DeltaRule,
 }
 
 /// Nanoseconds so far, by phase.
-static NANOS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+static NANOS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 
 /// Whether the timer is on (read once).
 pub fn enabled() -> bool {
@@ -64,6 +66,8 @@ pub struct PhaseTimes {
     pub fake_quant_s: f64,
     /// [`Phase::Loss`].
     pub loss_s: f64,
+    /// [`Phase::DeltaRule`].
+    pub delta_rule_s: f64,
 }
 
 /// The phases' times since the last call (all zero with the timer off), and a fresh start.
@@ -74,6 +78,7 @@ pub fn take() -> PhaseTimes {
         norm_s: s(Phase::Norm),
         fake_quant_s: s(Phase::FakeQuant),
         loss_s: s(Phase::Loss),
+        delta_rule_s: s(Phase::DeltaRule),
     }
 }
 

@@ -31,12 +31,14 @@ qwen_try() {
     echo "=== the engine kernels failed: retry with QATFLOW_KERNELS_OFF=$ALL_OFF"; grep -i "error\|panic" $OUT/qwen$1_qat.log | head -5 | cut -c1-500
     export QATFLOW_KERNELS_OFF=$ALL_OFF; PREC=$2 MOMENTS=bf16 MODES=qat TAG=$1_off bash $R qwen
   fi; }
+# phases [MODEL]: one step's time by phase (Qwen3-1.7B unless named), layer-wise BF16-Kahan
 phases() {
-  echo "=== $(date +%T) qwen3-1.7b phase times"
+  local m=${1:-qwen3-1.7b}
+  echo "=== $(date +%T) $m phase times"
   QATFLOW_GEMM=cublaslt QATFLOW_GEMM_SYNC=1 QATFLOW_PHASE_TIMES=1 timeout $T /tmp/qatflow bench-train \
-    --device cuda --model qwen3-1.7b --precision bf16-kahan --moments bf16 --warmup 1 --steps 3 \
-    --mode qat --out $OUT/phases.json > /dev/null 2> $OUT/phases.log; echo "rc=$?"
-  python3 -c "import json;d=json.load(open('$OUT/phases.json'))['qat'];print('step',d['median_step_s'],'fb',d['median_forward_backward_s'],'opt',d['median_optimizer_s'],'gemm',d['median_gemm_s'],'phases',d['median_phase_s'])"; }
+    --device cuda --model $m --precision bf16-kahan --moments bf16 --warmup 1 --steps 3 \
+    --mode qat --grad-clip 0 --update-during-backward --out $OUT/phases_$m.json > /dev/null 2> $OUT/phases_$m.log; echo "rc=$?"
+  python3 -c "import json;d=json.load(open('$OUT/phases_$m.json'))['qat'];print('step',d['median_step_s'],'fb',d['median_forward_backward_s'],'opt',d['median_optimizer_s'],'gemm',d['median_gemm_s'],'phases',d['median_phase_s'])"; }
 # curve PATH [TAG ARGS...]: 50 steps of Qwen3-1.7B on one GEMM path (extra bench-train ARGS)
 curve() {
   local path=$1 tag=${2:-$1}; shift; shift
@@ -65,6 +67,7 @@ a.qat_throughput('qwen3-1.7b', a.configs()['qwen3-1.7b'], quant=True)" 2>&1 | gr
       kill $SP; echo "anchor QAT nvidia-smi peak MiB: $(sort -n $OUT/smi_anchor_qat.txt | tail -1)"; rm $OUT/smi_anchor_qat.txt; }
     fits 220 aq;;
   phases) fits 80 phases;;
+  phases-q35) fits 120 phases qwen3.5-2b;;
   profile) # every CubeCL kernel of the layer-wise BF16-Kahan step timed (CUBECL_DEBUG_LOG=1), summed by kind
     prof() { echo "=== $(date +%T) profile qwen3-1.7b qat layer-wise"; rm -f /tmp/cubecl.log
       CUBECL_DEBUG_LOG=1 QATFLOW_GEMM=cublaslt timeout $T /tmp/qatflow bench-train --device cuda \

@@ -130,6 +130,8 @@ pub struct PhaseMedians {
     pub fake_quant: f64,
     /// The LM head and cross-entropy, its GEMMs included.
     pub loss: f64,
+    /// Qwen3.5's fused gated delta rule (forward, recompute and backward kernels).
+    pub delta_rule: f64,
 }
 
 /// Samples `nvidia-smi` in a background thread until dropped or stopped.
@@ -382,6 +384,7 @@ pub fn bench_train_on<B: AutodiffBackend>(
                 norm: m(|p| p.norm_s),
                 fake_quant: m(|p| p.fake_quant_s),
                 loss: m(|p| p.loss_s),
+                delta_rule: m(|p| p.delta_rule_s),
             }
         }),
     })
