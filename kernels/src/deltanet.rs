@@ -55,6 +55,46 @@ pub const CHUNK: usize = 64;
 /// Units of a cube.
 const UNITS: usize = ROW_GROUPS * BLOCK_V;
 
+/// One token of the forward recurrence on a unit's entries `s` of its column (`kr`: its key
+/// entries): decay by `alpha`, the column sum `S̃ᵀk` over the cube (in `sums`' half `half`,
+/// which alternates by token: a unit may write the next token's sums while a slower one still
+/// reads these), then `s += k · β(v − S̃ᵀk)`. Returns `u = v − S̃ᵀk`.
+#[allow(clippy::too_many_arguments)]
+#[cube]
+fn token_step(
+    s: &mut Array<f32>,
+    kr: &Array<f32>,
+    sums: &mut SharedMemory<f32>,
+    alpha: f32,
+    b: f32,
+    vj: f32,
+    half: usize,
+    unit: usize,
+    col: usize,
+    #[comptime] rk: usize,
+) -> f32 {
+    let mut part = 0.0f32;
+    #[unroll]
+    for m in 0..rk {
+        s[m] *= alpha;
+        part += s[m] * kr[m];
+    }
+    sums[half + unit] = part;
+    sync_cube();
+    let mut pred = 0.0f32;
+    #[unroll]
+    for r in 0..ROW_GROUPS {
+        pred += sums[half + r * BLOCK_V + col];
+    }
+    let u = vj - pred;
+    let delta = b * u;
+    #[unroll]
+    for m in 0..rk {
+        s[m] += kr[m] * delta;
+    }
+    u
+}
+
 /// Forward: one cube per (column block, batch·head). `q`, `k` `[bh, len, dk]`, `v` and `o`
 /// `[bh, len, dv]`, `g`, `beta` `[bh, len]` f32, `s0` `[bh, dk, dv]` f32 (read only when
 /// `has_state`), `s_last` `[bh, dk, dv]` and `ckpt` `[bh, chunks, dk, dv]` f32.
@@ -154,27 +194,21 @@ fn forward_kernel<F: Float>(
                 vn = f32::cast_from(v[next * dv + j]);
             }
         }
-        let mut part = 0.0f32;
-        #[unroll]
-        for m in 0..rk {
-            s[m] *= alpha;
-            part += s[m] * kr[m];
-        }
-        // Two buffers by token parity: a unit may write the next token's sums while a slower
-        // one still reads these.
-        let half = (t % 2) * UNITS;
-        sums[half + unit] = part;
-        sync_cube();
-        let mut pred = 0.0f32;
-        #[unroll]
-        for r in 0..ROW_GROUPS {
-            pred += sums[half + r * BLOCK_V + col];
-        }
-        let delta = b * (vj - pred);
+        token_step(
+            &mut s,
+            &kr,
+            &mut sums,
+            alpha,
+            b,
+            vj,
+            (t % 2) * UNITS,
+            unit,
+            col,
+            rk,
+        );
         let mut part_o = 0.0f32;
         #[unroll]
         for m in 0..rk {
-            s[m] += kr[m] * delta;
             part_o += s[m] * qr[m];
         }
         outs[unit] = part_o;
@@ -317,32 +351,27 @@ fn backward_kernel<F: Float>(
                     va = f32::cast_from(v[next * dv + j]);
                 }
             }
-            let mut part = 0.0f32;
             #[unroll]
             for m in 0..rk {
                 let i = group + m * ROW_GROUPS;
                 if i < dk {
                     scratch[((cube * CHUNK + tc) * dk + i) * BLOCK_V + col] = s[m];
                 }
-                s[m] *= alpha;
-                part += s[m] * kr[m];
             }
-            let half = (t % 2) * UNITS;
-            sums[half + unit] = part;
-            sync_cube();
-            let mut pred = 0.0f32;
-            #[unroll]
-            for r in 0..ROW_GROUPS {
-                pred += sums[half + r * BLOCK_V + col];
-            }
-            let u = vj - pred;
+            let u = token_step(
+                &mut s,
+                &kr,
+                &mut sums,
+                alpha,
+                b,
+                vj,
+                (t % 2) * UNITS,
+                unit,
+                col,
+                rk,
+            );
             if group == 0 {
                 us[tc * BLOCK_V + col] = u;
-            }
-            let delta = b * u;
-            #[unroll]
-            for m in 0..rk {
-                s[m] += kr[m] * delta;
             }
         }
         sync_cube();
