@@ -6,8 +6,8 @@
 //! `Sₜ = S̃ + kₜδₜᵀ`, `oₜ = Sₜᵀqₜ` (`αₜ = exp(gₜ)`). The state's columns evolve independently,
 //! so a cube owns one head's block of [`BLOCK_V`] columns for the whole sequence, its 256 units
 //! laid out as [`ROW_GROUPS`] row groups × [`BLOCK_V`] columns, each unit holding
-//! `⌈dk / ROW_GROUPS⌉` entries of its column in registers; a token costs two cube-wide
-//! synchronizations (the column sums `S̃ᵀk` and `Sᵀq`). Forward writes the outputs, the last
+//! `⌈dk / ROW_GROUPS⌉` entries of its column in registers; a forward token costs one cube-wide
+//! synchronization (the column sums `S̃ᵀk`, `S̃ᵀq` and `kᵀq`, then `oₜ = S̃ᵀq + δₜ kᵀq`). Forward writes the outputs, the last
 //! state and the state at the start of every [`CHUNK`] tokens.
 //!
 //! Backward walks the chunks from the last: it replays a chunk's forward from its stored
@@ -135,8 +135,7 @@ fn forward_kernel<F: Float>(
             s[m] = s0[(bh * dk + i) * dv + j];
         }
     }
-    let mut sums = SharedMemory::<f32>::new(2 * UNITS);
-    let mut outs = SharedMemory::<f32>::new(UNITS);
+    let mut sums = SharedMemory::<f32>::new(6 * UNITS);
     // The next token's inputs are loaded while this one's sums wait for the cube (the state
     // does not depend on them): a token then costs the synchronizations, not load latency.
     let mut kn = Array::<f32>::new(rk);
@@ -194,32 +193,42 @@ fn forward_kernel<F: Float>(
                 vn = f32::cast_from(v[next * dv + j]);
             }
         }
-        token_step(
-            &mut s,
-            &kr,
-            &mut sums,
-            alpha,
-            b,
-            vj,
-            (t % 2) * UNITS,
-            unit,
-            col,
-            rk,
-        );
-        let mut part_o = 0.0f32;
+        // One synchronization a token: `oₜ = Sₜᵀq = S̃ᵀq + δₜ (kₜᵀq)`, so the three column sums
+        // S̃ᵀk, S̃ᵀq and kᵀq are all taken over the state before the update. Two halves by
+        // token parity: a unit may write the next token's sums while a slower one still reads
+        // these.
+        let half = (t % 2) * 3 * UNITS;
+        let mut pk = 0.0f32;
+        let mut pq = 0.0f32;
+        let mut kq = 0.0f32;
         #[unroll]
         for m in 0..rk {
-            part_o += s[m] * qr[m];
+            s[m] *= alpha;
+            pk += s[m] * kr[m];
+            pq += s[m] * qr[m];
+            kq += kr[m] * qr[m];
         }
-        outs[unit] = part_o;
+        sums[half + unit] = pk;
+        sums[half + UNITS + unit] = pq;
+        sums[half + 2 * UNITS + unit] = kq;
         sync_cube();
+        let mut pred = 0.0f32;
+        let mut sq = 0.0f32;
+        let mut dot = 0.0f32;
+        #[unroll]
+        for r in 0..ROW_GROUPS {
+            let at = half + r * BLOCK_V + col;
+            pred += sums[at];
+            sq += sums[at + UNITS];
+            dot += sums[at + 2 * UNITS];
+        }
+        let delta = b * (vj - pred);
+        #[unroll]
+        for m in 0..rk {
+            s[m] += kr[m] * delta;
+        }
         if group == 0 && live {
-            let mut total = 0.0f32;
-            #[unroll]
-            for r in 0..ROW_GROUPS {
-                total += outs[r * BLOCK_V + col];
-            }
-            o[row * dv + j] = F::cast_from(total);
+            o[row * dv + j] = F::cast_from(sq + delta * dot);
         }
     }
     if live {
