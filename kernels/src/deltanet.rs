@@ -550,6 +550,31 @@ impl Dims {
     fn cubes(&self) -> CubeCount {
         CubeCount::Static(self.blocks() as u32, self.bh as u32, 1)
     }
+
+    /// Elements of `q` or `k`.
+    fn keys(&self) -> usize {
+        self.bh * self.len * self.dk
+    }
+
+    /// Elements of `v` or `o`.
+    fn values(&self) -> usize {
+        self.bh * self.len * self.dv
+    }
+
+    /// Elements of `g` or `beta`.
+    fn tokens(&self) -> usize {
+        self.bh * self.len
+    }
+
+    /// Elements of one state per sequence-head.
+    fn states(&self) -> usize {
+        self.bh * self.dk * self.dv
+    }
+
+    /// Elements of the stored states.
+    fn stored(&self) -> usize {
+        self.chunks() * self.states()
+    }
 }
 
 /// What [`forward_cube`] returns: the outputs `[bh, len, dv]` (the inputs' dtype), the last
@@ -583,9 +608,10 @@ pub struct BackwardParts<T> {
     pub ds0: T,
 }
 
-/// Checks the dtypes one call needs: `q`, `k`, `v` (and `dO`) F32 or BF16 alike, `g`, `beta`
-/// and states F32.
-fn check(inputs: &[&CubeTensor<impl CubeRuntime>], states: &[&CubeTensor<impl CubeRuntime>]) {
+/// Checks what one call needs: `q`, `k`, `v` (and `dO`) F32 or BF16 alike, `g`, `beta` and
+/// states F32, at least one token.
+fn check<R: CubeRuntime>(inputs: &[&CubeTensor<R>], states: &[&CubeTensor<R>], d: Dims) {
+    assert!(d.len > 0, "gated delta rule kernels: an empty sequence");
     let dtype = inputs[0].dtype;
     assert!(
         matches!(dtype, DType::F32 | DType::BF16) && inputs.iter().all(|t| t.dtype == dtype),
@@ -605,28 +631,18 @@ pub fn forward_cube<R: CubeRuntime>(
     s0: Option<CubeTensor<R>>,
     d: Dims,
 ) -> Forward<CubeTensor<R>> {
-    let contiguous = burn_cubecl::kernel::into_contiguous;
-    let (q, k, v, g, beta) = (
-        contiguous(q),
-        contiguous(k),
-        contiguous(v),
-        contiguous(g),
-        contiguous(beta),
-    );
-    let s0 = s0.map(contiguous);
-    check(&[&q, &k, &v], &[&g, &beta]);
-    assert!(d.len > 0, "gated delta rule kernels: an empty sequence");
+    let [q, k, v, g, beta] = [q, k, v, g, beta].map(burn_cubecl::kernel::into_contiguous);
+    let s0 = s0.map(burn_cubecl::kernel::into_contiguous);
+    check(&[&q, &k, &v], &[&g, &beta], d);
     let f32s = |shape: Vec<usize>| empty(&q, shape, DType::F32);
     let out = Forward {
         o: empty(&q, vec![d.bh, d.len, d.dv], q.dtype),
         last: f32s(vec![d.bh, d.dk, d.dv]),
         ckpt: f32s(vec![d.bh, d.chunks(), d.dk, d.dv]),
     };
-    let state = s0.as_ref().unwrap_or(&g);
-    let state_len = if s0.is_some() {
-        d.bh * d.dk * d.dv
-    } else {
-        d.bh * d.len
+    let (state, state_len) = match &s0 {
+        Some(s) => (s, d.states()),
+        None => (&g, d.tokens()),
     };
     let client = q.client.clone();
     // SAFETY: each buffer is passed with the element count it holds; the kernel indexes
@@ -635,7 +651,7 @@ pub fn forward_cube<R: CubeRuntime>(
     // only when it is given.
     let arg =
         |t: &CubeTensor<R>, n: usize| unsafe { ArrayArg::from_raw_parts(t.handle.clone(), n) };
-    let (tk, tv, tl) = (d.bh * d.len * d.dk, d.bh * d.len * d.dv, d.bh * d.len);
+    let (tk, tv, tl) = (d.keys(), d.values(), d.tokens());
     macro_rules! launch {
         ($t:ty) => {
             unsafe {
@@ -650,8 +666,8 @@ pub fn forward_cube<R: CubeRuntime>(
                     arg(&beta, tl),
                     arg(state, state_len),
                     arg(&out.o, tv),
-                    arg(&out.last, d.bh * d.dk * d.dv),
-                    arg(&out.ckpt, d.bh * d.chunks() * d.dk * d.dv),
+                    arg(&out.last, d.states()),
+                    arg(&out.ckpt, d.stored()),
                     d.len as u32,
                     d.dv as u32,
                     d.dk,
@@ -677,18 +693,9 @@ pub fn backward_cube<R: CubeRuntime>(
     d_last: Option<CubeTensor<R>>,
     d: Dims,
 ) -> BackwardParts<CubeTensor<R>> {
-    let contiguous = burn_cubecl::kernel::into_contiguous;
-    let (q, k, v, g, beta, d_o) = (
-        contiguous(q),
-        contiguous(k),
-        contiguous(v),
-        contiguous(g),
-        contiguous(beta),
-        contiguous(d_o),
-    );
-    let d_last = d_last.map(contiguous);
-    check(&[&q, &k, &v, &d_o], &[&g, &beta, &ckpt]);
-    assert!(d.len > 0, "gated delta rule kernels: an empty sequence");
+    let [q, k, v, g, beta, d_o] = [q, k, v, g, beta, d_o].map(burn_cubecl::kernel::into_contiguous);
+    let d_last = d_last.map(burn_cubecl::kernel::into_contiguous);
+    check(&[&q, &k, &v, &d_o], &[&g, &beta, &ckpt], d);
     let blocks = d.blocks();
     let f32s = |shape: Vec<usize>| empty(&q, shape, DType::F32);
     let scratch = f32s(vec![blocks * d.bh * CHUNK * d.dk * BLOCK_V]);
@@ -700,7 +707,6 @@ pub fn backward_cube<R: CubeRuntime>(
         dbeta: f32s(vec![blocks, d.bh, d.len]),
         ds0: f32s(vec![d.bh, d.dk, d.dv]),
     };
-    let state_len = d.bh * d.dk * d.dv;
     let last = d_last.as_ref().unwrap_or(&out.ds0);
     let client = q.client.clone();
     // SAFETY: as in `forward_cube`; `scratch` holds a `CHUNK × dk × BLOCK_V` slab for each
@@ -708,7 +714,7 @@ pub fn backward_cube<R: CubeRuntime>(
     // read only when given.
     let arg =
         |t: &CubeTensor<R>, n: usize| unsafe { ArrayArg::from_raw_parts(t.handle.clone(), n) };
-    let (tk, tv, tl) = (d.bh * d.len * d.dk, d.bh * d.len * d.dv, d.bh * d.len);
+    let (tk, tv, tl) = (d.keys(), d.values(), d.tokens());
     macro_rules! launch {
         ($t:ty) => {
             unsafe {
@@ -721,16 +727,16 @@ pub fn backward_cube<R: CubeRuntime>(
                     arg(&v, tv),
                     arg(&g, tl),
                     arg(&beta, tl),
-                    arg(&ckpt, d.bh * d.chunks() * d.dk * d.dv),
+                    arg(&ckpt, d.stored()),
                     arg(&d_o, tv),
-                    arg(last, state_len),
+                    arg(last, d.states()),
                     arg(&scratch, blocks * d.bh * CHUNK * d.dk * BLOCK_V),
                     arg(&out.dq, blocks * tk),
                     arg(&out.dk, blocks * tk),
                     arg(&out.dv, tv),
                     arg(&out.dg, blocks * tl),
                     arg(&out.dbeta, blocks * tl),
-                    arg(&out.ds0, state_len),
+                    arg(&out.ds0, d.states()),
                     d.len as u32,
                     d.dv as u32,
                     d.bh as u32,
@@ -1132,12 +1138,7 @@ mod tests {
                 true,
             ),
         ] {
-            let (nk, nv, nl, ns) = (
-                d.bh * d.len * d.dk,
-                d.bh * d.len * d.dv,
-                d.bh * d.len,
-                d.bh * d.dk * d.dv,
-            );
+            let (nk, nv, nl, ns) = (d.keys(), d.values(), d.tokens(), d.states());
             // Unit-norm keys (as the model's L2 norm makes them) keep the rule stable.
             let mut k = values(nk, 1);
             for row in k.chunks_mut(d.dk) {
@@ -1309,7 +1310,7 @@ mod tests {
             dk: 20,
             dv: 20,
         };
-        let (nk, nv, nl) = (d.bh * d.len * d.dk, d.bh * d.len * d.dv, d.bh * d.len);
+        let (nk, nv, nl) = (d.keys(), d.values(), d.tokens());
         let mut k = values(nk, 11);
         for row in k.chunks_mut(d.dk) {
             let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt();

@@ -53,7 +53,7 @@ STAGES=$1
 # On an H200 (> 100 GB) the second argument, when given, replaces the list.
 [ "$mem" -gt 100000 ] && [ -n "$2" ] && STAGES=$2
 for s in $STAGES; do case $s in
-  check) fits 120 gemm_check;;
+  check) fits 150 gemm_check;;
   kahan) fits 150 qwen_try _bf16-kahan bf16-kahan;;
   plain) fits 80 qwen_try _bf16-plain bf16-plain;;
   anchor) fits 150 bash $R anchor-qwen;;
