@@ -315,8 +315,13 @@ pub fn report(a: ReportArgs) -> anyhow::Result<ExitCode> {
 /// Arguments of `qatflow bench-train`.
 #[derive(ClapArgs)]
 pub struct BenchTrainArgs {
-    /// Named model configuration (random init): smollm2-135m, qwen3-1.7b, tiny-llama, tiny-qwen3.
-    #[arg(long, default_value = "smollm2-135m")]
+    /// Named model configuration (random init): the shapes of real models (qwen3-8b,
+    /// qwen3.5-9b, …) and tiny ones for tests (`qatflow model init --help` describes them).
+    #[arg(
+        long,
+        default_value = "smollm2-135m",
+        value_parser = clap::builder::PossibleValuesParser::new(qatflow_model::init::NAMED_CONFIGS)
+    )]
     model: String,
     /// Tokens per sequence (batch 1).
     #[arg(long, default_value_t = 2048)]
