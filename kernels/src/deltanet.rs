@@ -55,6 +55,11 @@ pub const CHUNK: usize = 64;
 /// Units of a cube.
 const UNITS: usize = ROW_GROUPS * BLOCK_V;
 
+/// Largest key head dimension the kernels take: backward keeps two `dk × BLOCK_V` f32 row
+/// buffers in shared memory (40 KB in all at 256, under CUDA's default 48 KB a cube). Qwen3.5's
+/// is 128; larger ones keep the tensor form.
+pub const MAX_DK: usize = 256;
+
 /// One token of the forward recurrence on a unit's entries `s` of its column (`kr`: its key
 /// entries): decay by `alpha`, the column sum `S̃ᵀk` over the cube (in `sums`' half `half`,
 /// which alternates by token: a unit may write the next token's sums while a slower one still
@@ -609,9 +614,14 @@ pub struct BackwardParts<T> {
 }
 
 /// Checks what one call needs: `q`, `k`, `v` (and `dO`) F32 or BF16 alike, `g`, `beta` and
-/// states F32, at least one token.
+/// states F32, at least one token, a key head dimension of at most [`MAX_DK`].
 fn check<R: CubeRuntime>(inputs: &[&CubeTensor<R>], states: &[&CubeTensor<R>], d: Dims) {
     assert!(d.len > 0, "gated delta rule kernels: an empty sequence");
+    assert!(
+        d.dk <= MAX_DK,
+        "gated delta rule kernels: key head dimension {} over {MAX_DK}",
+        d.dk
+    );
     let dtype = inputs[0].dtype;
     assert!(
         matches!(dtype, DType::F32 | DType::BF16) && inputs.iter().all(|t| t.dtype == dtype),
@@ -982,6 +992,7 @@ fn untracked<B: Backend>(
 /// kernels on the CUDA backends qatflow runs (training engine on, `deltanet` not in
 /// `QATFLOW_KERNELS_OFF`); the inputs back elsewhere. Under autodiff it applies without a
 /// starting state (training), and the last state is a constant (no gradient flows through it).
+/// Key head dimensions above [`MAX_DK`] keep the tensor form.
 #[allow(clippy::type_complexity)]
 pub fn try_gated_delta_rule<B: Backend>(
     [q, k, v]: [Tensor<B, 4>; 3],
@@ -999,6 +1010,7 @@ pub fn try_gated_delta_rule<B: Backend>(
             .all(|d| *d == DType::F32)
         && state.as_ref().is_none_or(|s| s.dtype() == DType::F32)
         && len > 0
+        && dk <= MAX_DK
         && crate::gemm::cuda_index::<B>(&q.device()).is_some();
     if !applies {
         return Err(([q, k, v], [g, beta], state));
