@@ -111,6 +111,9 @@ pub struct BenchReport {
     pub device_gpu_mib_before: Option<u64>,
     /// GEMM path: `cublaslt` (opt-in with `QATFLOW_GEMM=cublaslt`) or `burn`.
     pub gemm_path: String,
+    /// The engine kernels turned off by `QATFLOW_KERNELS_OFF` (their tensor forms ran), as
+    /// set; `None` when unset.
+    pub kernels_off: Option<String>,
     /// Median seconds per step of each engine phase under `QATFLOW_PHASE_TIMES=1` (each
     /// phase between two device syncs, so such steps are slower; `None` without it; 0 for a
     /// phase whose operations did not run: on the CPU, or without the training engine). What
@@ -375,6 +378,7 @@ pub fn bench_train_on<B: AutodiffBackend>(
             "burn"
         }
         .to_string(),
+        kernels_off: std::env::var(qatflow_kernels::gemm::KERNELS_OFF_ENV).ok(),
         median_phase_s: qatflow_kernels::phase::enabled().then(|| {
             let m = |f: fn(&qatflow_kernels::phase::PhaseTimes) -> f64| {
                 median_of(&phases.iter().map(f).collect::<Vec<_>>())
