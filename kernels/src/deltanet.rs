@@ -497,17 +497,21 @@ fn backward_kernel<F: Float>(
                 dk_out[at] = tk;
                 i += UNITS;
             }
-            if unit == 0 {
+            // The token's dg and dβ by the cube's last two units, idle in the row sums above
+            // while dk < 255 (Qwen3.5's 128).
+            if unit == UNITS - 1 {
                 let mut tg = 0.0f32;
                 for x in 0..(CUBE_DIM / PLANE_DIM) as usize {
                     tg += dg_parts[x];
                 }
+                dg[block * bhs * len + row] = tg;
+            }
+            if unit == UNITS - 2 {
                 let mut tb = 0.0f32;
                 #[unroll]
                 for cc in 0..BLOCK_V {
                     tb += db_parts[cc];
                 }
-                dg[block * bhs * len + row] = tg;
                 dbeta[block * bhs * len + row] = tb;
             }
             #[unroll]
