@@ -51,18 +51,11 @@ pub(crate) fn read(t: &CubeTensor<Soft>) -> Vec<f32> {
     f32::from_bytes(&bytes).to_vec()
 }
 
-/// Deterministic pseudo-random values in (−1, 1) (SplitMix64).
+/// Deterministic pseudo-random values in (−1, 1).
 pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
+    let mut rng = qatflow_core::rng::SplitMix64::new(seed);
     (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-        })
+        .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
         .collect()
 }
 

@@ -9,20 +9,21 @@
 //!   by Hugging Face name and randomly initialized models;
 //! - [`io`]: weights on disk (safetensors, GGUF, the GGUF import, fetching);
 //! - [`text`]: tokenizers, chat templates, loss masks and the render audit;
-//! - [`linear`] (the quantizable linear layer and its input hook), [`config`] and [`rng`]
-//!   at the bottom.
+//! - [`linear`] (the quantizable linear layer and its input hook) and [`config`] at the
+//!   bottom; [`rng`] is `qatflow_core`'s generator.
 
 pub mod arch;
 pub mod config;
 pub mod io;
 pub mod linear;
-pub mod rng;
 pub mod run;
 pub mod text;
 
 // The flat module paths of before the folders, for the crates that use them.
 pub use arch::{deltanet, dense, init, layers, model, params, qwen35, rope};
 pub use io::{fetch, gguf, import, qwen35_tokenizer, tiktoken, weights};
+/// The seedable generator, where the crates that use it found it (`qatflow_core::rng`).
+pub use qatflow_core::rng;
 pub use run::{batch, calib, cpu, cuda, eval, generate, lm};
 pub use text::{audit, mask, pyjson, template, tokenizer, toolcall};
 

@@ -294,7 +294,7 @@ mod tests {
     fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = crate::rng::SplitMix64::new(seed);
         (0..n)
-            .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32)
+            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
             .collect()
     }
 

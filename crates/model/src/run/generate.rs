@@ -87,23 +87,13 @@ pub struct Reply {
     pub finish_reason: FinishReason,
 }
 
-/// Uniform draws in `[0, 1)` for sampling.
-#[derive(Debug, Clone)]
-struct Rng(SplitMix64);
-
-impl Rng {
-    fn next_f64(&mut self) -> f64 {
-        (self.0.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Picks the next token from logits: argmax when `temperature` is 0, else a draw from
 /// the tempered softmax restricted to the top-p nucleus.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     temperature: f32,
     top_p: f32,
-    rng: Rng,
+    rng: SplitMix64,
 }
 
 impl Sampler {
@@ -112,7 +102,7 @@ impl Sampler {
         Sampler {
             temperature: options.temperature,
             top_p: options.top_p,
-            rng: Rng(SplitMix64::new(options.seed)),
+            rng: SplitMix64::new(options.seed),
         }
     }
 
