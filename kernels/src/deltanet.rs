@@ -60,8 +60,110 @@ const UNITS: usize = ROW_GROUPS * BLOCK_V;
 /// is 128; larger ones keep the tensor form.
 pub const MAX_DK: usize = 256;
 
-/// One token of the forward recurrence on a unit's entries `s` of its column (`kr`: its key
-/// entries): decay by `alpha`, the column sum `S̃ᵀk` over the cube (in `sums`' half `half`,
+/// The unit's entries of row `row` of `x` `[rows, dk]` (rows `group + m · ROW_GROUPS` of the
+/// state; zero past `dk`) into `out`, as f32.
+#[cube]
+fn load_rows<F: Float>(
+    x: &Array<F>,
+    row: usize,
+    group: usize,
+    out: &mut Array<f32>,
+    #[comptime] dk: usize,
+    #[comptime] rk: usize,
+) {
+    #[unroll]
+    for m in 0..rk {
+        let i = group + m * ROW_GROUPS;
+        out[m] = 0.0f32;
+        if i < dk {
+            out[m] = f32::cast_from(x[row * dk + i]);
+        }
+    }
+}
+
+/// Element `j` of row `row` of `x` `[rows, dv]` as f32 when `live` (the unit's column exists),
+/// else zero.
+#[cube]
+fn load_col<F: Float>(x: &Array<F>, row: usize, dv: usize, j: usize, live: bool) -> f32 {
+    let mut value = 0.0f32;
+    if live {
+        value = f32::cast_from(x[row * dv + j]);
+    }
+    value
+}
+
+/// The unit's entries of state `state` (an index into `x` `[states, dk, dv]`) in column `j`
+/// into `out`; zero past `dk`, and everywhere unless `live`.
+#[allow(clippy::too_many_arguments)]
+#[cube]
+fn load_state(
+    x: &Array<f32>,
+    state: usize,
+    group: usize,
+    j: usize,
+    dv: usize,
+    live: bool,
+    out: &mut Array<f32>,
+    #[comptime] dk: usize,
+    #[comptime] rk: usize,
+) {
+    #[unroll]
+    for m in 0..rk {
+        let i = group + m * ROW_GROUPS;
+        out[m] = 0.0f32;
+        if live && i < dk {
+            out[m] = x[(state * dk + i) * dv + j];
+        }
+    }
+}
+
+/// [`load_state`]'s inverse: the unit's entries `values` into state `state` of `x`, when `live`.
+#[allow(clippy::too_many_arguments)]
+#[cube]
+fn store_state(
+    x: &mut Array<f32>,
+    state: usize,
+    group: usize,
+    j: usize,
+    dv: usize,
+    live: bool,
+    values: &Array<f32>,
+    #[comptime] dk: usize,
+    #[comptime] rk: usize,
+) {
+    #[unroll]
+    for m in 0..rk {
+        let i = group + m * ROW_GROUPS;
+        if live && i < dk {
+            x[(state * dk + i) * dv + j] = values[m];
+        }
+    }
+}
+
+/// The unit's entries of token slot `slot` (`cube × CHUNK + token in chunk`) of the backward
+/// kernel's scratch buffer into `out` (zero past `dk`).
+#[cube]
+fn load_scratch(
+    scratch: &Array<f32>,
+    slot: usize,
+    group: usize,
+    col: usize,
+    out: &mut Array<f32>,
+    #[comptime] dk: usize,
+    #[comptime] rk: usize,
+) {
+    #[unroll]
+    for m in 0..rk {
+        let i = group + m * ROW_GROUPS;
+        out[m] = 0.0f32;
+        if i < dk {
+            out[m] = scratch[(slot * dk + i) * BLOCK_V + col];
+        }
+    }
+}
+
+/// One token of the recurrence as backward replays it, on a unit's entries `s` of its column
+/// (`kr`: its key entries): decay by `alpha`, the column sum `S̃ᵀk` over the cube (in `sums`' half `half`,
 /// which alternates by token: a unit may write the next token's sums while a slower one still
 /// reads these), then `s += k · β(v − S̃ᵀk)`. Returns `u = v − S̃ᵀk`.
 #[allow(clippy::too_many_arguments)]
@@ -132,46 +234,31 @@ fn forward_kernel<F: Float>(
     let mut s = Array::<f32>::new(rk);
     let mut kr = Array::<f32>::new(rk);
     let mut qr = Array::<f32>::new(rk);
-    #[unroll]
-    for m in 0..rk {
-        let i = group + m * ROW_GROUPS;
-        s[m] = 0.0f32;
-        if has_state && live && i < dk {
-            s[m] = s0[(bh * dk + i) * dv + j];
-        }
-    }
+    load_state(s0, bh, group, j, dv, has_state && live, &mut s, dk, rk);
     let mut sums = SharedMemory::<f32>::new(6 * UNITS);
     // The next token's inputs are loaded while this one's sums wait for the cube (the state
     // does not depend on them): a token then costs the synchronizations, not load latency.
     let mut kn = Array::<f32>::new(rk);
     let mut qn = Array::<f32>::new(rk);
     let first = bh * len;
-    #[unroll]
-    for m in 0..rk {
-        let i = group + m * ROW_GROUPS;
-        kn[m] = 0.0f32;
-        qn[m] = 0.0f32;
-        if i < dk {
-            kn[m] = f32::cast_from(k[first * dk + i]);
-            qn[m] = f32::cast_from(q[first * dk + i]);
-        }
-    }
+    load_rows::<F>(k, first, group, &mut kn, dk, rk);
+    load_rows::<F>(q, first, group, &mut qn, dk, rk);
     let mut gn = g[first];
     let mut bn = beta[first];
-    let mut vn = 0.0f32;
-    if live {
-        vn = f32::cast_from(v[first * dv + j]);
-    }
+    let mut vn = load_col::<F>(v, first, dv, j, live);
     for t in 0..len {
-        if t % CHUNK == 0 && live {
-            let c = t / CHUNK;
-            #[unroll]
-            for m in 0..rk {
-                let i = group + m * ROW_GROUPS;
-                if i < dk {
-                    ckpt[((bh * chunks + c) * dk + i) * dv + j] = s[m];
-                }
-            }
+        if t % CHUNK == 0 {
+            store_state(
+                ckpt,
+                bh * chunks + t / CHUNK,
+                group,
+                j,
+                dv,
+                live,
+                &s,
+                dk,
+                rk,
+            );
         }
         let row = bh * len + t;
         let alpha = f32::exp(gn);
@@ -184,19 +271,11 @@ fn forward_kernel<F: Float>(
         }
         if t + 1 < len {
             let next = row + 1;
-            #[unroll]
-            for m in 0..rk {
-                let i = group + m * ROW_GROUPS;
-                if i < dk {
-                    kn[m] = f32::cast_from(k[next * dk + i]);
-                    qn[m] = f32::cast_from(q[next * dk + i]);
-                }
-            }
+            load_rows::<F>(k, next, group, &mut kn, dk, rk);
+            load_rows::<F>(q, next, group, &mut qn, dk, rk);
             gn = g[next];
             bn = beta[next];
-            if live {
-                vn = f32::cast_from(v[next * dv + j]);
-            }
+            vn = load_col::<F>(v, next, dv, j, live);
         }
         // One synchronization a token: `oₜ = Sₜᵀq = S̃ᵀq + δₜ (kₜᵀq)`, so the three column sums
         // S̃ᵀk, S̃ᵀq and kᵀq are all taken over the state before the update. Two halves by
@@ -236,15 +315,7 @@ fn forward_kernel<F: Float>(
             o[row * dv + j] = F::cast_from(sq + delta * dot);
         }
     }
-    if live {
-        #[unroll]
-        for m in 0..rk {
-            let i = group + m * ROW_GROUPS;
-            if i < dk {
-                s_last[(bh * dk + i) * dv + j] = s[m];
-            }
-        }
-    }
+    store_state(s_last, bh, group, j, dv, live, &s, dk, rk);
 }
 
 /// Backward: the same cubes as [`forward_kernel`]. Extra inputs: `ckpt` (forward's stored
@@ -293,14 +364,17 @@ fn backward_kernel<F: Float>(
     let mut kn = Array::<f32>::new(rk);
     let mut qn = Array::<f32>::new(rk);
     let mut sn = Array::<f32>::new(rk);
-    #[unroll]
-    for m in 0..rk {
-        let i = group + m * ROW_GROUPS;
-        grad[m] = 0.0f32;
-        if has_d_last && live && i < dk {
-            grad[m] = d_last[(bh * dk + i) * dv + j];
-        }
-    }
+    load_state(
+        d_last,
+        bh,
+        group,
+        j,
+        dv,
+        has_d_last && live,
+        &mut grad,
+        dk,
+        rk,
+    );
     let mut sums = SharedMemory::<f32>::new(2 * UNITS);
     let mut us = SharedMemory::<f32>::new(CHUNK * BLOCK_V);
     let mut row_q = SharedMemory::<f32>::new(dk * BLOCK_V);
@@ -317,29 +391,12 @@ fn backward_kernel<F: Float>(
         }
         // Replay the chunk from its stored state: each token's incoming state into the
         // scratch buffer, its u into shared memory.
-        #[unroll]
-        for m in 0..rk {
-            let i = group + m * ROW_GROUPS;
-            s[m] = 0.0f32;
-            if live && i < dk {
-                s[m] = ckpt[((bh * chunks + c) * dk + i) * dv + j];
-            }
-        }
+        load_state(ckpt, bh * chunks + c, group, j, dv, live, &mut s, dk, rk);
         let first_row = bh * len + t0;
-        #[unroll]
-        for m in 0..rk {
-            let i = group + m * ROW_GROUPS;
-            kn[m] = 0.0f32;
-            if i < dk {
-                kn[m] = f32::cast_from(k[first_row * dk + i]);
-            }
-        }
+        load_rows::<F>(k, first_row, group, &mut kn, dk, rk);
         let mut ga = g[first_row];
         let mut ba = beta[first_row];
-        let mut va = 0.0f32;
-        if live {
-            va = f32::cast_from(v[first_row * dv + j]);
-        }
+        let mut va = load_col::<F>(v, first_row, dv, j, live);
         for t in t0..t1 {
             let row = bh * len + t;
             let tc = t - t0;
@@ -352,18 +409,10 @@ fn backward_kernel<F: Float>(
             }
             if t + 1 < t1 {
                 let next = row + 1;
-                #[unroll]
-                for m in 0..rk {
-                    let i = group + m * ROW_GROUPS;
-                    if i < dk {
-                        kn[m] = f32::cast_from(k[next * dk + i]);
-                    }
-                }
+                load_rows::<F>(k, next, group, &mut kn, dk, rk);
                 ga = g[next];
                 ba = beta[next];
-                if live {
-                    va = f32::cast_from(v[next * dv + j]);
-                }
+                va = load_col::<F>(v, next, dv, j, live);
             }
             #[unroll]
             for m in 0..rk {
@@ -392,24 +441,12 @@ fn backward_kernel<F: Float>(
         // The chunk's tokens backwards, each token's inputs loaded one token ahead.
         let last_row = bh * len + t1 - 1;
         let last_tc = t1 - 1 - t0;
-        #[unroll]
-        for m in 0..rk {
-            let i = group + m * ROW_GROUPS;
-            kn[m] = 0.0f32;
-            qn[m] = 0.0f32;
-            sn[m] = 0.0f32;
-            if i < dk {
-                kn[m] = f32::cast_from(k[last_row * dk + i]);
-                qn[m] = f32::cast_from(q[last_row * dk + i]);
-                sn[m] = scratch[((cube * CHUNK + last_tc) * dk + i) * BLOCK_V + col];
-            }
-        }
+        load_rows::<F>(k, last_row, group, &mut kn, dk, rk);
+        load_rows::<F>(q, last_row, group, &mut qn, dk, rk);
+        load_scratch(scratch, cube * CHUNK + last_tc, group, col, &mut sn, dk, rk);
         let mut gn = g[last_row];
         let mut bn = beta[last_row];
-        let mut dn = 0.0f32;
-        if live {
-            dn = f32::cast_from(d_o[last_row * dv + j]);
-        }
+        let mut dn = load_col::<F>(d_o, last_row, dv, j, live);
         let mut t = t1;
         while t > t0 {
             t -= 1;
@@ -431,20 +468,12 @@ fn backward_kernel<F: Float>(
             }
             if t > t0 {
                 let prev = row - 1;
-                #[unroll]
-                for m in 0..rk {
-                    let i = group + m * ROW_GROUPS;
-                    if i < dk {
-                        kn[m] = f32::cast_from(k[prev * dk + i]);
-                        qn[m] = f32::cast_from(q[prev * dk + i]);
-                        sn[m] = scratch[((cube * CHUNK + tc - 1) * dk + i) * BLOCK_V + col];
-                    }
-                }
+                load_rows::<F>(k, prev, group, &mut kn, dk, rk);
+                load_rows::<F>(q, prev, group, &mut qn, dk, rk);
+                load_scratch(scratch, cube * CHUNK + tc - 1, group, col, &mut sn, dk, rk);
                 gn = g[prev];
                 bn = beta[prev];
-                if live {
-                    dn = f32::cast_from(d_o[prev * dv + j]);
-                }
+                dn = load_col::<F>(d_o, prev, dv, j, live);
             }
             sums[unit] = part;
             sync_cube();
@@ -520,15 +549,7 @@ fn backward_kernel<F: Float>(
             }
         }
     }
-    if live {
-        #[unroll]
-        for m in 0..rk {
-            let i = group + m * ROW_GROUPS;
-            if i < dk {
-                ds0[(bh * dk + i) * dv + j] = grad[m];
-            }
-        }
-    }
+    store_state(ds0, bh, group, j, dv, live, &grad, dk, rk);
 }
 
 /// The shape of one call: `bh` = batch × heads sequences of `len` tokens, key and value head

@@ -1,12 +1,12 @@
 //! Where a training step's time goes, phase by phase, for `bench-train`'s breakdown.
 //!
 //! With `QATFLOW_PHASE_TIMES=1` each of the engine's operations — attention, RMSNorm, NVFP4
-//! fake quantization, the LM-head loss, Qwen3.5's gated delta rule — drains the device queue before it starts and after
-//! it ends (`Backend::sync`) and adds the wall time between to its phase, in forward, in
-//! backward and in backward's recompute. The syncs serialize the step, so such a step is
-//! slower than an unprofiled one; the phases are the step's shares under that serialization
-//! (the attention's includes its GEMMs, which `QATFLOW_GEMM_SYNC=1` times apart). Without the
-//! variable a phase costs one cached flag read.
+//! fake quantization, the LM-head loss, Qwen3.5's gated delta rule — drains the device queue
+//! before it starts and after it ends (`Backend::sync`) and adds the wall time between to its
+//! phase, in forward, in backward and in backward's recompute. The syncs serialize the step, so
+//! such a step is slower than an unprofiled one; the phases are the step's shares under that
+//! serialization (the attention's includes its GEMMs, which `QATFLOW_GEMM_SYNC=1` times apart).
+//! Without the variable a phase costs one cached flag read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
